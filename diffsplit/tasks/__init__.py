@@ -1,0 +1,1 @@
+"""Training objectives (losses) that read the values a family's units produce."""
