@@ -107,7 +107,9 @@ class UnitGraph:
         components: Iterable[str] | None = None,
     ) -> None:
         self.units: tuple[Unit, ...] = tuple(units)
-        self.dataset_values: frozenset[str] = frozenset(_names("<dataset>", "dataset values", tuple(dataset_values)))
+        self.dataset_values: frozenset[str] = frozenset(
+            _names("<dataset>", "dataset values", tuple(dataset_values))
+        )
         self.components = None if components is None else frozenset(components)
         self._by_name: dict[str, Unit] = {}
         for unit in self.units:
@@ -216,7 +218,9 @@ class UnitGraph:
             for value, version in self._reads[name].items():
                 key = self.key(version)
                 if key not in env:
-                    raise GraphError(f"unit '{name}' reads '{value}' (stored as '{key}'), which is not available")
+                    raise GraphError(
+                        f"unit '{name}' reads '{value}' (stored as '{key}'), which is not available"
+                    )
                 kwargs[value] = env[key]
             result = unit.fn(context(unit), **kwargs)
             if set(result) != set(unit.outputs):
