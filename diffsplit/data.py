@@ -1,0 +1,598 @@
+"""The dataset: metadata files, image folders, stable sample ids, bad-row handling and the resize policy.
+
+Three layouts are read:
+
+* ``--dataset_metadata_path`` ending in ``.csv`` (a header row, then one sample per row), ``.json`` (a list
+  of objects) or ``.jsonl`` (one object per non-empty line);
+* no metadata path: ``--dataset_base_path`` is a folder of images with same-name ``.txt`` captions
+  (``cat.png`` + ``cat.txt`` -> ``{"image": cat.png, "prompt": <text of cat.txt>}``), sorted by file name.
+
+Row numbers in messages count data rows from 1 (a CSV header is not counted; a JSON list's first object is
+row 1; a JSONL row number is its line number in the file, blank lines skipped but counted, so an editor
+finds it). Every row is checked up front (files exist, image headers parse, sizes survive the resize
+policy) so a bad row stops the run before training starts, as one :class:`~diffsplit.errors.UserError`
+line naming the row and the path, or, with ``skip_bad_samples``, is left out and reported.
+
+Each sample gets a stable id from its content (see :func:`sample_id`), never from its position, so the
+cache can key samples by it and reordering or appending rows leaves existing ids alone.
+
+The resize policy (:func:`target_size`, :func:`resize_and_crop`, :func:`image_to_tensor`) is pure
+functions on PIL images; the family's resize unit calls them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from diffsplit.errors import UserError
+
+METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+SIZE_MULTIPLE = 16
+"""Sizes are multiples of 16: the VAE downsamples by 8 and the DiT packs 2x2 latent patches."""
+MIN_SIDE = 16
+"""Smallest side (pixels, after the resize policy) that still gives one packed latent patch."""
+ID_CHARS = 32
+"""Hex characters kept from the sha256 of a sample's content (128 bits: collisions are not a concern)."""
+FOLDER_IMAGE_KEY = "image"
+FOLDER_CAPTION_KEY = "prompt"
+SKIPPED_FILE = "skipped_samples.json"
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class Sample:
+    """One data row.
+
+    Attributes:
+        id: stable content id (:func:`sample_id`), e.g. ``"3f1c...e9"`` or ``"3f1c...e9-1"`` for the second
+            identical row.
+        row: the row number in its source (from 1), for messages.
+        values: column -> value. File columns hold the resolved :class:`~pathlib.Path` (open them with
+            :func:`load_values`); other columns hold their text as ``str`` (numbers in JSON included: a
+            later step casts columns such as ``seed``).
+        source: the metadata file (or image folder) the row came from, for messages.
+    """
+
+    id: str
+    row: int
+    values: dict[str, Any]
+    source: str = ""
+
+
+class _BadRow(Exception):
+    """A row that cannot be used: becomes a UserError, or a skipped record with ``skip_bad_samples``."""
+
+    def __init__(self, row: int, path: str | Path, reason: str) -> None:
+        super().__init__(reason)
+        self.row = row
+        self.path = str(path)
+        self.reason = reason
+
+
+def _one_line(text: str) -> str:
+    # Messages quote user data (file names, parser errors) that may hold newlines; the error contract is
+    # one line.
+    return " ".join(str(text).split())
+
+
+# -- arguments ---------------------------------------------------------------------------------------------
+def parse_data_file_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"image,edit_image"`` (the flag's form) or a sequence -> ``("image", "edit_image")``."""
+    if keys is None:
+        return (FOLDER_IMAGE_KEY,)
+    parts = keys.split(",") if isinstance(keys, str) else list(keys)
+    names = tuple(p.strip() for p in parts if p and p.strip())
+    if not names:
+        raise UserError(f"--data_file_keys {keys!r} names no column")
+    return names
+
+
+def _check_resize_args(max_pixels: int | None, fixed_height: int | None, fixed_width: int | None) -> None:
+    if (fixed_height is None) != (fixed_width is None):
+        raise UserError(
+            f"--height and --width must be given together (got --height {fixed_height}, --width {fixed_width})"
+        )
+    if fixed_height is not None and fixed_width is not None:
+        for flag, value in (("--height", fixed_height), ("--width", fixed_width)):
+            if not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
+                raise UserError(f"{flag} {value} must be a positive multiple of {SIZE_MULTIPLE}")
+    elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
+        raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
+
+
+# -- resize policy ---------------------------------------------------------------------------------------
+def target_size(
+    width: int,
+    height: int,
+    max_pixels: int | None = None,
+    fixed_height: int | None = None,
+    fixed_width: int | None = None,
+) -> tuple[int, int]:
+    """The ``(width, height)`` an image of ``width x height`` pixels is trained at.
+
+    Fixed size (``--height``/``--width``, both multiples of 16) wins when given. Otherwise the size is
+    dynamic: an image above ``max_pixels`` is scaled down to about ``max_pixels`` keeping its aspect, a
+    smaller one is never scaled up, and each side is floored to a multiple of 16. The arithmetic mirrors
+    DiffSynth-Studio's ``ImageCropAndResize`` (the seed's framework), so the same flags give the same sizes.
+    A result side may be 0 for a tiny image; callers reject sides below :data:`MIN_SIDE`.
+
+    Raises:
+        UserError: naming ``--height/--width`` or ``--max_pixels`` when they are invalid.
+    """
+    _check_resize_args(max_pixels, fixed_height, fixed_width)
+    if fixed_height is not None and fixed_width is not None:
+        return fixed_width, fixed_height
+    if max_pixels is not None and width * height > max_pixels:
+        scale = math.sqrt(width * height / max_pixels)
+        width, height = int(width / scale), int(height / scale)
+    return width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale ``image`` to cover ``width x height``, then center-crop to exactly that size.
+
+    The scale is ``max(width / W, height / H)`` so no side is padded. Resampling is LANCZOS, the default of
+    diffusers' ``VaeImageProcessor`` (best quality when scaling down, the common case here). The crop
+    offset is ``round((new - target) / 2)`` on each axis, as torchvision's ``center_crop`` does.
+
+    Returns:
+        a PIL image of size ``(width, height)`` in ``image``'s mode.
+    """
+    src_w, src_h = image.size
+    scale = max(width / src_w, height / src_h)
+    # max() guards against a float product landing just below the target and rounding one pixel short.
+    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    if (new_w, new_h) != (src_w, src_h):
+        image = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
+    left = int(round((new_w - width) / 2.0))
+    top = int(round((new_h - height) / 2.0))
+    if (left, top, new_w, new_h) == (0, 0, width, height):
+        return image
+    return image.crop((left, top, left + width, top + height))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float32 tensor of shape ``[3, H, W]`` in ``[-1, 1]``.
+
+    Computed as diffusers' ``VaeImageProcessor`` does (``x / 255`` in float32, then ``2x - 1``) so the
+    result is bitwise equal to what the pipeline feeds its VAE.
+    """
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return 2.0 * tensor - 1.0
+
+
+# -- stable ids ------------------------------------------------------------------------------------------
+def file_digest(path: str | Path) -> bytes:
+    """sha256 of a file's bytes, read in 1 MiB chunks so large files never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def content_hash(values: Mapping[str, Any], digests: Mapping[str, bytes] | None = None) -> str:
+    """The content part of a sample id: 32 hex chars of a sha256 over the row's columns in sorted order.
+
+    A file column contributes the sha256 of its file's bytes (``digests[column]``, or computed from the
+    path), a text column its UTF-8 text. Each column is framed with its name, kind and length so no two
+    different rows can hash the same stream (``"ab" + "c"`` vs ``"a" + "bc"``). The file's name never
+    enters: renaming or moving a file keeps its id.
+    """
+    hasher = hashlib.sha256(b"diffsplit-sample-v1\x00")
+    for name in sorted(values):
+        value = values[name]
+        if isinstance(value, Path):
+            kind, payload = b"F", (digests or {}).get(name) or file_digest(value)
+        else:
+            kind, payload = b"T", str(value).encode("utf-8")
+        key = name.encode("utf-8")
+        hasher.update(len(key).to_bytes(8, "little") + key + kind + len(payload).to_bytes(8, "little"))
+        hasher.update(payload)
+    return hasher.hexdigest()[:ID_CHARS]
+
+
+def sample_id(content: str, occurrence: int) -> str:
+    """``content`` for the first row with this content (``occurrence`` 0), ``"<content>-<k>"`` for the k-th
+    repeat, so identical rows stay distinct samples and keep their ids when rows are appended."""
+    return content if occurrence == 0 else f"{content}-{occurrence}"
+
+
+# -- metadata reading ------------------------------------------------------------------------------------
+def _as_text(value: Any) -> str | None:
+    """A JSON value as the text a CSV cell would hold (None for null), so csv/json/jsonl give the same ids."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    # json.dumps spells booleans and numbers as JSON does (true, 42, 0.5) and keeps lists/objects compact.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+Row = tuple[int, dict[str, str | None] | str]
+"""(row number, column -> text) or (row number, reason the row could not be parsed)."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig: spreadsheet programs often write a byte-order mark that would otherwise stick to the
+        # first column's name.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the metadata as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({_one_line(err.strerror or str(err))})") from None
+
+
+def _read_csv(path: Path, text: str) -> tuple[list[str], list[Row]]:
+    # StringIO with newline="" lets the csv module see quoted newlines as cell content.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[Row] = []
+    try:
+        header = next(reader, None)
+    except csv.Error as err:
+        raise UserError(f"{path}: malformed header ({_one_line(str(err))})") from None
+    if header is None:
+        raise UserError(f"{path} is empty: it needs a header row and at least one data row")
+    columns = [name.strip() for name in header]
+    if any(not name for name in columns):
+        raise UserError(f"{path}: the header has an empty column name ({','.join(header)})")
+    duplicates = sorted({name for name in columns if columns.count(name) > 1})
+    if duplicates:
+        raise UserError(f"{path}: the header names column(s) {', '.join(duplicates)} twice")
+    number = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            # The csv module cannot resynchronise after bad quoting; the rest of the file is unreliable.
+            raise UserError(f"{path} row {number + 1}: malformed CSV ({_one_line(str(err))})") from None
+        if not cells:  # a blank line is not a row
+            continue
+        number += 1
+        if len(cells) != len(columns):
+            rows.append((number, f"has {len(cells)} fields but the header has {len(columns)}"))
+        else:
+            rows.append((number, dict(zip(columns, cells, strict=True))))
+    return columns, rows
+
+
+def _object_row(number: int, value: Any) -> Row:
+    if not isinstance(value, dict):
+        return number, f"expected a JSON object, got {type(value).__name__}"
+    return number, {str(k).strip(): _as_text(v) for k, v in value.items()}
+
+
+def _read_json(path: Path, text: str) -> list[Row]:
+    if not text.strip():
+        raise UserError(f"{path} is empty: it needs a JSON list of objects")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # A broken JSON document has no trustworthy rows to skip: name where parsing stopped.
+        raise UserError(
+            f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})"
+        ) from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    return [_object_row(i, value) for i, value in enumerate(data, start=1)]
+
+
+def _read_jsonl(path: Path, text: str) -> list[Row]:
+    rows: list[Row] = []
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append((number, f"malformed JSON line (column {err.colno}: {err.msg})"))
+            continue
+        rows.append(_object_row(number, value))
+    return rows
+
+
+def read_metadata(path: str | Path) -> tuple[list[str] | None, list[Row]]:
+    """Read a metadata file into ``(header columns or None, rows)``.
+
+    Each row is ``(row number, {column: text or None})``, or ``(row number, reason)`` for a row that could
+    not be parsed (a malformed JSONL line, a CSV row with the wrong field count). Only CSV has a header.
+
+    Raises:
+        UserError: unknown extension, unreadable or empty file, malformed JSON document or CSV quoting.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in METADATA_EXTENSIONS:
+        raise UserError(
+            f"--dataset_metadata_path {path}: unknown extension '{path.suffix}' "
+            f"(accepted: {', '.join(METADATA_EXTENSIONS)})"
+        )
+    if not path.is_file():
+        raise UserError(f"--dataset_metadata_path {path}: no such file")
+    text = _read_text(path)
+    if suffix == ".csv":
+        return _read_csv(path, text)
+    return None, _read_json(path, text) if suffix == ".json" else _read_jsonl(path, text)
+
+
+def _read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Path]]:
+    """Images with same-name captions in ``base`` (not recursive), sorted by file name.
+
+    Returns ``(row, {"image": name, "prompt": caption} or reason, path at fault)``. A caption without an
+    image is a bad row too: it is most likely an image in a format we do not read, and dropping it
+    silently would train on less than the user gave.
+    """
+    images: dict[str, Path] = {}
+    captions: dict[str, Path] = {}
+    for entry in base.iterdir():
+        suffix = entry.suffix.lower()
+        if not entry.is_file():
+            continue
+        if suffix in IMAGE_EXTENSIONS:
+            if entry.stem in images:
+                raise UserError(
+                    f"{base}: '{images[entry.stem].name}' and '{entry.name}' share the caption "
+                    f"'{entry.stem}.txt'; rename one"
+                )
+            images[entry.stem] = entry
+        elif suffix == ".txt":
+            captions[entry.stem] = entry
+    if not images and not captions:
+        raise UserError(
+            f"--dataset_base_path {base} holds no images (accepted: {', '.join(IMAGE_EXTENSIONS)}) "
+            f"and no --dataset_metadata_path was given"
+        )
+    keyed = {p.name: p for p in images.values()}
+    keyed.update({p.name: p for stem, p in captions.items() if stem not in images})
+    out: list[tuple[int, dict[str, str | None] | str, Path]] = []
+    for number, name in enumerate(sorted(keyed), start=1):
+        entry = keyed[name]
+        if entry.suffix.lower() == ".txt":
+            out.append((number, f"caption '{entry.name}' has no image with the same name", entry))
+            continue
+        caption = captions.get(entry.stem)
+        if caption is None:
+            out.append((number, f"image '{entry.name}' has no caption file {entry.stem}.txt", entry))
+            continue
+        try:
+            text = caption.read_text(encoding="utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            out.append(
+                (number, f"caption {caption} cannot be read as UTF-8 text ({_one_line(str(err))})", caption)
+            )
+            continue
+        out.append((number, {FOLDER_IMAGE_KEY: entry.name, FOLDER_CAPTION_KEY: text}, caption))
+    return out
+
+
+# -- validation ------------------------------------------------------------------------------------------
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the image's header, without decoding pixels.
+
+    EXIF orientation is not read: it may swap the sides, and the size check below is symmetric in them.
+    """
+    with Image.open(path) as image:
+        return image.size
+
+
+def _check_row(
+    number: int,
+    columns: Mapping[str, str | None],
+    base: Path,
+    metadata: Path | None,
+    file_keys: Sequence[str],
+    required: Sequence[str],
+    resize: tuple[int | None, int | None, int | None],
+) -> dict[str, Any]:
+    """Validate one row and return its values (file columns resolved to paths); raises :class:`_BadRow`."""
+    where = metadata if metadata is not None else base
+    for name in required:
+        if name not in columns:
+            have = ", ".join(sorted(columns)) or "none"
+            raise _BadRow(number, where, f"no column '{name}' (the row has: {have})")
+    values: dict[str, Any] = {}
+    for name, text in columns.items():
+        blank = text is None or not text.strip()
+        if name in file_keys or name in required:
+            if blank:
+                raise _BadRow(number, where, f"empty value in column '{name}'")
+        elif blank:
+            # An empty optional cell means "not given" (so a CSV blank equals a JSON key left out); the
+            # consumer falls back to its default.
+            continue
+        assert text is not None
+        if name not in file_keys:
+            values[name] = text
+            continue
+        path = base / text.strip()
+        if not path.is_file():
+            problem = "is a folder" if path.is_dir() else "not found"
+            raise _BadRow(number, path, f"{name} '{text.strip()}' {problem} at {path}")
+        try:
+            width, height = _image_size(path)
+        except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
+            # PIL's "cannot identify image file '<path>'" repeats the path the message already names.
+            detail = (
+                "unknown format or corrupt header" if isinstance(err, UnidentifiedImageError) else str(err)
+            )
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{text.strip()}' at {path} is not a readable image ({_one_line(detail)})",
+            ) from None
+        tw, th = target_size(width, height, *resize)
+        if tw < MIN_SIDE or th < MIN_SIDE:
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{text.strip()}' at {path} is {width}x{height} px, which the resize policy makes "
+                f"{tw}x{th}: below {MIN_SIDE} px on a side, too small to encode",
+            )
+        values[name] = path
+    return values
+
+
+def load_samples(
+    base_path: str | Path,
+    metadata_path: str | Path | None = None,
+    data_file_keys: str | Sequence[str] | None = (FOLDER_IMAGE_KEY,),
+    required: Sequence[str] = (FOLDER_IMAGE_KEY, FOLDER_CAPTION_KEY),
+    max_pixels: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    skip_bad_samples: bool = False,
+) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """Read, validate and id every sample of a dataset, before any training starts.
+
+    Args:
+        base_path: ``--dataset_base_path``: file columns are relative to it; without ``metadata_path`` it
+            is the folder of images with same-name ``.txt`` captions.
+        metadata_path: ``--dataset_metadata_path`` (.csv, .json or .jsonl), or None.
+        data_file_keys: ``--data_file_keys``: columns holding image paths (comma-separated or a sequence).
+        required: columns every row must have with a non-empty value (the family's dataset values).
+        max_pixels, height, width: the resize policy (:func:`target_size`); rows whose images it would make
+            smaller than 16 px on a side are bad rows.
+        skip_bad_samples: leave bad rows out and report them instead of raising.
+
+    Returns:
+        ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
+        each left-out row (empty unless ``skip_bad_samples``). Pass it to :func:`write_skipped`.
+
+    Raises:
+        UserError: one line naming the row and the path, for the first bad row (or, when skipping, when
+            no good row is left); for a bad flag, file or header naming that.
+    """
+    _check_resize_args(max_pixels, height, width)
+    file_keys = parse_data_file_keys(data_file_keys)
+    base = Path(base_path)
+    if not base.is_dir():
+        raise UserError(f"--dataset_base_path {base}: no such folder")
+    metadata = Path(metadata_path) if metadata_path is not None else None
+
+    entries: list[tuple[int, dict[str, str | None] | str, Path]]
+    if metadata is None:
+        source = str(base)
+        entries = _read_folder(base)
+        file_keys = (FOLDER_IMAGE_KEY,)
+        missing = [name for name in required if name not in (FOLDER_IMAGE_KEY, FOLDER_CAPTION_KEY)]
+        if missing:
+            raise UserError(
+                f"{base}: an image folder provides only '{FOLDER_IMAGE_KEY}' and '{FOLDER_CAPTION_KEY}', "
+                f"but column(s) {', '.join(missing)} are needed; give a --dataset_metadata_path"
+            )
+    else:
+        source = str(metadata)
+        header, rows = read_metadata(metadata)
+        if not rows:
+            raise UserError(f"{metadata} has no data rows")
+        seen = set(header) if header is not None else {k for _, r in rows if isinstance(r, dict) for k in r}
+        if header is not None:
+            # A column absent from the CSV header is absent from every row: skipping them all would train
+            # on nothing, so this is a file-level error.
+            for name in required:
+                if name not in seen:
+                    raise UserError(f"{metadata}: no column '{name}' (the header has: {', '.join(header)})")
+        for name in file_keys:
+            if seen and name not in seen:
+                raise UserError(
+                    f"--data_file_keys names '{name}', which no row of {metadata} has "
+                    f"(columns: {', '.join(sorted(seen))})"
+                )
+        entries = [(number, row, metadata) for number, row in rows]
+
+    samples: list[Sample] = []
+    skipped: list[dict[str, Any]] = []
+    occurrences: dict[str, int] = {}
+    digests: dict[Path, bytes] = {}  # one read per file even when many rows share it
+    for number, row, at in entries:
+        try:
+            if isinstance(row, str):
+                raise _BadRow(number, at, row)
+            values = _check_row(number, row, base, metadata, file_keys, required, (max_pixels, height, width))
+        except _BadRow as bad:
+            if not skip_bad_samples:
+                raise UserError(_one_line(f"{source} row {bad.row}: {bad.reason}")) from None
+            skipped.append({"row": bad.row, "path": bad.path, "reason": _one_line(bad.reason)})
+            continue
+        for value in values.values():
+            if isinstance(value, Path) and value not in digests:
+                digests[value] = file_digest(value)
+        content = content_hash(values, {k: digests[v] for k, v in values.items() if isinstance(v, Path)})
+        occurrence = occurrences.get(content, 0)
+        occurrences[content] = occurrence + 1
+        samples.append(Sample(sample_id(content, occurrence), number, values, source))
+
+    if not samples:
+        first = skipped[0] if skipped else {"row": "?", "reason": "no rows"}
+        raise UserError(
+            _one_line(f"{source}: all {len(skipped)} rows are bad (row {first['row']}: {first['reason']})")
+        )
+    return samples, skipped
+
+
+def load_values(sample: Sample) -> dict[str, Any]:
+    """The sample's values with each file column opened as an RGB PIL image (EXIF orientation applied).
+
+    Alpha is dropped by ``convert("RGB")``, as diffusers' ``load_image`` does. Text columns pass through.
+
+    Raises:
+        UserError: naming the row and path when an image whose header parsed fails to decode (a truncated
+            or corrupt body; validation reads headers only).
+    """
+    out: dict[str, Any] = {}
+    for name, value in sample.values.items():
+        if not isinstance(value, Path):
+            out[name] = value
+            continue
+        try:
+            with Image.open(value) as image:
+                out[name] = ImageOps.exif_transpose(image).convert("RGB")
+        except Exception as err:  # a file that will not decode is the user's to fix
+            raise UserError(
+                _one_line(f"{sample.source} row {sample.row}: {name} at {value} cannot be decoded ({err})")
+            ) from None
+    return out
+
+
+# -- reporting skipped rows ------------------------------------------------------------------------------
+def write_skipped(skipped: Iterable[Mapping[str, Any]], output_dir: str | Path) -> str:
+    """Write ``skipped_samples.json`` (a list of ``{"row", "path", "reason"}``) into ``output_dir``.
+
+    Written even when empty, so a file left by an earlier run never describes this one. Written to a
+    temporary name and renamed so an interrupted run never leaves half a file.
+
+    Returns:
+        one line for the console, e.g. ``"skipped 2 bad samples (rows 2, 5): see out/skipped_samples.json"``.
+    """
+    records = [dict(record) for record in skipped]
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / SKIPPED_FILE
+    temporary = folder / f".{SKIPPED_FILE}.tmp"
+    temporary.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, target)
+    rows = [str(record["row"]) for record in records]
+    shown = ", ".join(rows[:10]) + (f", ... (+{len(rows) - 10} more)" if len(rows) > 10 else "")
+    noun = "sample" if len(records) == 1 else "samples"
+    listed = f" (row{'s' if len(rows) != 1 else ''} {shown})" if rows else ""
+    return f"skipped {len(records)} bad {noun}{listed}: see {target}"
