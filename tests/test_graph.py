@@ -22,7 +22,9 @@ def test_read_of_a_value_produced_only_later_says_by_whom():
 
 def test_unknown_component_names_unit_and_component():
     units = [Unit(name="encode", inputs=("image",), outputs=("latents",), models=("vae",))]
-    with pytest.raises(GraphError, match=r"unit 'encode' runs component 'vae', which the pipeline does not have"):
+    with pytest.raises(
+        GraphError, match=r"unit 'encode' runs component 'vae', which the pipeline does not have"
+    ):
         UnitGraph(units, dataset_values=("image",), components=("dit", "text_encoder"))
 
 
@@ -33,7 +35,9 @@ def test_duplicate_unit_name_is_refused():
 
 
 def test_string_instead_of_tuple_is_refused_not_iterated():
-    with pytest.raises(GraphError, match=r"unit 'a': inputs must be a tuple of names, got the string 'image'"):
+    with pytest.raises(
+        GraphError, match=r"unit 'a': inputs must be a tuple of names, got the string 'image'"
+    ):
         Unit(name="a", inputs="image", outputs=("y",))
 
 
@@ -53,8 +57,15 @@ def test_rewritten_value_binds_each_read_to_the_latest_earlier_writer():
 
 def test_run_gives_each_reader_its_own_version():
     units = [
-        Unit(name="probe", inputs=("height",), outputs=("h_seen",), fn=lambda ctx, height: {"h_seen": height}),
-        Unit(name="fix", inputs=("height",), outputs=("height",), fn=lambda ctx, height: {"height": height // 16 * 16}),
+        Unit(
+            name="probe", inputs=("height",), outputs=("h_seen",), fn=lambda ctx, height: {"h_seen": height}
+        ),
+        Unit(
+            name="fix",
+            inputs=("height",),
+            outputs=("height",),
+            fn=lambda ctx, height: {"height": height // 16 * 16},
+        ),
     ]
     graph = UnitGraph(units, dataset_values=("height",))
     env = graph.run(["probe", "fix"], {graph.dataset_key("height"): 100}, context=lambda unit: None)

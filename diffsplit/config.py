@@ -1,0 +1,192 @@
+"""The command line of a training run, as one plain-data object.
+
+Flags follow the seed's trainer (DiffSynth-Studio's ``train.py``) so its commands run verbatim; the
+parser builds a :class:`TrainConfig`, and everything downstream reads only that object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffsplit.errors import UserError
+
+TASKS = ("sft", "sft:data_process", "sft:train")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Field names are the flag names without dashes."""
+
+    task: str = "sft"
+    # data
+    dataset_base_path: str | None = None
+    dataset_metadata_path: str | None = None
+    data_file_keys: str = "image"
+    dataset_repeat: int = 1
+    dataset_num_workers: int = 0
+    max_pixels: int | None = 1024 * 1024
+    height: int | None = None
+    width: int | None = None
+    skip_bad_samples: bool = False
+    # models
+    model_id_with_origin_paths: str | None = None
+    model_paths: str | None = None
+    tokenizer_path: str | None = None
+    torch_dtype: str | None = None
+    latent_sample: str = "mode"
+    # what trains
+    lora_base_model: str | None = None
+    lora_target_modules: str = ""
+    lora_rank: int = 32
+    lora_alpha: float | None = None
+    lora_checkpoint: str | None = None
+    trainable_models: str | None = None
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    num_epochs: int = 1
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    use_gradient_checkpointing: bool = False
+    find_unused_parameters: bool = False
+    seed: int = 0
+    # outputs
+    output_path: str = "./models/train"
+    remove_prefix_in_ckpt: str | None = None
+    save_steps: int | None = None
+    save_state_steps: int | None = None
+    resume_from_state: str | None = None
+    enable_tensorboard_log: bool = False
+    # which flags the user actually gave (for notices about flags with no effect)
+    given: tuple[str, ...] = field(default=(), repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("given")
+        return out
+
+    @property
+    def lora_base_models(self) -> list[str]:
+        return [m.strip() for m in (self.lora_base_model or "").split(",") if m.strip()]
+
+    @property
+    def full_trainable_models(self) -> list[str]:
+        return [m.strip() for m in (self.trainable_models or "").split(",") if m.strip()]
+
+    @property
+    def trained_components(self) -> list[str]:
+        """Components with trainable parameters (LoRA bases and fully trained models)."""
+        names = self.lora_base_models + [m.split(".")[0] for m in self.full_trainable_models]
+        return list(dict.fromkeys(names))
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error: ...`` line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
+    d = TrainConfig()
+    g = parser.add_argument_group("task")
+    g.add_argument(
+        "--task", default=d.task, choices=TASKS, help="sft (unsplit, or automatic with --cache_dir)"
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_base_path", help="folder the metadata's file paths are relative to")
+    g.add_argument("--dataset_metadata_path", help="metadata .csv, .json or .jsonl (columns image,prompt)")
+    g.add_argument(
+        "--data_file_keys", default=d.data_file_keys, help="comma-separated columns holding file paths"
+    )
+    g.add_argument("--dataset_repeat", type=_positive(int), default=d.dataset_repeat)
+    g.add_argument("--dataset_num_workers", type=int, default=d.dataset_num_workers)
+    g.add_argument(
+        "--max_pixels", type=_positive(int), default=d.max_pixels, help="larger images are scaled down"
+    )
+    g.add_argument("--height", type=_positive(int), help="fixed height (with --width), multiple of 16")
+    g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
+    g.add_argument(
+        "--skip_bad_samples", action="store_true", help="skip bad rows (listed in skipped_samples.json)"
+    )
+    g = parser.add_argument_group("models")
+    g.add_argument("--model_id_with_origin_paths", help="comma-separated <model_id>:<glob> entries")
+    g.add_argument("--model_paths", help="JSON list of local files: '[\"path/a.safetensors\", ...]'")
+    g.add_argument("--tokenizer_path", help="tokenizer folder (default: <model_id>/tokenizer)")
+    g.add_argument(
+        "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
+    )
+    g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
+    g = parser.add_argument_group("what trains")
+    g.add_argument(
+        "--lora_base_model", help="component(s) to put LoRA on: dit, text_encoder (comma-separated)"
+    )
+    g.add_argument(
+        "--lora_target_modules",
+        default=d.lora_target_modules,
+        help='modules, or per model "dit=to_q,...;text_encoder=q_proj,..."; "re:<regex>" for a regex',
+    )
+    g.add_argument("--lora_rank", type=_positive(int), default=d.lora_rank)
+    g.add_argument("--lora_alpha", type=_positive(float), help="default: the rank (scale 1)")
+    g.add_argument("--lora_checkpoint", help="continue from this LoRA file")
+    g.add_argument("--trainable_models", help="component(s) to train fully, e.g. dit")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=_positive(float), default=d.learning_rate)
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--num_epochs", type=_positive(int), default=d.num_epochs)
+    g.add_argument("--max_train_steps", type=_positive(int))
+    g.add_argument(
+        "--gradient_accumulation_steps", type=_positive(int), default=d.gradient_accumulation_steps
+    )
+    g.add_argument("--lr_scheduler", choices=("constant", "linear", "cosine"), default=d.lr_scheduler)
+    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--use_gradient_checkpointing", action="store_true")
+    g.add_argument("--find_unused_parameters", action="store_true", help="passed to DDP")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--output_path", default=d.output_path)
+    g.add_argument(
+        "--remove_prefix_in_ckpt", help="accepted for compatibility: saved keys never carry a prefix"
+    )
+    g.add_argument("--save_steps", type=_positive(int), help="save step-{n}.safetensors every n steps")
+    g.add_argument("--save_state_steps", type=_positive(int), help="save a resumable state every n steps")
+    g.add_argument("--resume_from_state", help="resume exactly from a state folder")
+    g.add_argument("--enable_tensorboard_log", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
+    """Build the config; record which flags were given on the command line."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"given"}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    given = tuple(sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} & names))
+    config = TrainConfig(**values, given=given)
+    if (config.height is None) != (config.width is None):
+        raise UserError("--height and --width must be given together")
+    if not config.trained_components and config.task != "sft:data_process":
+        raise UserError("nothing to train: give --lora_base_model or --trainable_models")
+    if not config.model_id_with_origin_paths and not config.model_paths:
+        raise UserError("no models: give --model_id_with_origin_paths or --model_paths")
+    return config

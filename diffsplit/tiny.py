@@ -1,0 +1,407 @@
+"""Offline builders of a random-weight Qwen-Image in the real diffusers repository layout, and example data.
+
+Nothing here downloads: the tokenizer is trained locally with the ``tokenizers`` library and every model
+is built from a config with random weights. The result is written the way ``Qwen/Qwen-Image`` is laid out
+on the Hub, so tests and the demo go through the same loading code (:mod:`diffsplit.models`) a real model
+does::
+
+    model_index.json
+    transformer/config.json, diffusion_pytorch_model-0000k-of-0000n.safetensors,
+                diffusion_pytorch_model.safetensors.index.json        (sharded, like the real repo)
+    text_encoder/config.json, generation_config.json, model-0000k-of-0000n.safetensors,
+                 model.safetensors.index.json                         (sharded, like the real repo)
+    vae/config.json, diffusion_pytorch_model.safetensors               (one file: the seed names it)
+    tokenizer/tokenizer.json, tokenizer_config.json, vocab.json, merges.txt
+    scheduler/scheduler_config.json
+
+Two sizes:
+
+* ``tiny``: the dimensions of diffusers' own Qwen-Image pipeline tests (transformer 2 layers, 3 heads x 16;
+  VAE z_dim 4 with a 4x spatial downscale; text encoder hidden 16, 2 layers), except the VAE's base_dim is 8
+  instead of 24 (its 3D convolutions dominate CPU time: ~3x faster encodes). A LoRA step at 64x64 takes
+  milliseconds on a CPU.
+* ``proportioned``: transformer 4 layers x 512 (head_dim 128, the real rope axes), text encoder 4 layers x
+  512, VAE base_dim 4 with the real z_dim 16 and 8x downscale, so the cost ratios between text encoder, VAE
+  and transformer are roughly the real model's (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from diffsplit.errors import UserError
+from diffsplit.models import QWEN_IMAGE_SCHEDULER_CONFIG
+
+SIZES = ("tiny", "proportioned")
+
+# QwenImagePipeline's prompt template; the pipeline drops the hidden states of the first
+# ``prompt_template_encode_start_idx`` (= 34) tokens, i.e. exactly this system prefix with the real tokenizer.
+QWEN_IMAGE_TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+QWEN_IMAGE_TEMPLATE_DROP = 34
+
+# Qwen2's added tokens, in the real tokenizer's order (their ids follow the BPE vocabulary). The first
+# fourteen are special (skipped when decoding); the tool/FIM tokens are ordinary added tokens, as in Qwen2.5.
+_QWEN2_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_QWEN2_ADDED_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+# Text the tiny BPE is trained on. The template text is repeated so that every word of the system prefix
+# becomes a single token, which is what makes the prefix encode to exactly 34 tokens as with the real
+# tokenizer. The rest gives ordinary prompts reasonably short encodings; any text still encodes (byte level).
+_TEMPLATE_WORDS = (
+    "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:\nuser\nassistant\n"
+)
+_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "grey", "brown")
+_SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle", "ellipse")
+_EXTRA_WORDS = (
+    "a an the on in with and of photo picture painting drawing dog cat bird tree house car flower sky sea "
+    "mountain city street person woman man child sunset night day small large big little bright dark soft "
+    "light left right top bottom middle center near far two three four many one cute beautiful old new"
+)
+
+
+def _train_tokenizer(directory: Path) -> Any:
+    """Train a small byte-level BPE with Qwen2's pre-tokenizer and save it as a Qwen2 tokenizer.
+
+    Returns the loaded transformers tokenizer (``Qwen2Tokenizer``; a fast, tokenizers-backed one).
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import AddedToken, AutoTokenizer, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    # Same normaliser and pre-tokenizer as Qwen2Tokenizer builds, so the trained merges apply to the same
+    # pre-tokens at encode time.
+    bpe = Tokenizer(BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    corpus = [_TEMPLATE_WORDS] * 8 + [_EXTRA_WORDS] * 2 + [" ".join(_COLOURS)] * 2 + [" ".join(_SHAPES)] * 2
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,  # an upper bound: training stops once every corpus word is one token
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = model["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                AddedToken(t, special=True, normalized=False) for t in _QWEN2_SPECIAL_TOKENS
+            ]
+        }
+    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN2_ADDED_TOKENS])
+    tokenizer.save_pretrained(str(directory))
+    # vocab.json + merges.txt as in the real repository, for loaders that build the tokenizer from them.
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    # Reload from disk: what the caller gets is exactly what a user loading the folder gets.
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _text_encoder_config(size: str, tokenizer: Any) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN2_SPECIAL_TOKENS}
+    # Room for every token id; rounded up as real checkpoints pad their embedding tables.
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    if size == "tiny":
+        text = {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        }
+        mrope_section = [1, 1, 2]  # sums to head_dim / 2 = 4
+    else:
+        # 4 layers x 512; head_dim 128, the real mrope split and MLP ratio (18944 / 3584) and GQA (kv heads 1 of 4).
+        text = {
+            "hidden_size": 512,
+            "intermediate_size": 2688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+        }
+        mrope_section = [16, 24, 24]
+    rope = {
+        "mrope_section": mrope_section,
+        "rope_type": "default",
+        "type": "default",
+        "rope_theta": 1000000.0,
+    }
+    text.update(
+        vocab_size=vocab_size,
+        rope_scaling=rope,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        max_position_embeddings=32768,
+    )
+    # The vision tower is never run by text-to-image; keep it minimal in both sizes.
+    vision = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "fullatt_block_indexes": [0],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def _transformer_kwargs(size: str, text_hidden: int) -> dict[str, Any]:
+    if size == "tiny":
+        # in_channels = 4 * z_dim: the DiT sees 2x2-packed latents.
+        return {
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 4,
+            "num_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 3,
+            "joint_attention_dim": text_hidden,
+            "guidance_embeds": False,
+            "axes_dims_rope": (8, 4, 4),
+        }
+    return {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 4,
+        "attention_head_dim": 128,
+        "num_attention_heads": 4,
+        "joint_attention_dim": text_hidden,
+        "guidance_embeds": False,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+def _vae_kwargs(size: str, rng: random.Random) -> dict[str, Any]:
+    if size == "tiny":
+        z_dim, shape = (
+            4,
+            {"base_dim": 8, "dim_mult": [1, 2, 4], "num_res_blocks": 1, "temperal_downsample": [False, True]},
+        )
+    else:
+        z_dim = 16
+        shape = {
+            "base_dim": 4,
+            "dim_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "temperal_downsample": [False, True, True],
+        }
+    # Fixed but non-trivial normalisation statistics, so that code forgetting to apply them is caught.
+    mean = [round(rng.uniform(-1.0, 1.0), 4) for _ in range(z_dim)]
+    std = [round(rng.uniform(0.5, 3.0), 4) for _ in range(z_dim)]
+    return {"z_dim": z_dim, **shape, "latents_mean": mean, "latents_std": std}
+
+
+def _reshard(model: Any, directory: Path, pattern: str, shards: int) -> None:
+    """Rewrite ``model``'s weights in ``directory`` as about ``shards`` files plus an index (as the Hub has)."""
+    for old in directory.glob(pattern):
+        old.unlink()
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    model.save_pretrained(str(directory), max_shard_size=total // shards + 1, safe_serialization=True)
+
+
+def _add_rope_scaling_spelling(config_path: Path) -> None:
+    # transformers 5 writes ``rope_parameters``; transformers 4.x reads ``rope_scaling`` (with
+    # ``mrope_section``). Writing both keeps the folder loadable by either.
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config", {})
+    params = text.get("rope_parameters")
+    if params and "rope_scaling" not in text:
+        text["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+        text.setdefault("rope_theta", params.get("rope_theta", 1000000.0))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random-weight Qwen-Image in the real repository layout to ``output`` and return its path.
+
+    Args:
+        output: a new or empty folder.
+        seed: seeds every random weight (``torch.manual_seed(seed)`` before each component) and the VAE's
+            latents_mean/latents_std. The caller's global RNG state is left untouched.
+        size: ``"tiny"`` or ``"proportioned"`` (see the module docstring).
+
+    Raises:
+        UserError: unknown ``size``, or ``output`` exists and is not empty.
+    """
+    if size not in SIZES:
+        raise UserError(f"--size: unknown size '{size}' (choose one of: {', '.join(SIZES)})")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output: '{output}' exists and is not an empty folder; choose a new or empty one")
+
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and move into place at the end, so an interrupted build leaves no half folder
+    # that would later load as a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tokenizer = _train_tokenizer(staging / "tokenizer")
+        text_config = _text_encoder_config(size, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            # Re-seed before each component, as diffusers' tests do, so each one's weights depend on the seed
+            # alone and not on the order or size of the others.
+            torch.manual_seed(seed)
+            transformer = QwenImageTransformer2DModel(
+                **_transformer_kwargs(size, text_config.text_config.hidden_size)
+            )
+            torch.manual_seed(seed)
+            vae = AutoencoderKLQwenImage(**_vae_kwargs(size, random.Random(seed)))
+            torch.manual_seed(seed)
+            text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+        pipe = QwenImagePipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+        pipe.save_pretrained(str(staging))
+        # The real repository shards the transformer and the text encoder; the VAE stays one file.
+        _reshard(transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", shards=3)
+        _reshard(text_encoder, staging / "text_encoder", "model*.safetensors", shards=2)
+        _add_rope_scaling_spelling(staging / "text_encoder" / "config.json")
+        if output.exists():
+            output.rmdir()  # checked empty above
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+# -- example dataset -------------------------------------------------------------------------------------
+
+_EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
+
+
+def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, seed: int = 0) -> Path:
+    """Write ``n`` small PNG images of coloured shapes and ``metadata.csv`` (columns ``image,prompt``).
+
+    Images have varied aspect ratios, the longest side at most ``max_size`` pixels; content and prompts
+    are deterministic given ``seed``, and prompts are distinct. Existing files of the same names are
+    overwritten. Returns ``output``.
+    """
+    from PIL import Image, ImageDraw
+
+    if n < 1:
+        raise UserError(f"--n: need at least one image, got {n}")
+    if max_size < 16:
+        raise UserError(f"--max_size: images need at least 16 px, got {max_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        w, h = _EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)]
+        scale = min(1.0, max_size / max(w, h))
+        w, h = max(16, int(w * scale)), max(16, int(h * scale))
+        # Distinct (background, colour, shape) per index: prompts differ even when n exceeds the lists.
+        bg = _COLOURS[i % len(_COLOURS)]
+        fg = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
+        if fg == bg:
+            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
+        shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
+        image = Image.new("RGB", (w, h), _rgb(bg))
+        draw = ImageDraw.Draw(image)
+        cx, cy = rng.randint(w // 4, 3 * w // 4), rng.randint(h // 4, 3 * h // 4)
+        r = rng.randint(min(w, h) // 6, min(w, h) // 3)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape in ("circle", "ring", "ellipse"):
+            draw.ellipse(
+                box, fill=None if shape == "ring" else _rgb(fg), outline=_rgb(fg), width=max(2, r // 4)
+            )
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_rgb(fg))
+        elif shape == "star":
+            draw.regular_polygon((cx, cy, r), n_sides=5, rotation=rng.randint(0, 71), fill=_rgb(fg))
+        elif shape == "stripe":
+            draw.rectangle((0, cy - r // 3, w, cy + r // 3), fill=_rgb(fg))
+        else:
+            draw.rectangle(
+                box if shape == "square" else (cx - r, cy - r // 2, cx + r, cy + r // 2), fill=_rgb(fg)
+            )
+        name = f"image_{i + 1}.png"
+        image.save(output / name)
+        count = f" number {i + 1}" if n > len(_COLOURS) else ""
+        article = "an" if fg[0] in "aeiou" else "a"
+        rows.append((name, f"{article} {fg} {shape} on a {bg} background{count}"))
+    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "prompt"))
+        writer.writerows(rows)
+    return output
+
+
+def _rgb(name: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    return ImageColor.getrgb("gray" if name == "grey" else name)[:3]
