@@ -46,26 +46,39 @@ def pass_order(sample_ids: Sequence[str], seed: int, pass_index: int) -> list[in
 
 
 class StepDataset(torch.utils.data.Dataset):
-    """Map-style dataset over (pass, sample) items of one pass; workers load the starting values.
+    """Map-style dataset over the (pass, sample) items of one epoch; workers load the starting values.
+
+    Item ``i`` is position ``i % N`` of pass ``first_pass + i // N`` (``N`` samples), so one loader (and one
+    set of workers) serves all ``dataset_repeat`` passes of an epoch.
 
     Args:
         sample_ids: stable id of each sample.
-        load: index -> the step's starting values (dataset values or cached tensors).
-        order: sample indices in visiting order.
-        pass_index: which pass over the data this is.
+        load: sample index -> the step's starting values (dataset values or cached tensors).
+        seed: the run's seed (keys the visiting order of each pass).
+        first_pass, num_passes: the passes this epoch covers.
     """
 
     def __init__(
-        self, sample_ids: Sequence[str], load: Callable[[int], dict], order: list[int], pass_index: int
+        self,
+        sample_ids: Sequence[str],
+        load: Callable[[int], dict],
+        seed: int,
+        first_pass: int,
+        num_passes: int,
     ):
-        self.sample_ids, self.load, self.order, self.pass_index = sample_ids, load, order, pass_index
+        self.sample_ids, self.load, self.seed = sample_ids, load, seed
+        self.first_pass, self.num_passes = first_pass, num_passes
+        self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.sample_ids) * self.num_passes
 
     def __getitem__(self, i: int) -> dict:
-        index = self.order[i]
-        return {"id": self.sample_ids[index], "pass": self.pass_index, "values": self.load(index)}
+        pass_index = self.first_pass + i // len(self.sample_ids)
+        if pass_index not in self._orders:
+            self._orders = {pass_index: pass_order(self.sample_ids, self.seed, pass_index)}
+        index = self._orders[pass_index][i % len(self.sample_ids)]
+        return {"id": self.sample_ids[index], "pass": pass_index, "values": self.load(index)}
 
 
 def _single(items: list[dict]) -> dict:
@@ -183,9 +196,9 @@ def run_training(
     optimizer, scheduler = prepared[len(names)], prepared[len(names) + 1]
     step_components = _Overlay(components, wrapped)
 
-    start_pass, start_item, step = 0, 0, 0
+    start_epoch, start_item, step = 0, 0, 0
     if config.resume_from_state:
-        start_pass, start_item, step = _load_state(accelerator, config.resume_from_state)
+        start_epoch, start_item, step = _load_state(accelerator, config.resume_from_state)
     if config.enable_tensorboard_log:
         accelerator.init_trackers("diffsplit")
 
@@ -212,16 +225,22 @@ def run_training(
         unit="step",
     )
     done = step >= total_updates
-    for pass_index in range(start_pass, passes):
+    for epoch in range(start_epoch, config.num_epochs):
         if done:
             break
-        order = pass_order(sample_ids, config.seed, pass_index)
-        dataset = StepDataset(sample_ids, load, order, pass_index)
+        dataset = StepDataset(
+            sample_ids, load, config.seed, epoch * config.dataset_repeat, config.dataset_repeat
+        )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=1, shuffle=False, collate_fn=_single, num_workers=config.dataset_num_workers
+            dataset,
+            batch_size=1,
+            shuffle=False,
+            collate_fn=_single,
+            num_workers=config.dataset_num_workers,
+            persistent_workers=False,
         )
         loader = accelerator.prepare_data_loader(loader, device_placement=False)
-        skip = start_item if pass_index == start_pass else 0
+        skip = start_item if epoch == start_epoch else 0
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
         for item_index, item in enumerate(loader, start=skip):
@@ -244,20 +263,18 @@ def run_training(
                 continue
             step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=pass_index // config.dataset_repeat)
-            loss_log.write(step, pass_index // config.dataset_repeat, last_loss, scheduler.get_last_lr()[0])
+            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            loss_log.write(step, epoch, last_loss, scheduler.get_last_lr()[0])
             if config.enable_tensorboard_log:
                 accelerator.log({"loss": last_loss}, step=step)
             if config.save_steps and step % config.save_steps == 0:
                 written += save_checkpoint(config, trained, f"step-{step}", accelerator)
             if config.save_state_steps and step % config.save_state_steps == 0:
-                _save_state(accelerator, out / f"state-{step}", pass_index, item_index + 1, step)
+                _save_state(accelerator, out / f"state-{step}", epoch, item_index + 1, step)
             if step >= total_updates:
                 done = True
                 break
-        if (pass_index + 1) % config.dataset_repeat == 0 or done:
-            epoch = pass_index // config.dataset_repeat
-            written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator)
+        written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator)
     progress.close()
     loss_log.close()
     accelerator.wait_for_everyone()
@@ -309,12 +326,10 @@ class _LossLog:
             self.file.close()
 
 
-def _save_state(accelerator: Accelerator, folder: Path, pass_index: int, next_item: int, step: int) -> None:
+def _save_state(accelerator: Accelerator, folder: Path, epoch: int, next_item: int, step: int) -> None:
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
-        (folder / STATE_FILE).write_text(
-            json.dumps({"pass": pass_index, "next_item": next_item, "step": step})
-        )
+        (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
 
 
 def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
@@ -323,4 +338,4 @@ def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
         raise UserError(f"--resume_from_state: {folder} is not a diffsplit state folder (no {STATE_FILE})")
     accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text())
-    return int(state["pass"]), int(state["next_item"]), int(state["step"])
+    return int(state["epoch"]), int(state["next_item"]), int(state["step"])

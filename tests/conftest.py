@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny Qwen-Image and one example dataset, laid out as the seed's commands expect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SEED_MODELS = (
+    "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors,"
+    "Qwen/Qwen-Image:text_encoder/model*.safetensors,"
+    "Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
+)
+SEED_TARGETS = "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1"
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``models/Qwen/Qwen-Image`` (tiny, random) and ``data/example_image_dataset``."""
+    from diffsplit.tiny import build_tiny_qwen_image, make_example_dataset
+
+    root = tmp_path_factory.mktemp("workspace")
+    build_tiny_qwen_image(root / "models" / "Qwen" / "Qwen-Image", seed=0, size="tiny")
+    make_example_dataset(root / "data" / "example_image_dataset")
+    return root
+
+
+@pytest.fixture
+def in_workspace(workspace: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Run from the workspace with the model base path pointing at its models; hashes kept per test."""
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DIFFSPLIT_MODEL_BASE_PATH", str(workspace / "models"))
+    monkeypatch.setenv("DIFFSPLIT_HASH_CACHE", str(tmp_path / "hashes.json"))
+    return workspace
+
+
+def train_args(output: Path | str, *extra: str, models: str = SEED_MODELS) -> list[str]:
+    """A short version of the seed's first command (small rank, few passes, no workers)."""
+    return [
+        "--dataset_base_path", "data/example_image_dataset",
+        "--dataset_metadata_path", "data/example_image_dataset/metadata.csv",
+        "--max_pixels", "4096",
+        "--dataset_repeat", "2",
+        "--model_id_with_origin_paths", models,
+        "--learning_rate", "1e-3",
+        "--num_epochs", "1",
+        "--output_path", str(output),
+        "--lora_base_model", "dit",
+        "--lora_target_modules", SEED_TARGETS,
+        "--lora_rank", "4",
+        *extra,
+    ]  # fmt: skip

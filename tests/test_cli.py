@@ -1,0 +1,135 @@
+"""The command line: the seed's command verbatim, and the error contract (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffsplit import cli
+from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "examples" / "qwen_image" / "model_training" / "train.py"
+
+SEED_FIRST_COMMAND = [
+    "--dataset_base_path", "data/example_image_dataset",
+    "--dataset_metadata_path", "data/example_image_dataset/metadata.csv",
+    "--max_pixels", "1048576",
+    "--dataset_repeat", "50",
+    "--model_id_with_origin_paths", SEED_MODELS,
+    "--learning_rate", "1e-4",
+    "--num_epochs", "5",
+    "--remove_prefix_in_ckpt", "pipe.dit.",
+    "--output_path", "./models/train/Qwen-Image_lora",
+    "--lora_base_model", "dit",
+    "--lora_target_modules", SEED_TARGETS,
+    "--lora_rank", "32",
+    "--use_gradient_checkpointing",
+    "--dataset_num_workers", "8",
+    "--find_unused_parameters",
+]  # fmt: skip
+
+
+def _run(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSPLIT_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["DIFFSPLIT_HASH_CACHE"] = str(cwd / "hashes.json")
+    command = (launcher or [sys.executable]) + [str(TRAIN_PY), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _fresh_workspace(workspace: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "fresh"
+    shutil.copytree(workspace / "models", root / "models")
+    shutil.copytree(workspace / "data", root / "data")
+    return root
+
+
+@pytest.mark.slow
+def test_seed_first_command_runs_verbatim_under_accelerate(workspace: Path, tmp_path: Path):
+    root = _fresh_workspace(workspace, tmp_path)
+    launcher = [shutil.which("accelerate") or "accelerate", "launch"]
+    result = _run(
+        SEED_FIRST_COMMAND + ["--dataset_repeat", "2", "--num_epochs", "1", "--lora_rank", "4"],
+        root,
+        launcher,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(root / "models/train/Qwen-Image_lora/epoch-0.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("pipe.dit.") for k in keys)
+    assert "notice: --remove_prefix_in_ckpt has no effect" in result.stderr
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_image_is_one_line_naming_row_and_path(workspace: Path, tmp_path: Path):
+    root = _fresh_workspace(workspace, tmp_path)
+    (root / "data/example_image_dataset/image_2.png").unlink()
+    result = _run(train_args(root / "out"), root)
+    _assert_one_error_line(result, "row 2", "image_2.png")
+
+
+def test_missing_model_names_the_path_and_the_variable(workspace: Path, tmp_path: Path):
+    root = tmp_path / "nomodels"
+    shutil.copytree(workspace / "data", root / "data")
+    result = _run(train_args(root / "out"), root)
+    line = _assert_one_error_line(result, "DIFFSPLIT_MODEL_BASE_PATH")
+    assert "models/Qwen/Qwen-Image" in line
+
+
+def test_wrong_flag_is_one_line(tmp_path: Path):
+    result = _run(["--lora_rnak", "4"], tmp_path)
+    _assert_one_error_line(result, "--lora_rnak")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        (lambda meta: meta.write_text("image,prompt\n"), ["metadata.csv", "no data rows"]),
+        (lambda meta: meta.write_text("image\nimage_1.png\n"), ["prompt"]),
+        (lambda meta: meta.write_text("image,prompt\nimage_1.png,\n"), ["row 1", "prompt"]),
+    ],
+)
+def test_bad_metadata_is_one_line(in_workspace, tmp_path, capsys, edit, needles):
+    meta = tmp_path / "metadata.csv"
+    edit(meta)
+    args = train_args(tmp_path / "out")
+    args[args.index("--dataset_metadata_path") + 1] = str(meta)
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1
+    for needle in needles:
+        assert needle in errors[0].lower() or needle in errors[0]
+
+
+def test_unknown_lora_target_is_one_line(in_workspace, tmp_path, capsys):
+    args = train_args(tmp_path / "out")
+    args[args.index("--lora_target_modules") + 1] = "to_q,to_kk"
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--lora_target_modules" in err and "to_kk" in err
+
+
+def test_nothing_to_train_is_refused(in_workspace, tmp_path, capsys):
+    args = train_args(tmp_path / "out")
+    i = args.index("--lora_base_model")
+    del args[i : i + 2]
+    assert cli.main(["train", *args]) == 2
+    assert "nothing to train" in capsys.readouterr().err
