@@ -1,7 +1,7 @@
 """The ``diffsplit`` command line.
 
 Subcommands: ``train`` (seed-compatible flags; also what ``examples/.../train.py`` runs), ``plan``,
-``demo``, ``make-tiny``, ``make-example-dataset``. A :class:`~diffsplit.errors.UserError` anywhere becomes
+``cache inspect|verify``, ``demo``, ``make-tiny``, ``make-example-dataset``. A :class:`~diffsplit.errors.UserError` anywhere becomes
 one line ``error: ...`` on stderr and exit status 2; any other exception is a bug and keeps its traceback.
 """
 
@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show how a training run would be split, with bytes per sample")
     add_train_arguments(plan)
+
+    cache = sub.add_parser("cache", help="look into a stage-1 cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_OneLineParser)
+    cache_sub.add_parser("inspect", help="status, samples, bytes, stored values").add_argument("folder")
+    cache_sub.add_parser(
+        "verify", help="checksums, completeness, orphan files (exit 1 on a problem)"
+    ).add_argument("folder")
 
     demo = sub.add_parser("demo", help="build a tiny model and dataset, then train a LoRA on them")
     demo.add_argument("--workdir", default="diffsplit-demo", help="where the model, data and results go")
@@ -66,6 +73,17 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         path = make_example_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
         print(f"wrote {args.num_images} images and metadata.csv to {path}")
         return 0
+    if args.command == "cache":
+        from diffsplit import cache
+
+        if args.cache_command == "inspect":
+            print(cache.inspect(args.folder))
+            return 0
+        problems = cache.verify(args.folder)
+        for problem in problems:
+            print(f"problem: {problem}")
+        print(f"{args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
     if args.command == "demo":
         from diffsplit.demo import run_demo
 

@@ -64,6 +64,11 @@ class TrainConfig:
     save_state_steps: int | None = None
     resume_from_state: str | None = None
     enable_tensorboard_log: bool = False
+    # split training
+    cache_dir: str | None = None
+    overwrite_cache: bool = False
+    data_process_batch_size: int = 1
+    cache_shard_size: int = 64
     # which flags the user actually gave (for notices about flags with no effect)
     given: tuple[str, ...] = field(default=(), repr=False)
 
@@ -175,6 +180,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state_steps", type=_positive(int), help="save a resumable state every n steps")
     g.add_argument("--resume_from_state", help="resume exactly from a state folder")
     g.add_argument("--enable_tensorboard_log", action="store_true")
+    g = parser.add_argument_group("split training")
+    g.add_argument(
+        "--cache_dir",
+        help="with --task sft: cache stage 1 under this folder (one per fingerprint), then train",
+    )
+    g.add_argument(
+        "--overwrite_cache", action="store_true", help="stage 1: replace a cache made for other inputs"
+    )
+    g.add_argument(
+        "--data_process_batch_size",
+        type=_positive(int),
+        default=d.data_process_batch_size,
+        help="stage 1: samples encoded together where their shapes match",
+    )
+    g.add_argument(
+        "--cache_shard_size",
+        type=_positive(int),
+        default=d.cache_shard_size,
+        help="stage 1: samples per cache shard (a kill loses at most one shard of work)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:

@@ -1,34 +1,62 @@
-"""Entry points of a run: unsplit training, stage 1, stage 2, and the plan printout.
+"""Entry points of a run: unsplit training, stage 1, stage 2, automatic mode, and the plan printout.
 
 Data flows one way: config -> family (units, component names) -> plan -> this module -> training loop or
 cache. Only the components the plan's stages run are ever constructed.
+
+- ``--task sft``: unsplit; every unit runs every step (the static ones under no_grad). With
+  ``--cache_dir DIR`` it is automatic: stage 1 into ``DIR/<fingerprint>`` if needed, then stage 2.
+- ``--task sft:data_process``: stage 1 into ``--output_path``.
+- ``--task sft:train``: stage 2 from the cache at ``--dataset_base_path``.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from diffsplit import data
+from diffsplit import cache, data
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
-from diffsplit.families.qwen_image import FAMILY
+from diffsplit.families.qwen_image import FAMILY, scheduler_from_constants
 from diffsplit.split import SplitPlan, plan_split
+from diffsplit.stage1 import UNITS_VERSION, existing_identity, probe_sizes, write_cache
 from diffsplit.training import StepPlan, make_accelerator, prepare_trainable, run_training
 
-# Flags that change nothing in a given task, with the reason shown in the notice.
-_INERT = {
-    "remove_prefix_in_ckpt": "saved LoRA keys never carry a prefix (they are 'diffusion_model.<module>')",
+_NO_PREFIX = "saved LoRA keys never carry a prefix (they are 'diffusion_model.<module>')"
+_TRAINING_ONLY = (
+    "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps lr_scheduler "
+    "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
+    "lora_target_modules lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
+    "remove_prefix_in_ckpt"
+).split()
+_STAGE2_INERT = "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache cache_shard_size".split()
+
+# Flags that change nothing in a task, with the reason the notice gives.
+INERT_FLAGS: dict[str, dict[str, str]] = {
+    "sft": {"remove_prefix_in_ckpt": _NO_PREFIX, "overwrite_cache": "only stage 1 writes a cache"},
+    "sft:data_process": {flag: "stage 1 trains nothing" for flag in _TRAINING_ONLY},
+    "sft:train": {
+        **{flag: "stage 2 reads the cache, not the raw data" for flag in _STAGE2_INERT},
+        "remove_prefix_in_ckpt": _NO_PREFIX,
+    },
 }
 
 
 def notice(message: str) -> None:
     print(f"notice: {message}", file=sys.stderr)
+
+
+def print_notices(config: TrainConfig) -> None:
+    for flag, why in INERT_FLAGS.get(config.task, {}).items():
+        if flag in config.given:
+            notice(f"--{flag} has no effect in --task {config.task}: {why}")
 
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -55,8 +83,7 @@ def build_plan(config: TrainConfig, value_bytes: dict[str, int] | None = None) -
     if unknown:
         flag = "--lora_base_model" if unknown[0] in config.lora_base_models else "--trainable_models"
         raise UserError(
-            f"{flag}: '{unknown[0]}' is not a component of {FAMILY.name} "
-            f"(it has: {', '.join(FAMILY.components)})"
+            f"{flag}: '{unknown[0]}' is not a component of {FAMILY.name} (it has: {', '.join(FAMILY.components)})"
         )
     return plan_split(
         FAMILY.units(options),
@@ -68,14 +95,14 @@ def build_plan(config: TrainConfig, value_bytes: dict[str, int] | None = None) -
     )
 
 
-def load_dataset(config: TrainConfig, required: tuple[str, ...]) -> list[data.Sample]:
+def load_dataset(config: TrainConfig) -> list[data.Sample]:
     if not config.dataset_base_path:
         raise UserError("--dataset_base_path is required")
     samples, skipped = data.load_samples(
         config.dataset_base_path,
         config.dataset_metadata_path,
         data_file_keys=data.parse_data_file_keys(config.data_file_keys),
-        required=required,
+        required=FAMILY.dataset_values,
         max_pixels=config.max_pixels,
         height=config.height,
         width=config.width,
@@ -98,44 +125,189 @@ def open_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
     )
 
 
-def print_notices(config: TrainConfig) -> None:
-    for flag, why in _INERT.items():
-        if flag in config.given:
-            notice(f"--{flag} has no effect: {why}")
+def preprocessing(config: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The arguments that change what stage 1 computes."""
+    return {
+        "max_pixels": None if config.height else config.max_pixels,
+        "height": config.height,
+        "width": config.width,
+        "latent_sample": config.latent_sample,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
+def base_identity(config: TrainConfig, models: Any, plan: SplitPlan, dtype: torch.dtype) -> dict[str, Any]:
+    """Identity of a cache before probing: enough to name its folder in automatic mode."""
+    return {
+        "family": FAMILY.name,
+        "units_version": UNITS_VERSION,
+        "preprocessing": preprocessing(config, dtype),
+        "trainable_models": sorted(plan.trainable_models),
+        "models": models.identity(plan.stage1_models),
+    }
+
+
+# -- unsplit ------------------------------------------------------------------------------------------------
 def train_unsplit(config: TrainConfig) -> dict[str, Any]:
     """``--task sft`` without a cache: every unit runs every step (the static ones under no_grad)."""
-    print_notices(config)
     accelerator = make_accelerator(config)
     torch.manual_seed(config.seed)
     dtype = resolve_dtype(config, accelerator.device)
     plan = build_plan(config)
-    samples = load_dataset(config, FAMILY.dataset_values)
+    samples = load_dataset(config)
     models = open_models(config, accelerator.device, dtype)
     models.require(plan.stage1_models + plan.stage2_models, flag="--model_id_with_origin_paths")
     trained = prepare_trainable(config, models)
     graph = plan.graph
-    step_plan = StepPlan(graph, plan.stage1, plan.stage2, FAMILY.loss_reads(family_options(config)))
 
     def load(index: int) -> dict:
-        return {
-            graph.dataset_key(k): v
-            for k, v in data.load_values(samples[index]).items()
-            if k in FAMILY.dataset_values
-        }
+        values = data.load_values(samples[index])
+        return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
 
-    _write_args(config)
-    summary = run_training(
-        config,
-        accelerator,
-        step_plan,
+    step_plan = StepPlan(graph, plan.stage1, plan.stage2, FAMILY.loss_reads(family_options(config)))
+    return _train(config, accelerator, step_plan, models, trained, [s.id for s in samples], load, dtype)
+
+
+# -- stage 1 ------------------------------------------------------------------------------------------------
+def _stage1(
+    config: TrainConfig,
+    folder: Path,
+    models: Any,
+    samples: list[data.Sample],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[SplitPlan, dict[str, Any]]:
+    """Plan with probed sizes, then encode the samples the cache at ``folder`` lacks."""
+    base = build_plan(config)
+    models.require(base.stage1_models, flag="--model_id_with_origin_paths")
+    options = family_options(config)
+    identity = base_identity(config, models, base, dtype)
+    previous = existing_identity(folder)
+    reuse = not config.overwrite_cache and all(previous.get(k) == v for k, v in identity.items())
+    sizes = previous.get("value_bytes") if reuse else None
+    if sizes is None:
+        probe = min(samples, key=lambda s: s.id)
+        sizes = probe_sizes(base, models, options, probe, dtype)
+    constants = previous.get("constants") if reuse else None
+    if constants is None:
+        constants = FAMILY.constants(models)
+    plan = build_plan(config, value_bytes=sizes)
+    identity.update(plan=plan.to_dict(), value_bytes=sizes, constants=constants, values=_value_specs(plan))
+    summary = write_cache(
+        folder,
+        identity,
+        plan,
+        samples,
         models,
-        trained,
-        [s.id for s in samples],
-        load,
-        family_options(config),
+        options,
+        device,
         dtype,
+        overwrite=config.overwrite_cache,
+        num_workers=config.dataset_num_workers,
+        shard_samples=config.cache_shard_size,
+    )
+    return plan, summary
+
+
+def _value_specs(plan: SplitPlan) -> dict[str, Any]:
+    return {e.key: {"bytes_per_sample": e.bytes, "read_by": list(e.read_by)} for e in plan.cache_entries}
+
+
+def data_process(config: TrainConfig) -> dict[str, Any]:
+    """``--task sft:data_process``: stage 1 into ``--output_path``."""
+    if config.dataset_repeat > 1:
+        notice(
+            f"--dataset_repeat {config.dataset_repeat} is treated as 1 in stage 1: each sample is encoded once"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(config, device)
+    samples = load_dataset(config)
+    models = open_models(config, device, dtype)
+    plan, summary = _stage1(config, Path(config.output_path), models, samples, device, dtype)
+    print(f"cache at {config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}")
+    return summary
+
+
+# -- stage 2 ------------------------------------------------------------------------------------------------
+def _check_cache(config: TrainConfig, reader: cache.CacheReader, dtype: torch.dtype, where: str) -> SplitPlan:
+    """Recompute the plan from this run's arguments; refuse a cache made for another one."""
+    identity = reader.identity
+    plan = build_plan(config, value_bytes=identity.get("value_bytes"))
+    expected = {
+        "family": FAMILY.name,
+        "units_version": UNITS_VERSION,
+        "preprocessing": preprocessing(config, dtype),
+        "trainable_models": sorted(plan.trainable_models),
+        "plan": plan.to_dict(),
+    }
+    cache.check_identity(identity, expected, list(expected), where)
+    return plan
+
+
+def train_from_cache(
+    config: TrainConfig, folder: Path, models: Any = None, sample_ids: list[str] | None = None
+) -> dict[str, Any]:
+    """Stage 2: train from the cache at ``folder`` (only the samples ``sample_ids`` when given)."""
+    accelerator = make_accelerator(config)
+    torch.manual_seed(config.seed)
+    dtype = resolve_dtype(config, accelerator.device)
+    reader = cache.CacheReader(folder)
+    plan = _check_cache(config, reader, dtype, str(folder))
+    if models is None:
+        models = open_models(config, accelerator.device, dtype)
+    models.require(
+        [m for m in plan.stage2_models if m != "scheduler"],
+        flag="--model_id_with_origin_paths",
+    )
+    # The scheduler comes from the cache's constants, so stage 2 needs nothing of the frozen repository.
+    components = _WithOverrides(models, {"scheduler": scheduler_from_constants(reader.identity["constants"])})
+    trained = prepare_trainable(config, components)
+    ids = reader.sample_ids if sample_ids is None else sample_ids
+
+    def load(index: int) -> dict:
+        return reader.load_id(ids[index])
+
+    step_plan = StepPlan(plan.graph, [], plan.stage2, FAMILY.loss_reads(family_options(config)))
+    return _train(config, accelerator, step_plan, components, trained, ids, load, dtype)
+
+
+# -- automatic ----------------------------------------------------------------------------------------------
+def train_auto(config: TrainConfig) -> dict[str, Any]:
+    """``--task sft --cache_dir DIR``: stage 1 if DIR lacks these samples, free the frozen models, stage 2."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(config, device)
+    samples = load_dataset(config)
+    models = open_models(config, device, dtype)
+    base = build_plan(config)
+    models.require(base.stage1_models + base.stage2_models, flag="--model_id_with_origin_paths")
+    key = cache.fingerprint(base_identity(config, models, base, dtype))[:16]
+    folder = Path(config.cache_dir) / key
+    started = time.perf_counter()
+    _, summary1 = _stage1(config, folder, models, samples, device, dtype)
+    stage1_seconds = time.perf_counter() - started
+    stage1_rss = _peak_rss_mib()
+    for name in base.stage1_models:
+        if name not in base.stage2_models:
+            models.release(name)
+    summary = train_from_cache(config, folder, models=models, sample_ids=sorted(s.id for s in samples))
+    summary.update(
+        cache_folder=folder,
+        stage1=summary1,
+        stage1_seconds=stage1_seconds,
+        stage1_peak_rss_mib=stage1_rss,
+        cache_bytes=_folder_bytes(folder),
+        peak_rss_mib=_peak_rss_mib(),
+    )
+    return summary
+
+
+# -- shared -------------------------------------------------------------------------------------------------
+def _train(config, accelerator, step_plan, components, trained, ids, load, dtype) -> dict[str, Any]:
+    out = Path(config.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_args.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    summary = run_training(
+        config, accelerator, step_plan, components, trained, ids, load, family_options(config), dtype
     )
     if accelerator.is_main_process:
         print(
@@ -146,17 +318,63 @@ def train_unsplit(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+class _WithOverrides(dict):
+    """Components: the model set, with some names answered by ready-made objects."""
+
+    def __init__(self, models: Any, overrides: dict[str, Any]):
+        super().__init__(overrides)
+        self.models = models
+
+    def __missing__(self, name: str) -> Any:
+        return self.models[name]
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self.models
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
+    print_notices(config)
     if config.task == "sft":
+        if config.cache_dir:
+            return train_auto(config)
         return train_unsplit(config)
-    raise UserError(f"--task {config.task} is not available yet")
+    if config.task == "sft:data_process":
+        return data_process(config)
+    if config.task == "sft:train":
+        if config.dataset_metadata_path:
+            raise UserError(
+                "--task sft:train reads the cache at --dataset_base_path; remove --dataset_metadata_path"
+            )
+        if not config.dataset_base_path:
+            raise UserError("--task sft:train needs --dataset_base_path (the stage-1 cache folder)")
+        return train_from_cache(config, Path(config.dataset_base_path))
+    raise UserError(f"--task {config.task} is not supported")
 
 
 def plan_text(config: TrainConfig) -> str:
-    return build_plan(config).explain()
-
-
-def _write_args(config: TrainConfig) -> None:
-    out = Path(config.output_path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "training_args.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    """The plan with bytes per sample from one probe sample and the projected cache size."""
+    device = torch.device("cpu")
+    dtype = resolve_dtype(config, device)
+    base = build_plan(config)
+    if not config.dataset_base_path:
+        return base.explain() + "\n\n(give --dataset_base_path to see bytes per sample)"
+    samples = load_dataset(config)
+    models = open_models(config, device, dtype)
+    models.require(base.stage1_models, flag="--model_id_with_origin_paths")
+    probe = min(samples, key=lambda s: s.id)
+    sizes = probe_sizes(base, models, family_options(config), probe, dtype)
+    plan = build_plan(config, value_bytes=sizes)
+    per_sample = plan.cache_bytes or 0
+    return (
+        plan.explain()
+        + f"\n\nbytes per sample from probe sample row {probe.row}; projected cache for {len(samples)} samples: "
+        + f"{per_sample * len(samples)} bytes ({per_sample * len(samples) / 2**20:.1f} MiB) plus shard indexes"
+    )

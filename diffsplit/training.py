@@ -245,7 +245,10 @@ def run_training(
             loader = accelerator.skip_first_batches(loader, skip)
         for item_index, item in enumerate(loader, start=skip):
             with accelerator.accumulate(*wrapped.values()):
-                env = dict(item["values"])
+                env = {
+                    k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in item["values"].items()
+                }
                 item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
                 with torch.no_grad():
                     graph.run(step_plan.frozen_units, env, item_context)

@@ -133,3 +133,27 @@ def test_nothing_to_train_is_refused(in_workspace, tmp_path, capsys):
     del args[i : i + 2]
     assert cli.main(["train", *args]) == 2
     assert "nothing to train" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_seed_split_commands_run_verbatim(workspace: Path, tmp_path: Path):
+    """The seed's stage-1 and stage-2 commands (the example script), then the same LoRA as unsplit."""
+    root = _fresh_workspace(workspace, tmp_path)
+    (root / "examples").symlink_to(REPO / "examples")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSPLIT_")}
+    env.update(PYTHONPATH=str(REPO), DIFFSPLIT_HASH_CACHE=str(root / "hashes.json"))
+    script = "examples/qwen_image/model_training/special/split_training/Qwen-Image-LoRA.sh"
+    result = subprocess.run(
+        ["bash", script, "--num_epochs", "1", "--lora_rank", "4"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache = root / "models/train/Qwen-Image-LoRA-splited-cache"
+    assert (cache / "manifest.json").is_file()
+    from safetensors.torch import load_file
+
+    weights = load_file(root / "models/train/Qwen-Image-LoRA-splited/epoch-0.safetensors")
+    assert weights and not any(k.startswith("pipe.dit.") for k in weights)
+    steps = (root / "models/train/Qwen-Image-LoRA-splited/loss.csv").read_text().strip().splitlines()
+    assert len(steps) == 1 + 4 * 50  # header + dataset_repeat 50 over 4 samples
+    assert "--dataset_repeat 1" not in result.stderr  # stage 1 was given 1: no notice needed

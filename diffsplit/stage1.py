@@ -1,0 +1,152 @@
+"""Stage 1: run the plan's static units once per sample and store what stage 2 reads.
+
+The cache's *identity* (family, plan, preprocessing arguments, the frozen models' file hashes, the units'
+version, the constants stage 2 needs) is what decides whether an existing cache may be reused; see
+:mod:`diffsplit.cache` for how it is stored and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffsplit import cache, data
+from diffsplit.families.base import UnitContext
+from diffsplit.split import SplitPlan
+
+UNITS_VERSION = "qwen-image-units-1"
+"""Bump when a unit's computation changes, so caches made by older units are refused."""
+
+
+def value_size(value: Any) -> int:
+    """Bytes one value takes in the cache (tensors: raw bytes; images: raw RGB; the rest: its JSON)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if hasattr(value, "width") and hasattr(value, "height") and hasattr(value, "mode"):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(json.dumps(value, default=str))
+
+
+def probe_sizes(
+    plan: SplitPlan, components: Mapping[str, Any], options: Any, sample: data.Sample, dtype: torch.dtype
+) -> dict[str, int]:
+    """Bytes per sample of every value the static units make (and the dataset's), from one sample."""
+    graph = plan.graph
+    env = {graph.dataset_key(k): v for k, v in data.load_values(sample).items() if k in graph.dataset_values}
+    with torch.no_grad():
+        graph.run(
+            plan.stage1, env, lambda unit: UnitContext(components, options, None, torch.device("cpu"), dtype)
+        )
+    return {key: value_size(value) for key, value in env.items()}
+
+
+def existing_identity(folder: Path) -> dict[str, Any]:
+    """The identity an existing cache recorded ({} if none).
+
+    A resumed or extended cache reuses its probe sizes (so its plan stays the same whichever sample is
+    probed) and its constants (so no frozen model is loaded when every sample is already cached); the
+    writer still compares everything else, the frozen models' hashes included.
+    """
+    manifest = folder / cache.MANIFEST
+    if not manifest.is_file():
+        return {}
+    try:
+        identity = json.loads(manifest.read_text())["identity"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return identity if isinstance(identity, dict) else {}
+
+
+def split_values(
+    env: Mapping[str, Any], keys: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The cached keys of ``env``, tensors (to the CPU) apart from JSON values."""
+    tensors, values = {}, {}
+    for key in keys:
+        value = env[key]
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().to("cpu").contiguous()
+        else:
+            values[key] = value
+    return tensors, values
+
+
+def write_cache(
+    folder: Path,
+    identity: dict[str, Any],
+    plan: SplitPlan,
+    samples: Sequence[data.Sample],
+    components: Mapping[str, Any],
+    options: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    writer_id: str = "r0",
+    shard_samples: int = 64,
+    finalize: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
+
+    Samples are visited in id order and keyed by id, so a rerun after a kill skips finished samples and
+    adding rows to the metadata encodes only the new ones.
+    """
+    writer = cache.CacheWriter(
+        folder, identity, writer_id=writer_id, shard_samples=shard_samples, overwrite=overwrite
+    )
+    done = writer.done_ids()
+    todo = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
+    graph = plan.graph
+    keys = sorted(plan.cached)
+    started = time.perf_counter()
+    if todo:
+        ids = [s.id for s in todo]
+
+        def load(index: int) -> dict:
+            values = data.load_values(todo[index])
+            return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
+
+        loader = torch.utils.data.DataLoader(_Rows(ids, load), batch_size=None, num_workers=num_workers)
+        context = UnitContext(components, options, None, device, dtype)
+        progress = tqdm(total=len(todo), desc="stage 1", unit="sample", disable=not show_progress)
+        for index, item in enumerate(loader):
+            env = dict(item["values"])
+            with torch.no_grad():
+                graph.run(plan.stage1, env, lambda unit: context)
+            tensors, values = split_values(env, keys)
+            writer.add(item["id"], todo[index].row, tensors, values)
+            progress.update(1)
+        progress.close()
+    writer.close(complete=finalize)
+    seconds = time.perf_counter() - started
+    if todo and show_progress:
+        print(
+            f"stage 1: encoded {len(todo)} samples in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} samples/s), "
+            f"{len(done)} already cached",
+            file=sys.stderr,
+        )
+    return {"encoded": len(todo), "reused": len(done), "seconds": seconds}
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Samples in a fixed order; workers decode the images while the main process encodes."""
+
+    def __init__(self, ids: Sequence[str], load: Any):
+        self.ids, self.load = ids, load
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": self.ids[index], "values": self.load(index)}
