@@ -94,13 +94,16 @@ def write_cache(
     num_workers: int = 0,
     writer_id: str = "r0",
     shard_samples: int = 64,
+    batch_size: int = 1,
+    batch_key: Any = None,
     finalize: bool = True,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
 
     Samples are visited in id order and keyed by id, so a rerun after a kill skips finished samples and
-    adding rows to the metadata encodes only the new ones.
+    adding rows to the metadata encodes only the new ones. With ``batch_size > 1``, samples whose
+    ``batch_key(values, components, options)`` are equal are encoded together (in id order within a key).
     """
     writer = cache.CacheWriter(
         folder, identity, writer_id=writer_id, shard_samples=shard_samples, overwrite=overwrite
@@ -111,22 +114,31 @@ def write_cache(
     keys = sorted(plan.cached)
     started = time.perf_counter()
     if todo:
-        ids = [s.id for s in todo]
+        batches = _batches(todo, batch_size, batch_key, components, options, graph)
 
         def load(index: int) -> dict:
-            values = data.load_values(todo[index])
-            return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
+            batch = [data.load_values(todo[i]) for i in batches[index]]
+            if len(batch) == 1:
+                return {graph.dataset_key(k): v for k, v in batch[0].items() if k in graph.dataset_values}
+            return {
+                graph.dataset_key(k): [b[k] for b in batch] for k in batch[0] if k in graph.dataset_values
+            }
 
-        loader = torch.utils.data.DataLoader(_Rows(ids, load), batch_size=None, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(
+            _Rows(list(range(len(batches))), load), batch_size=None, num_workers=num_workers
+        )
         context = UnitContext(components, options, None, device, dtype)
         progress = tqdm(total=len(todo), desc="stage 1", unit="sample", disable=not show_progress)
-        for index, item in enumerate(loader):
+        for item in loader:
+            members = batches[item["id"]]
             env = dict(item["values"])
             with torch.no_grad():
                 graph.run(plan.stage1, env, lambda unit: context)
-            tensors, values = split_values(env, keys)
-            writer.add(item["id"], todo[index].row, tensors, values)
-            progress.update(1)
+            for position, index in enumerate(members):
+                one = _one_sample(env, keys, position, len(members))
+                tensors, values = split_values(one, keys)
+                writer.add(todo[index].id, todo[index].row, tensors, values)
+            progress.update(len(members))
         progress.close()
     writer.close(complete=finalize)
     seconds = time.perf_counter() - started
@@ -150,3 +162,35 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"id": self.ids[index], "values": self.load(index)}
+
+
+def _batches(
+    todo: Sequence[data.Sample], batch_size: int, batch_key: Any, components: Any, options: Any, graph: Any
+) -> list[list[int]]:
+    """Indices of ``todo`` grouped into batches of samples that may share one forward pass."""
+    if batch_size <= 1 or batch_key is None:
+        return [[i] for i in range(len(todo))]
+    groups: dict[Any, list[int]] = {}
+    for i, sample in enumerate(todo):
+        values = data.load_values(sample)
+        groups.setdefault(batch_key(values, components, options), []).append(i)
+    batches = [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: b[0])
+
+
+def _one_sample(env: Mapping[str, Any], keys: Sequence[str], position: int, size: int) -> dict[str, Any]:
+    """Sample ``position`` of a batch: tensors sliced on dim 0 (kept as batch 1), per-sample lists indexed."""
+    if size == 1:
+        return {k: env[k] for k in keys}
+    out = {}
+    for key in keys:
+        value = env[key]
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value[position : position + 1]
+        elif isinstance(value, list) and len(value) == size:
+            out[key] = value[position]
+        else:
+            raise ValueError(
+                f"cached value '{key}' has no batch dimension of {size}; use --data_process_batch_size 1"
+            )
+    return out

@@ -205,6 +205,8 @@ def _stage1(
         overwrite=config.overwrite_cache,
         num_workers=config.dataset_num_workers,
         shard_samples=config.cache_shard_size,
+        batch_size=config.data_process_batch_size,
+        batch_key=FAMILY.batch_key,
     )
     return plan, summary
 

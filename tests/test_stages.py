@@ -270,3 +270,67 @@ def test_automatic_mode_caches_once_and_reuses(in_workspace, tmp_path, capsys, m
         load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
         load_file(tmp_path / "auto" / "epoch-0.safetensors"),
     )
+
+
+def _same_shape_dataset(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = ["image,prompt"]
+    for i in range(n):
+        Image.new("RGB", (64, 48), (40 * i % 255, 90, 160)).save(folder / f"img{i}.png")
+        rows.append(f"img{i}.png,a red square number {i}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_batched_stage1_matches_batch_one(in_workspace, tmp_path, monkeypatch):
+    data_dir = _same_shape_dataset(tmp_path / "same", 4)
+    sizes: list[int] = []
+    original = stage1._batches
+
+    def spy(*args, **kwargs):
+        batches = original(*args, **kwargs)
+        sizes.extend(len(b) for b in batches)
+        return batches
+
+    monkeypatch.setattr(stage1, "_batches", spy)
+    common = ("--dataset_base_path", str(data_dir), "--dataset_metadata_path", str(data_dir / "metadata.csv"))
+    assert cli.main(["train", *stage1_args(tmp_path / "b1", *common)]) == 0
+    assert sizes == [1, 1, 1, 1]
+    sizes.clear()
+    assert cli.main(["train", *stage1_args(tmp_path / "b4", *common, "--data_process_batch_size", "4")]) == 0
+    assert sizes == [4]
+    from diffsplit.cache import CacheReader
+
+    one, four = CacheReader(tmp_path / "b1"), CacheReader(tmp_path / "b4")
+    assert one.sample_ids == four.sample_ids
+    for sample_id in one.sample_ids:
+        a, b = one.load_id(sample_id), four.load_id(sample_id)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_added_rows_are_the_only_ones_encoded(in_workspace, tmp_path, capsys):
+    data_dir = _same_shape_dataset(tmp_path / "grow", 3)
+    common = ("--dataset_base_path", str(data_dir), "--dataset_metadata_path", str(data_dir / "metadata.csv"))
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *common)]) == 0
+    assert "encoded 3 samples" in capsys.readouterr().err
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(data_dir / "new.png")
+    with open(data_dir / "metadata.csv", "a") as f:
+        f.write("new.png,a blue circle number 9\n")
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *common)]) == 0
+    err = capsys.readouterr().err
+    assert "encoded 1 samples" in err and "3 already cached" in err
+    from diffsplit.cache import CacheReader
+
+    assert len(CacheReader(tmp_path / "cache")) == 4
+
+
+def test_plan_shows_bytes_and_projected_size(in_workspace, capsys):
+    assert cli.main(["plan", *train_args("unused")]) == 0
+    text = capsys.readouterr().out
+    assert "projected cache for 4 samples" in text
+    assert "light, recomputed: saves" in text and "bytes/sample" in text

@@ -388,6 +388,26 @@ class QwenImageFamily:
     components = ("tokenizer", "text_encoder", "vae", "dit", "scheduler")
     dataset_values = ("image", "prompt")
 
+    def batch_key(self, values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
+        """Samples with equal keys can share a stage-1 batch without changing any cached value.
+
+        The image's target size (so pixels stack) and the templated prompt's token count (so no prompt is
+        padded: padding would change the cached embeddings' shapes).
+        """
+        from diffsplit.data import target_size
+
+        image = values["image"]
+        max_pixels = getattr(options, "max_pixels", None)
+        height, width = getattr(options, "height", None), getattr(options, "width", None)
+        if max_pixels is None and height is None:
+            max_pixels = DEFAULT_MAX_PIXELS
+        size = target_size(image.width, image.height, max_pixels, height, width)
+        template, drop_idx, max_length = prompt_template()
+        ids = components["tokenizer"](
+            template.format(values["prompt"]), max_length=max_length + drop_idx, truncation=True
+        )
+        return (size, len(ids["input_ids"]))
+
     def units(self, options: Any) -> list[Unit]:
         """The units of one SFT step, in execution order (see the module docstring)."""
         latent_sample = getattr(options, "latent_sample", None) or "mode"
