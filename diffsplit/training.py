@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -95,8 +96,21 @@ class StepPlan:
     loss_reads: tuple[str, ...]
 
 
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)
+    if config.enable_tensorboard_log and not tensorboard_available():
+        print(
+            "notice: --enable_tensorboard_log has no effect: tensorboard is not installed "
+            "(pip install tensorboard); losses still go to loss.csv",
+            file=sys.stderr,
+        )
+        config.enable_tensorboard_log = False
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[ddp],

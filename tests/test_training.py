@@ -179,3 +179,22 @@ def test_plan_prints_the_split(in_workspace: Path, capsys: pytest.CaptureFixture
     text = capsys.readouterr().out
     assert "encode_image" in text and "runs trainable model 'dit'" in text
     assert "stage 2 loads: scheduler, dit" in text or "stage 2 loads: dit" in text
+
+
+def test_lora_checkpoint_continues_from_a_file(in_workspace: Path, tmp_path: Path):
+    first = train(tmp_path / "first", "--max_train_steps", "4")
+    # zero learning-rate continuation: the weights must be exactly the file's
+    again = train(
+        tmp_path / "again", "--max_train_steps", "1", "--learning_rate", "1e-30", "--weight_decay", "0",
+        "--lora_checkpoint", str(tmp_path / "first" / "epoch-0.safetensors"),
+    )  # fmt: skip
+    for key in first:
+        torch.testing.assert_close(first[key], again[key], rtol=0, atol=1e-12)
+
+
+def test_tensorboard_flag_without_tensorboard_is_a_notice(in_workspace, tmp_path, capsys, monkeypatch):
+    from diffsplit import training
+
+    monkeypatch.setattr(training, "tensorboard_available", lambda: False)
+    train(tmp_path / "tb", "--enable_tensorboard_log", "--max_train_steps", "1")
+    assert "notice: --enable_tensorboard_log has no effect" in capsys.readouterr().err

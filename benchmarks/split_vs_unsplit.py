@@ -1,0 +1,483 @@
+"""Split vs unsplit training on the ``proportioned`` tiny Qwen-Image: step times, stage-1 throughput, memory, cache.
+
+Usage::
+
+    python benchmarks/split_vs_unsplit.py [--size proportioned|tiny] [--resolution 512] [--samples 8]
+        [--steps 10] [--workers auto|N] [--workdir ./bench-work] [--use_gradient_checkpointing]
+
+It builds (once, under ``--workdir``) the tiny model and a dataset of same-size square images whose prompts
+all tokenize to the same length (so stage 1 can batch them), then runs every measurement in its own
+subprocess (``python this_script.py _child <kind> ...``), so each peak RSS belongs to one configuration:
+
+* unsplit ``--task sft`` and stage-2 ``--task sft:train`` run ``diffsplit.cli.main(["train", ...])``
+  unchanged; the child only wraps ``diffsplit.training.flow_matching_loss`` to record the time of every
+  step's loss. Step time = median interval between consecutive steps, the first two steps excluded.
+* the denoiser-only limit: the stage-2 units of the same plan (``plan.graph.run(plan.stage2, ...)``), the
+  same LoRA (``training.prepare_trainable``), loss, backward, clipping and AdamW on one sample's cached
+  values held in memory; no data loading, no accelerate.
+* stage 1 at ``--data_process_batch_size`` 1 and 4: samples/s from the stage-1 writer's own timing
+  (model loading and hashing excluded).
+
+Nothing in the package is changed; the script only drives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL_ID = "Qwen/Qwen-Image"
+DIT = f"{MODEL_ID}:transformer/diffusion_pytorch_model*.safetensors"
+TEXT_ENCODER = f"{MODEL_ID}:text_encoder/model*.safetensors"
+VAE = f"{MODEL_ID}:vae/diffusion_pytorch_model.safetensors"
+SEED_TARGETS = (
+    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
+    "txt_mlp.net.2,txt_mod.1"
+)
+WARMUP_STEPS = 2  # steps excluded from every step-time median
+TRIAL_STEPS = 6  # steps of each --workers auto trial
+BATCHED = 4  # the batched stage-1 size
+MARK = "BENCH "  # prefix of the one JSON line a child prints on stdout
+
+# Single-token words of the tiny tokenizer's corpus (and whole words for a real BPE): every prompt
+# "a <colour> <shape> on a <colour> background" has the same token count.
+_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "brown")
+_SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle", "ellipse")
+
+
+# -- setup ----------------------------------------------------------------------------------------------------
+def build_model(workdir: Path, size: str) -> Path:
+    """``<workdir>/models/Qwen/Qwen-Image`` of ``size``, built if absent."""
+    models = workdir / "models"
+    folder = models / MODEL_ID
+    marker = models / "bench-size.txt"
+    if folder.is_dir() and any(folder.iterdir()):
+        built = marker.read_text().strip() if marker.is_file() else "unknown"
+        if built != size:
+            sys.exit(f"error: {folder} holds a '{built}' model, not '{size}': use another --workdir")
+        return folder
+    from diffsplit.tiny import build_tiny_qwen_image
+
+    print(f"building a {size} Qwen-Image at {folder} ...", flush=True)
+    build_tiny_qwen_image(folder, seed=0, size=size)
+    marker.write_text(size + "\n")
+    return folder
+
+
+def build_dataset(workdir: Path, resolution: int, samples: int) -> Path:
+    """``samples`` PNGs of exactly ``resolution`` x ``resolution`` (seeded noise and a shape) + metadata.csv."""
+    from PIL import Image, ImageDraw
+
+    folder = workdir / f"data-{resolution}px-{samples}"
+    if (folder / "metadata.csv").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(samples):
+        rng = random.Random(i)
+        small = resolution // 8
+        image = Image.frombytes("RGB", (small, small), rng.randbytes(small * small * 3))
+        image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+        noise = Image.frombytes("RGB", (resolution, resolution), rng.randbytes(resolution * resolution * 3))
+        image = Image.blend(image, noise, 0.25)
+        fg, bg = _COLOURS[i % len(_COLOURS)], _COLOURS[(i // len(_COLOURS) + i + 3) % len(_COLOURS)]
+        shape = _SHAPES[(i // 2) % len(_SHAPES)]
+        c, r = resolution // 2 + rng.randint(-resolution // 8, resolution // 8), resolution // 4
+        ImageDraw.Draw(image).ellipse((c - r, c - r, c + r, c + r), fill=fg, outline=bg, width=max(1, r // 8))
+        name = f"image_{i:04d}.png"
+        image.save(folder / name)
+        rows.append(f"{name},a {fg} {shape} on a {bg} background")
+    (folder / "metadata.csv").write_text("image,prompt\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def check_prompt_lengths(model: Path, dataset: Path) -> str:
+    """'' when every prompt has the same token count, else a warning."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model / "tokenizer"))
+    with open(dataset / "metadata.csv", newline="") as f:
+        lengths = {len(tokenizer(row["prompt"])["input_ids"]) for row in csv.DictReader(f)}
+    return "" if len(lengths) == 1 else f"prompts tokenize to different lengths {sorted(lengths)}"
+
+
+# -- children -------------------------------------------------------------------------------------------------
+def run_child(kind: str, args: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
+    """Run ``kind`` in a fresh interpreter; returns its BENCH record plus rc, wall seconds and stderr tail."""
+    command = [sys.executable, str(Path(__file__).resolve()), "_child", kind, *args]
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"$ {shlex.join(command)}\n\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    record: dict[str, Any] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            record = json.loads(line[len(MARK) :])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit status {proc.returncode}"]
+    error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1])
+    return {**record, "rc": record.get("rc", proc.returncode), "wall": wall, "error": error, "log": str(log)}
+
+
+def _child_train(argv: list[str]) -> dict[str, Any]:
+    """``diffsplit train argv`` with the time of every step's loss recorded (and stage 1's own timing)."""
+    import diffsplit.stages as stages
+    import diffsplit.training as training
+    from diffsplit import cli
+
+    marks: list[float] = []
+    stage1: dict[str, Any] = {}
+    loss = training.flow_matching_loss
+    write_cache = stages.write_cache
+
+    def timed_loss(*args: Any, **kwargs: Any) -> Any:
+        marks.append(time.perf_counter())
+        return loss(*args, **kwargs)
+
+    def timed_write_cache(*args: Any, **kwargs: Any) -> Any:
+        summary = write_cache(*args, **kwargs)
+        stage1.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        return summary
+
+    training.flow_matching_loss = timed_loss
+    stages.write_cache = timed_write_cache
+    rc = cli.main(["train", *argv])
+    return {"rc": rc, "marks": marks, "stage1": stage1}
+
+
+def _child_denoiser(argv: list[str]) -> dict[str, Any]:
+    """The stage-2 units of the plan on one cached sample held in memory: forward, backward, AdamW."""
+    import torch
+
+    from diffsplit import cache, cli, lora, stages
+    from diffsplit.config import config_from_args
+    from diffsplit.families.base import UnitContext
+    from diffsplit.families.qwen_image import FAMILY, scheduler_from_constants
+    from diffsplit.rng import keyed_generator
+    from diffsplit.tasks.sft import flow_matching_loss
+    from diffsplit.training import prepare_trainable
+
+    steps = int(argv[0])
+    train_argv = ["train", *argv[1:]]
+    config = config_from_args(cli.build_parser().parse_args(train_argv), train_argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = stages.resolve_dtype(config, device)
+    torch.manual_seed(config.seed)
+    reader = cache.CacheReader(config.dataset_base_path)
+    plan = stages.build_plan(config, value_bytes=reader.identity.get("value_bytes"))
+    models = stages.open_models(config, device, dtype)
+    scheduler = scheduler_from_constants(reader.identity["constants"])
+
+    class Components(dict):  # the model set, with the scheduler from the cache's constants (as stage 2)
+        def __missing__(self, name: str) -> Any:
+            return models[name]
+
+        def __contains__(self, name: object) -> bool:
+            return dict.__contains__(self, name) or name in models
+
+    components = Components(scheduler=scheduler)
+    trained = prepare_trainable(config, components)
+    params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    options = stages.family_options(config)
+    graph = plan.graph
+    loss_reads = FAMILY.loss_reads(options)
+
+    sample_id = reader.sample_ids[0]
+    values = reader.load_id(sample_id)
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    live_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    held = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    del values, reader
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    durations = []
+    for step in range(steps):
+        sync()
+        started = time.perf_counter()
+        env = dict(held)
+
+        def context(unit: Any, step: int = step) -> UnitContext:
+            generator = keyed_generator(config.seed, step, sample_id, unit.name) if unit.stochastic else None
+            return UnitContext(components, options, generator, device, dtype)
+
+        graph.run(plan.stage2, env, context)
+        loss = flow_matching_loss(*(env[graph.key(graph.final(n))] for n in loss_reads))
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        durations.append(time.perf_counter() - started)
+    return {
+        "rc": 0,
+        "durations": durations,
+        "live_bytes": live_bytes,
+        "live_values": {k: [list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in tensors.items()},
+        "stage2_units": list(plan.stage2),
+    }
+
+
+def child_main(kind: str, argv: list[str]) -> None:
+    import resource
+
+    import torch
+
+    record = {"train": _child_train, "denoiser": _child_denoiser}[kind](argv)
+    record.update(
+        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+    print(MARK + json.dumps(record), flush=True)
+
+
+# -- measurement ----------------------------------------------------------------------------------------------
+def step_time(marks: list[float]) -> float | None:
+    """Median interval between consecutive steps, the first WARMUP_STEPS steps excluded."""
+    steady = marks[WARMUP_STEPS:]
+    intervals = [b - a for a, b in zip(steady, steady[1:], strict=False)]
+    return statistics.median(intervals) if intervals else None
+
+
+def common_args(resolution: int, output: Path) -> list[str]:
+    return [
+        "--max_pixels", str(resolution * resolution),
+        "--torch_dtype", "float32",
+        "--lora_base_model", "dit",
+        "--output_path", str(output),
+    ]  # fmt: skip
+
+
+def training_args(steps: int, workers: int, gradient_checkpointing: bool) -> list[str]:
+    args = [
+        "--lora_target_modules", SEED_TARGETS,
+        "--lora_rank", "32",
+        "--learning_rate", "1e-4",
+        "--num_epochs", "1",
+        "--dataset_repeat", "1000",  # one loader serves every step: no epoch boundary inside the timing
+        "--max_train_steps", str(steps),
+        "--dataset_num_workers", str(workers),
+    ]  # fmt: skip
+    return args + (["--use_gradient_checkpointing"] if gradient_checkpointing else [])
+
+
+def folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def fmt(value: float | None, spec: str = ".3f", unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("proportioned", "tiny"), default="proportioned")
+    parser.add_argument("--resolution", type=int, default=512, help="square image side (multiple of 16)")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
+    parser.add_argument("--workers", default="auto", help="stage-2 loader workers: auto (try 0, 1, 2) or N")
+    parser.add_argument("--workdir", default="./bench-work")
+    parser.add_argument("--use_gradient_checkpointing", action="store_true", help="passed to every training run")
+    args = parser.parse_args(argv)
+    if args.resolution < 16 or args.resolution % 16:
+        parser.error("--resolution must be a positive multiple of 16")
+    if args.steps < WARMUP_STEPS + 2:
+        parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
+    if args.workers != "auto" and not args.workers.isdigit():
+        parser.error("--workers must be auto or a number")
+    command_line = "python " + shlex.join(sys.argv)
+    started = time.perf_counter()
+
+    workdir = Path(args.workdir).resolve()
+    model = build_model(workdir, args.size)
+    dataset = build_dataset(workdir, args.resolution, args.samples)
+    warning = check_prompt_lengths(model, dataset)
+    runs = workdir / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    env = {
+        **os.environ,
+        "DIFFSPLIT_MODEL_BASE_PATH": str(workdir / "models"),
+        "DIFFSPLIT_HASH_CACHE": str(workdir / "hashes.json"),
+    }
+    res, gc = args.resolution, args.use_gradient_checkpointing
+    raw = ["--dataset_base_path", str(dataset), "--dataset_metadata_path", str(dataset / "metadata.csv")]
+    walls: dict[str, float] = {}
+
+    def child(label: str, kind: str, child_args: list[str]) -> dict[str, Any]:
+        print(f"running {label} ...", flush=True)
+        record = run_child(kind, child_args, env, runs / "logs" / f"{label}.log")
+        walls[label] = record["wall"]
+        return record
+
+    # Stage 1, batch 1 (its cache feeds stage 2) and batched.
+    stage1: dict[int, dict[str, Any]] = {}
+    for batch in (1, BATCHED):
+        stage1[batch] = child(
+            f"stage1-batch{batch}",
+            "train",
+            [
+                "--task", "sft:data_process", *raw, "--dataset_repeat", "1",
+                "--model_id_with_origin_paths", f"{TEXT_ENCODER},{VAE}",
+                "--data_process_batch_size", str(batch),
+                *common_args(res, runs / f"cache-batch{batch}"),
+            ],
+        )  # fmt: skip
+    if stage1[1]["rc"] != 0:
+        sys.exit(f"error: stage 1 failed: {stage1[1]['error']} (log: {stage1[1]['log']})")
+    cache_folder = runs / "cache-batch1"
+
+    def stage2_args(steps: int, workers: int, output: str) -> list[str]:
+        return [
+            "--task", "sft:train", "--dataset_base_path", str(cache_folder),
+            "--model_id_with_origin_paths", DIT,
+            *common_args(res, runs / output), *training_args(steps, workers, gc),
+        ]  # fmt: skip
+
+    # Loader workers for stage 2.
+    trials: dict[int, float | None] = {}
+    if args.workers == "auto":
+        for workers in (0, 1, 2):
+            trial = child(f"stage2-trial-workers{workers}", "train", stage2_args(TRIAL_STEPS, workers, "trial"))
+            trials[workers] = step_time(trial.get("marks", [])) if trial["rc"] == 0 else None
+        timed = {w: t for w, t in trials.items() if t is not None}
+        workers = min(timed, key=timed.__getitem__) if timed else 0
+    else:
+        workers = int(args.workers)
+
+    stage2 = child("stage2", "train", stage2_args(args.steps, workers, "stage2"))
+    unsplit = child(
+        "unsplit",
+        "train",
+        [
+            "--task", "sft", *raw, "--model_id_with_origin_paths", f"{DIT},{TEXT_ENCODER},{VAE}",
+            *common_args(res, runs / "unsplit"), *training_args(args.steps, workers, gc),
+        ],
+    )  # fmt: skip
+    denoiser = child(
+        "denoiser-only",
+        "denoiser",
+        [str(args.steps + WARMUP_STEPS), *stage2_args(args.steps, 0, "denoiser")],
+    )
+    for label, record in (("stage 2", stage2), ("unsplit", unsplit), ("denoiser-only", denoiser)):
+        if record["rc"] != 0:
+            print(f"warning: {label} failed: {record['error']} (log: {record['log']})", file=sys.stderr)
+
+    # Numbers.
+    t_unsplit = step_time(unsplit.get("marks", []))
+    t_stage2 = step_time(stage2.get("marks", []))
+    durations = denoiser.get("durations", [])[WARMUP_STEPS:]
+    t_denoiser = statistics.median(durations) if durations else None
+
+    def samples_per_s(record: dict[str, Any]) -> str:
+        s = record.get("stage1", {})
+        if record["rc"] != 0:
+            return f"n/a ({record['error']})"
+        if not s.get("encoded") or not s.get("seconds"):
+            return "n/a (no stage-1 timing recorded)"
+        return f"{s['encoded'] / s['seconds']:.2f}"
+
+    shard_bytes = folder_bytes(cache_folder, (".safetensors", ".json")) - folder_bytes(
+        cache_folder, ()
+    )  # placeholder replaced below
+    shard_bytes = sum(
+        p.stat().st_size
+        for p in (cache_folder / "shards").iterdir()
+        if p.is_file() and p.suffix in (".safetensors", ".json")
+    )
+    cache_total = sum(p.stat().st_size for p in cache_folder.rglob("*") if p.is_file())
+    per_sample = shard_bytes / args.samples
+    live = denoiser.get("live_bytes")
+    frozen_files = sorted((model / "text_encoder").glob("model*.safetensors")) + [
+        model / "vae" / "diffusion_pytorch_model.safetensors"
+    ]
+    frozen = sum(p.stat().st_size for p in frozen_files)
+    dit_bytes = sum(p.stat().st_size for p in (model / "transformer").glob("*.safetensors"))
+    rss_unsplit, rss_stage2 = unsplit.get("rss_mib"), stage2.get("rss_mib")
+    rss_saved = None if rss_unsplit is None or rss_stage2 is None else rss_unsplit - rss_stage2
+    mib = 2**20
+
+    r_step = ratio(t_stage2, t_denoiser)
+    r_bytes = ratio(per_sample, live)
+    ok = {True: "met", False: "NOT met", None: "n/a"}
+    rows = [
+        ("unsplit step time (`--task sft`)", fmt(t_unsplit, ".3f", " s"), "median, first 2 steps excluded"),
+        ("stage-2 step time (`--task sft:train`)", fmt(t_stage2, ".3f", " s"), f"{workers} loader worker(s)"),
+        ("denoiser-only step time (the limit)", fmt(t_denoiser, ".3f", " s"), "cached tensors in memory"),
+        ("stage-1 samples/s, batch 1", samples_per_s(stage1[1]), "model loading excluded"),
+        (f"stage-1 samples/s, batch {BATCHED}", samples_per_s(stage1[BATCHED]), "`--data_process_batch_size`"),
+        ("peak RSS, unsplit", fmt(rss_unsplit, ".0f", " MiB"), "own process"),
+        ("peak RSS, stage 2", fmt(rss_stage2, ".0f", " MiB"), "own process"),
+        ("frozen models (text encoder + VAE files)", f"{frozen / mib:.1f} MiB", f"DiT files: {dit_bytes / mib:.1f} MiB"),
+        ("cache bytes per sample", f"{per_sample:,.0f} B", "shard .safetensors + .json / samples"),
+        ("live bytes per sample (what stage 2 reads)", fmt(live, ",.0f", " B"), "sum of numel x element size"),
+        ("stage-2 step / denoiser-only step", fmt(r_step, ".3f"), f"target <= 1.05: {ok[None if r_step is None else r_step <= 1.05]}"),
+        ("unsplit RSS - stage-2 RSS", fmt(rss_saved, ".0f", " MiB"), f"target >= frozen models ({frozen / mib:.0f} MiB): {ok[None if rss_saved is None else rss_saved * mib >= frozen]}"),
+        ("cache bytes / live bytes per sample", fmt(r_bytes, ".4f"), "target 1 (the rest is safetensors/JSON headers)"),
+        ("unsplit step / stage-2 step", fmt(ratio(t_unsplit, t_stage2), ".2f"), "speed-up of split training"),
+    ]  # fmt: skip
+
+    threads = stage2.get("threads") or unsplit.get("threads")
+    print()
+    print(f"## split vs unsplit: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, {args.steps} steps")
+    print()
+    print(f"command: `{command_line}`")
+    print()
+    print("| measurement | value | note |")
+    print("|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    machine = (
+        f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable cores of {os.cpu_count()}, "
+        f"torch {stage2.get('torch') or unsplit.get('torch')}, {threads} torch threads, fp32, LoRA rank 32 "
+        f"on the seed's targets{', gradient checkpointing' if gc else ''}"
+    )
+    print(f"machine: {machine}")
+    if trials:
+        tried = ", ".join(f"{w}: {fmt(t, '.3f', ' s')}" for w, t in trials.items())
+        print(f"loader workers: tried {{{tried}}} ({TRIAL_STEPS}-step runs); used {workers}")
+    else:
+        print(f"loader workers: {workers} (given)")
+    print(f"stage-2 units: {', '.join(denoiser.get('stage2_units', [])) or 'n/a'}")
+    live_values = denoiser.get("live_values", {})
+    print("cached values: " + ", ".join(f"{k} {v[1]}{v[0]}" for k, v in live_values.items()))
+    print(f"cache folder: {cache_total:,} B in all (manifest included) at {cache_folder}")
+    print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls.items()))
+    print(f"total wall time: {time.perf_counter() - started:.1f}s (logs in {runs / 'logs'})")
+    print(
+        "note: on a CPU the proportioned VAE (3D convolutions with few channels) takes far longer than its "
+        "FLOPs suggest, so stage 1 and the unsplit step overstate the VAE's share compared with a GPU."
+    )
+    if warning:
+        print(f"warning: {warning}: batched stage 1 cannot batch them all")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_child":
+        child_main(sys.argv[2], sys.argv[3:])
+    else:
+        raise SystemExit(main())
