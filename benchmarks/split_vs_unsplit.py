@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
 import statistics
@@ -300,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
     parser.add_argument("--workers", default="auto", help="stage-2 loader workers: auto (try 0, 1, 2) or N")
     parser.add_argument("--workdir", default="./bench-work")
-    parser.add_argument("--use_gradient_checkpointing", action="store_true", help="passed to every training run")
+    parser.add_argument(
+        "--use_gradient_checkpointing", action="store_true", help="passed to every training run"
+    )
     args = parser.parse_args(argv)
     if args.resolution < 16 or args.resolution % 16:
         parser.error("--resolution must be a positive multiple of 16")
@@ -360,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     trials: dict[int, float | None] = {}
     if args.workers == "auto":
         for workers in (0, 1, 2):
-            trial = child(f"stage2-trial-workers{workers}", "train", stage2_args(TRIAL_STEPS, workers, "trial"))
+            trial = child(
+                f"stage2-trial-workers{workers}", "train", stage2_args(TRIAL_STEPS, workers, "trial")
+            )
             trials[workers] = step_time(trial.get("marks", [])) if trial["rc"] == 0 else None
         timed = {w: t for w, t in trials.items() if t is not None}
         workers = min(timed, key=timed.__getitem__) if timed else 0
@@ -399,14 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             return "n/a (no stage-1 timing recorded)"
         return f"{s['encoded'] / s['seconds']:.2f}"
 
-    shard_bytes = folder_bytes(cache_folder, (".safetensors", ".json")) - folder_bytes(
-        cache_folder, ()
-    )  # placeholder replaced below
-    shard_bytes = sum(
-        p.stat().st_size
-        for p in (cache_folder / "shards").iterdir()
-        if p.is_file() and p.suffix in (".safetensors", ".json")
-    )
+    shard_bytes = folder_bytes(cache_folder / "shards", (".safetensors", ".json"))
     cache_total = sum(p.stat().st_size for p in cache_folder.rglob("*") if p.is_file())
     per_sample = shard_bytes / args.samples
     live = denoiser.get("live_bytes")
@@ -441,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = stage2.get("threads") or unsplit.get("threads")
     print()
-    print(f"## split vs unsplit: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, {args.steps} steps")
+    print(
+        f"## split vs unsplit: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, {args.steps} steps"
+    )
     print()
     print(f"command: `{command_line}`")
     print()

@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from diffsplit.errors import UserError
+from diffsplit.files import sha256_file
 
 FORMAT_VERSION: int = 1
 """Bump when the layout of the folder, the manifest or the shard index changes."""
@@ -160,14 +161,6 @@ def _read_json(path: Path, what: str, hint: str) -> Any:
         raise UserError(f"{what} {path} is missing; {hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{what} {path} is unreadable ({err}); {hint}") from None
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -592,7 +585,7 @@ class CacheReader:
             index = self._index(number)
             try:
                 size = path.stat().st_size
-                digest = _sha256_file(path) if size == index["bytes"] else None
+                digest = sha256_file(path) if size == index["bytes"] else None
             except OSError as err:
                 raise UserError(f"shard {path} is unreadable ({err}); {_RECOMPUTE_HINT}") from None
             if size != index["bytes"]:
@@ -648,7 +641,7 @@ def verify(folder: str | Path) -> list[str]:
         if (problem := _index_problem(folder, stem, index, listing)) is not None:
             problems.append(problem)
             continue
-        if _sha256_file(shards / f"{stem}.safetensors") != index.get("sha256"):
+        if sha256_file(shards / f"{stem}.safetensors") != index.get("sha256"):
             problems.append(f"shard {shards / stem}.safetensors is corrupt: checksum mismatch")
             continue
         intact += 1

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import snapshot_download
 
 from diffsplit.errors import UserError
+from diffsplit.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -361,14 +362,6 @@ def hash_cache_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "diffsplit" / "hashes.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_hash_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -401,7 +394,7 @@ def file_identity(paths: Iterable[str | Path]) -> dict[str, str]:
         ):
             result[key] = known["sha256"]
             continue
-        result[key] = _sha256(path)
+        result[key] = sha256_file(path)
         fresh[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": result[key]}
     if fresh:
         # Re-read before writing so concurrent processes (one per GPU) merge rather than drop entries, and

@@ -276,7 +276,7 @@ def test_file_identity_uses_the_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     def no_rehash(path: Path) -> str:
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(models, "_sha256", no_rehash)
+    monkeypatch.setattr(models, "sha256_file", no_rehash)
     assert file_identity([weights]) == first  # unchanged (path, size, mtime): no read
     monkeypatch.undo()
     monkeypatch.setenv(models.HASH_CACHE_ENV, str(tmp_path / "hashes.json"))

@@ -47,6 +47,21 @@ def qwen_like_units() -> list[Unit]:
 
 
 COMPONENTS = ("vae", "tokenizer", "text_encoder", "dit")
+SIZES = dict(
+    image=10_000,
+    pixels=30_000,
+    height=8,
+    width=8,
+    latent_mean=4_000,
+    latent_logvar=4_000,
+    latents=4_000,
+    prompt=50,
+    input_ids=400,
+    attention_mask=400,
+    prompt_embeds=9_000,
+    prompt_mask=400,
+)
+"""Bytes per sample of the values of :func:`qwen_like_units` (img_shapes set per test)."""
 
 
 def plan(units, trainable, reads=("pred", "target"), value_bytes=None, dataset=("image", "prompt")):
@@ -105,20 +120,7 @@ def test_rule_light_units_stay_in_stage1_without_sizes():
 
 def test_rule_light_unit_moves_only_when_cache_strictly_shrinks():
     # shapes: reads height+width (16 bytes), writes img_shapes. Moving it saves only if img_shapes > 16.
-    sizes = dict(
-        image=10_000,
-        pixels=30_000,
-        height=8,
-        width=8,
-        latent_mean=4_000,
-        latent_logvar=4_000,
-        latents=4_000,
-        prompt=50,
-        input_ids=400,
-        attention_mask=400,
-        prompt_embeds=9_000,
-        prompt_mask=400,
-    )
+    sizes = dict(SIZES)
     bigger = plan(qwen_like_units(), ["dit"], value_bytes={**sizes, "img_shapes": 100})
     assert bigger.stage_of("shapes") == 2
     assert bigger.reasons["shapes"] == "light, recomputed: saves 84 bytes"
@@ -129,21 +131,7 @@ def test_rule_light_unit_moves_only_when_cache_strictly_shrinks():
 
 def test_rule_light_unit_feeding_frozen_stage1_unit_cannot_move():
     # resize's output 'pixels' is read by the VAE in stage 1, so resize stays even though 'image' < 'pixels'.
-    sizes = dict(
-        image=10,
-        pixels=30_000,
-        height=8,
-        width=8,
-        latent_mean=4_000,
-        latent_logvar=4_000,
-        latents=4_000,
-        prompt=50,
-        input_ids=400,
-        attention_mask=400,
-        prompt_embeds=9_000,
-        prompt_mask=400,
-        img_shapes=24,
-    )
+    sizes = {**SIZES, "image": 10, "img_shapes": 24}
     p = plan(qwen_like_units(), ["dit"], value_bytes=sizes)
     assert p.stage_of("resize") == 1
 
