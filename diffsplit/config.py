@@ -14,8 +14,6 @@ from typing import Any
 
 from diffsplit.errors import UserError
 
-TASKS = ("sft", "sft:data_process", "sft:train")
-
 
 @dataclass
 class TrainConfig:
@@ -117,8 +115,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
     g = parser.add_argument_group("task")
+    from diffsplit.tasks import task_names
+
     g.add_argument(
-        "--task", default=d.task, choices=TASKS, help="sft (unsplit, or automatic with --cache_dir)"
+        "--task", default=d.task, choices=task_names(), help="sft (unsplit, or automatic with --cache_dir)"
     )
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_base_path", help="folder the metadata's file paths are relative to")
@@ -210,7 +210,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     config = TrainConfig(**values, given=given)
     if (config.height is None) != (config.width is None):
         raise UserError("--height and --width must be given together")
-    if not config.trained_components and config.task != "sft:data_process":
+    if not config.trained_components and not config.task.endswith(":data_process"):
         raise UserError("nothing to train: give --lora_base_model or --trainable_models")
     if not config.model_id_with_origin_paths and not config.model_paths:
         raise UserError("no models: give --model_id_with_origin_paths or --model_paths")

@@ -24,9 +24,10 @@ import torch
 from diffsplit import cache, data
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
-from diffsplit.families.qwen_image import FAMILY, scheduler_from_constants
+from diffsplit.families.qwen_image import scheduler_from_constants
 from diffsplit.split import SplitPlan, plan_split
 from diffsplit.stage1 import UNITS_VERSION, existing_identity, probe_sizes, write_cache
+from diffsplit.tasks import task_for
 from diffsplit.training import StepPlan, make_accelerator, prepare_trainable, run_training
 
 _NO_PREFIX = "saved LoRA keys never carry a prefix (they are 'diffusion_model.<module>')"
@@ -39,10 +40,11 @@ _TRAINING_ONLY = (
 _STAGE2_INERT = "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache cache_shard_size".split()
 
 # Flags that change nothing in a task, with the reason the notice gives.
+# Keyed by the stage part of --task: "" (unsplit or automatic), "data_process" (stage 1), "train" (stage 2).
 INERT_FLAGS: dict[str, dict[str, str]] = {
-    "sft": {"remove_prefix_in_ckpt": _NO_PREFIX, "overwrite_cache": "only stage 1 writes a cache"},
-    "sft:data_process": {flag: "stage 1 trains nothing" for flag in _TRAINING_ONLY},
-    "sft:train": {
+    "": {"remove_prefix_in_ckpt": _NO_PREFIX},
+    "data_process": {flag: "stage 1 trains nothing" for flag in _TRAINING_ONLY},
+    "train": {
         **{flag: "stage 2 reads the cache, not the raw data" for flag in _STAGE2_INERT},
         "remove_prefix_in_ckpt": _NO_PREFIX,
     },
@@ -54,9 +56,13 @@ def notice(message: str) -> None:
 
 
 def print_notices(config: TrainConfig) -> None:
-    for flag, why in INERT_FLAGS.get(config.task, {}).items():
+    for flag, why in INERT_FLAGS.get(task_for(config.task).stage, {}).items():
         if flag in config.given:
             notice(f"--{flag} has no effect in --task {config.task}: {why}")
+    if task_for(config.task).stage == "" and not config.cache_dir:
+        for flag in ("overwrite_cache", "data_process_batch_size", "cache_shard_size"):
+            if flag in config.given:
+                notice(f"--{flag} has no effect without --cache_dir: unsplit training writes no cache")
 
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -77,21 +83,22 @@ def family_options(config: TrainConfig) -> SimpleNamespace:
 
 
 def build_plan(config: TrainConfig, value_bytes: dict[str, int] | None = None) -> SplitPlan:
+    family = task_for(config.task).family
     options = family_options(config)
     trained = config.trained_components
-    unknown = [m for m in trained if m not in FAMILY.components]
+    unknown = [m for m in trained if m not in family.components]
     if unknown:
         flag = "--lora_base_model" if unknown[0] in config.lora_base_models else "--trainable_models"
         raise UserError(
-            f"{flag}: '{unknown[0]}' is not a component of {FAMILY.name} (it has: {', '.join(FAMILY.components)})"
+            f"{flag}: '{unknown[0]}' is not a component of {family.name} (it has: {', '.join(family.components)})"
         )
     return plan_split(
-        FAMILY.units(options),
-        dataset_values=FAMILY.dataset_values,
+        family.units(options),
+        dataset_values=family.dataset_values,
         trainable_models=trained,
-        stage2_reads=FAMILY.loss_reads(options),
+        stage2_reads=family.loss_reads(options),
         value_bytes=value_bytes,
-        components=FAMILY.components,
+        components=family.components,
     )
 
 
@@ -102,12 +109,16 @@ def load_dataset(config: TrainConfig) -> list[data.Sample]:
         config.dataset_base_path,
         config.dataset_metadata_path,
         data_file_keys=data.parse_data_file_keys(config.data_file_keys),
-        required=FAMILY.dataset_values,
+        required=task_for(config.task).required_columns,
         max_pixels=config.max_pixels,
         height=config.height,
         width=config.width,
         skip_bad_samples=config.skip_bad_samples,
     )
+    task = task_for(config.task)
+    if task.resolve_row is not None:
+        for sample in samples:
+            sample.values.update(task.resolve_row(sample, config))
     if config.skip_bad_samples:
         print(data.write_skipped(skipped, config.output_path), file=sys.stderr)
     return samples
@@ -139,7 +150,8 @@ def preprocessing(config: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
 def base_identity(config: TrainConfig, models: Any, plan: SplitPlan, dtype: torch.dtype) -> dict[str, Any]:
     """Identity of a cache before probing: enough to name its folder in automatic mode."""
     return {
-        "family": FAMILY.name,
+        "family": task_for(config.task).family.name,
+        "task": task_for(config.task).name,
         "units_version": UNITS_VERSION,
         "preprocessing": preprocessing(config, dtype),
         "trainable_models": sorted(plan.trainable_models),
@@ -164,7 +176,7 @@ def train_unsplit(config: TrainConfig) -> dict[str, Any]:
         values = data.load_values(samples[index])
         return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
 
-    step_plan = StepPlan(graph, plan.stage1, plan.stage2, FAMILY.loss_reads(family_options(config)))
+    step_plan = _step_plan(config, plan, frozen_units=plan.stage1)
     return _train(config, accelerator, step_plan, models, trained, [s.id for s in samples], load, dtype)
 
 
@@ -190,7 +202,7 @@ def _stage1(
         sizes = probe_sizes(base, models, options, probe, dtype)
     constants = previous.get("constants") if reuse else None
     if constants is None:
-        constants = FAMILY.constants(models)
+        constants = task_for(config.task).family.constants(models)
     plan = build_plan(config, value_bytes=sizes)
     identity.update(plan=plan.to_dict(), value_bytes=sizes, constants=constants, values=_value_specs(plan))
     summary = write_cache(
@@ -206,7 +218,7 @@ def _stage1(
         num_workers=config.dataset_num_workers,
         shard_samples=config.cache_shard_size,
         batch_size=config.data_process_batch_size,
-        batch_key=FAMILY.batch_key,
+        batch_key=task_for(config.task).family.batch_key,
     )
     return plan, summary
 
@@ -236,7 +248,8 @@ def _check_cache(config: TrainConfig, reader: cache.CacheReader, dtype: torch.dt
     identity = reader.identity
     plan = build_plan(config, value_bytes=identity.get("value_bytes"))
     expected = {
-        "family": FAMILY.name,
+        "family": task_for(config.task).family.name,
+        "task": task_for(config.task).name,
         "units_version": UNITS_VERSION,
         "preprocessing": preprocessing(config, dtype),
         "trainable_models": sorted(plan.trainable_models),
@@ -269,7 +282,7 @@ def train_from_cache(
     def load(index: int) -> dict:
         return reader.load_id(ids[index])
 
-    step_plan = StepPlan(plan.graph, [], plan.stage2, FAMILY.loss_reads(family_options(config)))
+    step_plan = _step_plan(config, plan, frozen_units=[])
     return _train(config, accelerator, step_plan, components, trained, ids, load, dtype)
 
 
@@ -304,6 +317,12 @@ def train_auto(config: TrainConfig) -> dict[str, Any]:
 
 
 # -- shared -------------------------------------------------------------------------------------------------
+def _step_plan(config: TrainConfig, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
+    task = task_for(config.task)
+    reads = task.family.loss_reads(family_options(config))
+    return StepPlan(plan.graph, frozen_units, plan.stage2, reads, task.loss)
+
+
 def _train(config, accelerator, step_plan, components, trained, ids, load, dtype) -> dict[str, Any]:
     out = Path(config.output_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,21 +363,18 @@ def _folder_bytes(folder: Path) -> int:
 
 def run(config: TrainConfig) -> dict[str, Any]:
     print_notices(config)
-    if config.task == "sft":
-        if config.cache_dir:
-            return train_auto(config)
-        return train_unsplit(config)
-    if config.task == "sft:data_process":
+    stage = task_for(config.task).stage
+    if stage == "":
+        return train_auto(config) if config.cache_dir else train_unsplit(config)
+    if stage == "data_process":
         return data_process(config)
-    if config.task == "sft:train":
-        if config.dataset_metadata_path:
-            raise UserError(
-                "--task sft:train reads the cache at --dataset_base_path; remove --dataset_metadata_path"
-            )
-        if not config.dataset_base_path:
-            raise UserError("--task sft:train needs --dataset_base_path (the stage-1 cache folder)")
-        return train_from_cache(config, Path(config.dataset_base_path))
-    raise UserError(f"--task {config.task} is not supported")
+    if config.dataset_metadata_path:
+        raise UserError(
+            f"--task {config.task} reads the cache at --dataset_base_path; remove --dataset_metadata_path"
+        )
+    if not config.dataset_base_path:
+        raise UserError(f"--task {config.task} needs --dataset_base_path (the stage-1 cache folder)")
+    return train_from_cache(config, Path(config.dataset_base_path))
 
 
 def plan_text(config: TrainConfig) -> str:

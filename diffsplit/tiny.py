@@ -401,6 +401,95 @@ def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, se
     return output
 
 
+def make_distill_dataset(
+    output: str | Path,
+    model_dir: str | Path,
+    n: int = 4,
+    size: int = 64,
+    num_inference_steps: int = 8,
+    seed: int = 0,
+    *,
+    student_steps: int = 2,
+    true_cfg_scale: float = 4.0,
+) -> Path:
+    """Write ``n`` teacher images made by the model's own ``QwenImagePipeline`` and ``metadata.csv``.
+
+    Row ``i`` (from 0) is ``pipe(prompt_i, num_inference_steps=num_inference_steps, height=size, width=size,
+    generator=torch.Generator("cpu").manual_seed(seed + i))`` with true CFG at ``true_cfg_scale`` against the
+    negative prompt ``" "`` (as Qwen-Image's model card runs it; ``true_cfg_scale <= 1`` turns CFG off): the
+    many-step, guided teacher. The metadata has columns ``image,prompt,seed,num_inference_steps``, where
+    ``num_inference_steps`` is ``student_steps``, the few steps the student will take from the same seed
+    (the student runs without CFG, so no ``cfg_scale`` column: it defaults to 1). Existing files of the same
+    names are overwritten. Runs on CUDA in bf16 when available, else on the CPU in fp32; the noise is drawn
+    on the CPU either way (``rand_device`` cpu). Returns ``output``.
+
+    Args:
+        output: folder for ``image_<k>.png`` (``size x size`` RGB) and ``metadata.csv``.
+        model_dir: a diffusers Qwen-Image repository folder (e.g. one :func:`build_tiny_qwen_image` wrote).
+        n: number of images. size: side in pixels, a multiple of 16.
+        num_inference_steps: the teacher's steps. seed: row ``i`` uses ``seed + i``.
+        student_steps: the ``num_inference_steps`` column.
+
+    Raises:
+        UserError: a bad count, size or step count, or a ``model_dir`` without ``model_index.json``.
+    """
+    if n < 1:
+        raise UserError(f"--n: need at least one image, got {n}")
+    if size < 16 or size % 16:
+        raise UserError(f"--size: Qwen-Image needs a side that is a positive multiple of 16, got {size}")
+    if num_inference_steps < 1 or student_steps < 1:
+        raise UserError(
+            f"--num_inference_steps: need at least one step, got {num_inference_steps} (teacher) and "
+            f"{student_steps} (student)"
+        )
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise UserError(
+            f"--model: '{model_dir}' is not a diffusers Qwen-Image folder (no model_index.json); "
+            "`diffsplit make-tiny qwen-image --output DIR` writes one"
+        )
+
+    import torch
+    from diffusers import QwenImagePipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = QwenImagePipeline.from_pretrained(
+        str(model_dir), torch_dtype=torch.bfloat16 if cuda else torch.float32
+    ).to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        bg = _COLOURS[i % len(_COLOURS)]
+        fg = _COLOURS[(i * 3 + 1) % len(_COLOURS)]
+        if fg == bg:
+            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
+        shape = _SHAPES[i % len(_SHAPES)]
+        count = f" number {i + 1}" if n > len(_COLOURS) else ""
+        article = "an" if fg[0] in "aeiou" else "a"
+        prompt = f"{article} {fg} {shape} on a {bg} background{count}"
+        guided = true_cfg_scale > 1
+        with torch.no_grad():
+            image = pipe(
+                prompt=prompt,
+                negative_prompt=" " if guided else None,
+                true_cfg_scale=true_cfg_scale if guided else 1.0,
+                num_inference_steps=num_inference_steps,
+                height=size,
+                width=size,
+                generator=torch.Generator("cpu").manual_seed(seed + i),
+            ).images[0]
+        name = f"image_{i + 1}.png"
+        image.save(output / name)
+        rows.append((name, prompt, seed + i, student_steps))
+    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "prompt", "seed", "num_inference_steps"))
+        writer.writerows(rows)
+    return output
+
+
 def _rgb(name: str) -> tuple[int, int, int]:
     from PIL import ImageColor
 

@@ -30,7 +30,6 @@ from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.graph import Unit, UnitGraph
 from diffsplit.rng import derive_seed, keyed_generator
-from diffsplit.tasks.sft import flow_matching_loss
 
 STATE_FILE = "diffsplit_state.json"
 
@@ -88,12 +87,14 @@ def _single(items: list[dict]) -> dict:
 
 @dataclass
 class StepPlan:
-    """What each step runs: ``frozen_units`` under no_grad (static work), then ``units`` with grad."""
+    """What each step runs: ``frozen_units`` under no_grad (static work), then ``units`` with grad, then
+    ``loss(*values of loss_reads)``."""
 
     graph: UnitGraph
     frozen_units: list[str]
     units: list[str]
     loss_reads: tuple[str, ...]
+    loss: Callable[..., torch.Tensor]
 
 
 def tensorboard_available() -> bool:
@@ -267,7 +268,7 @@ def run_training(
                 with torch.no_grad():
                     graph.run(step_plan.frozen_units, env, item_context)
                 graph.run(step_plan.units, env, item_context)
-                loss = flow_matching_loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
+                loss = step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
