@@ -10,8 +10,8 @@ all tokenize to the same length (so stage 1 can batch them), then runs every mea
 subprocess (``python this_script.py _child <kind> ...``), so each peak RSS belongs to one configuration:
 
 * unsplit ``--task sft`` and stage-2 ``--task sft:train`` run ``diffsplit.cli.main(["train", ...])``
-  unchanged; the child only wraps ``diffsplit.training.flow_matching_loss`` to record the time of every
-  step's loss. Step time = median interval between consecutive steps, the first two steps excluded.
+  unchanged; the child only wraps ``accelerate.Accelerator.backward`` to record when each step's backward
+  pass starts. Step time = median interval between consecutive steps, the first two steps excluded.
 * the denoiser-only limit: the stage-2 units of the same plan (``plan.graph.run(plan.stage2, ...)``), the
   same LoRA (``training.prepare_trainable``), loss, backward, clipping and AdamW on one sample's cached
   values held in memory; no data loading, no accelerate.
@@ -50,8 +50,6 @@ TRIAL_STEPS = 6  # steps of each --workers auto trial
 BATCHED = 4  # the batched stage-1 size
 MARK = "BENCH "  # prefix of the one JSON line a child prints on stdout
 
-# Single-token words of the tiny tokenizer's corpus (and whole words for a real BPE): every prompt
-# "a <colour> <shape> on a <colour> background" has the same token count.
 _COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "brown")
 _SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle", "ellipse")
 
@@ -75,7 +73,32 @@ def build_model(workdir: Path, size: str) -> Path:
     return folder
 
 
-def build_dataset(workdir: Path, resolution: int, samples: int) -> Path:
+def same_length_prompts(model: Path, samples: int) -> list[tuple[str, str, str, str]]:
+    """``samples`` distinct (prompt, fg, shape, bg), all of the same token count with the model's tokenizer.
+
+    Prompts read "a <colour> <shape> on a <colour> background"; the tiny tokenizer splits some words, so
+    the combinations are tokenized and the most common length is kept.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model / "tokenizer"))
+    by_length: dict[int, list[tuple[str, str, str, str]]] = {}
+    for shape in _SHAPES:
+        for fg in _COLOURS:
+            for bg in _COLOURS:
+                if fg != bg:
+                    prompt = f"a {fg} {shape} on a {bg} background"
+                    by_length.setdefault(len(tokenizer(prompt)["input_ids"]), []).append(
+                        (prompt, fg, shape, bg)
+                    )
+    best = max(by_length.values(), key=len)
+    if len(best) < samples:
+        sys.exit(f"error: only {len(best)} prompts of one token length; use --samples {len(best)} or fewer")
+    step = len(best) // samples  # spread the choice over colours and shapes
+    return [best[i * step] for i in range(samples)]
+
+
+def build_dataset(workdir: Path, model: Path, resolution: int, samples: int) -> Path:
     """``samples`` PNGs of exactly ``resolution`` x ``resolution`` (seeded noise and a shape) + metadata.csv."""
     from PIL import Image, ImageDraw
 
@@ -84,20 +107,24 @@ def build_dataset(workdir: Path, resolution: int, samples: int) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(samples):
+    for i, (prompt, fg, shape, bg) in enumerate(same_length_prompts(model, samples)):
         rng = random.Random(i)
         small = resolution // 8
         image = Image.frombytes("RGB", (small, small), rng.randbytes(small * small * 3))
         image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
         noise = Image.frombytes("RGB", (resolution, resolution), rng.randbytes(resolution * resolution * 3))
         image = Image.blend(image, noise, 0.25)
-        fg, bg = _COLOURS[i % len(_COLOURS)], _COLOURS[(i // len(_COLOURS) + i + 3) % len(_COLOURS)]
-        shape = _SHAPES[(i // 2) % len(_SHAPES)]
         c, r = resolution // 2 + rng.randint(-resolution // 8, resolution // 8), resolution // 4
-        ImageDraw.Draw(image).ellipse((c - r, c - r, c + r, c + r), fill=fg, outline=bg, width=max(1, r // 8))
+        box, draw = (c - r, c - r, c + r, c + r), ImageDraw.Draw(image)
+        if shape in ("circle", "ring", "ellipse"):
+            draw.ellipse(box, fill=None if shape == "ring" else fg, outline=fg, width=max(1, r // 4))
+        elif shape in ("triangle", "star"):
+            draw.regular_polygon((c, c, r), n_sides=3 if shape == "triangle" else 5, fill=fg, outline=bg)
+        else:
+            draw.rectangle(box if shape == "square" else (0, c - r // 3, resolution, c + r // 3), fill=fg)
         name = f"image_{i:04d}.png"
         image.save(folder / name)
-        rows.append(f"{name},a {fg} {shape} on a {bg} background")
+        rows.append(f"{name},{prompt}")
     (folder / "metadata.csv").write_text("image,prompt\n" + "\n".join(rows) + "\n")
     return folder
 
@@ -133,27 +160,30 @@ def run_child(kind: str, args: list[str], env: dict[str, str], log: Path) -> dic
 
 
 def _child_train(argv: list[str]) -> dict[str, Any]:
-    """``diffsplit train argv`` with the time of every step's loss recorded (and stage 1's own timing)."""
+    """``diffsplit train argv``, recording the time of every backward pass (one per step) and stage 1's own
+    timing (the summary of the stage-1 writer)."""
+    import accelerate
+
     import diffsplit.stages as stages
-    import diffsplit.training as training
     from diffsplit import cli
 
     marks: list[float] = []
     stage1: dict[str, Any] = {}
-    loss = training.flow_matching_loss
-    write_cache = stages.write_cache
+    backward = accelerate.Accelerator.backward
+    write_cache = getattr(stages, "write_cache", None)
 
-    def timed_loss(*args: Any, **kwargs: Any) -> Any:
+    def timed_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
         marks.append(time.perf_counter())
-        return loss(*args, **kwargs)
+        return backward(self, *args, **kwargs)
 
     def timed_write_cache(*args: Any, **kwargs: Any) -> Any:
         summary = write_cache(*args, **kwargs)
         stage1.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         return summary
 
-    training.flow_matching_loss = timed_loss
-    stages.write_cache = timed_write_cache
+    accelerate.Accelerator.backward = timed_backward
+    if write_cache is not None:
+        stages.write_cache = timed_write_cache
     rc = cli.main(["train", *argv])
     return {"rc": rc, "marks": marks, "stage1": stage1}
 
@@ -165,14 +195,15 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     from diffsplit import cache, cli, lora, stages
     from diffsplit.config import config_from_args
     from diffsplit.families.base import UnitContext
-    from diffsplit.families.qwen_image import FAMILY, scheduler_from_constants
+    from diffsplit.families.qwen_image import scheduler_from_constants
     from diffsplit.rng import keyed_generator
-    from diffsplit.tasks.sft import flow_matching_loss
+    from diffsplit.tasks import task_for
     from diffsplit.training import prepare_trainable
 
     steps = int(argv[0])
     train_argv = ["train", *argv[1:]]
     config = config_from_args(cli.build_parser().parse_args(train_argv), train_argv)
+    task = task_for(config.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = stages.resolve_dtype(config, device)
     torch.manual_seed(config.seed)
@@ -194,7 +225,7 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     options = stages.family_options(config)
     graph = plan.graph
-    loss_reads = FAMILY.loss_reads(options)
+    loss_reads = task.family.loss_reads(options)
 
     sample_id = reader.sample_ids[0]
     values = reader.load_id(sample_id)
@@ -218,7 +249,7 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
             return UnitContext(components, options, generator, device, dtype)
 
         graph.run(plan.stage2, env, context)
-        loss = flow_matching_loss(*(env[graph.key(graph.final(n))] for n in loss_reads))
+        loss = task.loss(*(env[graph.key(graph.final(n))] for n in loss_reads))
         loss.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -240,6 +271,8 @@ def child_main(kind: str, argv: list[str]) -> None:
 
     import torch
 
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     record = {"train": _child_train, "denoiser": _child_denoiser}[kind](argv)
     record.update(
         rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
@@ -300,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="auto", help="stage-2 loader workers: auto (try 0, 1, 2) or N")
     parser.add_argument("--workdir", default="./bench-work")
     parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in each run (0: torch's default)"
+    )
+    parser.add_argument(
         "--use_gradient_checkpointing", action="store_true", help="passed to every training run"
     )
     args = parser.parse_args(argv)
@@ -314,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir).resolve()
     model = build_model(workdir, args.size)
-    dataset = build_dataset(workdir, args.resolution, args.samples)
+    dataset = build_dataset(workdir, model, args.resolution, args.samples)
     warning = check_prompt_lengths(model, dataset)
     runs = workdir / "runs"
     shutil.rmtree(runs, ignore_errors=True)
@@ -322,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         "DIFFSPLIT_MODEL_BASE_PATH": str(workdir / "models"),
         "DIFFSPLIT_HASH_CACHE": str(workdir / "hashes.json"),
+        **({"BENCH_THREADS": str(args.threads)} if args.threads else {}),
     }
     res, gc = args.resolution, args.use_gradient_checkpointing
     raw = ["--dataset_base_path", str(dataset), "--dataset_metadata_path", str(dataset / "metadata.csv")]
@@ -424,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         ("denoiser-only step time (the limit)", fmt(t_denoiser, ".3f", " s"), "cached tensors in memory"),
         ("stage-1 samples/s, batch 1", samples_per_s(stage1[1]), "model loading excluded"),
         (f"stage-1 samples/s, batch {BATCHED}", samples_per_s(stage1[BATCHED]), "`--data_process_batch_size`"),
-        ("peak RSS, unsplit", fmt(rss_unsplit, ".0f", " MiB"), "own process"),
-        ("peak RSS, stage 2", fmt(rss_stage2, ".0f", " MiB"), "own process"),
+        ("peak RSS, unsplit", fmt(rss_unsplit, ".0f", " MiB"), "own process (loader workers not counted)"),
+        ("peak RSS, stage 2", fmt(rss_stage2, ".0f", " MiB"), "own process (loader workers not counted)"),
         ("frozen models (text encoder + VAE files)", f"{frozen / mib:.1f} MiB", f"DiT files: {dit_bytes / mib:.1f} MiB"),
         ("cache bytes per sample", f"{per_sample:,.0f} B", "shard .safetensors + .json / samples"),
         ("live bytes per sample (what stage 2 reads)", fmt(live, ",.0f", " B"), "sum of numel x element size"),

@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--num_images", type=int, default=4)
     example.add_argument("--max_size", type=int, default=128)
     example.add_argument("--seed", type=int, default=0)
+    example.add_argument(
+        "--kind",
+        choices=("sft", "distill"),
+        default="sft",
+        help="distill: teacher images made by --model's own pipeline, with seed and steps",
+    )
+    example.add_argument("--model", help="--kind distill: the model folder whose pipeline draws the images")
+    example.add_argument("--size", type=int, default=64, help="--kind distill: image side in pixels")
+    example.add_argument(
+        "--teacher_steps", type=int, default=8, help="--kind distill: teacher denoising steps"
+    )
     return parser
 
 
@@ -68,9 +79,21 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote a random-weight {args.size} Qwen-Image to {path}")
         return 0
     if args.command == "make-example-dataset":
-        from diffsplit.tiny import make_example_dataset
+        from diffsplit.tiny import make_distill_dataset, make_example_dataset
 
-        path = make_example_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
+        if args.kind == "distill":
+            if not args.model:
+                raise UserError(
+                    "--kind distill needs --model (the model folder whose pipeline draws the images)"
+                )
+            path = make_distill_dataset(
+                args.output, args.model, n=args.num_images, size=args.size,
+                num_inference_steps=args.teacher_steps, seed=args.seed,
+            )  # fmt: skip
+        else:
+            path = make_example_dataset(
+                args.output, n=args.num_images, max_size=args.max_size, seed=args.seed
+            )
         print(f"wrote {args.num_images} images and metadata.csv to {path}")
         return 0
     if args.command == "cache":

@@ -36,6 +36,10 @@ class TrainConfig:
     tokenizer_path: str | None = None
     torch_dtype: str | None = None
     latent_sample: str = "mode"
+    # direct distillation
+    num_inference_steps: int | None = None
+    cfg_scale: float | None = None
+    rand_device: str = "cpu"
     # what trains
     lora_base_model: str | None = None
     lora_target_modules: str = ""
@@ -144,6 +148,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
     )
     g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
+    g = parser.add_argument_group("direct distillation")
+    g.add_argument(
+        "--num_inference_steps", type=_positive(int), help="student steps for rows without a value"
+    )
+    g.add_argument("--cfg_scale", type=float, help="student guidance for rows without a value (only 1)")
+    g.add_argument("--rand_device", default=d.rand_device, help="device of the seeded noise generator")
     g = parser.add_argument_group("what trains")
     g.add_argument(
         "--lora_base_model", help="component(s) to put LoRA on: dit, text_encoder (comma-separated)"

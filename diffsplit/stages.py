@@ -56,6 +56,10 @@ def notice(message: str) -> None:
 
 
 def print_notices(config: TrainConfig) -> None:
+    if task_for(config.task).name != "direct_distill":
+        for flag in ("num_inference_steps", "cfg_scale", "rand_device"):
+            if flag in config.given:
+                notice(f"--{flag} has no effect in --task {config.task}: it is for --task direct_distill")
     for flag, why in INERT_FLAGS.get(task_for(config.task).stage, {}).items():
         if flag in config.given:
             notice(f"--{flag} has no effect in --task {config.task}: {why}")
@@ -144,6 +148,7 @@ def preprocessing(config: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
         "width": config.width,
         "latent_sample": config.latent_sample,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        **({"rand_device": config.rand_device} if task_for(config.task).name == "direct_distill" else {}),
     }
 
 
@@ -246,15 +251,17 @@ def data_process(config: TrainConfig) -> dict[str, Any]:
 def _check_cache(config: TrainConfig, reader: cache.CacheReader, dtype: torch.dtype, where: str) -> SplitPlan:
     """Recompute the plan from this run's arguments; refuse a cache made for another one."""
     identity = reader.identity
-    plan = build_plan(config, value_bytes=identity.get("value_bytes"))
-    expected = {
-        "family": task_for(config.task).family.name,
-        "task": task_for(config.task).name,
+    task = task_for(config.task)
+    expected: dict[str, Any] = {
+        "family": task.family.name,
+        "task": task.name,
         "units_version": UNITS_VERSION,
         "preprocessing": preprocessing(config, dtype),
-        "trainable_models": sorted(plan.trainable_models),
-        "plan": plan.to_dict(),
     }
+    # What the plan is made from first: a cache of another task may lack sizes this plan needs.
+    cache.check_identity(identity, expected, list(expected), where)
+    plan = build_plan(config, value_bytes=identity.get("value_bytes"))
+    expected.update(trainable_models=sorted(plan.trainable_models), plan=plan.to_dict())
     cache.check_identity(identity, expected, list(expected), where)
     return plan
 

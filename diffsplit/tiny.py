@@ -454,7 +454,7 @@ def make_distill_dataset(
 
     cuda = torch.cuda.is_available()
     pipe = QwenImagePipeline.from_pretrained(
-        str(model_dir), torch_dtype=torch.bfloat16 if cuda else torch.float32
+        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32
     ).to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
     output = Path(output)

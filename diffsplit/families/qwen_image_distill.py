@@ -141,9 +141,7 @@ def resolve_distill_values(
     steps_value = values.get("num_inference_steps")
     if _missing(steps_value):
         if num_inference_steps_flag is None:
-            raise UserError(
-                f"{where}: no num_inference_steps: add the column or give --num_inference_steps"
-            )
+            raise UserError(f"{where}: no num_inference_steps: add the column or give --num_inference_steps")
         steps_value, steps_where = num_inference_steps_flag, "--num_inference_steps"
     else:
         steps_where = where

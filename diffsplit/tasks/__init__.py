@@ -46,7 +46,27 @@ def _sft(stage: str) -> Task:
     return Task("sft", stage, FAMILY, flow_matching_loss, ("image", "prompt"))
 
 
-_BUILDERS: dict[str, Callable[[str], Task]] = {"sft": _sft}
+def _distill_row(sample: Any, config: Any) -> dict:
+    from diffsplit.families.qwen_image_distill import resolve_distill_values
+
+    return resolve_distill_values(
+        sample.values,
+        sample.row,
+        sample.source or "metadata",
+        config.num_inference_steps,
+        config.cfg_scale,
+        rand_device=config.rand_device,
+    )
+
+
+def _direct_distill(stage: str) -> Task:
+    from diffsplit.families.qwen_image_distill import FAMILY
+    from diffsplit.tasks.direct_distill import distill_loss
+
+    return Task("direct_distill", stage, FAMILY, distill_loss, ("image", "prompt"), _distill_row)
+
+
+_BUILDERS: dict[str, Callable[[str], Task]] = {"sft": _sft, "direct_distill": _direct_distill}
 
 
 def task_names() -> list[str]:

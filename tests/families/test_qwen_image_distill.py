@@ -21,8 +21,8 @@ from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.families.qwen_image_distill import (
     FAMILY,
-    initial_noise,
     inference_timesteps,
+    initial_noise,
     resolve_distill_values,
     student_rollout,
 )
@@ -257,7 +257,9 @@ def _cache_roundtrip(env: dict, keys) -> dict:
     out = {}
     for key in keys:
         value = env[key]
-        out[key] = value.detach().clone() if isinstance(value, torch.Tensor) else json.loads(json.dumps(value))
+        out[key] = (
+            value.detach().clone() if isinstance(value, torch.Tensor) else json.loads(json.dumps(value))
+        )
     return out
 
 
@@ -333,7 +335,9 @@ def test_resolve_casts_and_falls_back_to_flags():
     out = resolve_distill_values(row, 1, "metadata.csv", None, None)
     assert out == {**row, "seed": 42, "num_inference_steps": 4, "cfg_scale": 1.0}
     assert row["seed"] == "42"  # the input is not modified
-    big = resolve_distill_values({"seed": str(2**63 + 5), "num_inference_steps": "2.0"}, 1, "m.csv", None, None)
+    big = resolve_distill_values(
+        {"seed": str(2**63 + 5), "num_inference_steps": "2.0"}, 1, "m.csv", None, None
+    )
     assert big["seed"] == 2**63 + 5 and big["num_inference_steps"] == 2
     # Missing, None or empty: the flags fill in; cfg_scale defaults to 1.
     for missing in ({}, {"num_inference_steps": None, "cfg_scale": None}, {"num_inference_steps": " "}):
@@ -358,16 +362,46 @@ def test_resolve_casts_and_falls_back_to_flags():
         ),
         ({"num_inference_steps": "4"}, None, None, "metadata.csv row 3: no seed"),
         ({"seed": "", "num_inference_steps": "4"}, 4, None, "metadata.csv row 3: no seed"),
-        ({"seed": "abc", "num_inference_steps": "4"}, None, None, "metadata.csv row 3: seed 'abc' is not a number"),
+        (
+            {"seed": "abc", "num_inference_steps": "4"},
+            None,
+            None,
+            "metadata.csv row 3: seed 'abc' is not a number",
+        ),
         ({"seed": "1.5"}, 4, None, "metadata.csv row 3: seed '1.5' is not a whole number"),
         ({"seed": "-1"}, 4, None, "metadata.csv row 3: seed -1 is outside"),
-        ({"seed": "0", "num_inference_steps": "four"}, 4, None, "row 3: num_inference_steps 'four' is not a number"),
-        ({"seed": "0", "num_inference_steps": "0"}, None, None, "row 3: num_inference_steps must be at least 1"),
-        ({"seed": "0", "num_inference_steps": "nan"}, None, None, "row 3: num_inference_steps 'nan' is not a finite"),
+        (
+            {"seed": "0", "num_inference_steps": "four"},
+            4,
+            None,
+            "row 3: num_inference_steps 'four' is not a number",
+        ),
+        (
+            {"seed": "0", "num_inference_steps": "0"},
+            None,
+            None,
+            "row 3: num_inference_steps must be at least 1",
+        ),
+        (
+            {"seed": "0", "num_inference_steps": "nan"},
+            None,
+            None,
+            "row 3: num_inference_steps 'nan' is not a finite",
+        ),
         ({"seed": "0", "cfg_scale": "x"}, 4, None, "metadata.csv row 3: cfg_scale 'x' is not a number"),
-        ({"seed": "0", "cfg_scale": "4"}, 4, None, "metadata.csv row 3: cfg_scale 4: the student runs without"),
+        (
+            {"seed": "0", "cfg_scale": "4"},
+            4,
+            None,
+            "metadata.csv row 3: cfg_scale 4: the student runs without",
+        ),
         ({"seed": "0"}, 4, 3.5, "--cfg_scale: cfg_scale 3.5: the student runs without"),
-        ({"seed": "0", "rand_device": "cuda"}, 4, None, "row 3: rand_device 'cuda' differs from the run's 'cpu'"),
+        (
+            {"seed": "0", "rand_device": "cuda"},
+            4,
+            None,
+            "row 3: rand_device 'cuda' differs from the run's 'cpu'",
+        ),
     ],
 )
 def test_resolve_errors_name_the_row_and_column(row, steps_flag, cfg_flag, message):
@@ -392,7 +426,11 @@ def test_make_distill_dataset_writes_teacher_images_and_metadata(model_dir, tmp_
         with Image.open(out / r["image"]) as image:
             assert image.size == (32, 32) and image.mode == "RGB"
         resolved = resolve_distill_values(r, 1, "metadata.csv", None, None)
-        assert (resolved["seed"], resolved["num_inference_steps"], resolved["cfg_scale"]) == (int(r["seed"]), 2, 1.0)
+        assert (resolved["seed"], resolved["num_inference_steps"], resolved["cfg_scale"]) == (
+            int(r["seed"]),
+            2,
+            1.0,
+        )
     with pytest.raises(UserError, match="multiple of 16"):
         make_distill_dataset(tmp_path / "bad", model_dir, size=40)
     with pytest.raises(UserError, match="no model_index.json"):

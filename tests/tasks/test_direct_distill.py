@@ -1,0 +1,95 @@
+"""``--task direct_distill``: unsplit, split (two stages and automatic), per-row fallbacks."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from diffsplit import cli
+from tests.conftest import SEED_MODELS, train_args
+from tests.test_stages import DIT, FROZEN, _replace, assert_close_weights
+
+
+@pytest.fixture(scope="module")
+def distill_data(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Teacher images drawn by the tiny model's own pipeline (8 steps), students run 2 steps."""
+    out = tmp_path_factory.mktemp("distill") / "data"
+    model = workspace / "models" / "Qwen" / "Qwen-Image"
+    assert (
+        cli.main(["make-example-dataset", "--kind", "distill", "--model", str(model), "--output", str(out)])
+        == 0
+    )
+    return out
+
+
+def distill_args(output: Path, data: Path, *extra: str, models: str = SEED_MODELS) -> list[str]:
+    args = train_args(output, "--task", "direct_distill", *extra, models=models)
+    args = _replace(args, "--dataset_base_path", str(data))
+    return _replace(args, "--dataset_metadata_path", str(data / "metadata.csv"))
+
+
+def test_split_equals_unsplit_and_loss_falls(in_workspace, distill_data, tmp_path):
+    extra = ("--dataset_repeat", "5", "--learning_rate", "2e-3")
+    assert cli.main(["train", *distill_args(tmp_path / "unsplit", distill_data, *extra)]) == 0
+    stage1 = _replace(
+        distill_args(tmp_path / "cache", distill_data, models=FROZEN), "--task", "direct_distill:data_process"
+    )
+    assert cli.main(["train", *_replace(stage1, "--dataset_repeat", "1")]) == 0
+    stage2 = distill_args(tmp_path / "split", distill_data, *extra, models=DIT)
+    stage2 = _replace(_replace(stage2, "--task", "direct_distill:train"), "--dataset_metadata_path", None)
+    stage2 = _replace(stage2, "--dataset_base_path", str(tmp_path / "cache"))
+    assert cli.main(["train", *stage2]) == 0
+    assert_close_weights(
+        load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
+        load_file(tmp_path / "split" / "epoch-0.safetensors"),
+    )
+    # Distillation draws nothing at random, so the same sample's loss is comparable across passes.
+    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "split" / "loss.csv"))]
+    assert len(losses) == 20
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_automatic_mode_equals_unsplit(in_workspace, distill_data, tmp_path):
+    assert cli.main(["train", *distill_args(tmp_path / "unsplit", distill_data)]) == 0
+    auto = distill_args(tmp_path / "auto", distill_data, "--cache_dir", str(tmp_path / "caches"))
+    assert cli.main(["train", *auto]) == 0
+    assert_close_weights(
+        load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
+        load_file(tmp_path / "auto" / "epoch-0.safetensors"),
+    )
+
+
+def _without_steps_column(distill_data: Path, tmp_path: Path) -> Path:
+    rows = list(csv.DictReader(open(distill_data / "metadata.csv")))
+    meta = tmp_path / "metadata.csv"
+    with open(meta, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prompt", "seed"])
+        for row in rows:
+            writer.writerow([str(distill_data / row["image"]), row["prompt"], row["seed"]])
+    return meta
+
+
+def test_missing_steps_fall_back_to_the_flag_or_name_the_row(in_workspace, distill_data, tmp_path, capsys):
+    meta = _without_steps_column(distill_data, tmp_path)
+    args = _replace(distill_args(tmp_path / "out", distill_data), "--dataset_metadata_path", str(meta))
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "row 1" in err and "num_inference_steps" in err and "metadata.csv" in err
+    assert cli.main(["train", *args, "--num_inference_steps", "2"]) == 0
+
+
+def test_cache_of_sft_is_refused_for_distillation(in_workspace, distill_data, tmp_path, capsys):
+    stage1 = _replace(
+        distill_args(tmp_path / "cache", distill_data, models=FROZEN), "--task", "sft:data_process"
+    )
+    assert cli.main(["train", *stage1]) == 0
+    stage2 = distill_args(tmp_path / "out", distill_data, models=DIT)
+    stage2 = _replace(_replace(stage2, "--task", "direct_distill:train"), "--dataset_metadata_path", None)
+    stage2 = _replace(stage2, "--dataset_base_path", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert cli.main(["train", *stage2]) == 2
+    assert "task" in capsys.readouterr().err
