@@ -376,6 +376,31 @@ def denoise(
 
 
 # -- the family -----------------------------------------------------------------------------------------
+# Units shared by every Qwen-Image task (SFT here, direct distillation in qwen_image_distill.py).
+ENCODE_IMAGE = Unit(
+    name="encode_image",
+    inputs=("pixels",),
+    outputs=("latent_mean", "latent_std"),
+    models=("vae",),
+    fn=encode_image,
+)
+IMAGE_SHAPES = Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes)
+TOKENIZE = Unit(
+    name="tokenize",
+    inputs=("prompt",),
+    outputs=("input_ids", "attention_mask"),
+    models=("tokenizer",),
+    fn=tokenize,
+)
+ENCODE_PROMPT = Unit(
+    name="encode_prompt",
+    inputs=("input_ids", "attention_mask"),
+    outputs=("prompt_embeds", "prompt_embeds_mask"),
+    models=("text_encoder",),
+    fn=encode_prompt,
+)
+
+
 class QwenImageFamily:
     """Qwen-Image (diffusers ``QwenImageTransformer2DModel``, ``AutoencoderKLQwenImage``, Qwen2.5-VL text
     encoder, Qwen2 tokenizer, ``FlowMatchEulerDiscreteScheduler``) as units for ``--task sft``.
@@ -430,29 +455,11 @@ class QwenImageFamily:
             raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
         return [
             Unit(name="resize_image", inputs=("image",), outputs=("pixels",), fn=resize_image),
-            Unit(
-                name="encode_image",
-                inputs=("pixels",),
-                outputs=("latent_mean", "latent_std"),
-                models=("vae",),
-                fn=encode_image,
-            ),
+            ENCODE_IMAGE,
             latents,
-            Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes),
-            Unit(
-                name="tokenize",
-                inputs=("prompt",),
-                outputs=("input_ids", "attention_mask"),
-                models=("tokenizer",),
-                fn=tokenize,
-            ),
-            Unit(
-                name="encode_prompt",
-                inputs=("input_ids", "attention_mask"),
-                outputs=("prompt_embeds", "prompt_embeds_mask"),
-                models=("text_encoder",),
-                fn=encode_prompt,
-            ),
+            IMAGE_SHAPES,
+            TOKENIZE,
+            ENCODE_PROMPT,
             Unit(
                 name="timestep_noise",
                 inputs=("latents",),

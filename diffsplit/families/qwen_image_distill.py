@@ -48,15 +48,15 @@ import torch
 from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.families.qwen_image import (
+    ENCODE_IMAGE,
+    ENCODE_PROMPT,
+    IMAGE_SHAPES,
+    TOKENIZE,
     QwenImageFamily,
     _scheduler_config,
     denoise,
-    encode_image,
-    encode_prompt,
-    image_shapes,
     posterior_mode,
     resize_image,
-    tokenize,
 )
 from diffsplit.graph import Unit
 
@@ -364,32 +364,14 @@ class QwenImageDistillFamily:
             )
         return [
             Unit(name="resize_image", inputs=("image",), outputs=("pixels",), fn=resize_teacher_image),
-            Unit(
-                name="encode_image",
-                inputs=("pixels",),
-                outputs=("latent_mean", "latent_std"),
-                models=("vae",),
-                fn=encode_image,
-            ),
+            ENCODE_IMAGE,
             Unit(
                 name="target_latents", inputs=("latent_mean",), outputs=("target_latents",), fn=target_latents
             ),
-            Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes),
+            IMAGE_SHAPES,
             Unit(name="latent_shape", inputs=("latent_mean",), outputs=("latent_shape",), fn=latent_shape),
-            Unit(
-                name="tokenize",
-                inputs=("prompt",),
-                outputs=("input_ids", "attention_mask"),
-                models=("tokenizer",),
-                fn=tokenize,
-            ),
-            Unit(
-                name="encode_prompt",
-                inputs=("input_ids", "attention_mask"),
-                outputs=("prompt_embeds", "prompt_embeds_mask"),
-                models=("text_encoder",),
-                fn=encode_prompt,
-            ),
+            TOKENIZE,
+            ENCODE_PROMPT,
             # Light and not stochastic: a draw from the row's seed is the same every epoch.
             Unit(name="initial_noise", inputs=("seed", "latent_shape"), outputs=("noise",), fn=initial_noise),
             Unit(
