@@ -37,15 +37,18 @@ def value_size(value: Any) -> int:
 
 
 def probe_sizes(
-    plan: SplitPlan, components: Mapping[str, Any], options: Any, sample: data.Sample, dtype: torch.dtype
+    plan: SplitPlan,
+    components: Mapping[str, Any],
+    options: Any,
+    sample: data.Sample,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict[str, int]:
     """Bytes per sample of every value the static units make (and the dataset's), from one sample."""
     graph = plan.graph
     env = {graph.dataset_key(k): v for k, v in data.load_values(sample).items() if k in graph.dataset_values}
     with torch.no_grad():
-        graph.run(
-            plan.stage1, env, lambda unit: UnitContext(components, options, None, torch.device("cpu"), dtype)
-        )
+        graph.run(plan.stage1, env, lambda unit: UnitContext(components, options, None, device, dtype))
     return {key: value_size(value) for key, value in env.items()}
 
 

@@ -204,7 +204,7 @@ def _stage1(
     sizes = previous.get("value_bytes") if reuse else None
     if sizes is None:
         probe = min(samples, key=lambda s: s.id)
-        sizes = probe_sizes(base, models, options, probe, dtype)
+        sizes = probe_sizes(base, models, options, probe, device, dtype)
     constants = previous.get("constants") if reuse else None
     if constants is None:
         constants = task_for(config.task).family.constants(models)
@@ -395,7 +395,7 @@ def plan_text(config: TrainConfig) -> str:
     models = open_models(config, device, dtype)
     models.require(base.stage1_models, flag="--model_id_with_origin_paths")
     probe = min(samples, key=lambda s: s.id)
-    sizes = probe_sizes(base, models, family_options(config), probe, dtype)
+    sizes = probe_sizes(base, models, family_options(config), probe, device, dtype)
     plan = build_plan(config, value_bytes=sizes)
     per_sample = plan.cache_bytes or 0
     return (
