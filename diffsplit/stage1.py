@@ -95,11 +95,12 @@ def write_cache(
     *,
     overwrite: bool = False,
     num_workers: int = 0,
-    writer_id: str = "r0",
     shard_samples: int = 64,
     batch_size: int = 1,
     batch_key: Any = None,
-    finalize: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
@@ -107,12 +108,26 @@ def write_cache(
     Samples are visited in id order and keyed by id, so a rerun after a kill skips finished samples and
     adding rows to the metadata encodes only the new ones. With ``batch_size > 1``, samples whose
     ``batch_key(values, components, options)`` are equal are encoded together (in id order within a key).
+
+    With ``world_size > 1`` (one call per process), rank ``r`` encodes every ``world_size``-th missing sample
+    in id order into its own shards (no sample padded or doubled); ``barrier()`` must wait for every rank,
+    however long the slowest takes; rank 0 then writes the merged manifest. A rerun with another number of
+    processes still skips what any rank finished.
     """
-    writer = cache.CacheWriter(
-        folder, identity, writer_id=writer_id, shard_samples=shard_samples, overwrite=overwrite
-    )
+
+    def open_writer(overwrite: bool) -> cache.CacheWriter:
+        return cache.CacheWriter(
+            folder, identity, writer_id=f"r{rank}", shard_samples=shard_samples, overwrite=overwrite
+        )
+
+    # Rank 0 alone replaces a stale cache; the others open it once that is done.
+    writer = open_writer(overwrite) if rank == 0 else None
+    if world_size > 1:
+        barrier()
+    writer = writer or open_writer(False)
     done = writer.done_ids()
-    todo = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
+    missing = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
+    todo = missing[rank::world_size]
     graph = plan.graph
     keys = sorted(plan.cached)
     started = time.perf_counter()
@@ -143,11 +158,17 @@ def write_cache(
                 writer.add(todo[index].id, todo[index].row, tensors, values)
             progress.update(len(members))
         progress.close()
-    writer.close(complete=finalize)
+    writer.close(complete=world_size == 1)
     seconds = time.perf_counter() - started
+    if world_size > 1:
+        barrier()  # every rank's shards are written
+        if rank == 0:
+            writer.finalize()
+        barrier()  # nobody reads the cache before its manifest says complete
     if todo and show_progress:
+        who = f"rank {rank}: " if world_size > 1 else ""
         print(
-            f"stage 1: encoded {len(todo)} samples in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} samples/s), "
+            f"stage 1: {who}encoded {len(todo)} samples in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} samples/s), "
             f"{len(done)} already cached",
             file=sys.stderr,
         )

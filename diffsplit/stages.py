@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from diffsplit import cache, data
 from diffsplit.config import TrainConfig
@@ -191,10 +192,10 @@ def _stage1(
     folder: Path,
     models: Any,
     samples: list[data.Sample],
-    device: torch.device,
+    state: PartialState,
     dtype: torch.dtype,
 ) -> tuple[SplitPlan, dict[str, Any]]:
-    """Plan with probed sizes, then encode the samples the cache at ``folder`` lacks."""
+    """Plan with probed sizes, then encode the samples the cache at ``folder`` lacks (all ranks share it)."""
     base = build_plan(config)
     models.require(base.stage1_models, flag="--model_id_with_origin_paths")
     options = family_options(config)
@@ -204,7 +205,7 @@ def _stage1(
     sizes = previous.get("value_bytes") if reuse else None
     if sizes is None:
         probe = min(samples, key=lambda s: s.id)
-        sizes = probe_sizes(base, models, options, probe, device, dtype)
+        sizes = probe_sizes(base, models, options, probe, state.device, dtype)
     constants = previous.get("constants") if reuse else None
     if constants is None:
         constants = task_for(config.task).family.constants(models)
@@ -217,13 +218,16 @@ def _stage1(
         samples,
         models,
         options,
-        device,
+        state.device,
         dtype,
         overwrite=config.overwrite_cache,
         num_workers=config.dataset_num_workers,
         shard_samples=config.cache_shard_size,
         batch_size=config.data_process_batch_size,
         batch_key=task_for(config.task).family.batch_key,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        barrier=_long_barrier(state),
     )
     return plan, summary
 
@@ -238,11 +242,11 @@ def data_process(config: TrainConfig) -> dict[str, Any]:
         notice(
             f"--dataset_repeat {config.dataset_repeat} is treated as 1 in stage 1: each sample is encoded once"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(config, device)
+    state = _process_state()
+    dtype = resolve_dtype(config, state.device)
     samples = load_dataset(config)
-    models = open_models(config, device, dtype)
-    plan, summary = _stage1(config, Path(config.output_path), models, samples, device, dtype)
+    models = open_models(config, state.device, dtype)
+    plan, summary = _stage1(config, Path(config.output_path), models, samples, state, dtype)
     print(f"cache at {config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}")
     return summary
 
@@ -296,16 +300,16 @@ def train_from_cache(
 # -- automatic ----------------------------------------------------------------------------------------------
 def train_auto(config: TrainConfig) -> dict[str, Any]:
     """``--task sft --cache_dir DIR``: stage 1 if DIR lacks these samples, free the frozen models, stage 2."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(config, device)
+    state = _process_state()
+    dtype = resolve_dtype(config, state.device)
     samples = load_dataset(config)
-    models = open_models(config, device, dtype)
+    models = open_models(config, state.device, dtype)
     base = build_plan(config)
     models.require(base.stage1_models + base.stage2_models, flag="--model_id_with_origin_paths")
     key = cache.fingerprint(base_identity(config, models, base, dtype))[:16]
     folder = Path(config.cache_dir) / key
     started = time.perf_counter()
-    _, summary1 = _stage1(config, folder, models, samples, device, dtype)
+    _, summary1 = _stage1(config, folder, models, samples, state, dtype)
     stage1_seconds = time.perf_counter() - started
     stage1_rss = _peak_rss_mib()
     for name in base.stage1_models:
@@ -324,6 +328,32 @@ def train_auto(config: TrainConfig) -> dict[str, Any]:
 
 
 # -- shared -------------------------------------------------------------------------------------------------
+def _process_state() -> PartialState:
+    """This process's place among those ``accelerate launch`` started (what ``Accelerator()`` would see).
+
+    ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``, so CPU ranks would each think they are alone.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _long_barrier(state: PartialState) -> Any:
+    """A barrier for stage 1's ranks that waits as long as the slowest rank needs.
+
+    Ranks of stage 1 can finish hours apart (uneven images, a resumed rank with little left), far beyond
+    the default process-group timeout, so they meet on a gloo group of their own with a one-day timeout.
+    """
+    if state.num_processes == 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    return lambda: dist.barrier(group=group)
+
+
 def _step_plan(config: TrainConfig, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
     task = task_for(config.task)
     reads = task.family.loss_reads(family_options(config))
@@ -333,7 +363,8 @@ def _step_plan(config: TrainConfig, plan: SplitPlan, frozen_units: list[str]) ->
 def _train(config, accelerator, step_plan, components, trained, ids, load, dtype) -> dict[str, Any]:
     out = Path(config.output_path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training_args.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    if accelerator.is_main_process:
+        (out / "training_args.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     summary = run_training(
         config, accelerator, step_plan, components, trained, ids, load, family_options(config), dtype
     )

@@ -284,7 +284,9 @@ def test_split_regenerates_or_caches_the_same_noise(pipe, image_path, with_sizes
     if with_sizes:
         values = {k: v for k, v in _values(image_path, seed=11).items() if k != "image"}
         sample = Sample(id="s0", row=1, values={"image": image_path, **values}, source="metadata.csv")
-        split = plan(probe_sizes(split, _components(pipe), options, sample, torch.float32))
+        split = plan(
+            probe_sizes(split, _components(pipe), options, sample, torch.device("cpu"), torch.float32)
+        )
 
     assert "stochastic" not in split.reasons["initial_noise"]
     assert "stochastic" not in split.reasons["student_rollout"]
