@@ -219,7 +219,7 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     from diffsplit.families.qwen_image import scheduler_from_constants
     from diffsplit.rng import keyed_generator
     from diffsplit.tasks import task_for
-    from diffsplit.training import prepare_trainable
+    from diffsplit.training import ComponentOverlay, prepare_trainable
 
     steps = int(argv[0])
     train_argv = ["train", *argv[1:]]
@@ -233,14 +233,8 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     models = stages.open_models(config, device, dtype)
     scheduler = scheduler_from_constants(reader.identity["constants"])
 
-    class Components(dict):  # the model set, with the scheduler from the cache's constants (as stage 2)
-        def __missing__(self, name: str) -> Any:
-            return models[name]
-
-        def __contains__(self, name: object) -> bool:
-            return dict.__contains__(self, name) or name in models
-
-    components = Components(scheduler=scheduler)
+    # the model set, with the scheduler from the cache's constants (as stage 2)
+    components = ComponentOverlay(models, {"scheduler": scheduler})
     trained = prepare_trainable(config, components)
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)

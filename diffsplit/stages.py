@@ -29,7 +29,7 @@ from diffsplit.families.qwen_image import scheduler_from_constants
 from diffsplit.split import SplitPlan, plan_split
 from diffsplit.stage1 import UNITS_VERSION, existing_identity, probe_sizes, write_cache
 from diffsplit.tasks import task_for
-from diffsplit.training import StepPlan, make_accelerator, prepare_trainable, run_training
+from diffsplit.training import ComponentOverlay, StepPlan, make_accelerator, prepare_trainable, run_training
 
 _NO_PREFIX = "saved LoRA keys never carry a prefix (they are 'diffusion_model.<module>')"
 _TRAINING_ONLY = (
@@ -286,7 +286,9 @@ def train_from_cache(
         flag="--model_id_with_origin_paths",
     )
     # The scheduler comes from the cache's constants, so stage 2 needs nothing of the frozen repository.
-    components = _WithOverrides(models, {"scheduler": scheduler_from_constants(reader.identity["constants"])})
+    components = ComponentOverlay(
+        models, {"scheduler": scheduler_from_constants(reader.identity["constants"])}
+    )
     trained = prepare_trainable(config, components)
     ids = reader.sample_ids if sample_ids is None else sample_ids
 
@@ -375,20 +377,6 @@ def _train(config, accelerator, step_plan, components, trained, ids, load, dtype
         for path in summary["written"]:
             print(f"wrote {path}")
     return summary
-
-
-class _WithOverrides(dict):
-    """Components: the model set, with some names answered by ready-made objects."""
-
-    def __init__(self, models: Any, overrides: dict[str, Any]):
-        super().__init__(overrides)
-        self.models = models
-
-    def __missing__(self, name: str) -> Any:
-        return self.models[name]
-
-    def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or name in self.models
 
 
 def _peak_rss_mib() -> float:

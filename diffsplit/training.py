@@ -209,7 +209,7 @@ def run_training(
     prepared = accelerator.prepare(*[trained[n] for n in names], optimizer, scheduler)
     wrapped = dict(zip(names, prepared[: len(names)], strict=True))
     optimizer, scheduler = prepared[len(names)], prepared[len(names) + 1]
-    step_components = _Overlay(components, wrapped)
+    step_components = ComponentOverlay(components, wrapped)
 
     start_epoch, start_item, step = 0, 0, 0
     if config.resume_from_state:
@@ -308,8 +308,9 @@ def run_training(
     }
 
 
-class _Overlay(Mapping):
-    """Components with the trained models replaced by their accelerate-prepared (e.g. DDP) wrappers."""
+class ComponentOverlay(Mapping):
+    """Components with some names answered by ready-made objects (prepared DDP wrappers, a scheduler
+    rebuilt from the cache's constants); every other name goes to ``base``, loading lazily there."""
 
     def __init__(self, base: Any, overrides: Mapping[str, Any]):
         self.base, self.overrides = base, overrides
@@ -317,11 +318,14 @@ class _Overlay(Mapping):
     def __getitem__(self, name: str) -> Any:
         return self.overrides[name] if name in self.overrides else self.base[name]
 
+    def __contains__(self, name: object) -> bool:  # without loading anything
+        return name in self.overrides or name in self.base
+
     def __iter__(self):
-        return iter(self.base)
+        return iter(dict.fromkeys([*self.overrides, *self.base]))
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(dict.fromkeys([*self.overrides, *self.base]))
 
 
 class _LossLog:

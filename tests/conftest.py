@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from diffsplit.demo import SEED_TARGETS  # one copy of the seed's LoRA target list
+
 SEED_MODELS = (
     "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors,"
     "Qwen/Qwen-Image:text_encoder/model*.safetensors,"
     "Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
 )
-SEED_TARGETS = "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1"
 
 
 @pytest.fixture(scope="session")
