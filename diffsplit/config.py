@@ -166,7 +166,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_rank", type=_positive(int), default=d.lora_rank)
     g.add_argument("--lora_alpha", type=_positive(float), help="default: the rank (scale 1)")
     g.add_argument("--lora_checkpoint", help="continue from this LoRA file")
-    g.add_argument("--trainable_models", help="component(s) to train fully, e.g. dit")
+    g.add_argument(
+        "--trainable_models",
+        help="component(s) to train fully, e.g. dit; or layers of one, e.g. text_encoder.layers.24-27",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=_positive(float), default=d.learning_rate)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
@@ -220,6 +223,13 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     config = TrainConfig(**values, given=given)
     if (config.height is None) != (config.width is None):
         raise UserError("--height and --width must be given together")
+    from diffsplit.layers import parse_trainable
+
+    for entry in config.full_trainable_models:
+        try:
+            parse_trainable(entry)
+        except ValueError as exc:
+            raise UserError(f"--trainable_models: {exc}") from None
     if not config.trained_components and not config.task.endswith(":data_process"):
         raise UserError("nothing to train: give --lora_base_model or --trainable_models")
     if not config.model_id_with_origin_paths and not config.model_paths:

@@ -54,6 +54,10 @@ class Unit:
             posterior sampling, caption dropout). A draw from a seed the data provides is deterministic.
         fn: ``fn(ctx, **inputs) -> dict[name, value]`` doing the work; ``ctx`` is supplied by the runner
             (components, keyed random generator, options). Optional for planning.
+        split_at: for a unit that runs one *layered* component (a text encoder): ``split_at(cut, n)``
+            returns ``(prefix, suffix)``, two units that together compute what this one does, the prefix
+            running layers ``[0, cut)`` and the suffix layers ``[cut, n)``. The planner uses it for the
+            layer-level split (see :mod:`diffsplit.layers`).
     """
 
     name: str
@@ -62,6 +66,7 @@ class Unit:
     models: tuple[str, ...] = ()
     stochastic: bool = False
     fn: Callable[..., Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
+    split_at: Callable[[int, int], tuple[Unit, Unit]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -191,6 +191,13 @@ def _adapter_parameters(layer: LoraLayer, adapter_name: str) -> Iterator[torch.n
             yield entry
         else:
             yield from entry.parameters()
+
+
+def matching_modules(module_names: Iterable[str], targets: LoraTargets) -> list[str]:
+    """The names among ``module_names`` that ``targets`` select, by peft's own matcher (no model needed:
+    the layer-level split finds its cut from a meta model's names)."""
+    config = LoraConfig(target_modules=targets)
+    return [name for name in module_names if name and check_target_module_exists(config, name)]
 
 
 def _check_targets(model: torch.nn.Module, targets: LoraTargets, component: str) -> None:

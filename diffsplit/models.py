@@ -36,6 +36,7 @@ from huggingface_hub import snapshot_download
 
 from diffsplit.errors import UserError
 from diffsplit.files import sha256_file
+from diffsplit.layers import adapter_for, component_of, parse_part
 
 if TYPE_CHECKING:
     import torch
@@ -435,7 +436,7 @@ class ComponentView(Mapping[str, Any]):
         return len(self._models.available)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._models.available
+        return name in self._models
 
 
 @dataclass(eq=False)
@@ -520,7 +521,8 @@ class ModelSet(Mapping[str, Any]):
         return len(self.available)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.available
+        """A component name, or a layer part of one (``"text_encoder[24:28]"``)."""
+        return isinstance(name, str) and component_of(name) in self.available
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
         """The loaded component, or ``default`` when it is not available (Mapping semantics)."""
@@ -537,8 +539,8 @@ class ModelSet(Mapping[str, Any]):
         return tuple(names)
 
     def entry(self, name: str) -> ModelEntry:
-        """The resolved entry of a model component (``dit``, ``text_encoder``, ``vae``)."""
-        return self._by_component[name]
+        """The resolved entry of a model component (``dit``, ``text_encoder``, ``vae``) or of a part's component."""
+        return self._by_component[component_of(name)]
 
     def require(
         self, names: str | Iterable[str], needed_by: str | None = None, flag: str | None = None
@@ -548,7 +550,7 @@ class ModelSet(Mapping[str, Any]):
         ``flag`` replaces the flag(s) named in the message.
         """
         for name in [names] if isinstance(names, str) else list(names):
-            if name not in self.available:
+            if name not in self:
                 who = f"unit '{needed_by}'" if needed_by else "this run"
                 raise UserError(f"model '{name}' is needed by {who} but not given in {flag or self.flags}")
 
@@ -596,6 +598,9 @@ class ModelSet(Mapping[str, Any]):
         return self.dtypes.get(name, self.dtype)
 
     def _construct(self, name: str) -> Any:
+        part = parse_part(name)
+        if part is not None:
+            return self._construct_part(*part)
         if name == "tokenizer":
             from transformers import AutoTokenizer
 
@@ -617,6 +622,19 @@ class ModelSet(Mapping[str, Any]):
         # from_pretrained on the folder reads config.json and the weights (through the shard index when
         # sharded); it never touches the network for a local folder.
         return cls.from_pretrained(str(entry.folder), **kwargs)
+
+    def _construct_part(self, component: str, start: int, stop: int) -> Any:
+        """Layers ``[start, stop)`` of ``component``, built by its architecture's layer adapter from the
+        checkpoint files (no other layer is read); see :mod:`diffsplit.layers`."""
+        entry = self._by_component[component]
+        adapter = adapter_for(entry.class_name)
+        if adapter is None:
+            raise UserError(
+                f"{entry.source}: {entry.class_name} cannot be cut between layers (no layer adapter)"
+            )
+        return adapter.build(
+            entry.folder, entry.files, start, stop, dtype=self._dtype(component), device=None
+        )
 
     def _construct_scheduler(self) -> Any:
         import diffusers
@@ -689,6 +707,10 @@ class ModelSet(Mapping[str, Any]):
         out: dict[str, dict[str, str]] = {}
         for name in names:
             self.require(name)
+            if parse_part(name) is not None:
+                # A part is defined by its component's files (and its name, which is the key here).
+                out[name] = self.identity([component_of(name)])[component_of(name)]
+                continue
             if name == "tokenizer":
                 folder = self.tokenizer_folder()
                 base, files = folder.parent, [p for p in sorted(folder.iterdir()) if p.is_file()]

@@ -22,7 +22,15 @@ Read this file top to bottom; it is the whole algorithm.
    Of all minimum cuts we take the one with the smallest stage 2 (nodes that can still reach the sink in
    the residual graph), so a light unit stays in stage 1 unless moving it strictly saves bytes. Without
    sizes nothing is moved.
-4. **The cache** holds exactly the value versions that stage 2 (or the loss) reads and that stage 1 or the
+4. **Layer-level split** (before all of the above). A trainable *layered* component (a text encoder) whose
+   trainable parameters start at layer ``c > 0`` is cut there: the unit running it is replaced by the
+   prefix and suffix units its family supplies (``Unit.split_at``), the prefix running the frozen layers
+   ``[0, c)`` on the part ``"<component>[0:c]"`` and the suffix the layers ``[c, N)`` on
+   ``"<component>[c:N]"``, which is what trains. Rules 1-3 then put the prefix in stage 1 (it is frozen and
+   static) and the suffix in stage 2, so the cache holds the hidden state at the cut. Where the cut comes
+   from (module names, plain data) is :mod:`diffsplit.layers`; without an adapter, or with trainable
+   parameters at layer 0, the unit stays whole (the unit-level split) and ``explain()`` says why.
+5. **The cache** holds exactly the value versions that stage 2 (or the loss) reads and that stage 1 or the
    dataset produces. Everything else stage 1 makes is *dropped*.
 
 Rewritten values are handled by versions (see :mod:`diffsplit.graph`): each read is bound to the version
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from diffsplit.graph import DATASET, GraphError, Unit, UnitGraph, Version
+from diffsplit.layers import LayerCut, part_name
 
 STAGE1, STAGE2 = 1, 2
 _SOURCE, _SINK = "<stage 1>", "<stage 2>"
@@ -66,7 +75,11 @@ class SplitPlan:
         dropped: keys of values stage 1 produces that are not stored.
         reasons: unit name -> why it runs where it runs.
         cache_entries: details of each cached value, in key order.
-        stage1_models, stage2_models: components each stage must load.
+        stage1_models, stage2_models: components each stage must load (a layer part such as
+            ``"text_encoder[24:28]"`` where the layer-level split cut a component).
+        trainable_models: components with trainable parameters, as the user named them.
+        trained_parts: component -> the part that trains in stage 2, for each component cut at a layer.
+        layer_notes: one line per layered unit of a trainable component: where it was cut, or why not.
     """
 
     stage1: list[str]
@@ -79,6 +92,8 @@ class SplitPlan:
     stage2_models: list[str]
     trainable_models: list[str]
     graph: UnitGraph = field(repr=False)
+    trained_parts: dict[str, str] = field(default_factory=dict)
+    layer_notes: list[str] = field(default_factory=list)
 
     def stage_of(self, unit: str) -> int:
         return STAGE1 if unit in self.stage1 else STAGE2
@@ -96,6 +111,7 @@ class SplitPlan:
             "stage2": list(self.stage2),
             "cached": sorted(self.cached),
             "trainable_models": sorted(self.trainable_models),
+            "trained_parts": dict(sorted(self.trained_parts.items())),
         }
 
     def explain(self) -> str:
@@ -105,6 +121,9 @@ class SplitPlan:
             stage = "1" if unit.name in self.stage1 else "2"
             rows.append((unit.name, stage, ",".join(unit.models) or "-", self.reasons[unit.name]))
         lines = _table(rows)
+        if self.layer_notes:
+            lines.append("")
+            lines.extend(f"layer split: {note}" for note in self.layer_notes)
         lines.append("")
         lines.append(f"stage 1 loads: {', '.join(self.stage1_models) or 'nothing'}")
         lines.append(f"stage 2 loads: {', '.join(self.stage2_models) or 'nothing'}")
@@ -132,6 +151,7 @@ def plan_split(
     stage2_reads: Iterable[str],
     value_bytes: Mapping[str, int] | None = None,
     components: Iterable[str] | None = None,
+    layer_cuts: Mapping[str, LayerCut] | None = None,
 ) -> SplitPlan:
     """Split ``units`` into stage 1 (run once, cached) and stage 2 (run every step).
 
@@ -144,19 +164,26 @@ def plan_split(
             given, light units may move to stage 2 to shrink the cache; every value the cut might cache
             must then have a size.
         components: the pipeline's component names, for validation.
+        layer_cuts: component -> where its layers may be cut (:func:`diffsplit.layers.find_cut`); None
+            or absent components mean no layer-level split (rule 4).
 
     Raises:
         GraphError: invalid graph, or an unknown trainable model / loss read.
     """
-    graph = UnitGraph(units, dataset_values, components)
     trainable = list(dict.fromkeys(trainable_models))
     if components is not None:
+        components = list(components)
         for model in trainable:
-            if model not in graph.components:  # type: ignore[operator]
+            if model not in components:
                 raise GraphError(f"trainable model '{model}' is not a component of the pipeline")
+    units, trained_parts, layer_reasons, layer_notes = _cut_layers(units, trainable, layer_cuts or {})
+    if components is not None:
+        components = components + [m for u in units for m in u.models if m not in components]
+    graph = UnitGraph(units, dataset_values, components)
     loss_versions = [graph.final(name) for name in dict.fromkeys(stage2_reads)]
 
-    dynamic, reasons = _dynamic_units(graph, set(trainable))
+    dynamic, reasons = _dynamic_units(graph, set(trainable) | set(trained_parts.values()))
+    reasons.update(layer_reasons)
     placement = {u.name: (STAGE2 if u.name in dynamic else STAGE1) for u in graph.units}
     light = [u.name for u in graph.units if u.name not in dynamic and u.light]
     savings: dict[str, int] = {}
@@ -183,7 +210,49 @@ def plan_split(
         else:
             reasons[unit.name] = "light, kept: recomputing it would not shrink the cache"
 
-    return _assemble(graph, placement, reasons, trainable, loss_versions, value_bytes)
+    plan = _assemble(graph, placement, reasons, trainable, loss_versions, value_bytes)
+    plan.trained_parts, plan.layer_notes = trained_parts, layer_notes
+    return plan
+
+
+# -- step 4 (done first): the layer-level split -------------------------------------------------------
+def _cut_layers(
+    units: Sequence[Unit], trainable: list[str], layer_cuts: Mapping[str, LayerCut]
+) -> tuple[list[Unit], dict[str, str], dict[str, str], list[str]]:
+    """Replace each unit that runs a cuttable trainable component by its prefix and suffix units.
+
+    Returns the new unit list, component -> trained part, unit name -> reason, and the notes for
+    ``explain()``.
+    """
+    out: list[Unit] = []
+    parts: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    notes: list[str] = []
+    for unit in units:
+        layered = [m for m in unit.models if m in trainable and m in layer_cuts]
+        if unit.split_at is None or not layered:
+            out.append(unit)
+            continue
+        component = layered[0]
+        cut = layer_cuts[component]
+        if not cut.splits:
+            notes.append(
+                f"'{component}' is not cut ({cut.fallback()}): '{unit.name}' runs the whole model in stage 2"
+            )
+            out.append(unit)
+            continue
+        assert cut.cut is not None and cut.num_layers is not None
+        c, n = cut.cut, cut.num_layers
+        prefix, suffix = unit.split_at(c, n)
+        out += [prefix, suffix]
+        parts[component] = part_name(component, c, n)
+        reasons[prefix.name] = f"frozen: layers 0-{c - 1} of '{component}', before the cut"
+        reasons[suffix.name] = f"runs trainable layers {c}-{n - 1} of '{component}'"
+        notes.append(
+            f"'{component}' cut at layer {c} of {n} (first trainable: '{cut.decided_by}'); stage 1 runs "
+            f"layers 0-{c - 1} once, stage 2 builds and runs only layers {c}-{n - 1}"
+        )
+    return out, parts, reasons, notes
 
 
 # -- step 1: dynamic units ----------------------------------------------------------------------------
@@ -295,7 +364,7 @@ def _cached_versions(graph: UnitGraph, stage2: set[str], loss_versions: list[Ver
     return out
 
 
-# -- step 4: the plan ---------------------------------------------------------------------------------
+# -- step 5: the plan ---------------------------------------------------------------------------------
 def _assemble(
     graph: UnitGraph,
     placement: dict[str, int],

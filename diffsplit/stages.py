@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from diffsplit import cache, data
+from diffsplit import cache, data, lora
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
 from diffsplit.families.qwen_image import scheduler_from_constants
+from diffsplit.layers import LayerCut, LayerRange, adapter_for, find_cut, no_adapter, parse_trainable
 from diffsplit.split import SplitPlan, plan_split
 from diffsplit.stage1 import UNITS_VERSION, existing_identity, probe_sizes, write_cache
 from diffsplit.tasks import task_for
@@ -62,6 +63,8 @@ def print_notices(config: TrainConfig) -> None:
             if flag in config.given:
                 notice(f"--{flag} has no effect in --task {config.task}: it is for --task direct_distill")
     for flag, why in INERT_FLAGS.get(task_for(config.task).stage, {}).items():
+        if flag == "lora_target_modules" and set(config.lora_base_models) - {"dit"}:
+            continue  # it may place a layer-level cut in a preprocessing model (see data_process)
         if flag in config.given:
             notice(f"--{flag} has no effect in --task {config.task}: {why}")
     if task_for(config.task).stage == "" and not config.cache_dir:
@@ -87,7 +90,55 @@ def family_options(config: TrainConfig) -> SimpleNamespace:
     )
 
 
-def build_plan(config: TrainConfig, value_bytes: dict[str, int] | None = None) -> SplitPlan:
+def layer_cuts(config: TrainConfig, models: Any) -> dict[str, LayerCut]:
+    """Where each trainable component could be cut between layers (the planner's layer-level split).
+
+    Found from module names alone: the component's architecture adapter lists the full model's module
+    names on the meta device (nothing loaded), and the LoRA targets (peft's matcher) or the
+    ``--trainable_models <component>.layers.a-b`` ranges select the trainable ones.
+    """
+    targets = (
+        lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+        if config.lora_base_models
+        else {}
+    )
+    full = [parse_trainable(entry) for entry in config.full_trainable_models]
+    cuts: dict[str, LayerCut] = {}
+    for component in config.trained_components:
+        try:
+            entry = models.entry(component)
+        except KeyError:
+            continue  # not a model file (or not given: models.require names the flag later)
+        adapter = adapter_for(entry.class_name)
+        if adapter is None:
+            cuts[component] = no_adapter(component, entry.class_name)
+            continue
+        n = adapter.num_layers(entry.folder)
+        names = adapter.module_names(entry.folder)
+        if component in full:
+            cuts[component] = LayerCut(
+                component, n, 0, note=f"--trainable_models {component} trains the whole model"
+            )
+            continue
+        trainable = lora.matching_modules(names, targets[component]) if component in targets else []
+        for spec in full:
+            if isinstance(spec, LayerRange) and spec.component == component:
+                if spec.last >= n:
+                    raise UserError(
+                        f"--trainable_models {component}.layers.{spec.first}-{spec.last}: the {component} "
+                        f"has {n} layers (0-{n - 1})"
+                    )
+                trainable += [name for name in names if adapter.layer_of(name) in spec]
+        cuts[component] = find_cut(component, trainable, adapter.layer_of, n)
+    return cuts
+
+
+def build_plan(
+    config: TrainConfig,
+    value_bytes: dict[str, int] | None = None,
+    cuts: dict[str, LayerCut] | None = None,
+) -> SplitPlan:
+    """The run's plan; ``cuts`` (from :func:`layer_cuts`) enables the layer-level split."""
     family = task_for(config.task).family
     options = family_options(config)
     trained = config.trained_components
@@ -104,6 +155,7 @@ def build_plan(config: TrainConfig, value_bytes: dict[str, int] | None = None) -
         stage2_reads=family.loss_reads(options),
         value_bytes=value_bytes,
         components=family.components,
+        layer_cuts=cuts,
     )
 
 
@@ -175,7 +227,7 @@ def train_unsplit(config: TrainConfig) -> dict[str, Any]:
     samples = load_dataset(config)
     models = open_models(config, accelerator.device, dtype)
     models.require(plan.stage1_models + plan.stage2_models, flag="--model_id_with_origin_paths")
-    trained = prepare_trainable(config, models)
+    trained = prepare_trainable(config, models, plan.trained_parts)
     graph = plan.graph
 
     def load(index: int) -> dict:
@@ -196,7 +248,8 @@ def _stage1(
     dtype: torch.dtype,
 ) -> tuple[SplitPlan, dict[str, Any]]:
     """Plan with probed sizes, then encode the samples the cache at ``folder`` lacks (all ranks share it)."""
-    base = build_plan(config)
+    cuts = layer_cuts(config, models)
+    base = build_plan(config, cuts=cuts)
     models.require(base.stage1_models, flag="--model_id_with_origin_paths")
     options = family_options(config)
     identity = base_identity(config, models, base, dtype)
@@ -209,7 +262,7 @@ def _stage1(
     constants = previous.get("constants") if reuse else None
     if constants is None:
         constants = task_for(config.task).family.constants(models)
-    plan = build_plan(config, value_bytes=sizes)
+    plan = build_plan(config, value_bytes=sizes, cuts=cuts)
     identity.update(plan=plan.to_dict(), value_bytes=sizes, constants=constants, values=_value_specs(plan))
     summary = write_cache(
         folder,
@@ -247,12 +300,16 @@ def data_process(config: TrainConfig) -> dict[str, Any]:
     samples = load_dataset(config)
     models = open_models(config, state.device, dtype)
     plan, summary = _stage1(config, Path(config.output_path), models, samples, state, dtype)
+    if "lora_target_modules" in config.given and not plan.trained_parts:
+        notice(f"--lora_target_modules has no effect in --task {config.task}: stage 1 trains nothing")
     print(f"cache at {config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}")
     return summary
 
 
 # -- stage 2 ------------------------------------------------------------------------------------------------
-def _check_cache(config: TrainConfig, reader: cache.CacheReader, dtype: torch.dtype, where: str) -> SplitPlan:
+def _check_cache(
+    config: TrainConfig, reader: cache.CacheReader, dtype: torch.dtype, where: str, models: Any
+) -> SplitPlan:
     """Recompute the plan from this run's arguments; refuse a cache made for another one."""
     identity = reader.identity
     task = task_for(config.task)
@@ -264,7 +321,7 @@ def _check_cache(config: TrainConfig, reader: cache.CacheReader, dtype: torch.dt
     }
     # What the plan is made from first: a cache of another task may lack sizes this plan needs.
     cache.check_identity(identity, expected, list(expected), where)
-    plan = build_plan(config, value_bytes=identity.get("value_bytes"))
+    plan = build_plan(config, value_bytes=identity.get("value_bytes"), cuts=layer_cuts(config, models))
     expected.update(trainable_models=sorted(plan.trainable_models), plan=plan.to_dict())
     cache.check_identity(identity, expected, list(expected), where)
     return plan
@@ -278,9 +335,13 @@ def train_from_cache(
     torch.manual_seed(config.seed)
     dtype = resolve_dtype(config, accelerator.device)
     reader = cache.CacheReader(folder)
-    plan = _check_cache(config, reader, dtype, str(folder))
     if models is None:
         models = open_models(config, accelerator.device, dtype)
+    models.require(
+        [m for m in config.trained_components if m in task_for(config.task).family.components],
+        flag="--model_id_with_origin_paths",
+    )
+    plan = _check_cache(config, reader, dtype, str(folder), models)
     models.require(
         [m for m in plan.stage2_models if m != "scheduler"],
         flag="--model_id_with_origin_paths",
@@ -289,7 +350,7 @@ def train_from_cache(
     components = ComponentOverlay(
         models, {"scheduler": scheduler_from_constants(reader.identity["constants"])}
     )
-    trained = prepare_trainable(config, components)
+    trained = prepare_trainable(config, components, plan.trained_parts)
     ids = reader.sample_ids if sample_ids is None else sample_ids
 
     def load(index: int) -> dict:
@@ -306,7 +367,7 @@ def train_auto(config: TrainConfig) -> dict[str, Any]:
     dtype = resolve_dtype(config, state.device)
     samples = load_dataset(config)
     models = open_models(config, state.device, dtype)
-    base = build_plan(config)
+    base = build_plan(config, cuts=layer_cuts(config, models))
     models.require(base.stage1_models + base.stage2_models, flag="--model_id_with_origin_paths")
     key = cache.fingerprint(base_identity(config, models, base, dtype))[:16]
     folder = Path(config.cache_dir) / key
@@ -407,15 +468,16 @@ def plan_text(config: TrainConfig) -> str:
     """The plan with bytes per sample from one probe sample and the projected cache size."""
     device = torch.device("cpu")
     dtype = resolve_dtype(config, device)
-    base = build_plan(config)
+    models = open_models(config, device, dtype)
+    cuts = layer_cuts(config, models)
+    base = build_plan(config, cuts=cuts)
     if not config.dataset_base_path:
         return base.explain() + "\n\n(give --dataset_base_path to see bytes per sample)"
     samples = load_dataset(config)
-    models = open_models(config, device, dtype)
     models.require(base.stage1_models, flag="--model_id_with_origin_paths")
     probe = min(samples, key=lambda s: s.id)
     sizes = probe_sizes(base, models, family_options(config), probe, device, dtype)
-    plan = build_plan(config, value_bytes=sizes)
+    plan = build_plan(config, value_bytes=sizes, cuts=cuts)
     per_sample = plan.cache_bytes or 0
     return (
         plan.explain()

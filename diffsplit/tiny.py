@@ -17,8 +17,9 @@ does::
 Two sizes:
 
 * ``tiny``: the dimensions of diffusers' own Qwen-Image pipeline tests (transformer 2 layers, 3 heads x 16;
-  VAE z_dim 4 with a 4x spatial downscale; text encoder hidden 16, 2 layers), except the VAE's base_dim is 8
-  instead of 24 (its 3D convolutions dominate CPU time: ~3x faster encodes). A LoRA step at 64x64 takes
+  VAE z_dim 4 with a 4x spatial downscale; text encoder hidden 16), except the VAE's base_dim is 8
+  instead of 24 (its 3D convolutions dominate CPU time: ~3x faster encodes) and the text encoder has 4
+  layers instead of 2, so it can be cut between layers with more than one layer on each side. A LoRA step at 64x64 takes
   milliseconds on a CPU.
 * ``proportioned``: transformer 4 layers x 512 (head_dim 128, the real rope axes), text encoder 4 layers x
   512, VAE base_dim 4 with the real z_dim 16 and 8x downscale, so the cost ratios between text encoder, VAE
@@ -156,7 +157,7 @@ def _text_encoder_config(size: str, tokenizer: Any) -> Any:
         text = {
             "hidden_size": 16,
             "intermediate_size": 32,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": 4,  # enough to cut the text encoder between layers (layer-level split)
             "num_attention_heads": 2,
             "num_key_value_heads": 2,
         }

@@ -29,6 +29,7 @@ from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.graph import Unit, UnitGraph
+from diffsplit.layers import LayerRange, adapter_for, architecture_of, parse_trainable
 from diffsplit.rng import derive_seed, keyed_generator
 
 STATE_FILE = "diffsplit_state.json"
@@ -120,13 +121,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def prepare_trainable(config: TrainConfig, components: Any) -> dict[str, torch.nn.Module]:
-    """Freeze every loaded model, then add LoRA / unfreeze the trained ones. Returns name -> module."""
+def prepare_trainable(
+    config: TrainConfig, components: Any, parts: Mapping[str, str] | None = None
+) -> dict[str, torch.nn.Module]:
+    """Freeze every loaded model, then add LoRA / unfreeze the trained ones. Returns name -> module.
+
+    ``parts`` maps a component cut by the layer-level split to the part that trains in this run
+    (``{"text_encoder": "text_encoder[24:28]"}``); the LoRA and the selected layers go on that part, under
+    the same module names as on the whole model.
+    """
+    parts = parts or {}
     trained: dict[str, torch.nn.Module] = {}
     bases = config.lora_base_models
     targets = lora.parse_lora_targets(config.lora_target_modules, bases) if bases else {}
     for name in bases:
-        model = components[name]
+        model = components[parts.get(name, name)]
         model.requires_grad_(False)
         lora.add_lora(
             model, targets[name], rank=config.lora_rank, alpha=config.lora_alpha, init_seed=config.seed
@@ -136,9 +145,16 @@ def prepare_trainable(config: TrainConfig, components: Any) -> dict[str, torch.n
         if "dit" not in trained:
             raise UserError("--lora_checkpoint needs --lora_base_model dit")
         lora.load_dit_lora(trained["dit"], config.lora_checkpoint)
-    for name in config.full_trainable_models:
-        model = components[name]
-        model.requires_grad_(True)
+    for entry in config.full_trainable_models:
+        spec = parse_trainable(entry)
+        name = spec if isinstance(spec, str) else spec.component
+        model = components[parts.get(name, name)]
+        if isinstance(spec, str):
+            model.requires_grad_(True)
+        else:
+            if name not in trained:
+                model.requires_grad_(False)
+            _unfreeze_layers(model, spec, entry)
         trained[name] = model
     for model in trained.values():
         if config.use_gradient_checkpointing:
@@ -148,6 +164,27 @@ def prepare_trainable(config: TrainConfig, components: Any) -> dict[str, torch.n
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     return trained
+
+
+def _unfreeze_layers(model: torch.nn.Module, layers: LayerRange, flag_value: str) -> None:
+    """Make every parameter of layers ``layers.first..layers.last`` trainable (the model's adapter says
+    which layer a parameter belongs to)."""
+    adapter = adapter_for(architecture_of(model))
+    if adapter is None:
+        raise UserError(
+            f"--trainable_models {flag_value}: the {layers.component} ({architecture_of(model)}) has no layer "
+            "adapter, so its layers cannot be selected; train it whole with --trainable_models "
+            f"{layers.component}"
+        )
+    selected = 0
+    for param_name, param in model.named_parameters():
+        if adapter.layer_of(param_name) in layers:
+            param.requires_grad_(True)
+            selected += 1
+    if not selected:
+        raise UserError(
+            f"--trainable_models {flag_value}: no parameter of the {layers.component} is in those layers"
+        )
 
 
 def save_checkpoint(

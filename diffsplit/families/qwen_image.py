@@ -267,18 +267,30 @@ def encode_prompt(
 ) -> dict[str, torch.Tensor]:
     """Token ids -> ``prompt_embeds [B, L, D]`` and ``prompt_embeds_mask [B, L]`` (long, 1 = token).
 
-    As ``QwenImagePipeline._get_qwen_prompt_embeds``: the text encoder's last hidden state, valid tokens
-    only, the 34-token system prefix dropped, right-padded with zeros to the batch's longest; then the
-    ``[:, :1024]`` cut of ``encode_prompt``. The mask is always a tensor here (a cache stores tensors);
-    ``denoise`` turns an all-ones mask into ``None`` as ``encode_prompt`` does.
+    As ``QwenImagePipeline._get_qwen_prompt_embeds``: the text encoder's last hidden state, then
+    :func:`prompt_tokens`.
     """
-    _, drop_idx, max_length = prompt_template()
     text_encoder = ctx.components["text_encoder"]
     input_ids = input_ids.to(ctx.device)
     attention_mask = attention_mask.to(ctx.device)
     hidden = text_encoder(
         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
     ).hidden_states[-1]
+    return prompt_tokens(hidden, attention_mask, text_encoder.dtype)
+
+
+def prompt_tokens(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The pipeline's post-processing of the text encoder's last hidden state ``[B, T, D]`` (after the
+    final norm): valid tokens only, the 34-token system prefix dropped, right-padded with zeros to the
+    batch's longest; then the ``[:, :1024]`` cut of ``encode_prompt``.
+
+    Returns ``prompt_embeds [B, L, D]`` in ``dtype`` and ``prompt_embeds_mask [B, L]`` (long). The mask is
+    always a tensor here (a cache stores tensors); ``denoise`` turns an all-ones mask into ``None`` as
+    ``encode_prompt`` does.
+    """
+    _, drop_idx, max_length = prompt_template()
     split = _reference_pipeline()._extract_masked_hidden(hidden, attention_mask)
     split = [e[drop_idx:] for e in split]
     max_seq_len = max(e.size(0) for e in split)
@@ -296,8 +308,67 @@ def encode_prompt(
             for u in split
         ]
     )
-    prompt_embeds = prompt_embeds.to(dtype=text_encoder.dtype)
+    prompt_embeds = prompt_embeds.to(dtype=dtype)
     return {"prompt_embeds": prompt_embeds[:, :max_length], "prompt_embeds_mask": mask[:, :max_length]}
+
+
+# The layer-level split of encode_prompt (see diffsplit.layers): the prefix runs the embedding and the
+# frozen layers once in stage 1; the suffix runs the trained layers, the final norm and the pipeline's
+# post-processing every step. The 34 template tokens are dropped only after the final layer (they are
+# attended to by every layer), so the cached hidden state keeps them.
+def encode_prompt_prefix(
+    ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, model: str
+) -> dict[str, torch.Tensor]:
+    """``input_ids [B, T]`` -> ``text_hidden [B, T, D]`` (the input of the cut layer) and
+    ``text_position_ids [B, 3, T]`` (long), on the part ``model`` (``"text_encoder[0:c]"``)."""
+    hidden, positions = ctx.components[model](
+        input_ids=input_ids.to(ctx.device), attention_mask=attention_mask.to(ctx.device)
+    )
+    return {"text_hidden": hidden, "text_position_ids": positions}
+
+
+def encode_prompt_suffix(
+    ctx: UnitContext,
+    text_hidden: torch.Tensor,
+    text_position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    model: str,
+) -> dict[str, torch.Tensor]:
+    """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`,
+    on the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm)."""
+    part = ctx.components[model]
+    attention_mask = attention_mask.to(ctx.device)
+    # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
+    hidden, _ = part(
+        hidden=text_hidden.to(ctx.device),
+        position_ids=text_position_ids.to(ctx.device),
+        attention_mask=attention_mask,
+    )
+    return prompt_tokens(hidden, attention_mask, getattr(part, "module", part).dtype)
+
+
+def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
+    """``encode_prompt`` cut at layer ``cut`` of ``num_layers``: the prefix and suffix units."""
+    from diffsplit.layers import part_name
+
+    prefix_model = part_name("text_encoder", 0, cut)
+    suffix_model = part_name("text_encoder", cut, num_layers)
+    prefix = Unit(
+        name=f"encode_prompt[0:{cut}]",
+        inputs=("input_ids", "attention_mask"),
+        outputs=("text_hidden", "text_position_ids"),
+        models=(prefix_model,),
+        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
+    )
+    suffix = Unit(
+        name=f"encode_prompt[{cut}:{num_layers}]",
+        inputs=("text_hidden", "text_position_ids", "attention_mask"),
+        outputs=("prompt_embeds", "prompt_embeds_mask"),
+        models=(suffix_model,),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+    )
+    return prefix, suffix
 
 
 def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -398,6 +469,7 @@ ENCODE_PROMPT = Unit(
     outputs=("prompt_embeds", "prompt_embeds_mask"),
     models=("text_encoder",),
     fn=encode_prompt,
+    split_at=split_encode_prompt,
 )
 
 
