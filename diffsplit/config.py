@@ -71,6 +71,7 @@ class TrainConfig:
     overwrite_cache: bool = False
     data_process_batch_size: int = 1
     cache_shard_size: int = 64
+    no_layer_split: bool = False
     # which flags the user actually gave (for notices about flags with no effect)
     given: tuple[str, ...] = field(default=(), repr=False)
 
@@ -212,6 +213,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         default=d.cache_shard_size,
         help="stage 1: samples per cache shard (a kill loses at most one shard of work)",
+    )
+    g.add_argument(
+        "--no_layer_split",
+        action="store_true",
+        help="keep a text encoder whose last layers train whole in stage 2 (cache token ids, not the "
+        "hidden state at the first trained layer)",
     )
 
 

@@ -68,7 +68,7 @@ def print_notices(config: TrainConfig) -> None:
         if flag in config.given:
             notice(f"--{flag} has no effect in --task {config.task}: {why}")
     if task_for(config.task).stage == "" and not config.cache_dir:
-        for flag in ("overwrite_cache", "data_process_batch_size", "cache_shard_size"):
+        for flag in ("overwrite_cache", "data_process_batch_size", "cache_shard_size", "no_layer_split"):
             if flag in config.given:
                 notice(f"--{flag} has no effect without --cache_dir: unsplit training writes no cache")
 
@@ -97,6 +97,11 @@ def layer_cuts(config: TrainConfig, models: Any) -> dict[str, LayerCut]:
     names on the meta device (nothing loaded), and the LoRA targets (peft's matcher) or the
     ``--trainable_models <component>.layers.a-b`` ranges select the trainable ones.
     """
+    if config.no_layer_split:
+        return {
+            component: LayerCut(component, None, None, note="turned off by --no_layer_split")
+            for component in config.trained_components
+        }
     targets = (
         lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
         if config.lora_base_models
