@@ -106,12 +106,13 @@ class SplitPlan:
 
     def to_dict(self) -> dict:
         """A JSON-able description (stored in the cache manifest and compared by stage 2)."""
+        # What was trained and where it was cut first: a mismatch is reported by its first differing key.
         return {
+            "trainable_models": sorted(self.trainable_models),
+            "trained_parts": dict(sorted(self.trained_parts.items())),
             "stage1": list(self.stage1),
             "stage2": list(self.stage2),
             "cached": sorted(self.cached),
-            "trainable_models": sorted(self.trainable_models),
-            "trained_parts": dict(sorted(self.trained_parts.items())),
         }
 
     def explain(self) -> str:

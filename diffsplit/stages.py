@@ -218,6 +218,7 @@ def base_identity(config: TrainConfig, models: Any, plan: SplitPlan, dtype: torc
         "units_version": UNITS_VERSION,
         "preprocessing": preprocessing(config, dtype),
         "trainable_models": sorted(plan.trainable_models),
+        "trained_parts": dict(sorted(plan.trained_parts.items())),
         "models": models.identity(plan.stage1_models),
     }
 
@@ -232,6 +233,7 @@ def train_unsplit(config: TrainConfig) -> dict[str, Any]:
     samples = load_dataset(config)
     models = open_models(config, accelerator.device, dtype)
     models.require(plan.stage1_models + plan.stage2_models, flag="--model_id_with_origin_paths")
+    layer_cuts(config, models)  # not used unsplit, but it checks --trainable_models layer ranges
     trained = prepare_trainable(config, models, plan.trained_parts)
     graph = plan.graph
 
@@ -327,7 +329,11 @@ def _check_cache(
     # What the plan is made from first: a cache of another task may lack sizes this plan needs.
     cache.check_identity(identity, expected, list(expected), where)
     plan = build_plan(config, value_bytes=identity.get("value_bytes"), cuts=layer_cuts(config, models))
-    expected.update(trainable_models=sorted(plan.trainable_models), plan=plan.to_dict())
+    expected.update(
+        trainable_models=sorted(plan.trainable_models),
+        trained_parts=dict(sorted(plan.trained_parts.items())),
+        plan=plan.to_dict(),
+    )
     cache.check_identity(identity, expected, list(expected), where)
     return plan
 

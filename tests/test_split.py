@@ -394,3 +394,96 @@ def test_property_min_cut_matches_brute_force_minimum_cache_bytes(case):
         units, dataset_values=dataset, trainable_models=trainable, stage2_reads=reads, value_bytes=sizes
     )
     assert p.cache_bytes == _brute_force_min_bytes(units, dataset, trainable, reads, sizes)
+
+
+# -- rule 4: the layer-level split -----------------------------------------------------------------------
+def _split_encode_prompt(cut: int, n: int) -> tuple[Unit, Unit]:
+    return (
+        U(
+            name=f"encode_prompt[0:{cut}]",
+            inputs=("input_ids", "attention_mask"),
+            outputs=("hidden", "positions"),
+            models=(f"text_encoder[0:{cut}]",),
+        ),
+        U(
+            name=f"encode_prompt[{cut}:{n}]",
+            inputs=("hidden", "positions", "attention_mask"),
+            outputs=("prompt_embeds", "prompt_mask"),
+            models=(f"text_encoder[{cut}:{n}]",),
+        ),
+    )
+
+
+def layered_units() -> list[Unit]:
+    import dataclasses
+
+    return [
+        dataclasses.replace(u, split_at=_split_encode_prompt) if u.name == "encode_prompt" else u
+        for u in qwen_like_units()
+    ]
+
+
+def test_layer_cut_puts_the_frozen_prefix_in_stage1_and_caches_the_state_at_the_cut():
+    from diffsplit.layers import LayerCut
+
+    cuts = {"text_encoder": LayerCut("text_encoder", 28, 24, "model.layers.24.self_attn.q_proj")}
+    sizes = dict(SIZES, img_shapes=24, hidden=700_000, positions=2_400)
+    p = plan_split(
+        layered_units(),
+        dataset_values=("image", "prompt"),
+        trainable_models=["dit", "text_encoder"],
+        stage2_reads=("pred", "target"),
+        value_bytes=sizes,
+        components=COMPONENTS,
+        layer_cuts=cuts,
+    )
+    assert "encode_prompt[0:24]" in p.stage1 and "encode_prompt[24:28]" in p.stage2
+    assert "text_encoder[0:24]" in p.stage1_models and "text_encoder[0:24]" not in p.stage2_models
+    assert "text_encoder[24:28]" in p.stage2_models and "text_encoder" not in p.stage2_models
+    assert {"hidden", "positions", "attention_mask"} <= p.cached and "input_ids" not in p.cached
+    assert p.trained_parts == {"text_encoder": "text_encoder[24:28]"}
+    assert p.to_dict()["trained_parts"] == {"text_encoder": "text_encoder[24:28]"}
+    text = p.explain()
+    assert (
+        "'text_encoder' cut at layer 24 of 28 (first trainable: 'model.layers.24.self_attn.q_proj')" in text
+    )
+    assert "frozen: layers 0-23 of 'text_encoder'" in text and "runs trainable layers 24-27" in text
+    assert re.search(r"hidden\s+700000 \(683\.6 KiB\)\s+encode_prompt\[0:24\]", text)
+
+
+@pytest.mark.parametrize(
+    "cut, why",
+    [
+        (("text_encoder", 28, 0, "model.layers.0.mlp.up_proj"), "trainable parameters start at layer 0"),
+        (("text_encoder", None, None, "", "no layer adapter for X"), "no layer adapter for X"),
+    ],
+)
+def test_layer_split_falls_back_to_the_unit_level_split_and_says_why(cut, why):
+    from diffsplit.layers import LayerCut
+
+    p = plan_split(
+        layered_units(),
+        dataset_values=("image", "prompt"),
+        trainable_models=["dit", "text_encoder"],
+        stage2_reads=("pred", "target"),
+        components=COMPONENTS,
+        layer_cuts={"text_encoder": LayerCut(*cut)},
+    )
+    assert "encode_prompt" in p.stage2 and {"input_ids", "attention_mask"} <= p.cached
+    assert not p.trained_parts
+    assert f"'text_encoder' is not cut ({why}" in p.explain()
+    assert "runs the whole model in stage 2" in p.explain()
+
+
+def test_a_frozen_layered_model_is_never_cut():
+    from diffsplit.layers import LayerCut
+
+    p = plan_split(
+        layered_units(),
+        dataset_values=("image", "prompt"),
+        trainable_models=["dit"],
+        stage2_reads=("pred", "target"),
+        components=COMPONENTS,
+        layer_cuts={"dit": LayerCut("dit", None, None, note="no layer adapter")},
+    )
+    assert "encode_prompt" in p.stage1 and not p.layer_notes

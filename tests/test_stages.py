@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,161 @@ def test_plan_shows_bytes_and_projected_size(in_workspace, capsys):
     text = capsys.readouterr().out
     assert "projected cache for 4 samples" in text
     assert "light, recomputed: saves" in text and "bytes/sample" in text
+
+
+# -- the layer-level split ---------------------------------------------------------------------------------
+TE = "Qwen/Qwen-Image:text_encoder/model*.safetensors"
+LAST_TWO = r"re:.*layers\.(2|3)\.self_attn\.(q|k|v|o)_proj"  # the tiny text encoder has 4 layers
+
+
+class _Spy:
+    """Records the components a run constructs and the text-encoder weights its parts read."""
+
+    def __init__(self, monkeypatch):
+        from diffsplit import models
+        from diffsplit.families import qwen2_5_vl_text
+
+        self.constructed: list[str] = []
+        self.read: list[str] = []
+        construct, read = models.ModelSet._construct, qwen2_5_vl_text.read_tensors
+
+        def spy_construct(this, name):
+            self.constructed.append(name)
+            return construct(this, name)
+
+        def spy_read(files, keys):
+            self.read.extend(keys)
+            return read(files, keys)
+
+        monkeypatch.setattr(models.ModelSet, "_construct", spy_construct)
+        monkeypatch.setattr(qwen2_5_vl_text, "read_tensors", spy_read)
+
+    def layers_read(self) -> set[int]:
+        return {int(k.split(".layers.")[1].split(".")[0]) for k in self.read if ".layers." in k}
+
+
+def test_layer_split_text_encoder_lora_equals_unsplit_and_stage2_builds_only_the_suffix(
+    in_workspace: Path, tmp_path: Path, monkeypatch, capsys
+):
+    te_only = ("--lora_base_model", "text_encoder", "--lora_target_modules", LAST_TWO)
+    extra = ("--dataset_repeat", "5", *te_only)  # 20 steps
+    assert (
+        cli.main(
+            [
+                "train",
+                *_replace(train_args(tmp_path / "unsplit", *extra), "--lora_base_model", "text_encoder"),
+            ]
+        )
+        == 0
+    )
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *te_only)]) == 0
+    identity = json.loads((tmp_path / "cache" / "manifest.json").read_text())["identity"]
+    assert identity["plan"]["stage1"][-1] == "encode_prompt[0:2]"
+    assert set(identity["plan"]["cached"]) == {
+        "attention_mask",
+        "latent_mean",
+        "text_hidden",
+        "text_position_ids",
+    }
+    # The cached state keeps the 34 template tokens: the pipeline drops them only after the last layer.
+    hidden = identity["value_bytes"]["text_hidden"]
+    embeds_per_token = 16 * 4
+    assert hidden % embeds_per_token == 0 and hidden // embeds_per_token > 34
+
+    spy = _Spy(monkeypatch)
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("stage 2 loaded the whole text encoder")
+
+    monkeypatch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained", refuse)
+    # Stage 2 with gradient checkpointing: it starts from a cached input that needs no grad.
+    args = stage2_args(
+        tmp_path / "cache", tmp_path / "split", *extra, "--use_gradient_checkpointing", models=f"{DIT},{TE}"
+    )
+    assert cli.main(["train", *args]) == 0
+    assert "text_encoder[2:4]" in spy.constructed and "text_encoder" not in spy.constructed
+    assert "text_encoder[0:2]" not in spy.constructed
+    assert spy.layers_read() == {2, 3}  # layers 0 and 1 are never read from the checkpoint
+    assert not any("embed_tokens" in k for k in spy.read)
+    unsplit = read_adapter(tmp_path / "unsplit" / "epoch-0.text_encoder")
+    split = read_adapter(tmp_path / "split" / "epoch-0.text_encoder")
+    assert_close_weights(unsplit, split)
+    assert all(".layers.2." in k or ".layers.3." in k for k in split)
+
+
+def test_layer_split_with_dit_lora_in_automatic_mode_equals_unsplit(
+    in_workspace: Path, tmp_path: Path, capsys
+):
+    extra = (
+        "--dataset_repeat", "5", "--lora_base_model", "dit,text_encoder",
+        "--lora_target_modules", f"dit=to_q,to_k,to_v;text_encoder={LAST_TWO}",
+    )  # fmt: skip
+    assert cli.main(["train", *train_args(tmp_path / "unsplit", *extra)]) == 0
+    assert (
+        cli.main(["train", *train_args(tmp_path / "auto", *extra, "--cache_dir", str(tmp_path / "caches"))])
+        == 0
+    )
+    (folder,) = (tmp_path / "caches").iterdir()
+    identity = json.loads((folder / "manifest.json").read_text())["identity"]
+    assert "text_hidden" in identity["plan"]["cached"] and "input_ids" not in identity["plan"]["cached"]
+    for name in ("epoch-0.safetensors",):
+        assert_close_weights(load_file(tmp_path / "unsplit" / name), load_file(tmp_path / "auto" / name))
+    assert_close_weights(
+        read_adapter(tmp_path / "unsplit" / "epoch-0.text_encoder"),
+        read_adapter(tmp_path / "auto" / "epoch-0.text_encoder"),
+    )
+
+
+def test_full_training_of_the_last_layers_equals_unsplit(in_workspace: Path, tmp_path: Path):
+    extra = ("--dataset_repeat", "3", "--trainable_models", "text_encoder.layers.3")
+    assert cli.main(["train", *train_args(tmp_path / "unsplit", *extra)]) == 0
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *extra)]) == 0
+    args = stage2_args(tmp_path / "cache", tmp_path / "split", *extra, models=f"{DIT},{TE}")
+    assert cli.main(["train", *args]) == 0
+    unsplit = load_file(tmp_path / "unsplit" / "epoch-0.text_encoder.safetensors")
+    split = load_file(tmp_path / "split" / "epoch-0.text_encoder.safetensors")
+    assert_close_weights(unsplit, split)
+    assert all(k.startswith("model.language_model.layers.3.") for k in split)  # the whole model's names
+    assert_close_weights(
+        load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
+        load_file(tmp_path / "split" / "epoch-0.safetensors"),
+    )
+
+
+def test_stage2_refuses_a_cache_cut_at_another_layer(in_workspace: Path, tmp_path: Path, capsys):
+    te_only = ("--lora_base_model", "text_encoder", "--lora_target_modules", LAST_TWO)
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *te_only)]) == 0
+    last_one = ("--lora_base_model", "text_encoder", "--lora_target_modules", r"re:.*layers\.3\.mlp\.up_proj")
+    capsys.readouterr()
+    args = stage2_args(tmp_path / "cache", tmp_path / "out", *last_one, models=f"{DIT},{TE}")
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained_parts" in err, err
+    assert "text_encoder[3:4]" in err and "text_encoder[2:4]" in err, err
+
+
+def test_plan_shows_the_cut_and_the_fallback(in_workspace: Path, capsys):
+    te_targets = ("--lora_base_model", "text_encoder", "--lora_target_modules")
+    assert cli.main(["plan", *train_args("unused", *te_targets, LAST_TWO)]) == 0
+    text = capsys.readouterr().out
+    assert "layer split: 'text_encoder' cut at layer 2 of 4" in text
+    assert re.search(r"text_hidden\s+\d+", text) and "text_encoder[2:4]" in text
+    assert cli.main(["plan", *train_args("unused", *te_targets, TE_TARGETS)]) == 0
+    text = capsys.readouterr().out
+    assert "'text_encoder' is not cut (trainable parameters start at layer 0" in text
+    assert cli.main(["plan", *train_args("unused", *te_targets, LAST_TWO, "--no_layer_split")]) == 0
+    assert "'text_encoder' is not cut (turned off by --no_layer_split)" in capsys.readouterr().out
+
+
+def test_a_layer_range_beyond_the_model_is_one_line(in_workspace: Path, tmp_path: Path, capsys):
+    assert (
+        cli.main(["train", *train_args(tmp_path / "out", "--trainable_models", "text_encoder.layers.2-9")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "text_encoder.layers.2-9" in err and "4 layers (0-3)" in err
+    assert (
+        cli.main(["train", *train_args(tmp_path / "out", "--trainable_models", "text_encoder.blocks.2")]) == 2
+    )
+    assert "--trainable_models" in capsys.readouterr().err
