@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffsplit.cache import CacheReader
 from tests.conftest import train_args
@@ -93,13 +94,19 @@ def test_two_process_stage2_trains_once_and_learns(in_workspace: Path, tmp_path:
     assert after < 0.9 * before, (before, after)
 
 
-def test_two_process_automatic_mode(in_workspace: Path, tmp_path: Path):
+def test_two_process_automatic_mode_with_the_layer_level_split(in_workspace: Path, tmp_path: Path):
+    # DiT LoRA plus LoRA on the text encoder's last two layers: stage 2 wraps the suffix part in DDP.
+    targets = r"dit=to_q,to_k,to_v;text_encoder=re:.*layers\.(2|3)\.self_attn\.(q|k|v|o)_proj"
     args = train_args(tmp_path / "out", "--cache_dir", str(tmp_path / "caches"), "--find_unused_parameters")
+    args = _replace(_replace(args, "--lora_base_model", "dit,text_encoder"), "--lora_target_modules", targets)
     launch(args, in_workspace, processes=2)
     (folder,) = (tmp_path / "caches").iterdir()
     assert _writers(folder) == {"r0", "r1"}
     assert len(CacheReader(folder)) == 4
+    assert "text_hidden" in CacheReader(folder).identity["plan"]["cached"]
     assert (tmp_path / "out" / "epoch-0.safetensors").is_file()
+    adapter = load_file(tmp_path / "out" / "epoch-0.text_encoder" / "adapter_model.safetensors")
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in adapter.items())  # the suffix trained
 
 
 def test_kill_during_two_process_stage1_then_one_process_rerun(in_workspace: Path, tmp_path: Path):
