@@ -9,8 +9,10 @@ import pytest
 from safetensors.torch import load_file
 
 from diffsplit import cli
+from diffsplit.cache import CacheReader
+from diffsplit.demo import SEED_TARGETS
 from tests.conftest import SEED_MODELS, train_args
-from tests.test_stages import DIT, FROZEN, _replace, assert_close_weights
+from tests.test_stages import DIT, FROZEN, LAST_TWO, _replace, assert_close_weights, read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,22 @@ def test_split_equals_unsplit_and_loss_falls(in_workspace, distill_data, tmp_pat
     assert sum(losses[-4:]) < sum(losses[:4])
 
 
-def test_automatic_mode_equals_unsplit(in_workspace, distill_data, tmp_path):
-    assert cli.main(["train", *distill_args(tmp_path / "unsplit", distill_data)]) == 0
+def test_automatic_mode_with_the_layer_level_split_equals_unsplit(in_workspace, distill_data, tmp_path):
+    # The student's DiT LoRA plus LoRA on the text encoder's last two layers (cut at layer 2 of 4).
+    targets = rf"dit={SEED_TARGETS};text_encoder={LAST_TWO}"
+    extra = ("--lora_base_model", "dit,text_encoder", "--lora_target_modules", targets)
+    assert cli.main(["train", *distill_args(tmp_path / "unsplit", distill_data), *extra]) == 0
     auto = distill_args(tmp_path / "auto", distill_data, "--cache_dir", str(tmp_path / "caches"))
-    assert cli.main(["train", *auto]) == 0
+    assert cli.main(["train", *auto, *extra]) == 0
+    (folder,) = (tmp_path / "caches").iterdir()
+    assert "text_hidden" in CacheReader(folder).identity["plan"]["cached"]
     assert_close_weights(
         load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
         load_file(tmp_path / "auto" / "epoch-0.safetensors"),
+    )
+    assert_close_weights(
+        read_adapter(tmp_path / "unsplit" / "epoch-0.text_encoder"),
+        read_adapter(tmp_path / "auto" / "epoch-0.text_encoder"),
     )
 
 
