@@ -247,13 +247,18 @@ def _cut_layers(
         prefix, suffix = unit.split_at(c, n)
         out += [prefix, suffix]
         parts[component] = part_name(component, c, n)
-        reasons[prefix.name] = f"frozen: layers 0-{c - 1} of '{component}', before the cut"
-        reasons[suffix.name] = f"runs trainable layers {c}-{n - 1} of '{component}'"
+        before, after = _layers(0, c - 1), _layers(c, n - 1)
+        reasons[prefix.name] = f"frozen: {before} of '{component}', before the cut"
+        reasons[suffix.name] = f"runs trainable {after} of '{component}'"
         notes.append(
             f"'{component}' cut at layer {c} of {n} (first trainable: '{cut.decided_by}'); stage 1 runs "
-            f"layers 0-{c - 1} once, stage 2 builds and runs only layers {c}-{n - 1}"
+            f"{before} once, stage 2 builds and runs only {after}"
         )
     return out, parts, reasons, notes
+
+
+def _layers(first: int, last: int) -> str:
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
 
 
 # -- step 1: dynamic units ----------------------------------------------------------------------------
