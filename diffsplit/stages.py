@@ -307,7 +307,7 @@ def data_process(config: TrainConfig) -> dict[str, Any]:
     samples = load_dataset(config)
     models = open_models(config, state.device, dtype)
     plan, summary = _stage1(config, Path(config.output_path), models, samples, state, dtype)
-    if "lora_target_modules" in config.given and not plan.trained_parts:
+    if "lora_target_modules" in config.given and not plan.layer_notes:  # no layer-level cut to decide
         notice(f"--lora_target_modules has no effect in --task {config.task}: stage 1 trains nothing")
     print(f"cache at {config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}")
     return summary

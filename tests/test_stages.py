@@ -493,3 +493,13 @@ def test_a_layer_range_beyond_the_model_is_one_line(in_workspace: Path, tmp_path
         cli.main(["train", *train_args(tmp_path / "out", "--trainable_models", "text_encoder.blocks.2")]) == 2
     )
     assert "--trainable_models" in capsys.readouterr().err
+
+
+def test_stage1_says_lora_targets_are_inert_only_when_they_place_no_cut(
+    in_workspace: Path, tmp_path: Path, capsys
+):
+    assert cli.main(["train", *stage1_args(tmp_path / "dit_only")]) == 0
+    assert "notice: --lora_target_modules has no effect" in capsys.readouterr().err
+    te_only = ("--lora_base_model", "text_encoder", "--lora_target_modules", LAST_TWO)
+    assert cli.main(["train", *stage1_args(tmp_path / "te", *te_only)]) == 0
+    assert "--lora_target_modules has no effect" not in capsys.readouterr().err

@@ -26,6 +26,7 @@ maps one to the other.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -201,9 +202,10 @@ class Qwen25VLText:
         n = len(meta.model.language_model.layers)
         if not 0 <= start < stop <= n:
             raise ValueError(f"layers [{start}, {stop}) are not a slice of a {n}-layer text model")
-        # A fresh meta model per part: the cached one is shared, and assignment below replaces its tensors.
+        # A fresh meta model (and config) per part: the cached one is shared, and assignment below
+        # replaces its tensors.
         with torch.device("meta"):
-            meta = type(meta)._from_config(meta.config)
+            meta = type(meta)._from_config(copy.deepcopy(meta.config))
         part = TextLayers(meta, start, stop)
         keys = list(part.state_dict())
         tensors = read_tensors(files, keys)
