@@ -3,6 +3,9 @@
 A family is declarative: a list of :class:`~diffsplit.graph.Unit` objects, the component names they use,
 the values the dataset provides and the values the loss reads. Nothing in graph, split, cache or stages
 changes when a family is added.
+
+A unit that runs a layered model (a text encoder) may also say how to cut it between layers
+(``Unit.split_at``); the model's architecture then needs a layer adapter (:mod:`diffsplit.layers`).
 """
 
 from __future__ import annotations

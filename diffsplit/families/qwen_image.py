@@ -16,6 +16,9 @@ One training step, in order (``B`` batch, ``z`` latent channels, ``h, w = H/8, W
     image_shapes      light        latent_mean         -> img_shapes
     tokenize          tokenizer    prompt              -> input_ids, attention_mask [B,L+34]
     encode_prompt     text_encoder input_ids, mask     -> prompt_embeds [B,L,D], prompt_embeds_mask [B,L]
+      when the text encoder's layers from c on train (layer-level split, T = L + 34 tokens):
+      encode_prompt[0:c]  text_encoder[0:c]  input_ids, mask  -> text_hidden [B,T,D], text_position_ids [B,3,T]
+      encode_prompt[c:N]  text_encoder[c:N]  text_hidden, text_position_ids, mask -> prompt_embeds, _mask
     timestep_noise    stochastic   latents             -> noise [B,N,4z], sigma, timestep, loss_weight [B]
                       (scheduler)
     noisy_latents     light        latents, noise, sigma -> noisy_latents, target [B,N,4z]
