@@ -102,11 +102,9 @@ def layer_cuts(config: TrainConfig, models: Any) -> dict[str, LayerCut]:
             component: LayerCut(component, None, None, note="turned off by --no_layer_split")
             for component in config.trained_components
         }
-    targets = (
-        lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
-        if config.lora_base_models
-        else {}
-    )
+    # Targets are parsed only when a LoRA-trained component can be cut: stage 1 of a DiT-only LoRA run
+    # needs no --lora_target_modules, and its absence must not be an error there.
+    targets: dict[str, Any] | None = None
     full = [parse_trainable(entry) for entry in config.full_trainable_models]
     cuts: dict[str, LayerCut] = {}
     for component in config.trained_components:
@@ -125,7 +123,20 @@ def layer_cuts(config: TrainConfig, models: Any) -> dict[str, LayerCut]:
                 component, n, 0, note=f"--trainable_models {component} trains the whole model"
             )
             continue
-        trainable = lora.matching_modules(names, targets[component]) if component in targets else []
+        trainable: list[str] = []
+        if component in config.lora_base_models:
+            if not config.lora_target_modules.strip():
+                cuts[component] = LayerCut(
+                    component,
+                    n,
+                    None,
+                    note="no --lora_target_modules, so the trained layers are unknown; give the same "
+                    "targets as in stage 2 to cut between layers",
+                )
+                continue
+            if targets is None:
+                targets = lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+            trainable = lora.matching_modules(names, targets[component])
         for spec in full:
             if isinstance(spec, LayerRange) and spec.component == component:
                 if spec.last >= n:

@@ -503,3 +503,18 @@ def test_stage1_says_lora_targets_are_inert_only_when_they_place_no_cut(
     te_only = ("--lora_base_model", "text_encoder", "--lora_target_modules", LAST_TWO)
     assert cli.main(["train", *stage1_args(tmp_path / "te", *te_only)]) == 0
     assert "--lora_target_modules has no effect" not in capsys.readouterr().err
+
+
+def test_stage1_needs_no_lora_targets(in_workspace: Path, tmp_path: Path, capsys):
+    """The seed's stage 1 may omit --lora_target_modules: a DiT LoRA caches as usual, and a text-encoder
+    LoRA, whose trained layers are then unknown, falls back to the unit-level split and says why."""
+    dit_only = _replace(stage1_args(tmp_path / "dit"), "--lora_target_modules", None)
+    assert cli.main(["train", *dit_only]) == 0
+    assert (tmp_path / "dit" / "manifest.json").is_file()
+    te_only = _replace(
+        stage1_args(tmp_path / "te", "--lora_base_model", "text_encoder"), "--lora_target_modules", None
+    )
+    assert "--lora_target_modules" not in te_only
+    assert cli.main(["plan", *te_only]) == 0
+    text = capsys.readouterr().out
+    assert "'text_encoder' is not cut (no --lora_target_modules" in text, text
