@@ -2,8 +2,9 @@
 
 Usage::
 
-    python benchmarks/split_vs_unsplit.py [--size proportioned|tiny] [--resolution 512] [--samples 8]
-        [--steps 10] [--workers auto|N] [--workdir ./bench-work] [--use_gradient_checkpointing]
+    python benchmarks/split_vs_unsplit.py [--case dit|text_layers] [--text_layers 1]
+        [--size proportioned|tiny] [--resolution 512] [--samples 8] [--steps 10] [--workers auto|N]
+        [--workdir ./bench-work] [--threads N] [--use_gradient_checkpointing]
 
 It builds (once, under ``--workdir``) the tiny model and a dataset of same-size square images whose prompts
 all tokenize to the same length (so stage 1 can batch them), then runs every measurement in its own
@@ -17,6 +18,22 @@ subprocess (``python this_script.py _child <kind> ...``), so each peak RSS belon
   values held in memory; no data loading, no accelerate.
 * stage 1 at ``--data_process_batch_size`` 1 and 4: samples/s from the stage-1 writer's own timing
   (model loading and hashing excluded).
+
+That is ``--case dit`` (the default): DiT LoRA only. ``--case text_layers`` trains DiT LoRA (the same seed
+targets) plus a text-encoder LoRA on q/k/v/o of its last ``--text_layers`` layers (a ``re:`` target; default
+1, i.e. cut at layer 3 of the proportioned model's 4) and prints one row per configuration, all training the
+same parameters:
+
+* (a) unsplit ``--task sft``;
+* (b) unit-level split: stage 1 and stage 2 with ``--no_layer_split`` (the whole text encoder runs in
+  stage 2, the cache holds token ids);
+* (c) layer-level split: the same flags without ``--no_layer_split`` (stage 1 runs the frozen layers, the
+  cache holds the hidden state at the cut, stage 2 builds and runs only the trained layers).
+
+with the step time (as above) and peak RSS of the stage-2 (or unsplit) process, the cache bytes per sample
+both as shard files over samples and as the plan's value bytes from the cache manifest, stage 1's samples/s,
+the trained parameter count per model (recorded when the child prepares them) and the largest relative
+difference of the per-step loss (``loss.csv``) from the unsplit run's.
 
 Nothing in the package is changed; the script only drives it.
 """
@@ -34,6 +51,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +64,7 @@ SEED_TARGETS = (
     "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
     "txt_mlp.net.2,txt_mod.1"
 )
+TEXT_LAYER_TARGETS = r"re:.*layers\.({layers})\.self_attn\.(q|k|v|o)_proj"  # --case text_layers
 WARMUP_STEPS = 2  # steps excluded from every step-time median
 TRIAL_STEPS = 6  # steps of each --workers auto trial
 BATCHED = 4  # the batched stage-1 size
@@ -160,8 +180,8 @@ def run_child(kind: str, args: list[str], env: dict[str, str], log: Path) -> dic
 
 
 def _child_train(argv: list[str]) -> dict[str, Any]:
-    """``diffsplit train argv``, recording the time of every backward pass (one per step) and stage 1's own
-    timing (the summary of the stage-1 writer)."""
+    """``diffsplit train argv``, recording the time of every backward pass (one per step), stage 1's own
+    timing (the summary of the stage-1 writer) and the number of trained parameters per model."""
     import accelerate
 
     import diffsplit.stages as stages
@@ -171,10 +191,12 @@ def _child_train(argv: list[str]) -> dict[str, Any]:
     marks: list[float] = []
     spans: list[tuple[float, float]] = []  # compute inside a step: the units, backward, the optimizer step
     stage1: dict[str, Any] = {}
+    trained: dict[str, int] = {}
     backward = accelerate.Accelerator.backward
     run_units = UnitGraph.run
     optimizer_step = accelerate.optimizer.AcceleratedOptimizer.step
     write_cache = getattr(stages, "write_cache", None)
+    prepare_trainable = stages.prepare_trainable
 
     def spanned(function: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -195,18 +217,25 @@ def _child_train(argv: list[str]) -> dict[str, Any]:
         stage1.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         return summary
 
+    def counted_prepare_trainable(*args: Any, **kwargs: Any) -> Any:
+        models = prepare_trainable(*args, **kwargs)
+        for name, model in models.items():
+            trained[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return models
+
     accelerate.Accelerator.backward = timed_backward
     UnitGraph.run = spanned(run_units)
     accelerate.optimizer.AcceleratedOptimizer.step = spanned(optimizer_step)
     if write_cache is not None:
         stages.write_cache = timed_write_cache
+    stages.prepare_trainable = counted_prepare_trainable
     rc = cli.main(["train", *argv])
     # The loop's own cost per step: the interval between two backward passes minus the compute in it.
     overheads = [
         (end - start) - sum(b - a for a, b in spans if start <= a < end)
         for start, end in zip(marks, marks[1:], strict=False)
     ]
-    return {"rc": rc, "marks": marks, "stage1": stage1, "overheads": overheads}
+    return {"rc": rc, "marks": marks, "stage1": stage1, "overheads": overheads, "trained": trained}
 
 
 def _child_denoiser(argv: list[str]) -> dict[str, Any]:
@@ -310,18 +339,24 @@ def step_time(marks: list[float]) -> float | None:
     return statistics.median(intervals) if intervals else None
 
 
-def common_args(resolution: int, output: Path) -> list[str]:
+def lora_args(base_models: str = "dit", targets: str = SEED_TARGETS) -> list[str]:
+    """What trains, for every run. Stage 1 gets the targets too, as the seed's stage-1 command does: for a
+    text-encoder LoRA they place the layer-level cut (without them stage 1 falls back to the unit-level
+    split)."""
+    return ["--lora_base_model", base_models, "--lora_target_modules", targets]
+
+
+def common_args(resolution: int, output: Path, lora: list[str]) -> list[str]:
     return [
         "--max_pixels", str(resolution * resolution),
         "--torch_dtype", "float32",
-        "--lora_base_model", "dit",
+        *lora,
         "--output_path", str(output),
     ]  # fmt: skip
 
 
 def training_args(steps: int, workers: int, gradient_checkpointing: bool) -> list[str]:
     args = [
-        "--lora_target_modules", SEED_TARGETS,
         "--lora_rank", "32",
         "--learning_rate", "1e-4",
         "--num_epochs", "1",
@@ -344,8 +379,110 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def samples_per_s(record: dict[str, Any]) -> str:
+    """Stage 1's samples/s from the writer's own timing, or n/a and why."""
+    s = record.get("stage1", {})
+    if record["rc"] != 0:
+        return f"n/a ({record['error']})"
+    if not s.get("encoded") or not s.get("seconds"):
+        return "n/a (no stage-1 timing recorded)"
+    return f"{s['encoded'] / s['seconds']:.2f}"
+
+
+def workers_line(workers: int, trials: dict[int, float | None]) -> str:
+    if not trials:
+        return f"loader workers: {workers} (given)"
+    tried = ", ".join(f"{w}: {fmt(t, '.3f', ' s')}" for w, t in trials.items())
+    return f"loader workers: tried {{{tried}}} ({TRIAL_STEPS}-step runs); used {workers}"
+
+
+def text_encoder_layers(model: Path) -> int:
+    """Number of decoder layers of the model's text encoder (from its ``config.json``)."""
+    config = json.loads((model / "text_encoder" / "config.json").read_text())
+    return int(config.get("text_config", config)["num_hidden_layers"])
+
+
+def loss_curve(output: Path) -> list[float]:
+    """The per-step losses a training run wrote to ``<output>/loss.csv`` ([] when there is none)."""
+    import csv
+
+    path = output / "loss.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def manifest_value_bytes(cache_folder: Path) -> dict[str, int]:
+    """Bytes per sample of each cached value as the plan recorded in the cache manifest gives them."""
+    path = cache_folder / "manifest.json"
+    if not path.is_file():
+        return {}
+    values = json.loads(path.read_text())["identity"].get("values", {})
+    return {key: spec["bytes_per_sample"] for key, spec in values.items()}
+
+
+@dataclass
+class Bench:
+    """What every case shares: the flags, the model and dataset built under ``--workdir``, the runs folder,
+    the children's environment, and each child's wall time."""
+
+    args: argparse.Namespace
+    command_line: str
+    started: float
+    model: Path
+    dataset: Path
+    warning: str
+    runs: Path
+    env: dict[str, str]
+    walls: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def raw(self) -> list[str]:
+        """The raw dataset's flags (unsplit training and stage 1)."""
+        return [
+            "--dataset_base_path", str(self.dataset),
+            "--dataset_metadata_path", str(self.dataset / "metadata.csv"),
+        ]  # fmt: skip
+
+    def child(self, label: str, kind: str, child_args: list[str]) -> dict[str, Any]:
+        print(f"running {label} ...", flush=True)
+        record = run_child(kind, child_args, self.env, self.runs / "logs" / f"{label}.log")
+        self.walls[label] = record["wall"]
+        return record
+
+    def loader_workers(
+        self, stage2_args: Callable[[int, int, str], list[str]]
+    ) -> tuple[int, dict[int, float | None]]:
+        """``--workers N``, or for ``auto`` the fastest of 0, 1 and 2 in short runs of
+        ``stage2_args(steps, workers, output)``; also returns the trials' step times."""
+        if self.args.workers != "auto":
+            return int(self.args.workers), {}
+        trials: dict[int, float | None] = {}
+        for workers in (0, 1, 2):
+            trial = self.child(
+                f"stage2-trial-workers{workers}", "train", stage2_args(TRIAL_STEPS, workers, "trial")
+            )
+            trials[workers] = step_time(trial.get("marks", [])) if trial["rc"] == 0 else None
+        timed = {w: t for w, t in trials.items() if t is not None}
+        return (min(timed, key=timed.__getitem__) if timed else 0), trials
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--case",
+        choices=("dit", "text_layers"),
+        default="dit",
+        help="dit: DiT LoRA, split vs unsplit (default); text_layers: DiT LoRA + LoRA on the text encoder's "
+        "last layers, unsplit vs unit-level vs layer-level split",
+    )
+    parser.add_argument(
+        "--text_layers",
+        type=int,
+        default=None,
+        help="--case text_layers: how many last layers of the text encoder train (default 1)",
+    )
     parser.add_argument("--size", choices=("proportioned", "tiny"), default="proportioned")
     parser.add_argument("--resolution", type=int, default=512, help="square image side (multiple of 16)")
     parser.add_argument("--samples", type=int, default=8)
@@ -365,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
     if args.workers != "auto" and not args.workers.isdigit():
         parser.error("--workers must be auto or a number")
+    if args.text_layers is not None and args.case != "text_layers":
+        parser.error("--text_layers is for --case text_layers")
+    if args.text_layers is None:
+        args.text_layers = 1
     command_line = "python " + shlex.join(sys.argv)
     started = time.perf_counter()
 
@@ -380,15 +521,15 @@ def main(argv: list[str] | None = None) -> int:
         "DIFFSPLIT_HASH_CACHE": str(workdir / "hashes.json"),
         **({"BENCH_THREADS": str(args.threads)} if args.threads else {}),
     }
-    res, gc = args.resolution, args.use_gradient_checkpointing
-    raw = ["--dataset_base_path", str(dataset), "--dataset_metadata_path", str(dataset / "metadata.csv")]
-    walls: dict[str, float] = {}
+    bench = Bench(args, command_line, started, model, dataset, warning, runs, env)
+    return text_layers_case(bench) if args.case == "text_layers" else dit_case(bench)
 
-    def child(label: str, kind: str, child_args: list[str]) -> dict[str, Any]:
-        print(f"running {label} ...", flush=True)
-        record = run_child(kind, child_args, env, runs / "logs" / f"{label}.log")
-        walls[label] = record["wall"]
-        return record
+
+def dit_case(bench: Bench) -> int:
+    """DiT LoRA (the default case): stage 1 at two batch sizes, stage 2, unsplit, the denoiser-only limit."""
+    args, model, runs, raw, child = bench.args, bench.model, bench.runs, bench.raw, bench.child
+    res, gc = args.resolution, args.use_gradient_checkpointing
+    lora = lora_args()
 
     # Stage 1, batch 1 (its cache feeds stage 2) and batched.
     stage1: dict[int, dict[str, Any]] = {}
@@ -400,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--task", "sft:data_process", *raw, "--dataset_repeat", "1",
                 "--model_id_with_origin_paths", f"{TEXT_ENCODER},{VAE}",
                 "--data_process_batch_size", str(batch),
-                *common_args(res, runs / f"cache-batch{batch}"),
+                *common_args(res, runs / f"cache-batch{batch}", lora),
             ],
         )  # fmt: skip
     if stage1[1]["rc"] != 0:
@@ -411,21 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         return [
             "--task", "sft:train", "--dataset_base_path", str(cache_folder),
             "--model_id_with_origin_paths", DIT,
-            *common_args(res, runs / output), *training_args(steps, workers, gc),
+            *common_args(res, runs / output, lora), *training_args(steps, workers, gc),
         ]  # fmt: skip
 
     # Loader workers for stage 2.
-    trials: dict[int, float | None] = {}
-    if args.workers == "auto":
-        for workers in (0, 1, 2):
-            trial = child(
-                f"stage2-trial-workers{workers}", "train", stage2_args(TRIAL_STEPS, workers, "trial")
-            )
-            trials[workers] = step_time(trial.get("marks", [])) if trial["rc"] == 0 else None
-        timed = {w: t for w, t in trials.items() if t is not None}
-        workers = min(timed, key=timed.__getitem__) if timed else 0
-    else:
-        workers = int(args.workers)
+    workers, trials = bench.loader_workers(stage2_args)
 
     stage2 = child("stage2", "train", stage2_args(args.steps, workers, "stage2"))
     unsplit = child(
@@ -433,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "train",
         [
             "--task", "sft", *raw, "--model_id_with_origin_paths", f"{DIT},{TEXT_ENCODER},{VAE}",
-            *common_args(res, runs / "unsplit"), *training_args(args.steps, workers, gc),
+            *common_args(res, runs / "unsplit", lora), *training_args(args.steps, workers, gc),
         ],
     )  # fmt: skip
     denoiser = child(
@@ -452,14 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     t_overhead = statistics.median(stage2_overheads) if stage2_overheads else None
     durations = denoiser.get("durations", [])[WARMUP_STEPS:]
     t_denoiser = statistics.median(durations) if durations else None
-
-    def samples_per_s(record: dict[str, Any]) -> str:
-        s = record.get("stage1", {})
-        if record["rc"] != 0:
-            return f"n/a ({record['error']})"
-        if not s.get("encoded") or not s.get("seconds"):
-            return "n/a (no stage-1 timing recorded)"
-        return f"{s['encoded'] / s['seconds']:.2f}"
 
     shard_bytes = folder_bytes(cache_folder / "shards", (".safetensors", ".json"))
     cache_total = sum(p.stat().st_size for p in cache_folder.rglob("*") if p.is_file())
@@ -510,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## split vs unsplit: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, {args.steps} steps"
     )
     print()
-    print(f"command: `{command_line}`")
+    print(f"command: `{bench.command_line}`")
     print()
     print("| measurement | value | note |")
     print("|---|---|---|")
@@ -523,23 +646,176 @@ def main(argv: list[str] | None = None) -> int:
         f"on the seed's targets{', gradient checkpointing' if gc else ''}"
     )
     print(f"machine: {machine}")
-    if trials:
-        tried = ", ".join(f"{w}: {fmt(t, '.3f', ' s')}" for w, t in trials.items())
-        print(f"loader workers: tried {{{tried}}} ({TRIAL_STEPS}-step runs); used {workers}")
-    else:
-        print(f"loader workers: {workers} (given)")
+    print(workers_line(workers, trials))
     print(f"stage-2 units: {', '.join(denoiser.get('stage2_units', [])) or 'n/a'}")
     live_values = denoiser.get("live_values", {})
     print("cached values: " + ", ".join(f"{k} {v[1]}{v[0]}" for k, v in live_values.items()))
     print(f"cache folder: {cache_total:,} B in all (manifest included) at {cache_folder}")
-    print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls.items()))
-    print(f"total wall time: {time.perf_counter() - started:.1f}s (logs in {runs / 'logs'})")
+    print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in bench.walls.items()))
+    print(f"total wall time: {time.perf_counter() - bench.started:.1f}s (logs in {runs / 'logs'})")
     print(
         "note: on a CPU the proportioned VAE (3D convolutions with few channels) takes far longer than its "
         "FLOPs suggest, so stage 1 and the unsplit step overstate the VAE's share compared with a GPU."
     )
-    if warning:
-        print(f"warning: {warning}: batched stage 1 cannot batch them all")
+    if bench.warning:
+        print(f"warning: {bench.warning}: batched stage 1 cannot batch them all")
+    return 0
+
+
+def text_layers_case(bench: Bench) -> int:
+    """DiT LoRA + LoRA on the text encoder's last layers: unsplit, unit-level split, layer-level split."""
+    args, model, runs, child = bench.args, bench.model, bench.runs, bench.child
+    res, gc = args.resolution, args.use_gradient_checkpointing
+    n = text_encoder_layers(model)
+    if not 1 <= args.text_layers < n:
+        sys.exit(
+            f"error: --text_layers must be 1 to {n - 1}: the text encoder has {n} layers, and training all "
+            "of them leaves no frozen layer to cut off"
+        )
+    cut = n - args.text_layers
+    text_targets = TEXT_LAYER_TARGETS.format(layers="|".join(str(i) for i in range(cut, n)))
+    lora = lora_args("dit,text_encoder", f"dit={SEED_TARGETS};text_encoder={text_targets}")
+    splits = {"unit": ["--no_layer_split"], "layer": []}  # the two split configurations' own flags
+
+    def stage2_args(split: str, steps: int, workers: int, output: str) -> list[str]:
+        return [
+            "--task", "sft:train", "--dataset_base_path", str(runs / f"cache-{split}"),
+            "--model_id_with_origin_paths", f"{DIT},{TEXT_ENCODER}", *splits[split],
+            *common_args(res, runs / output, lora), *training_args(steps, workers, gc),
+        ]  # fmt: skip
+
+    # Stage 1 of each split (batch 1): the frozen models once, into its own cache.
+    stage1: dict[str, dict[str, Any]] = {}
+    for split, flags in splits.items():
+        stage1[split] = child(
+            f"stage1-{split}",
+            "train",
+            [
+                "--task", "sft:data_process", *bench.raw, "--dataset_repeat", "1",
+                "--model_id_with_origin_paths", f"{TEXT_ENCODER},{VAE}", *flags,
+                *common_args(res, runs / f"cache-{split}", lora),
+            ],
+        )  # fmt: skip
+        if stage1[split]["rc"] != 0:
+            sys.exit(
+                f"error: stage 1 ({split}) failed: {stage1[split]['error']} (log: {stage1[split]['log']})"
+            )
+
+    # Loader workers: chosen on the layer-level stage 2, then the same for all three runs.
+    workers, trials = bench.loader_workers(lambda steps, w, output: stage2_args("layer", steps, w, output))
+    unsplit_args = [
+        "--task", "sft", *bench.raw, "--model_id_with_origin_paths", f"{DIT},{TEXT_ENCODER},{VAE}",
+        *common_args(res, runs / "unsplit", lora), *training_args(args.steps, workers, gc),
+    ]  # fmt: skip
+    runs_by_config = {"unsplit": child("unsplit", "train", unsplit_args)}
+    for split in splits:
+        runs_by_config[split] = child(
+            f"stage2-{split}", "train", stage2_args(split, args.steps, workers, f"stage2-{split}")
+        )
+    for label, record in runs_by_config.items():
+        if record["rc"] != 0:
+            print(f"warning: {label} failed: {record['error']} (log: {record['log']})", file=sys.stderr)
+
+    # Numbers.
+    outputs = {"unsplit": runs / "unsplit", "unit": runs / "stage2-unit", "layer": runs / "stage2-layer"}
+    reference = loss_curve(outputs["unsplit"])
+
+    def loss_difference(config: str) -> str:
+        if config == "unsplit":
+            return "reference" if reference else "n/a"
+        losses = loss_curve(outputs[config])
+        if not reference or len(losses) != len(reference):
+            return "n/a"
+        worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, reference, strict=True))
+        return f"{worst:.1e} ({len(losses)} steps)"
+
+    def trained(record: dict[str, Any]) -> str:
+        counts = record.get("trained") or {}
+        return " + ".join(f"{name} {count:,}" for name, count in counts.items()) or "n/a"
+
+    manifest = {split: manifest_value_bytes(runs / f"cache-{split}") for split in splits}
+    shards = {
+        split: folder_bytes(runs / f"cache-{split}" / "shards", (".safetensors", ".json")) / args.samples
+        for split in splits
+    }
+    steps = {config: step_time(record.get("marks", [])) for config, record in runs_by_config.items()}
+    rss = {config: record.get("rss_mib") for config, record in runs_by_config.items()}
+    labels = {
+        "unsplit": "(a) unsplit (`--task sft`)",
+        "unit": "(b) unit-level split (`--no_layer_split`)",
+        "layer": f"(c) layer-level split (cut at layer {cut} of {n})",
+    }
+    rows = [
+        (
+            labels[config],
+            fmt(steps[config], ".3f", " s"),
+            fmt(rss[config], ".0f", " MiB"),
+            "-" if config == "unsplit" else f"{shards[config]:,.0f} B",
+            "-" if config == "unsplit" else f"{sum(manifest[config].values()):,} B",
+            "-" if config == "unsplit" else samples_per_s(stage1[config]),
+            trained(runs_by_config[config]),
+            loss_difference(config),
+        )
+        for config in runs_by_config
+    ]
+    counts = {
+        json.dumps(r.get("trained"), sort_keys=True) for r in runs_by_config.values() if r.get("trained")
+    }
+
+    mib = 2**20
+    text_bytes = sum(p.stat().st_size for p in (model / "text_encoder").glob("model*.safetensors"))
+    dit_bytes = sum(p.stat().st_size for p in (model / "transformer").glob("*.safetensors"))
+    rss_saved = None if rss["unit"] is None or rss["layer"] is None else rss["unit"] - rss["layer"]
+    threads = next((r["threads"] for r in runs_by_config.values() if r.get("threads")), None)
+    torch_version = next((r["torch"] for r in runs_by_config.values() if r.get("torch")), None)
+    trained_layers = f"layer {cut}" if cut == n - 1 else f"layers {cut}-{n - 1}"
+    print()
+    print(
+        f"## text-encoder layers: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, "
+        f"{args.steps} steps, text-encoder LoRA on {trained_layers} of {n}"
+    )
+    print()
+    print(f"command: `{bench.command_line}`")
+    print()
+    print(
+        "| configuration | step time (stage 2 or unsplit) | peak RSS | cache bytes/sample (shards) "
+        "| cache bytes/sample (manifest) | stage-1 samples/s | trained parameters "
+        "| loss vs (a), max rel. diff |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(
+        "step time: median interval between consecutive steps' backward passes, the first "
+        f"{WARMUP_STEPS} steps excluded; peak RSS: `ru_maxrss` of the unsplit or stage-2 process (own "
+        "process, loader workers not counted); cache bytes/sample (shards): the cache's shard "
+        "`.safetensors` + `.json` files over samples; (manifest): the sum of the plan's bytes per sample of "
+        "the cached values, from the cache manifest; stage-1 samples/s: batch 1, the writer's own timing "
+        "(model loading excluded)"
+    )
+    print(
+        "layer-level / unit-level split (c)/(b): stage-2 step time "
+        f"{fmt(ratio(steps['layer'], steps['unit']), '.2f')}, cache bytes/sample (shards) "
+        f"{fmt(ratio(shards['layer'], shards['unit']), '.2f')}; "
+        f"peak RSS (b) - (c): {fmt(rss_saved, '.0f', ' MiB')}"
+    )
+    if len(counts) > 1:
+        print("warning: the configurations trained different parameter counts (see the table)")
+    for split in splits:
+        values = ", ".join(f"{k} {v:,}" for k, v in manifest[split].items()) or "n/a"
+        print(f"cached values ({'b' if split == 'unit' else 'c'}), bytes/sample: {values}")
+    print(f"LoRA targets: `{lora[-1]}`, rank 32, fp32{', gradient checkpointing' if gc else ''}")
+    print(
+        f"model files: text encoder {text_bytes / mib:.1f} MiB ({n} layers), DiT {dit_bytes / mib:.1f} MiB; "
+        f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} usable cores of {os.cpu_count()}, "
+        f"torch {torch_version}, {threads} torch threads"
+    )
+    print(workers_line(workers, trials))
+    print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in bench.walls.items()))
+    print(f"total wall time: {time.perf_counter() - bench.started:.1f}s (logs in {runs / 'logs'})")
+    if bench.warning:
+        print(f"warning: {bench.warning}")
     return 0
 
 
