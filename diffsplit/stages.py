@@ -104,7 +104,7 @@ def layer_cuts(config: TrainConfig, models: Any) -> dict[str, LayerCut]:
         }
     # Targets are parsed only when a LoRA-trained component can be cut: stage 1 of a DiT-only LoRA run
     # needs no --lora_target_modules, and its absence must not be an error there.
-    targets: dict[str, Any] | None = None
+    targets: dict[str, lora.LoraTargets] | None = None
     full = [parse_trainable(entry) for entry in config.full_trainable_models]
     cuts: dict[str, LayerCut] = {}
     for component in config.trained_components:
