@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
+from diffsplit.families.common.tiny_tokenizer import COLOURS as _COLOURS
+from diffsplit.families.common.tiny_tokenizer import SHAPES as _SHAPES
+from diffsplit.families.common.tiny_tokenizer import SPECIAL_TOKENS
 from diffsplit.models import QWEN_IMAGE_SCHEDULER_CONFIG
 
 SIZES = ("tiny", "proportioned")
@@ -50,107 +53,26 @@ QWEN_IMAGE_TEMPLATE_PREFIX = (
 )
 QWEN_IMAGE_TEMPLATE_DROP = 34
 
-# Qwen2's added tokens, in the real tokenizer's order (their ids follow the BPE vocabulary). The first
-# fourteen are special (skipped when decoding); the tool/FIM tokens are ordinary added tokens, as in Qwen2.5.
-_QWEN2_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-_QWEN2_ADDED_TOKENS = (
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
-
-# Text the tiny BPE is trained on. The template text is repeated so that every word of the system prefix
+# Text the tiny BPE is trained on: the template text is repeated so that every word of the system prefix
 # becomes a single token, which is what makes the prefix encode to exactly 34 tokens as with the real
-# tokenizer. The rest gives ordinary prompts reasonably short encodings; any text still encodes (byte level).
+# tokenizer.
 _TEMPLATE_WORDS = (
     "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:\nuser\nassistant\n"
 )
-_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "grey", "brown")
-_SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle", "ellipse")
-_EXTRA_WORDS = (
-    "a an the on in with and of photo picture painting drawing dog cat bird tree house car flower sky sea "
-    "mountain city street person woman man child sunset night day small large big little bright dark soft "
-    "light left right top bottom middle center near far two three four many one cute beautiful old new"
-)
 
 
 def _train_tokenizer(directory: Path) -> Any:
-    """Train a small byte-level BPE with Qwen2's pre-tokenizer and save it as a Qwen2 tokenizer.
+    """The tiny Qwen2 tokenizer of Qwen-Image (see :mod:`diffsplit.families.common.tiny_tokenizer`)."""
+    from diffsplit.families.common.tiny_tokenizer import train_qwen2_tokenizer
 
-    Returns the loaded transformers tokenizer (``Qwen2Tokenizer``; a fast, tokenizers-backed one).
-    """
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers import AddedToken, AutoTokenizer, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    # Same normaliser and pre-tokenizer as Qwen2Tokenizer builds, so the trained merges apply to the same
-    # pre-tokens at encode time.
-    bpe = Tokenizer(BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    corpus = [_TEMPLATE_WORDS] * 8 + [_EXTRA_WORDS] * 2 + [" ".join(_COLOURS)] * 2 + [" ".join(_SHAPES)] * 2
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,  # an upper bound: training stops once every corpus word is one token
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
-    tokenizer.add_special_tokens(
-        {
-            "additional_special_tokens": [
-                AddedToken(t, special=True, normalized=False) for t in _QWEN2_SPECIAL_TOKENS
-            ]
-        }
-    )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN2_ADDED_TOKENS])
-    tokenizer.save_pretrained(str(directory))
-    # vocab.json + merges.txt as in the real repository, for loaders that build the tokenizer from them.
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
-    # Reload from disk: what the caller gets is exactly what a user loading the folder gets.
-    return AutoTokenizer.from_pretrained(str(directory))
+    return train_qwen2_tokenizer(directory, _TEMPLATE_WORDS)
 
 
 def _text_encoder_config(size: str, tokenizer: Any) -> Any:
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN2_SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # Room for every token id; rounded up as real checkpoints pad their embedding tables.
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     if size == "tiny":
