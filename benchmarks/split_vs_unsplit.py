@@ -85,7 +85,7 @@ def build_model(workdir: Path, size: str) -> Path:
         if built != size:
             sys.exit(f"error: {folder} holds a '{built}' model, not '{size}': use another --workdir")
         return folder
-    from diffsplit.tiny import build_tiny_qwen_image
+    from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
 
     print(f"building a {size} Qwen-Image at {folder} ...", flush=True)
     build_tiny_qwen_image(folder, seed=0, size=size)
@@ -184,9 +184,9 @@ def _child_train(argv: list[str]) -> dict[str, Any]:
     timing (the summary of the stage-1 writer) and the number of trained parameters per model."""
     import accelerate
 
-    import diffsplit.stages as stages
+    import diffsplit.entrypoints as stages
     from diffsplit import cli
-    from diffsplit.graph import UnitGraph
+    from diffsplit.planner.graph import UnitGraph
 
     marks: list[float] = []
     spans: list[tuple[float, float]] = []  # compute inside a step: the units, backward, the optimizer step
@@ -242,13 +242,16 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     """The stage-2 units of the plan on the cached samples held in memory: forward, backward, AdamW."""
     import torch
 
-    from diffsplit import cache, cli, lora, stages
+    from diffsplit import cli
+    from diffsplit import entrypoints as stages
     from diffsplit.config import config_from_args
     from diffsplit.families.base import UnitContext
-    from diffsplit.families.qwen_image import scheduler_from_constants
-    from diffsplit.rng import keyed_generator
+    from diffsplit.families.qwen_image.units import scheduler_from_constants
+    from diffsplit.storage import cache
     from diffsplit.tasks import task_for
-    from diffsplit.training import ComponentOverlay, prepare_trainable
+    from diffsplit.training import lora
+    from diffsplit.training.loop import ComponentOverlay, prepare_trainable
+    from diffsplit.training.rng import keyed_generator
 
     steps = int(argv[0])
     train_argv = ["train", *argv[1:]]

@@ -73,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "make-tiny":
-        from diffsplit.tiny import build_tiny_qwen_image
+        from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
 
         path = build_tiny_qwen_image(args.output, seed=args.seed, size=args.size)
         print(f"wrote a random-weight {args.size} Qwen-Image to {path}")
         return 0
     if args.command == "make-example-dataset":
-        from diffsplit.tiny import make_distill_dataset, make_example_dataset
+        from diffsplit.families.qwen_image.tiny import make_distill_dataset, make_example_dataset
 
         if args.kind == "distill":
             if not args.model:
@@ -97,7 +97,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {args.num_images} images and metadata.csv to {path}")
         return 0
     if args.command == "cache":
-        from diffsplit import cache
+        from diffsplit.storage import cache
 
         if args.cache_command == "inspect":
             print(cache.inspect(args.folder))
@@ -112,7 +112,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         return run_demo(args.workdir, steps=args.steps)
     config = config_from_args(args, argv)
-    from diffsplit import stages
+    from diffsplit import entrypoints as stages
 
     if args.command == "plan":
         print(stages.plan_text(config))

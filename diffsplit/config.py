@@ -230,7 +230,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     config = TrainConfig(**values, given=given)
     if (config.height is None) != (config.width is None):
         raise UserError("--height and --width must be given together")
-    from diffsplit.layers import parse_trainable
+    from diffsplit.planner.layers import parse_trainable
 
     for entry in config.full_trainable_models:
         try:

@@ -17,8 +17,8 @@ SEED_TARGETS = "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_
 
 
 def run_demo(workdir: str, steps: int | None = None) -> int:
-    from diffsplit import stages
-    from diffsplit.tiny import build_tiny_qwen_image, make_example_dataset
+    from diffsplit import entrypoints as stages
+    from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image, make_example_dataset
 
     work = Path(workdir)
     models = work / "models"

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffsplit.cache import CacheReader
+from diffsplit.storage.cache import CacheReader
 from tests.conftest import train_args
-from tests.test_stages import DIT, FROZEN, _replace, stage1_args, stage2_args
-from tests.test_training import _eval_loss
+from tests.test_entrypoints import DIT, FROZEN, _replace, stage1_args, stage2_args
+from tests.training.test_loop import _eval_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "examples" / "qwen_image" / "model_training" / "train.py"

@@ -1,11 +1,11 @@
 """What a model family provides, and what its units receive when they run.
 
-A family is declarative: a list of :class:`~diffsplit.graph.Unit` objects, the component names they use,
+A family is declarative: a list of :class:`~diffsplit.planner.graph.Unit` objects, the component names they use,
 the values the dataset provides and the values the loss reads. Nothing in graph, split, cache or stages
 changes when a family is added.
 
 A unit that runs a layered model (a text encoder) may also say how to cut it between layers
-(``Unit.split_at``); the model's architecture then needs a layer adapter (:mod:`diffsplit.layers`).
+(``Unit.split_at``); the model's architecture then needs a layer adapter (:mod:`diffsplit.planner.layers`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from diffsplit.graph import Unit
+from diffsplit.planner.graph import Unit
 
 
 @dataclass

@@ -40,14 +40,14 @@ STAGES = ("", "data_process", "train")
 
 
 def _sft(stage: str) -> Task:
-    from diffsplit.families.qwen_image import FAMILY
+    from diffsplit.families.qwen_image.units import FAMILY
     from diffsplit.tasks.sft import flow_matching_loss
 
     return Task("sft", stage, FAMILY, flow_matching_loss, ("image", "prompt"))
 
 
 def _distill_row(sample: Any, config: Any) -> dict:
-    from diffsplit.families.qwen_image_distill import resolve_distill_values
+    from diffsplit.families.qwen_image.distill import resolve_distill_values
 
     return resolve_distill_values(
         sample.values,
@@ -60,7 +60,7 @@ def _distill_row(sample: Any, config: Any) -> dict:
 
 
 def _direct_distill(stage: str) -> Task:
-    from diffsplit.families.qwen_image_distill import FAMILY
+    from diffsplit.families.qwen_image.distill import FAMILY
     from diffsplit.tasks.direct_distill import distill_loss
 
     return Task("direct_distill", stage, FAMILY, distill_loss, ("image", "prompt"), _distill_row)

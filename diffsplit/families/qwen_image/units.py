@@ -1,0 +1,584 @@
+"""Qwen-Image as a family of units.
+
+The preprocessing reproduces what diffusers' Qwen-Image pipelines do at inference, using their own helpers
+wherever they exist (:meth:`QwenImagePipeline._pack_latents`, ``_extract_masked_hidden``, the prompt
+template and the number of dropped prefix tokens, :func:`calculate_shift`, the scheduler's
+``set_timesteps``, :func:`randn_tensor`), so a model trained here sees at training time exactly the inputs
+``QwenImagePipeline`` gives it at inference.
+
+One training step, in order (``B`` batch, ``z`` latent channels, ``h, w = H/8, W/8`` the latent grid,
+``N = (h/2)*(w/2)`` packed tokens, ``L`` prompt tokens, ``D`` text hidden size)::
+
+    resize_image      light        image               -> pixels [B,3,H,W]
+    encode_image      vae          pixels              -> latent_mean, latent_std [B,z,1,h,w]
+    posterior_mode    light        latent_mean         -> latents [B,N,4z]           (--latent_sample mode)
+    sample_posterior  stochastic   latent_mean, _std   -> latents [B,N,4z]           (--latent_sample sample)
+    image_shapes      light        latent_mean         -> img_shapes
+    tokenize          tokenizer    prompt              -> input_ids, attention_mask [B,L+34]
+    encode_prompt     text_encoder input_ids, mask     -> prompt_embeds [B,L,D], prompt_embeds_mask [B,L]
+      when the text encoder's layers from c on train (layer-level split, T = L + 34 tokens):
+      encode_prompt[0:c]  text_encoder[0:c]  input_ids, mask  -> text_hidden [B,T,D], text_position_ids [B,3,T]
+      encode_prompt[c:N]  text_encoder[c:N]  text_hidden, text_position_ids, mask -> prompt_embeds, _mask
+    timestep_noise    stochastic   latents             -> noise [B,N,4z], sigma, timestep, loss_weight [B]
+                      (scheduler)
+    noisy_latents     light        latents, noise, sigma -> noisy_latents, target [B,N,4z]
+    denoise           dit          noisy_latents, timestep, prompt_embeds, prompt_embeds_mask, img_shapes -> pred
+
+Where the VAE's normalisation constants live: ``encode_image`` returns the posterior already in the DiT's
+*normalised* latent space (``(mean - latents_mean) / latents_std`` and ``std / latents_std``), so every unit
+after it is a pure function of its inputs and stage 2 never needs the VAE or its config, whatever the
+latent sampling mode. The only configuration stage 2 needs is the scheduler's; the stochastic unit reads it
+from the ``scheduler`` component, which stage 2 can build from :meth:`QwenImageFamily.constants`
+(``scheduler_from_constants``) without the model repository.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from diffsplit.families.base import UnitContext
+from diffsplit.planner.graph import Unit
+
+DEFAULT_MAX_PIXELS = 1024 * 1024
+"""Pixel budget of dynamic resolution when neither ``--max_pixels`` nor ``--height/--width`` is given."""
+
+TIMESTEP_WEIGHTINGS = ("bell", "none")
+"""``options.timestep_weighting`` values; see :func:`timestep_schedule`."""
+
+
+# -- diffusers' own definitions -------------------------------------------------------------------------
+@functools.cache
+def _reference_pipeline() -> Any:
+    """A component-less ``QwenImagePipeline``: the source of the prompt template and its helpers.
+
+    The template, the number of prefix tokens dropped (34) and the tokenizer length budget (1024) are set
+    in ``QwenImagePipeline.__init__``, not on the class, so we build an empty pipeline once and read them
+    there instead of copying the strings (they follow diffusers if diffusers ever changes them).
+    """
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+
+
+def prompt_template() -> tuple[str, int, int]:
+    """``(template, drop_idx, max_length)`` exactly as ``QwenImagePipeline._get_qwen_prompt_embeds`` uses them.
+
+    ``template`` has one ``{}`` for the prompt; the first ``drop_idx`` tokens (the system prefix) are
+    dropped after encoding; prompts are truncated to ``max_length + drop_idx`` tokens before encoding.
+    """
+    pipe = _reference_pipeline()
+    return pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx, pipe.tokenizer_max_length
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Pack ``[B, z, 1, h, w]`` (or ``[B, z, h, w]``) latents into 2x2 patches: ``[B, (h/2)*(w/2), 4z]``."""
+    from diffusers import QwenImagePipeline
+
+    if latents.dim() == 5:
+        # Qwen's VAE is a video VAE; an image is one frame.
+        latents = latents.squeeze(2)
+    b, z, h, w = latents.shape
+    return QwenImagePipeline._pack_latents(latents.contiguous(), b, z, h, w)
+
+
+def _scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """The config dict of a scheduler object, or the dict itself (stage 2 may hand over a plain config)."""
+    config = scheduler if isinstance(scheduler, Mapping) else scheduler.config
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def scheduler_from_constants(constants: Mapping[str, Any]) -> Any:
+    """A ``FlowMatchEulerDiscreteScheduler`` rebuilt from :meth:`QwenImageFamily.constants` (stage 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(constants["scheduler_config"])
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[torch.Tensor, ...]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    config = json.loads(config_json)
+    # A private scheduler: set_timesteps mutates its object, and the loaded component may be shared.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    steps = int(scheduler.config.num_train_timesteps)
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.use_dynamic_shifting:
+        # The resolution-dependent shift QwenImagePipeline.__call__ applies, same defaults.
+        kwargs["mu"] = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+    scheduler.set_timesteps(steps, **kwargs)
+    sigmas = scheduler.sigmas[:-1].clone()  # drop the terminal 0 the scheduler appends
+    timesteps = scheduler.timesteps.clone()
+    if weighting == "bell":
+        # DiffSynth-Studio's FlowMatchScheduler.set_training_weight: a Gaussian bump over the timestep
+        # value, centred on the middle of the range, shifted to 0 at its minimum and scaled to mean 1.
+        y = torch.exp(-2 * ((timesteps - steps / 2) / steps) ** 2)
+        y = y - y.min()
+        weights = y * (len(y) / y.sum())
+    elif weighting == "none":
+        weights = torch.ones_like(sigmas)
+    else:
+        raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
+    return sigmas, timesteps, weights
+
+
+def timestep_schedule(
+    scheduler: Any, image_seq_len: int, weighting: str = "bell"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training schedule for an image of ``image_seq_len`` packed tokens.
+
+    Qwen-Image training samples a *uniform index* into the scheduler's shifted ``num_train_timesteps``-step
+    schedule (DiffSynth-Studio, the seed's framework, does this; diffusers' example scripts instead sample
+    a density over unshifted timesteps). We build the schedule with diffusers' own scheduler and the
+    dynamic shift ``mu = calculate_shift(image_seq_len, ...)`` that ``QwenImagePipeline`` uses at this
+    resolution, so training covers the noise levels inference visits. ``weighting="bell"`` reproduces
+    DiffSynth-Studio's per-timestep loss weight (mean 1 over the schedule); ``"none"`` weights all 1.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict.
+        image_seq_len: ``N``, packed image tokens, ``(H/16)*(W/16)``.
+        weighting: ``"bell"`` or ``"none"``.
+
+    Returns:
+        ``(sigmas, timesteps, weights)``, each ``[num_train_timesteps]`` float32 on the CPU, sigmas from
+        ~1 down; ``timesteps = sigmas * num_train_timesteps``.
+    """
+    config_json = json.dumps(_scheduler_config(scheduler), sort_keys=True)
+    return _schedule(config_json, int(image_seq_len), weighting)
+
+
+# -- unit functions -------------------------------------------------------------------------------------
+def resize_image(ctx: UnitContext, image: Any) -> dict[str, Any]:
+    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1].
+
+    The size policy (``--max_pixels`` dynamic resolution, never upscaling; ``--height/--width`` fixed;
+    sides multiples of 16) is :func:`diffsplit.storage.data.target_size`; 1024*1024 pixels when nothing is given.
+    """
+    from diffsplit.storage.data import image_to_tensor, resize_and_crop, target_size
+
+    options = ctx.options
+    fixed_height = getattr(options, "height", None)
+    fixed_width = getattr(options, "width", None)
+    max_pixels = getattr(options, "max_pixels", None)
+    if max_pixels is None and fixed_height is None and fixed_width is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    tensors = []
+    for img in images:
+        w, h = target_size(img.width, img.height, max_pixels, fixed_height, fixed_width)
+        t = image_to_tensor(resize_and_crop(img, w, h))
+        tensors.append(t if t.dim() == 4 else t.unsqueeze(0))
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise ValueError(
+            f"resize_image: a batch needs one size, got {[tuple(t.shape[-2:]) for t in tensors]}"
+        )
+    return {"pixels": torch.cat(tensors).to(torch.float32)}
+
+
+def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pixels [B, 3, H, W]`` in [-1, 1] -> the VAE posterior in normalised latent space.
+
+    ``latent_mean = (mean - latents_mean) / latents_std`` exactly as
+    ``QwenImageEditPipeline._encode_vae_image`` computes image latents (posterior mode, division by
+    ``latents_std``), and ``latent_std = std / latents_std``, the posterior's standard deviation in the same
+    space, so that ``latent_mean + latent_std * eps`` is the normalised posterior sample. Both
+    ``[B, z, 1, H/8, W/8]`` in the VAE's dtype.
+    """
+    vae = ctx.components["vae"]
+    # Qwen's VAE is 3D: an image is a one-frame video [B, 3, 1, H, W].
+    x = pixels.to(device=ctx.device, dtype=vae.dtype).unsqueeze(2)
+    posterior = vae.encode(x).latent_dist
+    z_dim = vae.config.z_dim
+    mean_ = (
+        torch.tensor(vae.config.latents_mean)
+        .view(1, z_dim, 1, 1, 1)
+        .to(posterior.mean.device, posterior.mean.dtype)
+    )
+    std_ = (
+        torch.tensor(vae.config.latents_std)
+        .view(1, z_dim, 1, 1, 1)
+        .to(posterior.mean.device, posterior.mean.dtype)
+    )
+    return {"latent_mean": (posterior.mode() - mean_) / std_, "latent_std": posterior.std / std_}
+
+
+def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``--latent_sample mode``: ``latents`` = packed normalised posterior mean, ``[B, N, 4z]``."""
+    return {"latents": pack_latents(latent_mean)}
+
+
+def sample_posterior(
+    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``--latent_sample sample``: ``latents`` = packed ``mean + std * eps``, ``eps ~ N(0, I)``, ``[B, N, 4z]``.
+
+    The same formula as ``DiagonalGaussianDistribution.sample``, applied in normalised space (an affine
+    map of a Gaussian). ``eps`` is drawn in float32 from the keyed generator so the draw does not depend on
+    the compute dtype, then cast.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eps = randn_tensor(
+        latent_mean.shape, generator=ctx.generator, device=latent_mean.device, dtype=torch.float32
+    )
+    return {"latents": pack_latents(latent_mean + latent_std * eps.to(latent_mean.dtype))}
+
+
+def image_shapes(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, Any]:
+    """``img_shapes`` for the DiT's rotary embedding: ``[(1, h/2, w/2)]`` with ``h, w`` the latent grid.
+
+    One entry per image (all images of a batch share a size); ``denoise`` expands it to
+    ``[[(1, h/2, w/2)]] * B`` as ``QwenImagePipeline`` does. Plain ints (the DiT caches rope tables by them).
+    Read from the latent grid itself, so no VAE scale factor is needed here.
+    """
+    h, w = int(latent_mean.shape[-2]), int(latent_mean.shape[-1])
+    return {"img_shapes": [1, h // 2, w // 2]}
+
+
+def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    """Prompt(s) -> ``input_ids``, ``attention_mask`` ``[B, T]`` (long), T <= 1024 + 34.
+
+    The prompt is wrapped in Qwen-Image's chat template and tokenized with the arguments of
+    ``QwenImagePipeline._get_qwen_prompt_embeds`` (pad to the batch's longest, truncate to 1024 + 34).
+    """
+    template, drop_idx, max_length = prompt_template()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    tokens = ctx.components["tokenizer"](
+        [template.format(p) for p in prompts],
+        max_length=max_length + drop_idx,
+        padding=True,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+
+
+def encode_prompt(
+    ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Token ids -> ``prompt_embeds [B, L, D]`` and ``prompt_embeds_mask [B, L]`` (long, 1 = token).
+
+    As ``QwenImagePipeline._get_qwen_prompt_embeds``: the text encoder's last hidden state, then
+    :func:`prompt_tokens`.
+    """
+    text_encoder = ctx.components["text_encoder"]
+    input_ids = input_ids.to(ctx.device)
+    attention_mask = attention_mask.to(ctx.device)
+    hidden = text_encoder(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+    ).hidden_states[-1]
+    return prompt_tokens(hidden, attention_mask, text_encoder.dtype)
+
+
+def prompt_tokens(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The pipeline's post-processing of the text encoder's last hidden state ``[B, T, D]`` (after the
+    final norm): valid tokens only, the 34-token system prefix dropped, right-padded with zeros to the
+    batch's longest; then the ``[:, :1024]`` cut of ``encode_prompt``.
+
+    Returns ``prompt_embeds [B, L, D]`` in ``dtype`` and ``prompt_embeds_mask [B, L]`` (long). The mask is
+    always a tensor here (a cache stores tensors); ``denoise`` turns an all-ones mask into ``None`` as
+    ``encode_prompt`` does.
+    """
+    _, drop_idx, max_length = prompt_template()
+    split = _reference_pipeline()._extract_masked_hidden(hidden, attention_mask)
+    split = [e[drop_idx:] for e in split]
+    max_seq_len = max(e.size(0) for e in split)
+    prompt_embeds = torch.stack(
+        [torch.cat([u, u.new_zeros(max_seq_len - u.size(0), u.size(1))]) for u in split]
+    )
+    mask = torch.stack(
+        [
+            torch.cat(
+                [
+                    torch.ones(u.size(0), dtype=torch.long, device=u.device),
+                    u.new_zeros(max_seq_len - u.size(0), dtype=torch.long),
+                ]
+            )
+            for u in split
+        ]
+    )
+    prompt_embeds = prompt_embeds.to(dtype=dtype)
+    return {"prompt_embeds": prompt_embeds[:, :max_length], "prompt_embeds_mask": mask[:, :max_length]}
+
+
+# The layer-level split of encode_prompt (see diffsplit.planner.layers): the prefix runs the embedding and the
+# frozen layers once in stage 1; the suffix runs the trained layers, the final norm and the pipeline's
+# post-processing every step. The 34 template tokens are dropped only after the final layer (they are
+# attended to by every layer), so the cached hidden state keeps them.
+def encode_prompt_prefix(
+    ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, model: str
+) -> dict[str, torch.Tensor]:
+    """``input_ids [B, T]`` -> ``text_hidden [B, T, D]`` (the input of the cut layer) and
+    ``text_position_ids [B, 3, T]`` (long), on the part ``model`` (``"text_encoder[0:c]"``)."""
+    hidden, positions = ctx.components[model](
+        input_ids=input_ids.to(ctx.device), attention_mask=attention_mask.to(ctx.device)
+    )
+    return {"text_hidden": hidden, "text_position_ids": positions}
+
+
+def encode_prompt_suffix(
+    ctx: UnitContext,
+    text_hidden: torch.Tensor,
+    text_position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    model: str,
+) -> dict[str, torch.Tensor]:
+    """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`,
+    on the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm)."""
+    part = ctx.components[model]
+    attention_mask = attention_mask.to(ctx.device)
+    # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
+    hidden, _ = part(
+        hidden=text_hidden.to(ctx.device),
+        position_ids=text_position_ids.to(ctx.device),
+        attention_mask=attention_mask,
+    )
+    return prompt_tokens(hidden, attention_mask, getattr(part, "module", part).dtype)
+
+
+def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
+    """``encode_prompt`` cut at layer ``cut`` of ``num_layers``: the prefix and suffix units."""
+    from diffsplit.planner.layers import part_name
+
+    prefix_model = part_name("text_encoder", 0, cut)
+    suffix_model = part_name("text_encoder", cut, num_layers)
+    prefix = Unit(
+        name=f"encode_prompt[0:{cut}]",
+        inputs=("input_ids", "attention_mask"),
+        outputs=("text_hidden", "text_position_ids"),
+        models=(prefix_model,),
+        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
+    )
+    suffix = Unit(
+        name=f"encode_prompt[{cut}:{num_layers}]",
+        inputs=("text_hidden", "text_position_ids", "attention_mask"),
+        outputs=("prompt_embeds", "prompt_embeds_mask"),
+        models=(suffix_model,),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+    )
+    return prefix, suffix
+
+
+def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Draw a timestep per sample and the noise, from the keyed generator.
+
+    Index first, then noise, always in this order (the draw is a function of the generator's key only).
+    See :func:`timestep_schedule` for the schedule and weighting.
+
+    Returns:
+        ``noise`` like ``latents`` ``[B, N, 4z]``; ``sigma`` ``[B]`` float32 in (0, 1]; ``timestep`` ``[B]``
+        float32, ``sigma * num_train_timesteps`` (what the pipeline's loop holds; the DiT gets it / 1000);
+        ``loss_weight`` ``[B]`` float32.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    weighting = getattr(ctx.options, "timestep_weighting", None) or "bell"
+    sigmas, timesteps, weights = timestep_schedule(ctx.components["scheduler"], latents.shape[1], weighting)
+    generator = ctx.generator
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    index = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator, device=gen_device).cpu()
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+    return {
+        "noise": noise.to(latents.dtype),
+        "sigma": sigmas[index].to(latents.device),
+        "timestep": timesteps[index].to(latents.device),
+        "loss_weight": weights[index].to(latents.device),
+    }
+
+
+def noisy_latents(
+    ctx: UnitContext, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Rectified-flow interpolation and its velocity target, ``[B, N, 4z]``.
+
+    ``noisy_latents = (1 - sigma) * latents + sigma * noise`` (``FlowMatchEulerDiscreteScheduler.scale_noise``)
+    in the latents' dtype, the DiT's input; ``target = noise - latents`` in float32: the velocity the
+    Euler step ``x += (sigma_next - sigma) * pred`` integrates, so the DiT learns what the pipeline applies.
+    """
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    x0, x1 = latents.float(), noise.float()
+    return {"noisy_latents": ((1 - s) * x0 + s * x1).to(latents.dtype), "target": x1 - x0}
+
+
+def denoise(
+    ctx: UnitContext,
+    noisy_latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_embeds_mask: torch.Tensor,
+    img_shapes: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """The DiT call of ``QwenImagePipeline``'s denoising loop -> ``pred`` ``[B, N, 4z]`` (the velocity).
+
+    Gradient checkpointing applies when the trainer enabled it on the model (the DiT checks it itself).
+    """
+    dit = ctx.components["dit"]
+    dtype = getattr(dit, "dtype", ctx.dtype)
+    batch = noisy_latents.shape[0]
+    hidden_states = noisy_latents.to(device=ctx.device, dtype=dtype)
+    mask = prompt_embeds_mask.to(ctx.device)
+    # encode_prompt hands the DiT no mask when every token is real; follow it (same attention path).
+    mask = None if bool(mask.all()) else mask
+    # A tuple, not a list: the DiT's rope treats a list as a list of frames. Python ints: rope tables are
+    # cached by them.
+    shape = tuple(int(v) for v in img_shapes)
+    pred = dit(
+        hidden_states=hidden_states,
+        timestep=timestep.to(device=ctx.device).expand(batch).to(dtype) / 1000,
+        guidance=None,
+        encoder_hidden_states_mask=mask,
+        encoder_hidden_states=prompt_embeds.to(device=ctx.device, dtype=dtype),
+        img_shapes=[[shape]] * batch,
+        return_dict=False,
+    )[0]
+    return {"pred": pred}
+
+
+# -- the family -----------------------------------------------------------------------------------------
+# Units shared by every Qwen-Image task (SFT here, direct distillation in qwen_image_distill.py).
+ENCODE_IMAGE = Unit(
+    name="encode_image",
+    inputs=("pixels",),
+    outputs=("latent_mean", "latent_std"),
+    models=("vae",),
+    fn=encode_image,
+)
+IMAGE_SHAPES = Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes)
+TOKENIZE = Unit(
+    name="tokenize",
+    inputs=("prompt",),
+    outputs=("input_ids", "attention_mask"),
+    models=("tokenizer",),
+    fn=tokenize,
+)
+ENCODE_PROMPT = Unit(
+    name="encode_prompt",
+    inputs=("input_ids", "attention_mask"),
+    outputs=("prompt_embeds", "prompt_embeds_mask"),
+    models=("text_encoder",),
+    fn=encode_prompt,
+    split_at=split_encode_prompt,
+)
+
+
+class QwenImageFamily:
+    """Qwen-Image (diffusers ``QwenImageTransformer2DModel``, ``AutoencoderKLQwenImage``, Qwen2.5-VL text
+    encoder, Qwen2 tokenizer, ``FlowMatchEulerDiscreteScheduler``) as units for ``--task sft``.
+
+    Options read (attributes, all optional): ``latent_sample`` ("mode" default | "sample"), ``max_pixels``,
+    ``height``, ``width``, ``timestep_weighting`` ("bell" default | "none").
+    """
+
+    name = "qwen-image"
+    components = ("tokenizer", "text_encoder", "vae", "dit", "scheduler")
+    dataset_values = ("image", "prompt")
+
+    def batch_key(self, values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
+        """Samples with equal keys can share a stage-1 batch without changing any cached value.
+
+        The image's target size (so pixels stack) and the templated prompt's token count (so no prompt is
+        padded: padding would change the cached embeddings' shapes).
+        """
+        from diffsplit.storage.data import target_size
+
+        image = values["image"]
+        max_pixels = getattr(options, "max_pixels", None)
+        height, width = getattr(options, "height", None), getattr(options, "width", None)
+        if max_pixels is None and height is None:
+            max_pixels = DEFAULT_MAX_PIXELS
+        size = target_size(image.width, image.height, max_pixels, height, width)
+        template, drop_idx, max_length = prompt_template()
+        ids = components["tokenizer"](
+            template.format(values["prompt"]), max_length=max_length + drop_idx, truncation=True
+        )
+        return (size, len(ids["input_ids"]))
+
+    def units(self, options: Any) -> list[Unit]:
+        """The units of one SFT step, in execution order (see the module docstring)."""
+        latent_sample = getattr(options, "latent_sample", None) or "mode"
+        if latent_sample == "mode":
+            latents = Unit(
+                name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=posterior_mode
+            )
+        elif latent_sample == "sample":
+            latents = Unit(
+                name="sample_posterior",
+                inputs=("latent_mean", "latent_std"),
+                outputs=("latents",),
+                stochastic=True,
+                fn=sample_posterior,
+            )
+        else:
+            raise ValueError(f"latent_sample must be 'mode' or 'sample', got {latent_sample!r}")
+        weighting = getattr(options, "timestep_weighting", None) or "bell"
+        if weighting not in TIMESTEP_WEIGHTINGS:
+            raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
+        return [
+            Unit(name="resize_image", inputs=("image",), outputs=("pixels",), fn=resize_image),
+            ENCODE_IMAGE,
+            latents,
+            IMAGE_SHAPES,
+            TOKENIZE,
+            ENCODE_PROMPT,
+            Unit(
+                name="timestep_noise",
+                inputs=("latents",),
+                outputs=("noise", "sigma", "timestep", "loss_weight"),
+                models=("scheduler",),
+                stochastic=True,
+                fn=timestep_noise,
+            ),
+            Unit(
+                name="noisy_latents",
+                inputs=("latents", "noise", "sigma"),
+                outputs=("noisy_latents", "target"),
+                fn=noisy_latents,
+            ),
+            Unit(
+                name="denoise",
+                inputs=("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask", "img_shapes"),
+                outputs=("pred",),
+                models=("dit",),
+                fn=denoise,
+            ),
+        ]
+
+    def loss_reads(self, options: Any) -> tuple[str, ...]:
+        """``pred``, ``target`` and ``loss_weight`` (see :func:`diffsplit.tasks.sft.flow_matching_loss`)."""
+        return ("pred", "target", "loss_weight")
+
+    def constants(self, components: Mapping[str, Any]) -> dict[str, Any]:
+        """JSON-able facts of the frozen components, for stage 2 and for the cache fingerprint.
+
+        ``latents_mean``/``latents_std``/``z_dim``/``vae_scale_factor`` describe the latent space the cache
+        holds (the units already applied them); ``scheduler_config`` is what ``timestep_noise`` needs
+        (:func:`scheduler_from_constants` rebuilds the scheduler from it).
+        """
+        vae = components["vae"]
+        return {
+            "latents_mean": [float(v) for v in vae.config.latents_mean],
+            "latents_std": [float(v) for v in vae.config.latents_std],
+            "z_dim": int(vae.config.z_dim),
+            # As QwenImagePipeline computes it: one 2x spatial downsample per temporal-downsample entry.
+            "vae_scale_factor": 2 ** len(vae.temperal_downsample),
+            "scheduler_config": json.loads(json.dumps(_scheduler_config(components["scheduler"]))),
+        }
+
+
+FAMILY = QwenImageFamily()
+"""The registered instance (``diffsplit.families`` maps ``"qwen-image"`` to it)."""

@@ -1,0 +1,224 @@
+"""The layer-level split, plain-data side: model parts, layer ranges, and where the cut falls.
+
+A *layered model* computes ``embed -> layer 0 -> ... -> layer N-1 -> final norm -> post-processing`` (a
+transformer text encoder). When only layers ``>= c`` hold trainable parameters, the input of layer ``c`` is
+the same every epoch: stage 1 can run ``embed + layers [0, c)`` once and cache the hidden state, and stage 2
+builds and runs only ``layers [c, N) + final norm``. ``c`` is the *cut*: the first layer holding trainable
+parameters.
+
+This module is what the planner (:mod:`diffsplit.planner.split`) and the model loader agree on, and it imports no
+torch model code:
+
+* **Part names.** ``"text_encoder[0:24]"`` is the component ``text_encoder`` restricted to layers 0-23
+  (with the embedding, because it starts at 0); ``"text_encoder[24:28]"`` is layers 24-27 (with the final
+  norm, because it ends at N). Units name parts in ``Unit.models``; :class:`diffsplit.storage.models.ModelSet`
+  builds a part from the checkpoint files with only those slots.
+* **Layer ranges** of ``--trainable_models text_encoder.layers.24-27``.
+* **The cut**, found from module names alone (:func:`find_cut`) and handed to the planner as a
+  :class:`LayerCut`.
+
+The torch side is an *adapter* per architecture (:class:`LayeredModel`), registered in :data:`ADAPTERS`.
+
+How another family adds one: write a class with the methods of :class:`LayeredModel` for its model
+(see :mod:`diffsplit.families.qwen_image.text_encoder`, about 200 lines, for the Qwen2.5-VL text model), register
+its architecture name in :data:`ADAPTERS`, and give the family's unit that runs the model a ``split_at``
+factory returning the prefix and suffix units (see ``ENCODE_PROMPT`` in
+:mod:`diffsplit.families.qwen_image.units`). Nothing in the planner, the cache or the stages changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+_PART = re.compile(r"^(?P<component>[A-Za-z_]\w*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
+_LAYER_RANGE = re.compile(r"^(?P<component>[A-Za-z_]\w*)\.layers\.(?P<first>\d+)(?:-(?P<last>\d+))?$")
+
+ADAPTERS: dict[str, str] = {
+    "Qwen2_5_VLForConditionalGeneration": "diffsplit.families.qwen_image.text_encoder:ADAPTER",
+}
+"""Architecture class name (``config.json``'s ``architectures``) -> ``module:attribute`` of its adapter."""
+
+
+# -- part names -------------------------------------------------------------------------------------------
+def part_name(component: str, start: int, stop: int) -> str:
+    """``"text_encoder[24:28]"``: layers ``[start, stop)`` of ``component``."""
+    return f"{component}[{start}:{stop}]"
+
+
+def parse_part(name: str) -> tuple[str, int, int] | None:
+    """``"text_encoder[24:28]"`` -> ``("text_encoder", 24, 28)``; a plain component name -> None."""
+    match = _PART.match(name)
+    if match is None:
+        return None
+    return match["component"], int(match["start"]), int(match["stop"])
+
+
+def component_of(name: str) -> str:
+    """The component a model name refers to: ``"text_encoder[24:28]"`` -> ``"text_encoder"``."""
+    part = parse_part(name)
+    return name if part is None else part[0]
+
+
+# -- --trainable_models ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerRange:
+    """Layers ``first..last`` (inclusive) of ``component``, from ``text_encoder.layers.24-27``."""
+
+    component: str
+    first: int
+    last: int
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and self.first <= layer <= self.last
+
+
+def parse_trainable(entry: str) -> str | LayerRange:
+    """One ``--trainable_models`` entry: ``"dit"`` (a whole component) or ``"text_encoder.layers.24-27"``.
+
+    ``text_encoder.layers.5`` is the single layer 5.
+
+    Raises:
+        ValueError: a dotted entry that is not ``<component>.layers.<first>[-<last>]``, or ``first > last``.
+    """
+    entry = entry.strip()
+    if "." not in entry:
+        return entry
+    match = _LAYER_RANGE.match(entry)
+    if match is None:
+        raise ValueError(
+            f"'{entry}' is neither a component name nor '<component>.layers.<first>-<last>' "
+            "(e.g. 'text_encoder.layers.24-27')"
+        )
+    first = int(match["first"])
+    last = int(match["last"]) if match["last"] is not None else first
+    if first > last:
+        raise ValueError(f"'{entry}': the layer range runs backwards ({first} > {last})")
+    return LayerRange(match["component"], first, last)
+
+
+# -- the cut -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerCut:
+    """Where a trainable layered component can be cut, as the planner needs it (plain data).
+
+    Attributes:
+        component: e.g. ``"text_encoder"``.
+        num_layers: ``N``; None when the model has no adapter (it cannot be cut).
+        cut: the first layer holding trainable parameters; None without an adapter.
+        decided_by: the module or parameter name that set the cut (for ``explain()``).
+        note: why there is no layer-level split, when there is none.
+    """
+
+    component: str
+    num_layers: int | None
+    cut: int | None
+    decided_by: str = ""
+    note: str = ""
+
+    @property
+    def splits(self) -> bool:
+        """True when stage 1 can run a non-empty frozen prefix."""
+        return self.num_layers is not None and self.cut is not None and self.cut > 0
+
+    def fallback(self) -> str:
+        """Why the whole component stays in stage 2 (only meaningful when not :attr:`splits`)."""
+        if self.note:
+            return self.note
+        return f"trainable parameters start at layer 0 ('{self.decided_by}')"
+
+
+def find_cut(
+    component: str,
+    trainable_names: Iterable[str],
+    layer_of: Callable[[str], int | None],
+    num_layers: int,
+) -> LayerCut:
+    """The cut of ``component`` from the names of its trainable modules or parameters.
+
+    Args:
+        trainable_names: full-model names of the modules a LoRA wraps, or of the parameters that train.
+        layer_of: the adapter's name -> layer index, None outside the layers.
+        num_layers: ``N``.
+
+    A trainable name outside the layers (embedding, final norm, vision tower, output head) puts the cut
+    at 0: the whole model stays in stage 2. (A trainable final norm alone could be cut at ``N``; no LoRA
+    target or layer range selects it alone, so that case is left to the unit-level split.)
+    """
+    cut, decided_by = None, ""
+    for name in sorted(trainable_names):
+        layer = layer_of(name)
+        if layer is None:
+            return LayerCut(
+                component,
+                num_layers,
+                0,
+                name,
+                note=f"trainable parameters outside the layers ('{name}')",
+            )
+        if cut is None or layer < cut:
+            cut, decided_by = layer, name
+    if cut is None:
+        return LayerCut(component, num_layers, None, note="no trainable parameters found")
+    return LayerCut(component, num_layers, cut, decided_by)
+
+
+def no_adapter(component: str, class_name: str) -> LayerCut:
+    """The :class:`LayerCut` of a component whose architecture has no adapter."""
+    return LayerCut(component, None, None, note=f"no layer adapter for {class_name or 'this model'}")
+
+
+# -- adapters ------------------------------------------------------------------------------------------------
+class LayeredModel(Protocol):
+    """What an architecture provides so that diffsplit can cut it between layers.
+
+    ``part`` below is the module :meth:`build` returns; it keeps the full model's module names
+    (``model.language_model.layers.24.self_attn.q_proj``) so LoRA targets, regular expressions and saved
+    adapters mean the same on a part as on the model ``from_pretrained`` builds. Tensors are
+    ``[B, T, D]`` hidden states, ``[B, T]`` attention masks and whatever per-token context the adapter
+    caches (position ids, never derived tables such as rotary cos/sin or 4-D masks: those depend on the
+    library version and the attention implementation).
+    """
+
+    def num_layers(self, folder: Any) -> int:
+        """``N`` for the model whose ``config.json`` is in ``folder``."""
+
+    def module_names(self, folder: Any) -> list[str]:
+        """Every module name of the full model (built on the meta device: no memory, no weights read)."""
+
+    def layer_of(self, name: str) -> int | None:
+        """Layer index of a module or parameter name (``...layers.24.mlp.up_proj`` -> 24); None outside
+        the layers."""
+
+    def build(self, folder: Any, files: Any, start: int, stop: int, *, dtype: Any, device: Any) -> Any:
+        """Layers ``[start, stop)`` (+ embedding when ``start == 0``, + final norm when ``stop == N``),
+        read from the checkpoint ``files``; no other layer's weights are read or allocated."""
+
+    def embed(self, part: Any, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+        """``input_ids [B, T]`` -> ``(hidden [B, T, D], context)``, the input of layer 0 and the
+        per-token context every layer needs (what the cache stores beside the hidden state)."""
+
+    def run_layers(self, part: Any, hidden: Any, context: Any, attention_mask: Any) -> Any:
+        """Run every layer ``part`` holds, in order, rebuilding masks and rotary tables from
+        ``context`` and ``attention_mask``: ``[B, T, D] -> [B, T, D]``."""
+
+    def final_norm(self, part: Any, hidden: Any) -> Any:
+        """The model's final norm (``part`` must end at layer ``N``): ``[B, T, D] -> [B, T, D]``."""
+
+
+def architecture_of(model: Any) -> str:
+    """The architecture name of a loaded model or part (a part says what it was cut from)."""
+    model = getattr(model, "module", model)  # a DDP wrapper
+    return getattr(model, "architecture", None) or type(model).__name__
+
+
+def adapter_for(class_name: str) -> LayeredModel | None:
+    """The registered adapter of an architecture, or None."""
+    target = ADAPTERS.get(class_name)
+    if target is None:
+        return None
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)

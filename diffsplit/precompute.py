@@ -1,0 +1,220 @@
+"""Stage 1: run the plan's static units once per sample and store what stage 2 reads.
+
+The cache's *identity* (family, plan, preprocessing arguments, the frozen models' file hashes, the units'
+version, the constants stage 2 needs) is what decides whether an existing cache may be reused; see
+:mod:`diffsplit.storage.cache` for how it is stored and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffsplit.families.base import UnitContext
+from diffsplit.planner.split import SplitPlan
+from diffsplit.storage import cache, data
+
+UNITS_VERSION = "qwen-image-units-1"
+"""Bump when a unit's computation changes, so caches made by older units are refused."""
+
+
+def value_size(value: Any) -> int:
+    """Bytes one value takes in the cache (tensors: raw bytes; images: raw RGB; the rest: its JSON)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if hasattr(value, "width") and hasattr(value, "height") and hasattr(value, "mode"):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(json.dumps(value, default=str))
+
+
+def probe_sizes(
+    plan: SplitPlan,
+    components: Mapping[str, Any],
+    options: Any,
+    sample: data.Sample,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, int]:
+    """Bytes per sample of every value the static units make (and the dataset's), from one sample."""
+    graph = plan.graph
+    env = {graph.dataset_key(k): v for k, v in data.load_values(sample).items() if k in graph.dataset_values}
+    with torch.no_grad():
+        graph.run(plan.stage1, env, lambda unit: UnitContext(components, options, None, device, dtype))
+    return {key: value_size(value) for key, value in env.items()}
+
+
+def existing_identity(folder: Path) -> dict[str, Any]:
+    """The identity an existing cache recorded ({} if none).
+
+    A resumed or extended cache reuses its probe sizes (so its plan stays the same whichever sample is
+    probed) and its constants (so no frozen model is loaded when every sample is already cached); the
+    writer still compares everything else, the frozen models' hashes included.
+    """
+    manifest = folder / cache.MANIFEST
+    if not manifest.is_file():
+        return {}
+    try:
+        identity = json.loads(manifest.read_text())["identity"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return identity if isinstance(identity, dict) else {}
+
+
+def split_values(
+    env: Mapping[str, Any], keys: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The cached keys of ``env``, tensors (to the CPU) apart from JSON values."""
+    tensors, values = {}, {}
+    for key in keys:
+        value = env[key]
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().to("cpu").contiguous()
+        else:
+            values[key] = value
+    return tensors, values
+
+
+def write_cache(
+    folder: Path,
+    identity: dict[str, Any],
+    plan: SplitPlan,
+    samples: Sequence[data.Sample],
+    components: Mapping[str, Any],
+    options: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    shard_samples: int = 64,
+    batch_size: int = 1,
+    batch_key: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
+
+    Samples are visited in id order and keyed by id, so a rerun after a kill skips finished samples and
+    adding rows to the metadata encodes only the new ones. With ``batch_size > 1``, samples whose
+    ``batch_key(values, components, options)`` are equal are encoded together (in id order within a key).
+
+    With ``world_size > 1`` (one call per process), rank ``r`` encodes every ``world_size``-th missing sample
+    in id order into its own shards (no sample padded or doubled); ``barrier()`` must wait for every rank,
+    however long the slowest takes; rank 0 then writes the merged manifest. A rerun with another number of
+    processes still skips what any rank finished.
+    """
+
+    def open_writer(overwrite: bool) -> cache.CacheWriter:
+        return cache.CacheWriter(
+            folder, identity, writer_id=f"r{rank}", shard_samples=shard_samples, overwrite=overwrite
+        )
+
+    # Rank 0 alone replaces a stale cache; the others open it once that is done.
+    writer = open_writer(overwrite) if rank == 0 else None
+    if world_size > 1:
+        barrier()
+    writer = writer or open_writer(False)
+    done = writer.done_ids()
+    missing = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
+    todo = missing[rank::world_size]
+    graph = plan.graph
+    keys = sorted(plan.cached)
+    started = time.perf_counter()
+    if todo:
+        batches = _batches(todo, batch_size, batch_key, components, options, graph)
+
+        def load(index: int) -> dict:
+            batch = [data.load_values(todo[i]) for i in batches[index]]
+            if len(batch) == 1:
+                return {graph.dataset_key(k): v for k, v in batch[0].items() if k in graph.dataset_values}
+            return {
+                graph.dataset_key(k): [b[k] for b in batch] for k in batch[0] if k in graph.dataset_values
+            }
+
+        loader = torch.utils.data.DataLoader(
+            _Rows(list(range(len(batches))), load), batch_size=None, num_workers=num_workers
+        )
+        context = UnitContext(components, options, None, device, dtype)
+        progress = tqdm(total=len(todo), desc="stage 1", unit="sample", disable=not show_progress)
+        for item in loader:
+            members = batches[item["id"]]
+            env = dict(item["values"])
+            with torch.no_grad():
+                graph.run(plan.stage1, env, lambda unit: context)
+            for position, index in enumerate(members):
+                one = _one_sample(env, keys, position, len(members))
+                tensors, values = split_values(one, keys)
+                writer.add(todo[index].id, todo[index].row, tensors, values)
+            progress.update(len(members))
+        progress.close()
+    writer.close(complete=world_size == 1)
+    seconds = time.perf_counter() - started
+    if world_size > 1:
+        barrier()  # every rank's shards are written
+        if rank == 0:
+            writer.finalize()
+        barrier()  # nobody reads the cache before its manifest says complete
+    if todo and show_progress:
+        who = f"rank {rank}: " if world_size > 1 else ""
+        print(
+            f"stage 1: {who}encoded {len(todo)} samples in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} samples/s), "
+            f"{len(done)} already cached",
+            file=sys.stderr,
+        )
+    return {"encoded": len(todo), "reused": len(done), "seconds": seconds}
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Samples in a fixed order; workers decode the images while the main process encodes."""
+
+    def __init__(self, ids: Sequence[str], load: Any):
+        self.ids, self.load = ids, load
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": self.ids[index], "values": self.load(index)}
+
+
+def _batches(
+    todo: Sequence[data.Sample], batch_size: int, batch_key: Any, components: Any, options: Any, graph: Any
+) -> list[list[int]]:
+    """Indices of ``todo`` grouped into batches of samples that may share one forward pass."""
+    if batch_size <= 1 or batch_key is None:
+        return [[i] for i in range(len(todo))]
+    groups: dict[Any, list[int]] = {}
+    for i, sample in enumerate(todo):
+        values = data.load_values(sample)
+        groups.setdefault(batch_key(values, components, options), []).append(i)
+    batches = [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: b[0])
+
+
+def _one_sample(env: Mapping[str, Any], keys: Sequence[str], position: int, size: int) -> dict[str, Any]:
+    """Sample ``position`` of a batch: tensors sliced on dim 0 (kept as batch 1), per-sample lists indexed."""
+    if size == 1:
+        return {k: env[k] for k in keys}
+    out = {}
+    for key in keys:
+        value = env[key]
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value[position : position + 1]
+        elif isinstance(value, list) and len(value) == size:
+            out[key] = value[position]
+        else:
+            raise ValueError(
+                f"cached value '{key}' has no batch dimension of {size}; use --data_process_batch_size 1"
+            )
+    return out

@@ -1,0 +1,400 @@
+"""The training loop, shared by unsplit training and stage 2.
+
+One loop, read top to bottom: for each pass over the data (``num_epochs x dataset_repeat`` of them), visit
+the samples in an order keyed by (seed, pass), build the step's starting values (raw dataset values when
+unsplit, cached values in stage 2), run the step's units, take the loss, step the optimiser. Every random
+draw is keyed by (seed, pass, sample id, unit), so the split and the unsplit run see the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+
+from diffsplit.config import TrainConfig
+from diffsplit.errors import UserError
+from diffsplit.families.base import UnitContext
+from diffsplit.planner.graph import Unit, UnitGraph
+from diffsplit.planner.layers import LayerRange, adapter_for, architecture_of, parse_trainable
+from diffsplit.training import lora
+from diffsplit.training.rng import derive_seed, keyed_generator
+
+STATE_FILE = "diffsplit_state.json"
+
+
+def pass_order(sample_ids: Sequence[str], seed: int, pass_index: int) -> list[int]:
+    """Indices of ``sample_ids`` in the order pass ``pass_index`` visits them.
+
+    The order depends only on the set of ids, the seed and the pass, never on loader position, so a run
+    over the cache and a run over the metadata visit samples in the same order.
+    """
+    by_id = sorted(range(len(sample_ids)), key=lambda i: sample_ids[i])
+    generator = torch.Generator().manual_seed(derive_seed(seed, pass_index, "<all samples>", "shuffle"))
+    return [by_id[i] for i in torch.randperm(len(by_id), generator=generator).tolist()]
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the (pass, sample) items of one epoch; workers load the starting values.
+
+    Item ``i`` is position ``i % N`` of pass ``first_pass + i // N`` (``N`` samples), so one loader (and one
+    set of workers) serves all ``dataset_repeat`` passes of an epoch.
+
+    Args:
+        sample_ids: stable id of each sample.
+        load: sample index -> the step's starting values (dataset values or cached tensors).
+        seed: the run's seed (keys the visiting order of each pass).
+        first_pass, num_passes: the passes this epoch covers.
+    """
+
+    def __init__(
+        self,
+        sample_ids: Sequence[str],
+        load: Callable[[int], dict],
+        seed: int,
+        first_pass: int,
+        num_passes: int,
+    ):
+        self.sample_ids, self.load, self.seed = sample_ids, load, seed
+        self.first_pass, self.num_passes = first_pass, num_passes
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.sample_ids) * self.num_passes
+
+    def __getitem__(self, i: int) -> dict:
+        pass_index = self.first_pass + i // len(self.sample_ids)
+        if pass_index not in self._orders:
+            self._orders = {pass_index: pass_order(self.sample_ids, self.seed, pass_index)}
+        index = self._orders[pass_index][i % len(self.sample_ids)]
+        return {"id": self.sample_ids[index], "pass": pass_index, "values": self.load(index)}
+
+
+def _single(items: list[dict]) -> dict:
+    return items[0]
+
+
+@dataclass
+class StepPlan:
+    """What each step runs: ``frozen_units`` under no_grad (static work), then ``units`` with grad, then
+    ``loss(*values of loss_reads)``."""
+
+    graph: UnitGraph
+    frozen_units: list[str]
+    units: list[str]
+    loss_reads: tuple[str, ...]
+    loss: Callable[..., torch.Tensor]
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)
+    if config.enable_tensorboard_log and not tensorboard_available():
+        print(
+            "notice: --enable_tensorboard_log has no effect: tensorboard is not installed "
+            "(pip install tensorboard); losses still go to loss.csv",
+            file=sys.stderr,
+        )
+        config.enable_tensorboard_log = False
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        kwargs_handlers=[ddp],
+        log_with="tensorboard" if config.enable_tensorboard_log else None,
+        project_dir=config.output_path,
+    )
+
+
+def prepare_trainable(
+    config: TrainConfig, components: Any, parts: Mapping[str, str] | None = None
+) -> dict[str, torch.nn.Module]:
+    """Freeze every loaded model, then add LoRA / unfreeze the trained ones. Returns name -> module.
+
+    ``parts`` maps a component cut by the layer-level split to the part that trains in this run
+    (``{"text_encoder": "text_encoder[24:28]"}``); the LoRA and the selected layers go on that part, under
+    the same module names as on the whole model.
+    """
+    parts = parts or {}
+    trained: dict[str, torch.nn.Module] = {}
+    bases = config.lora_base_models
+    targets = lora.parse_lora_targets(config.lora_target_modules, bases) if bases else {}
+    for name in bases:
+        model = components[parts.get(name, name)]
+        model.requires_grad_(False)
+        lora.add_lora(
+            model, targets[name], rank=config.lora_rank, alpha=config.lora_alpha, init_seed=config.seed
+        )
+        trained[name] = model
+    if config.lora_checkpoint:
+        if "dit" not in trained:
+            raise UserError("--lora_checkpoint needs --lora_base_model dit")
+        lora.load_dit_lora(trained["dit"], config.lora_checkpoint)
+    for entry in config.full_trainable_models:
+        spec = parse_trainable(entry)
+        name = spec if isinstance(spec, str) else spec.component
+        model = components[parts.get(name, name)]
+        if isinstance(spec, str):
+            model.requires_grad_(True)
+        else:
+            if name not in trained:
+                model.requires_grad_(False)
+            _unfreeze_layers(model, spec, entry)
+        trained[name] = model
+    for model in trained.values():
+        if config.use_gradient_checkpointing:
+            if hasattr(model, "enable_gradient_checkpointing"):
+                model.enable_gradient_checkpointing()
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    return trained
+
+
+def _unfreeze_layers(model: torch.nn.Module, layers: LayerRange, flag_value: str) -> None:
+    """Make every parameter of layers ``layers.first..layers.last`` trainable (the model's adapter says
+    which layer a parameter belongs to)."""
+    adapter = adapter_for(architecture_of(model))
+    if adapter is None:
+        raise UserError(
+            f"--trainable_models {flag_value}: the {layers.component} ({architecture_of(model)}) has no layer "
+            "adapter, so its layers cannot be selected; train it whole with --trainable_models "
+            f"{layers.component}"
+        )
+    selected = 0
+    for param_name, param in model.named_parameters():
+        if adapter.layer_of(param_name) in layers:
+            param.requires_grad_(True)
+            selected += 1
+    if not selected:
+        raise UserError(
+            f"--trainable_models {flag_value}: no parameter of the {layers.component} is in those layers"
+        )
+
+
+def save_checkpoint(
+    config: TrainConfig, trained: Mapping[str, torch.nn.Module], stem: str, accelerator: Accelerator
+) -> list[Path]:
+    """Write the trainable weights of each trained model; main process only."""
+    if not accelerator.is_main_process:
+        return []
+    out = Path(config.output_path)
+    written = []
+    for name, model in trained.items():
+        model = accelerator.unwrap_model(model)
+        if name in config.lora_base_models:
+            if name == "dit":
+                path = out / f"{stem}.safetensors"
+                lora.save_dit_lora(model, path)
+            else:
+                path = out / f"{stem}.{name}"
+                lora.save_peft_adapter(model, path)
+        else:
+            path = out / (f"{stem}.safetensors" if name == "dit" else f"{stem}.{name}.safetensors")
+            lora.save_full(model, path)
+        written.append(path)
+    return written
+
+
+def run_training(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    step_plan: StepPlan,
+    components: Any,
+    trained: dict[str, torch.nn.Module],
+    sample_ids: Sequence[str],
+    load: Callable[[int], dict],
+    options: Any,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Train; returns a summary (steps, last loss, seconds, files written)."""
+    out = Path(config.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
+    if not params:
+        raise UserError("no trainable parameters: check --lora_target_modules / --trainable_models")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    passes = config.num_epochs * config.dataset_repeat
+    steps_per_pass = math.ceil(len(sample_ids) / accelerator.num_processes)
+    total_updates = math.ceil(passes * steps_per_pass / config.gradient_accumulation_steps)
+    if config.max_train_steps:
+        total_updates = min(total_updates, config.max_train_steps)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes,
+    )
+    names = list(trained)
+    prepared = accelerator.prepare(*[trained[n] for n in names], optimizer, scheduler)
+    wrapped = dict(zip(names, prepared[: len(names)], strict=True))
+    optimizer, scheduler = prepared[len(names)], prepared[len(names) + 1]
+    step_components = ComponentOverlay(components, wrapped)
+
+    start_epoch, start_item, step = 0, 0, 0
+    if config.resume_from_state:
+        start_epoch, start_item, step = _load_state(accelerator, config.resume_from_state)
+    if config.enable_tensorboard_log:
+        accelerator.init_trackers("diffsplit")
+
+    loss_log = _LossLog(
+        out / "loss.csv", append=bool(config.resume_from_state), enabled=accelerator.is_main_process
+    )
+    graph = step_plan.graph
+
+    def context(unit: Unit, sample_id: str, pass_index: int) -> UnitContext:
+        generator = (
+            keyed_generator(config.seed, pass_index, sample_id, unit.name) if unit.stochastic else None
+        )
+        return UnitContext(step_components, options, generator, accelerator.device, dtype)
+
+    written: list[Path] = []
+    last_loss = float("nan")
+    started = time.perf_counter()
+    micro = 0
+    progress = tqdm(
+        total=total_updates,
+        initial=step,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
+        unit="step",
+    )
+    done = step >= total_updates
+    for epoch in range(start_epoch, config.num_epochs):
+        if done:
+            break
+        dataset = StepDataset(
+            sample_ids, load, config.seed, epoch * config.dataset_repeat, config.dataset_repeat
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=1,
+            shuffle=False,
+            collate_fn=_single,
+            num_workers=config.dataset_num_workers,
+            persistent_workers=False,
+        )
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+        skip = start_item if epoch == start_epoch else 0
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        for item_index, item in enumerate(loader, start=skip):
+            with accelerator.accumulate(*wrapped.values()):
+                env = {
+                    k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in item["values"].items()
+                }
+                item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
+                with torch.no_grad():
+                    graph.run(step_plan.frozen_units, env, item_context)
+                graph.run(step_plan.units, env, item_context)
+                loss = step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            loss_log.write(step, epoch, last_loss, scheduler.get_last_lr()[0])
+            if config.enable_tensorboard_log:
+                accelerator.log({"loss": last_loss}, step=step)
+            if config.save_steps and step % config.save_steps == 0:
+                written += save_checkpoint(config, trained, f"step-{step}", accelerator)
+            if config.save_state_steps and step % config.save_state_steps == 0:
+                _save_state(accelerator, out / f"state-{step}", epoch, item_index + 1, step)
+            if step >= total_updates:
+                done = True
+                break
+        written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator)
+    progress.close()
+    loss_log.close()
+    accelerator.wait_for_everyone()
+    if config.enable_tensorboard_log:
+        accelerator.end_training()
+    seconds = time.perf_counter() - started
+    return {
+        "steps": step,
+        "micro_steps": micro,
+        "last_loss": last_loss,
+        "seconds": seconds,
+        "written": written,
+    }
+
+
+class ComponentOverlay(Mapping):
+    """Components with some names answered by ready-made objects (prepared DDP wrappers, a scheduler
+    rebuilt from the cache's constants); every other name goes to ``base``, loading lazily there."""
+
+    def __init__(self, base: Any, overrides: Mapping[str, Any]):
+        self.base, self.overrides = base, overrides
+
+    def __getitem__(self, name: str) -> Any:
+        return self.overrides[name] if name in self.overrides else self.base[name]
+
+    def __contains__(self, name: object) -> bool:  # without loading anything
+        return name in self.overrides or name in self.base
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.overrides, *self.base]))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys([*self.overrides, *self.base]))
+
+
+class _LossLog:
+    def __init__(self, path: Path, append: bool, enabled: bool):
+        self.file = None
+        if enabled:
+            new = not (append and path.exists())
+            self.file = open(path, "a" if not new else "w", newline="")
+            self.writer = csv.writer(self.file)
+            if new:
+                self.writer.writerow(["step", "epoch", "loss", "lr"])
+
+    def write(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        if self.file:
+            self.writer.writerow([step, epoch, f"{loss:.8g}", f"{lr:.8g}"])
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _save_state(accelerator: Accelerator, folder: Path, epoch: int, next_item: int, step: int) -> None:
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
+
+
+def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
+    path = Path(folder)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_state: {folder} is not a diffsplit state folder (no {STATE_FILE})")
+    accelerator.load_state(str(path))
+    state = json.loads((path / STATE_FILE).read_text())
+    return int(state["epoch"]), int(state["next_item"]), int(state["step"])
