@@ -243,36 +243,34 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     import torch
 
     from diffsplit import cli
-    from diffsplit import entrypoints as stages
     from diffsplit.config import config_from_args
-    from diffsplit.families.base import UnitContext
-    from diffsplit.families.qwen_image.units import scheduler_from_constants
+    from diffsplit.families.base import UnitContext, unit_context
+    from diffsplit.run import Run
     from diffsplit.storage import cache
-    from diffsplit.tasks import task_for
     from diffsplit.training import lora
-    from diffsplit.training.loop import ComponentOverlay, prepare_trainable
+    from diffsplit.training.loop import ComponentOverlay
     from diffsplit.training.rng import keyed_generator
+    from diffsplit.training.trainable import prepare_trainable
 
     steps = int(argv[0])
     train_argv = ["train", *argv[1:]]
     config = config_from_args(cli.build_parser().parse_args(train_argv), train_argv)
-    task = task_for(config.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = stages.resolve_dtype(config, device)
+    run = Run.resolve(config, device=device)
+    dtype, task = run.dtype, run.task
     torch.manual_seed(config.seed)
     reader = cache.CacheReader(config.dataset_base_path)
-    plan = stages.build_plan(config, value_bytes=reader.identity.get("value_bytes"))
-    models = stages.open_models(config, device, dtype)
-    scheduler = scheduler_from_constants(reader.identity["constants"])
+    plan = run.split_plan(reader.identity.get("value_bytes"))
+    scheduler = run.family.scheduler_from_constants(reader.identity["constants"])
 
     # the model set, with the scheduler from the cache's constants (as stage 2)
-    components = ComponentOverlay(models, {"scheduler": scheduler})
-    trained = prepare_trainable(config, components)
+    components = ComponentOverlay(run.models, {"scheduler": scheduler})
+    trained = prepare_trainable(config, components, run.specs, plan.trained_parts)
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    options = stages.family_options(config)
+    options = run.options
     graph = plan.graph
-    loss_reads = task.family.loss_reads(options)
+    loss_reads = run.units.loss_reads
 
     # Every cached sample held in memory, visited in turn as stage 2 visits them: the same tensors and
     # shapes stage 2 computes on, with the disk, the loader and the loop's bookkeeping taken away.
@@ -298,7 +296,7 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
 
         def context(unit: Any, step: int = step, sample_id: str = sample_id) -> UnitContext:
             generator = keyed_generator(config.seed, step, sample_id, unit.name) if unit.stochastic else None
-            return UnitContext(components, options, generator, device, dtype)
+            return unit_context(unit, components, options, generator, device, dtype)
 
         graph.run(plan.stage2, env, context)
         loss = task.loss(*(env[graph.key(graph.final(n))] for n in loss_reads))

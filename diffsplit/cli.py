@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from diffsplit.config import _OneLineParser, add_train_arguments, config_from_args
+from diffsplit.config import TrainConfig, _OneLineParser, add_train_arguments, config_from_args
 from diffsplit.errors import UserError
+from diffsplit.families import family_names
+
+if TYPE_CHECKING:
+    from diffsplit.run import Run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny model and dataset, then train a LoRA on them")
     demo.add_argument("--workdir", default="diffsplit-demo", help="where the model, data and results go")
     demo.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    demo.add_argument(
+        "--family", choices=family_names(), default=family_names()[0], help="the model family to demo"
+    )
 
     tiny = sub.add_parser("make-tiny", help="write a random-weight model in the real repository layout")
-    tiny.add_argument("family", choices=("qwen-image",))
+    tiny.add_argument("family", choices=family_names())
     tiny.add_argument("--output", required=True)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--size", choices=("tiny", "proportioned"), default="tiny")
+    tiny.add_argument("--size", default=None, help="tiny (default) or proportioned (benchmarks)")
 
     example = sub.add_parser("make-example-dataset", help="write a few small images and metadata.csv")
     example.add_argument("--output", required=True)
@@ -73,13 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "make-tiny":
-        from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
+        from diffsplit.families import get_family
 
-        path = build_tiny_qwen_image(args.output, seed=args.seed, size=args.size)
-        print(f"wrote a random-weight {args.size} Qwen-Image to {path}")
+        family = get_family(args.family)
+        size = args.size or family.tiny.sizes[0]
+        path = family.tiny.build(args.output, seed=args.seed, size=size)
+        print(f"wrote a random-weight {size} {family.name} to {path}")
         return 0
     if args.command == "make-example-dataset":
-        from diffsplit.families.qwen_image.tiny import make_distill_dataset, make_example_dataset
+        from diffsplit.example_data import make_distill_dataset, make_example_dataset
 
         if args.kind == "distill":
             if not args.model:
@@ -110,19 +120,95 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "demo":
         from diffsplit.demo import run_demo
 
-        return run_demo(args.workdir, steps=args.steps)
+        return run_demo(args.workdir, steps=args.steps, family=args.family)
     config = config_from_args(args, argv)
-    from diffsplit import entrypoints as stages
+    from diffsplit import entrypoints
+    from diffsplit.run import Run
 
     if args.command == "plan":
-        print(stages.plan_text(config))
+        print(entrypoints.plan_text(Run.resolve(config, device=_cpu())))
         return 0
-    stages.run(config)
+    print_notices(config)
+    run = Run.resolve(config)
+    print_run_notices(run)
+    entrypoints.execute(run)
     return 0
 
 
+def _cpu() -> object:
+    import torch
+
+    return torch.device("cpu")
+
+
+# -- notices: flags that change nothing in the run at hand ------------------------------------------------
+_TRAINING_ONLY = (
+    "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps lr_scheduler "
+    "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
+    "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
+    "remove_prefix_in_ckpt timestep_weighting"
+).split()
+_STAGE2_INERT = (
+    "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache "
+    "cache_shard_size"
+).split()
+_CACHE_ONLY = ("overwrite_cache", "data_process_batch_size", "cache_shard_size", "no_layer_split")
+
+# Keyed by the stage part of --task: "" (unsplit or automatic), "data_process" (stage 1), "train" (stage 2).
+INERT_FLAGS: dict[str, dict[str, str]] = {
+    "data_process": {flag: "stage 1 trains nothing" for flag in _TRAINING_ONLY},
+    "train": {flag: "stage 2 reads the cache, not the raw data" for flag in _STAGE2_INERT},
+}
+
+
+def notice(message: str) -> None:
+    sys.stderr.write(f"notice: {message}\n")
+
+
+def print_notices(config: TrainConfig) -> None:
+    """Notices the flags alone decide (before the run resolves)."""
+    from diffsplit.tasks import task_for, task_only_flags
+    from diffsplit.training.loop import tensorboard_available
+
+    task = task_for(config.task)
+    for flag, owner in task_only_flags().items():
+        if owner != task.name and flag in config.given:
+            notice(f"--{flag} has no effect in --task {config.task}: it is for --task {owner}")
+    for flag, why in INERT_FLAGS.get(task.stage, {}).items():
+        if flag in config.given:
+            notice(f"--{flag} has no effect in --task {config.task}: {why}")
+    if task.stage == "" and not config.cache_dir:
+        for flag in _CACHE_ONLY:
+            if flag in config.given:
+                notice(f"--{flag} has no effect without --cache_dir: unsplit training writes no cache")
+    if task.stage == "data_process" and config.dataset_repeat > 1:
+        notice(
+            f"--dataset_repeat {config.dataset_repeat} is treated as 1 in stage 1: each sample is encoded once"
+        )
+    if config.enable_tensorboard_log and task.stage != "data_process" and not tensorboard_available():
+        notice(
+            "--enable_tensorboard_log has no effect: tensorboard is not installed (pip install tensorboard); "
+            "losses still go to loss.csv"
+        )
+
+
+def print_run_notices(run: Run) -> None:
+    """Notices that need the resolved run (its family and layer cuts)."""
+    config = run.config
+    if "remove_prefix_in_ckpt" in config.given and run.task.stage != "data_process":
+        name = run.family.lora_file_component
+        prefix = run.family.component(name).lora_key_prefix if name else None
+        keys = f"they are '{prefix}<module>'" if prefix else "they are the model's own module names"
+        notice(f"--remove_prefix_in_ckpt has no effect: saved keys never carry a prefix ({keys})")
+    if run.task.stage == "data_process" and "lora_target_modules" in config.given:
+        # Targets decide a layer-level cut only for a LoRA on a layered component.
+        layered = [c for c in config.lora_base_models if c in run.cuts and run.family.component(c).layers]
+        if not layered:
+            notice(f"--lora_target_modules has no effect in --task {config.task}: stage 1 trains nothing")
+
+
 def train_script_main() -> None:
-    """Entry point of ``examples/qwen_image/model_training/train.py`` (the seed's command line)."""
+    """Entry point of every ``examples/<family>/model_training/train.py`` (the seed's command line)."""
     raise SystemExit(main(["train", *sys.argv[1:]]))
 
 

@@ -20,6 +20,7 @@ class TrainConfig:
     """Every setting of a run. Field names are the flag names without dashes."""
 
     task: str = "sft"
+    family: str | None = None
     # data
     dataset_base_path: str | None = None
     dataset_metadata_path: str | None = None
@@ -36,6 +37,7 @@ class TrainConfig:
     tokenizer_path: str | None = None
     torch_dtype: str | None = None
     latent_sample: str = "mode"
+    timestep_weighting: str = "bell"
     # direct distillation
     num_inference_steps: int | None = None
     cfg_scale: float | None = None
@@ -120,10 +122,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
     g = parser.add_argument_group("task")
+    from diffsplit.families import family_names
     from diffsplit.tasks import task_names
 
     g.add_argument(
         "--task", default=d.task, choices=task_names(), help="sft (unsplit, or automatic with --cache_dir)"
+    )
+    g.add_argument(
+        "--family",
+        choices=family_names(),
+        help="the model family (default: recognised from the model folders' config.json)",
     )
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_base_path", help="folder the metadata's file paths are relative to")
@@ -149,6 +157,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
     )
     g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
+    g.add_argument(
+        "--timestep_weighting",
+        choices=("bell", "none"),
+        default=d.timestep_weighting,
+        help="per-timestep loss weight: bell (DiffSynth-Studio's, mean 1) or none",
+    )
     g = parser.add_argument_group("direct distillation")
     g.add_argument(
         "--num_inference_steps", type=_positive(int), help="student steps for rows without a value"

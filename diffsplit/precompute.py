@@ -1,7 +1,7 @@
 """Stage 1: run the plan's static units once per sample and store what stage 2 reads.
 
-The cache's *identity* (family, plan, preprocessing arguments, the frozen models' file hashes, the units'
-version, the constants stage 2 needs) is what decides whether an existing cache may be reused; see
+The cache's *identity* (family, plan, the options the stage-1 units read, the frozen models' file hashes, the
+family's units version, the constants stage 2 needs) is what decides whether an existing cache may be reused; see
 :mod:`diffsplit.storage.cache` for how it is stored and checked.
 """
 
@@ -17,12 +17,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffsplit.families.base import UnitContext
+from diffsplit.families.base import unit_context
 from diffsplit.planner.split import SplitPlan
 from diffsplit.storage import cache, data
-
-UNITS_VERSION = "qwen-image-units-1"
-"""Bump when a unit's computation changes, so caches made by older units are refused."""
 
 
 def value_size(value: Any) -> int:
@@ -48,7 +45,7 @@ def probe_sizes(
     graph = plan.graph
     env = {graph.dataset_key(k): v for k, v in data.load_values(sample).items() if k in graph.dataset_values}
     with torch.no_grad():
-        graph.run(plan.stage1, env, lambda unit: UnitContext(components, options, None, device, dtype))
+        graph.run(plan.stage1, env, lambda unit: unit_context(unit, components, options, None, device, dtype))
     return {key: value_size(value) for key, value in env.items()}
 
 
@@ -145,13 +142,14 @@ def write_cache(
         loader = torch.utils.data.DataLoader(
             _Rows(list(range(len(batches))), load), batch_size=None, num_workers=num_workers
         )
-        context = UnitContext(components, options, None, device, dtype)
         progress = tqdm(total=len(todo), desc="stage 1", unit="sample", disable=not show_progress)
         for item in loader:
             members = batches[item["id"]]
             env = dict(item["values"])
             with torch.no_grad():
-                graph.run(plan.stage1, env, lambda unit: context)
+                graph.run(
+                    plan.stage1, env, lambda unit: unit_context(unit, components, options, None, device, dtype)
+                )
             for position, index in enumerate(members):
                 one = _one_sample(env, keys, position, len(members))
                 tensors, values = split_values(one, keys)

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from diffsplit.demo import SEED_TARGETS  # one copy of the seed's LoRA target list
+from diffsplit.families.qwen_image import FAMILY as QWEN_IMAGE
 
-SEED_MODELS = (
-    "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors,"
-    "Qwen/Qwen-Image:text_encoder/model*.safetensors,"
-    "Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
-)
+SEED_TARGETS = QWEN_IMAGE.example.lora_targets  # one copy of the seed's LoRA target list
+SEED_MODELS = QWEN_IMAGE.example.model_paths
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with ``models/Qwen/Qwen-Image`` (tiny, random) and ``data/example_image_dataset``."""
-    from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image, make_example_dataset
+    from diffsplit.example_data import make_example_dataset
+    from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
 
     root = tmp_path_factory.mktemp("workspace")
     build_tiny_qwen_image(root / "models" / "Qwen" / "Qwen-Image", seed=0, size="tiny")

@@ -1,1 +1,90 @@
-"""Model families: each is one file of units plus a denoiser call (see base.Family)."""
+"""The registry of model families: one line per family (see :class:`diffsplit.families.base.Family`).
+
+A run's family is the one whose components the given model folders are (each folder's ``config.json`` names
+its class); ``--family`` chooses when the folders fit several, or overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffsplit.errors import UserError
+
+if TYPE_CHECKING:
+    from diffsplit.families.base import Family
+    from diffsplit.storage.resolve import ModelEntry
+
+REGISTRY: dict[str, str] = {
+    "qwen-image": "diffsplit.families.qwen_image",
+}
+"""Family name -> the package whose ``FAMILY`` declares it (imported only when the family is used)."""
+
+
+def family_names() -> list[str]:
+    """Every registered family name, in registry order."""
+    return list(REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    """The registered family ``name``.
+
+    Raises:
+        UserError: naming ``--family`` and the registered names.
+    """
+    if name not in REGISTRY:
+        raise UserError(f"--family {name!r} is not one of: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name]).FAMILY
+
+
+def detect_family(entries: Sequence[ModelEntry], override: str | None = None) -> Family:
+    """The family whose model components the resolved ``entries`` are (``override``: ``--family``).
+
+    Raises:
+        UserError: no registered family has every entry's class (naming the classes), or several do and no
+            ``--family`` chooses.
+    """
+    if override:
+        return get_family(override)
+    if not entries:
+        raise UserError("no models: give --model_id_with_origin_paths or --model_paths")
+    named = ", ".join(f"'{e.folder.name}/' ({', '.join(e.class_names)})" for e in entries)
+    return _the_one_fitting([e.class_names for e in entries], f"the model folders {named}")
+
+
+def family_of_repository(folder: str | Path) -> Family:
+    """The family of a diffusers repository folder, from the model classes its ``model_index.json`` names.
+
+    Raises:
+        UserError: no ``model_index.json``, or no (or more than one) registered family fits.
+    """
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        raise UserError(
+            f"--model: '{folder}' is not a diffusers repository folder (no model_index.json); "
+            "`diffsplit make-tiny <family> --output DIR` writes one"
+        )
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model: cannot read '{index_path}' ({err})") from None
+    named = {str(v[1]) for v in index.values() if isinstance(v, list) and len(v) == 2}
+    known = set().union(*(get_family(name).model_classes for name in REGISTRY))
+    return _the_one_fitting([(c,) for c in sorted(named & known)], f"the repository '{folder}'")
+
+
+def _the_one_fitting(class_sets: Sequence[tuple[str, ...]], what: str) -> Family:
+    """The registered family that has a component of each class set's classes."""
+    families = [get_family(name) for name in REGISTRY]
+    fits = [f for f in families if all(set(classes) & f.model_classes for classes in class_sets)]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        known = "; ".join(f"{f.name}: {', '.join(sorted(f.model_classes))}" for f in families)
+        raise UserError(f"{what} fit no registered model family (known: {known})")
+    raise UserError(
+        f"{what} fit several model families ({', '.join(f.name for f in fits)}); choose one with --family"
+    )

@@ -1,22 +1,33 @@
-"""What a model family provides, and what its units receive when they run.
+"""The family contract: everything model-specific a family declares, and what its units receive when they run.
 
-A family is declarative: a list of :class:`~diffsplit.planner.graph.Unit` objects, the component names they use,
-the values the dataset provides and the values the loss reads. Nothing in graph, split, cache or stages
-changes when a family is added.
+A family is one package ``diffsplit/families/<name>/`` whose ``FAMILY`` is a :class:`Family`: its
+components (:class:`~diffsplit.storage.models.ComponentSpec`: folders, classes, layer adapters, saved-weights
+format, default scheduler config), its options (a frozen dataclass whose fields are flags), its units per
+task (:class:`TaskUnits`) and their version, its size policy, its stage-1 batch key, the constants stage 2
+needs instead of a frozen model (and how it rebuilds the scheduler from them), its tiny builder for
+``make-tiny`` and its seed-style example. One line in :mod:`diffsplit.families` registers it. Nothing in the
+planner, storage, training or entry points changes when a family is added.
 
-A unit that runs a layered model (a text encoder) may also say how to cut it between layers
-(``Unit.split_at``); the model's architecture then needs a layer adapter (:mod:`diffsplit.planner.layers`).
+**Declared options.** Units read options only through :class:`DeclaredOptions`: a unit that reads an option
+it does not list in ``Unit.options`` fails loudly instead of silently falling back to a default. The options
+a graph builder reads are recorded too (:class:`RecordedOptions`), so the preprocessing part of a cache's
+identity is exactly the options the stage-1 units and the graph's shape depend on: one list, the units'
+own declarations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from diffsplit.planner.graph import Unit
+from diffsplit.planner.graph import GraphError, Unit
+from diffsplit.storage.data import SizePolicy
+from diffsplit.storage.models import MODEL, ComponentSpec
 
 
 @dataclass
@@ -26,7 +37,7 @@ class UnitContext:
     Attributes:
         components: component name -> loaded object (``"vae"``, ``"text_encoder"``, ``"tokenizer"``,
             ``"dit"``, ...). Lazily loaded: indexing constructs the component on first use.
-        options: the run's configuration (``max_pixels``, ``height``, ``width``, ``latent_sample``, ...).
+        options: the family's options, as the unit declared them (:class:`DeclaredOptions` in a run).
         generator: for stochastic units, a generator keyed by (seed, pass, sample id, unit); else None.
         device: where tensors are computed.
         dtype: compute dtype of the frozen models.
@@ -39,18 +50,171 @@ class UnitContext:
     dtype: torch.dtype = torch.float32
 
 
-class Family(Protocol):
-    """A model family: its units, components and the values the loss reads."""
+class DeclaredOptions:
+    """The options one unit may read; reading another is a :class:`~diffsplit.planner.graph.GraphError`.
+
+    Why: a unit that quietly reads an option nobody passes (``getattr(options, "x", default)``) trains with
+    the default whatever the user asked, and the cache never records it.
+    """
+
+    def __init__(self, options: Any, names: tuple[str, ...], reader: str) -> None:
+        self._options, self._names, self._reader = options, frozenset(names), reader
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            declared = ", ".join(sorted(self._names)) or "none"
+            raise GraphError(
+                f"unit '{self._reader}' reads option '{name}', which it does not declare (it declares: "
+                f"{declared}); add it to the unit's options"
+            )
+        return getattr(self._options, name)
+
+
+class RecordedOptions:
+    """Options that remember which fields were read (by a family's graph builder)."""
+
+    def __init__(self, options: Any) -> None:
+        self._options = options
+        self.read: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        value = getattr(self._options, name)
+        self.read.add(name)
+        return value
+
+
+def unit_context(
+    unit: Unit,
+    components: Mapping[str, Any],
+    options: Any,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> UnitContext:
+    """The context ``unit`` runs with: its declared options only."""
+    return UnitContext(components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype)
+
+
+def options_from_config(options_type: type, config: Any) -> Any:
+    """The family's options dataclass, each field taken from the run configuration's field of the same name.
+
+    Every option is a flag by construction: a field without a flag is a bug in the family and fails here
+    (a test builds every family's options from the default configuration).
+    """
+    values = {}
+    for f in dataclasses.fields(options_type):
+        if not hasattr(config, f.name):
+            raise TypeError(f"{options_type.__name__}.{f.name} is no flag (the run configuration has no such field)")
+        values[f.name] = getattr(config, f.name)
+    return options_type(**values)
+
+
+@dataclass(frozen=True)
+class TaskUnits:
+    """How a family runs one task.
+
+    Attributes:
+        units: ``options -> units`` of one training step, in execution order (reads options only to choose
+            the graph's shape; what it reads becomes part of the cache identity).
+        dataset_values: value names the dataset provides (columns).
+        loss_reads: value names the task's loss reads, in its argument order.
+    """
+
+    units: Callable[[Any], list[Unit]]
+    dataset_values: tuple[str, ...]
+    loss_reads: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """``diffsplit make-tiny <family>``: a random-weight model in the real repository layout, offline.
+
+    Attributes:
+        build: ``(output, seed=..., size=...) -> Path``.
+        sizes: the sizes ``build`` accepts, the first the default (``"tiny"``: fast tests and the demo;
+            ``"proportioned"``: the real model's cost ratios, for benchmarks).
+    """
+
+    build: Callable[..., Path]
+    sizes: tuple[str, ...] = ("tiny",)
+
+
+@dataclass(frozen=True)
+class Example:
+    """The family's seed-style run: what the demo, the examples and the docs use.
+
+    Attributes:
+        model_id: the Hub repository (``owner/name``); also where ``make-tiny`` output goes under ``models/``.
+        model_paths: ``--model_id_with_origin_paths`` of the full (unsplit) run.
+        lora_targets: ``--lora_target_modules`` for a LoRA on the denoiser.
+        teacher_kwargs: extra arguments of the family's diffusers pipeline call for a guided teacher image
+            (``make-example-dataset --kind distill``).
+    """
+
+    model_id: str
+    model_paths: str
+    lora_targets: str
+    teacher_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """A model family: everything model-specific, declared once.
+
+    Attributes:
+        name: ``"qwen-image"``; the ``--family`` and ``make-tiny`` value.
+        components: every component of the pipeline (models, tokenizers, scheduler).
+        options: the frozen dataclass of options its units read; each field is a flag of the same name.
+        tasks: task name (``"sft"``, ``"direct_distill"``) -> its units.
+        units_version: bump when a unit's computation changes: caches made by older units are refused.
+        size_policy: training sizes (multiple, smallest side, default pixel budget).
+        batch_key: ``(values, components, options) -> key``: samples with equal keys may share a stage-1 batch
+            without changing any cached value.
+        constants: ``components -> dict``: JSON-able facts of the frozen components stage 2 needs (and the
+            cache fingerprints), e.g. the scheduler config.
+        scheduler_from_constants: ``constants -> scheduler``: stage 2's scheduler, rebuilt without the
+            model repository.
+        tiny: its ``make-tiny`` builder.
+        example: its seed-style run.
+    """
 
     name: str
-    components: tuple[str, ...]
-    dataset_values: tuple[str, ...]
+    components: tuple[ComponentSpec, ...]
+    options: type
+    tasks: Mapping[str, TaskUnits]
+    units_version: str
+    size_policy: SizePolicy
+    batch_key: Callable[[Mapping[str, Any], Mapping[str, Any], Any], tuple]
+    constants: Callable[[Mapping[str, Any]], dict[str, Any]]
+    scheduler_from_constants: Callable[[Mapping[str, Any]], Any]
+    tiny: TinyModel
+    example: Example
 
-    def units(self, options: Any) -> list[Unit]:
-        """The units of one training step, in execution order."""
+    def component(self, name: str) -> ComponentSpec:
+        for spec in self.components:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
 
-    def loss_reads(self, options: Any) -> tuple[str, ...]:
-        """The values the loss reads (the plan's ``stage2_reads``)."""
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.components)
 
-    def constants(self, components: Mapping[str, Any]) -> dict[str, Any]:
-        """JSON-able constants that stage 2 needs from frozen components without loading them."""
+    @property
+    def model_components(self) -> tuple[str, ...]:
+        """Components with weights of their own (what LoRA or full training can apply to)."""
+        return tuple(s.name for s in self.components if s.kind == MODEL)
+
+    @property
+    def model_classes(self) -> frozenset[str]:
+        """Every class a model folder of this family may name in its config."""
+        return frozenset(c for s in self.components for c in s.classes)
+
+    @property
+    def lora_file_component(self) -> str | None:
+        """The component whose LoRA is saved as one file (the denoiser), or None."""
+        return next((s.name for s in self.components if s.lora_key_prefix is not None), None)

@@ -52,12 +52,15 @@ class Unit:
             components. Empty for a *light* unit (shape arithmetic, masks, position ids).
         stochastic: True when it draws random numbers that must differ between steps (noise, timestep,
             posterior sampling, caption dropout). A draw from a seed the data provides is deterministic.
+        options: the names of the run options ``fn`` reads (``ctx.options.<name>``); reading any other is an
+            error at run time, and the options the stage-1 units declare are part of a cache's identity.
         fn: ``fn(ctx, **inputs) -> dict[name, value]`` doing the work; ``ctx`` is supplied by the runner
             (components, keyed random generator, options). Optional for planning.
         split_at: for a unit that runs one *layered* component (a text encoder): ``split_at(cut, n)``
             returns ``(prefix, suffix)``, two units that together compute what this one does, the prefix
-            running layers ``[0, cut)`` and the suffix layers ``[cut, n)``. The planner uses it for the
-            layer-level split (see :mod:`diffsplit.planner.layers`).
+            running layers ``[0, cut)`` and the suffix layers ``[cut, n)``, where ``n`` is the number of
+            layers the unit reads. The planner uses it for the layer-level split (see
+            :mod:`diffsplit.planner.layers`).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Unit:
     outputs: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     stochastic: bool = False
+    options: tuple[str, ...] = ()
     fn: Callable[..., Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
     split_at: Callable[[int, int], tuple[Unit, Unit]] | None = field(default=None, compare=False, repr=False)
 
@@ -74,6 +78,7 @@ class Unit:
         object.__setattr__(self, "inputs", _names(self.name, "inputs", self.inputs))
         object.__setattr__(self, "outputs", _names(self.name, "outputs", self.outputs))
         object.__setattr__(self, "models", _names(self.name, "models", self.models))
+        object.__setattr__(self, "options", _names(self.name, "options", self.options))
         if not self.outputs:
             raise GraphError(f"unit '{self.name}' declares no outputs")
 

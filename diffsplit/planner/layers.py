@@ -17,31 +17,22 @@ torch model code:
 * **The cut**, found from module names alone (:func:`find_cut`) and handed to the planner as a
   :class:`LayerCut`.
 
-The torch side is an *adapter* per architecture (:class:`LayeredModel`), registered in :data:`ADAPTERS`.
-
-How another family adds one: write a class with the methods of :class:`LayeredModel` for its model
-(see :mod:`diffsplit.families.qwen_image.text_encoder`, about 200 lines, for the Qwen2.5-VL text model), register
-its architecture name in :data:`ADAPTERS`, and give the family's unit that runs the model a ``split_at``
-factory returning the prefix and suffix units (see ``ENCODE_PROMPT`` in
-:mod:`diffsplit.families.qwen_image.units`). Nothing in the planner, the cache or the stages changes.
+The torch side is an *adapter* per architecture (:class:`LayeredModel`). A family declares, for each
+layered component, its adapter and how many leading layers the pipeline reads (:class:`LayerUse`): a
+pipeline that reads the hidden state before the last layer never needs that layer, so it is never built,
+read or run. The unit running the component gives a ``split_at`` factory returning the prefix and suffix
+units. Nothing in the planner, the cache or the stages changes when a family adds one.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 _PART = re.compile(r"^(?P<component>[A-Za-z_]\w*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 _LAYER_RANGE = re.compile(r"^(?P<component>[A-Za-z_]\w*)\.layers\.(?P<first>\d+)(?:-(?P<last>\d+))?$")
-
-ADAPTERS: dict[str, str] = {
-    "Qwen2_5_VLForConditionalGeneration": "diffsplit.families.qwen_image.text_encoder:ADAPTER",
-}
-"""Architecture class name (``config.json``'s ``architectures``) -> ``module:attribute`` of its adapter."""
-
 
 # -- part names -------------------------------------------------------------------------------------------
 def part_name(component: str, start: int, stop: int) -> str:
@@ -111,6 +102,9 @@ class LayerCut:
         cut: the first layer holding trainable parameters; None without an adapter.
         decided_by: the module or parameter name that set the cut (for ``explain()``).
         note: why there is no layer-level split, when there is none.
+        used: how many leading layers the pipeline reads (``N`` when it reads the final output; fewer when
+            it reads an inner hidden state): the suffix runs layers ``[cut, used)``, with the final norm
+            only when ``used == N``. None means ``N``.
     """
 
     component: str
@@ -118,6 +112,12 @@ class LayerCut:
     cut: int | None
     decided_by: str = ""
     note: str = ""
+    used: int | None = None
+
+    @property
+    def stop(self) -> int | None:
+        """The end of the suffix: ``used``, or ``N`` when the pipeline reads the final output."""
+        return self.used if self.used is not None else self.num_layers
 
     @property
     def splits(self) -> bool:
@@ -136,13 +136,16 @@ def find_cut(
     trainable_names: Iterable[str],
     layer_of: Callable[[str], int | None],
     num_layers: int,
+    used: int | None = None,
 ) -> LayerCut:
     """The cut of ``component`` from the names of its trainable modules or parameters.
 
     Args:
-        trainable_names: full-model names of the modules a LoRA wraps, or of the parameters that train.
+        trainable_names: full-model names of the modules a LoRA wraps, or of the parameters that train
+            (all within the layers the pipeline reads: the caller refuses dead ones first).
         layer_of: the adapter's name -> layer index, None outside the layers.
         num_layers: ``N``.
+        used: the layers the pipeline reads (:attr:`LayerCut.used`); None means all ``N``.
 
     A trainable name outside the layers (embedding, final norm, vision tower, output head) puts the cut
     at 0: the whole model stays in stage 2. (A trainable final norm alone could be cut at ``N``; no LoRA
@@ -158,12 +161,13 @@ def find_cut(
                 0,
                 name,
                 note=f"trainable parameters outside the layers ('{name}')",
+                used=used,
             )
         if cut is None or layer < cut:
             cut, decided_by = layer, name
     if cut is None:
-        return LayerCut(component, num_layers, None, note="no trainable parameters found")
-    return LayerCut(component, num_layers, cut, decided_by)
+        return LayerCut(component, num_layers, None, note="no trainable parameters found", used=used)
+    return LayerCut(component, num_layers, cut, decided_by, used=used)
 
 
 def no_adapter(component: str, class_name: str) -> LayerCut:
@@ -189,6 +193,9 @@ class LayeredModel(Protocol):
     def module_names(self, folder: Any) -> list[str]:
         """Every module name of the full model (built on the meta device: no memory, no weights read)."""
 
+    def is_final_norm(self, name: str) -> bool:
+        """True for the final norm's module or parameter names (dead when the pipeline reads an inner layer)."""
+
     def layer_of(self, name: str) -> int | None:
         """Layer index of a module or parameter name (``...layers.24.mlp.up_proj`` -> 24); None outside
         the layers."""
@@ -209,16 +216,22 @@ class LayeredModel(Protocol):
         """The model's final norm (``part`` must end at layer ``N``): ``[B, T, D] -> [B, T, D]``."""
 
 
-def architecture_of(model: Any) -> str:
-    """The architecture name of a loaded model or part (a part says what it was cut from)."""
-    model = getattr(model, "module", model)  # a DDP wrapper
-    return getattr(model, "architecture", None) or type(model).__name__
+@dataclass(frozen=True)
+class LayerUse:
+    """A layered component as a family's pipeline uses it.
 
+    Attributes:
+        adapter: the architecture's :class:`LayeredModel`.
+        used_layers: ``N -> `` how many leading layers' outputs the pipeline reads: ``N`` when it reads the
+            final output (after the final norm), ``N - 1`` when it reads ``hidden_states[-2]``. The layers
+            after those and (when fewer than ``N``) the final norm are *dead*: never built, read or run.
+    """
 
-def adapter_for(class_name: str) -> LayeredModel | None:
-    """The registered adapter of an architecture, or None."""
-    target = ADAPTERS.get(class_name)
-    if target is None:
-        return None
-    module, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    adapter: Any
+    used_layers: Callable[[int], int] = field(default=lambda n: n)
+
+    def used(self, num_layers: int) -> int:
+        used = int(self.used_layers(num_layers))
+        if not 0 < used <= num_layers:
+            raise ValueError(f"used_layers({num_layers}) = {used} is not in 1..{num_layers}")
+        return used

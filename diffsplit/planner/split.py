@@ -242,8 +242,8 @@ def _cut_layers(
             )
             out.append(unit)
             continue
-        assert cut.cut is not None and cut.num_layers is not None
-        c, n = cut.cut, cut.num_layers
+        assert cut.cut is not None and cut.num_layers is not None and cut.stop is not None
+        c, n = cut.cut, cut.stop
         prefix, suffix = unit.split_at(c, n)
         out += [prefix, suffix]
         parts[component] = part_name(component, c, n)
@@ -251,8 +251,8 @@ def _cut_layers(
         reasons[prefix.name] = f"frozen: {before} of '{component}', before the cut"
         reasons[suffix.name] = f"runs trainable {after} of '{component}'"
         notes.append(
-            f"'{component}' cut at layer {c} of {n} (first trainable: '{cut.decided_by}'); stage 1 runs "
-            f"{before} once, stage 2 builds and runs only {after}"
+            f"'{component}' cut at layer {c} of {cut.num_layers} (first trainable: '{cut.decided_by}'); "
+            f"stage 1 runs {before} once, stage 2 builds and runs only {after}"
         )
     return out, parts, reasons, notes
 

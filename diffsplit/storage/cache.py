@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from diffsplit.errors import UserError
-from diffsplit.storage.files import sha256_file
+from diffsplit.storage.files import atomic_write, sha256_file
 
 FORMAT_VERSION: int = 1
 """Bump when the layout of the folder, the manifest or the shard index changes."""
@@ -122,31 +122,6 @@ def check_identity(
 
 
 # --- small file helpers ---------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    # A rename is only durable once the directory entry is; without this a power cut can lose a shard
-    # whose index survived.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, tmp: Path) -> None:
-    """Write ``data`` to ``tmp``, fsync it, rename it over ``path`` and fsync the folder."""
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -403,8 +378,8 @@ class CacheWriter:
             "bytes": len(data),
             "samples": samples,
         }
-        _atomic_write(shards / f"{stem}.safetensors", data, shards / f"{stem}.safetensors.tmp")
-        _atomic_write(shards / f"{stem}.json", _json_bytes(index), shards / f"{stem}.json.tmp")
+        atomic_write(shards / f"{stem}.safetensors", data, shards / f"{stem}.safetensors.tmp")
+        atomic_write(shards / f"{stem}.json", _json_bytes(index), shards / f"{stem}.json.tmp")
         self._seq += 1
         self._buffer.clear()
 
@@ -443,7 +418,7 @@ class CacheWriter:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         # The temporary name carries writer and pid: two ranks may create the manifest at the same time.
         tmp = self.folder / f"{MANIFEST}.tmp-{self.writer_id}-{os.getpid()}"
-        _atomic_write(self.folder / MANIFEST, _json_bytes(manifest), tmp)
+        atomic_write(self.folder / MANIFEST, _json_bytes(manifest), tmp)
 
 
 # --- reader ---------------------------------------------------------------------------------------------

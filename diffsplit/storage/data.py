@@ -16,8 +16,9 @@ line naming the row and the path, or, with ``skip_bad_samples``, is left out and
 Each sample gets a stable id from its content (see :func:`sample_id`), never from its position, so the
 cache can key samples by it and reordering or appending rows leaves existing ids alone.
 
-The resize policy (:func:`target_size`, :func:`resize_and_crop`, :func:`image_to_tensor`) is pure
-functions on PIL images; the family's resize unit calls them.
+The resize policy (:class:`SizePolicy`, :func:`target_size`, :func:`resize_and_crop`,
+:func:`image_to_tensor`) is pure functions on PIL images; each family declares its policy and its resize
+unit calls them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +38,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffsplit.errors import UserError
+from diffsplit.storage.files import atomic_write
 
 METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-SIZE_MULTIPLE = 16
-"""Sizes are multiples of 16: the VAE downsamples by 8 and the DiT packs 2x2 latent patches."""
-MIN_SIDE = 16
-"""Smallest side (pixels, after the resize policy) that still gives one packed latent patch."""
 ID_CHARS = 32
 """Hex characters kept from the sha256 of a sample's content (128 bits: collisions are not a concern)."""
 FOLDER_IMAGE_KEY = "image"
@@ -52,6 +49,22 @@ FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
 
 _HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    """A family's training sizes.
+
+    Attributes:
+        multiple: every side is a multiple of this (16 for a VAE that downsamples by 8 under a denoiser that
+            packs 2x2 latent patches).
+        min_side: the smallest side (pixels, after resizing) that still makes one latent patch.
+        default_max_pixels: the pixel budget when neither ``--max_pixels`` nor ``--height/--width`` is given.
+    """
+
+    multiple: int = 16
+    min_side: int = 16
+    default_max_pixels: int = 1024 * 1024
 
 
 @dataclass
@@ -102,15 +115,17 @@ def parse_data_file_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def _check_resize_args(max_pixels: int | None, fixed_height: int | None, fixed_width: int | None) -> None:
+def _check_resize_args(
+    max_pixels: int | None, fixed_height: int | None, fixed_width: int | None, multiple: int
+) -> None:
     if (fixed_height is None) != (fixed_width is None):
         raise UserError(
             f"--height and --width must be given together (got --height {fixed_height}, --width {fixed_width})"
         )
     if fixed_height is not None and fixed_width is not None:
         for flag, value in (("--height", fixed_height), ("--width", fixed_width)):
-            if not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
-                raise UserError(f"{flag} {value} must be a positive multiple of {SIZE_MULTIPLE}")
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise UserError(f"{flag} {value} must be a positive multiple of {multiple}")
     elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
         raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
 
@@ -122,25 +137,26 @@ def target_size(
     max_pixels: int | None = None,
     fixed_height: int | None = None,
     fixed_width: int | None = None,
+    multiple: int = SizePolicy.multiple,
 ) -> tuple[int, int]:
     """The ``(width, height)`` an image of ``width x height`` pixels is trained at.
 
-    Fixed size (``--height``/``--width``, both multiples of 16) wins when given. Otherwise the size is
+    Fixed size (``--height``/``--width``, both multiples of ``multiple``) wins when given. Otherwise the size is
     dynamic: an image above ``max_pixels`` is scaled down to about ``max_pixels`` keeping its aspect, a
-    smaller one is never scaled up, and each side is floored to a multiple of 16. The arithmetic mirrors
+    smaller one is never scaled up, and each side is floored to a multiple of ``multiple``. The arithmetic mirrors
     DiffSynth-Studio's ``ImageCropAndResize`` (the seed's framework), so the same flags give the same sizes.
-    A result side may be 0 for a tiny image; callers reject sides below :data:`MIN_SIDE`.
+    A result side may be 0 for a tiny image; callers reject sides below the policy's ``min_side``.
 
     Raises:
         UserError: naming ``--height/--width`` or ``--max_pixels`` when they are invalid.
     """
-    _check_resize_args(max_pixels, fixed_height, fixed_width)
+    _check_resize_args(max_pixels, fixed_height, fixed_width, multiple)
     if fixed_height is not None and fixed_width is not None:
         return fixed_width, fixed_height
     if max_pixels is not None and width * height > max_pixels:
         scale = math.sqrt(width * height / max_pixels)
         width, height = int(width / scale), int(height / scale)
-    return width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
+    return width // multiple * multiple, height // multiple * multiple
 
 
 def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -403,6 +419,7 @@ def _check_row(
     file_keys: Sequence[str],
     required: Sequence[str],
     resize: tuple[int | None, int | None, int | None],
+    policy: SizePolicy,
 ) -> dict[str, Any]:
     """Validate one row and return its values (file columns resolved to paths); raises :class:`_BadRow`."""
     where = metadata if metadata is not None else base
@@ -440,13 +457,13 @@ def _check_row(
                 path,
                 f"{name} '{text.strip()}' at {path} is not a readable image ({_one_line(detail)})",
             ) from None
-        tw, th = target_size(width, height, *resize)
-        if tw < MIN_SIDE or th < MIN_SIDE:
+        tw, th = target_size(width, height, *resize, multiple=policy.multiple)
+        if tw < policy.min_side or th < policy.min_side:
             raise _BadRow(
                 number,
                 path,
                 f"{name} '{text.strip()}' at {path} is {width}x{height} px, which the resize policy makes "
-                f"{tw}x{th}: below {MIN_SIDE} px on a side, too small to encode",
+                f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
             )
         values[name] = path
     return values
@@ -461,6 +478,7 @@ def load_samples(
     height: int | None = None,
     width: int | None = None,
     skip_bad_samples: bool = False,
+    policy: SizePolicy = SizePolicy(),
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -470,9 +488,10 @@ def load_samples(
         metadata_path: ``--dataset_metadata_path`` (.csv, .json or .jsonl), or None.
         data_file_keys: ``--data_file_keys``: columns holding image paths (comma-separated or a sequence).
         required: columns every row must have with a non-empty value (the family's dataset values).
-        max_pixels, height, width: the resize policy (:func:`target_size`); rows whose images it would make
-            smaller than 16 px on a side are bad rows.
+        max_pixels, height, width: the resize flags (:func:`target_size`); rows whose images they would make
+            smaller than the policy's ``min_side`` are bad rows.
         skip_bad_samples: leave bad rows out and report them instead of raising.
+        policy: the family's :class:`SizePolicy`.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -482,7 +501,7 @@ def load_samples(
         UserError: one line naming the row and the path, for the first bad row (or, when skipping, when
             no good row is left); for a bad flag, file or header naming that.
     """
-    _check_resize_args(max_pixels, height, width)
+    _check_resize_args(max_pixels, height, width, policy.multiple)
     file_keys = parse_data_file_keys(data_file_keys)
     base = Path(base_path)
     if not base.is_dir():
@@ -528,7 +547,9 @@ def load_samples(
         try:
             if isinstance(row, str):
                 raise _BadRow(number, at, row)
-            values = _check_row(number, row, base, metadata, file_keys, required, (max_pixels, height, width))
+            values = _check_row(
+                number, row, base, metadata, file_keys, required, (max_pixels, height, width), policy
+            )
         except _BadRow as bad:
             if not skip_bad_samples:
                 raise UserError(_one_line(f"{source} row {bad.row}: {bad.reason}")) from None
@@ -588,9 +609,7 @@ def write_skipped(skipped: Iterable[Mapping[str, Any]], output_dir: str | Path) 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / SKIPPED_FILE
-    temporary = folder / f".{SKIPPED_FILE}.tmp"
-    temporary.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    atomic_write(target, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     rows = [str(record["row"]) for record in records]
     shown = ", ".join(rows[:10]) + (f", ... (+{len(rows) - 10} more)" if len(rows) > 10 else "")
     noun = "sample" if len(records) == 1 else "samples"

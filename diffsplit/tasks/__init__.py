@@ -1,4 +1,6 @@
-"""Training objectives: which family's units a task runs, which columns it needs, and its loss.
+"""Training objectives, independent of the model family: their loss, the columns every row needs, and how
+a row's extra columns are cast. Which units compute a task's loss reads is each family's
+(``Family.tasks[<name>]``).
 
 ``--task`` is ``<task>`` (unsplit, or automatic with ``--cache_dir``), ``<task>:data_process`` (stage 1)
 or ``<task>:train`` (stage 2).
@@ -17,37 +19,36 @@ from diffsplit.errors import UserError
 
 @dataclass(frozen=True)
 class Task:
-    """A training objective on a family.
+    """A training objective.
 
     Attributes:
         name: ``sft`` or ``direct_distill``.
         stage: ``""`` (unsplit / automatic), ``"data_process"`` (stage 1) or ``"train"`` (stage 2).
-        family: the units, components and loss reads.
-        loss: ``loss(*values of family.loss_reads) -> scalar``.
+        loss: ``loss(*values the family's units make for it) -> scalar``.
         required_columns: metadata columns every row must have.
         resolve_row: ``(sample, config) -> values`` casting per-row extras and applying flag fallbacks.
+        flags: the flags only this task reads (a notice says they do nothing in another task).
     """
 
     name: str
     stage: str
-    family: Any
     loss: Callable[..., torch.Tensor]
     required_columns: tuple[str, ...]
     resolve_row: Callable[[Any, Any], dict] | None = None
+    flags: tuple[str, ...] = ()
 
 
 STAGES = ("", "data_process", "train")
 
 
 def _sft(stage: str) -> Task:
-    from diffsplit.families.qwen_image.units import FAMILY
     from diffsplit.tasks.sft import flow_matching_loss
 
-    return Task("sft", stage, FAMILY, flow_matching_loss, ("image", "prompt"))
+    return Task("sft", stage, flow_matching_loss, ("image", "prompt"))
 
 
 def _distill_row(sample: Any, config: Any) -> dict:
-    from diffsplit.families.qwen_image.distill import resolve_distill_values
+    from diffsplit.tasks.direct_distill import resolve_distill_values
 
     return resolve_distill_values(
         sample.values,
@@ -60,10 +61,16 @@ def _distill_row(sample: Any, config: Any) -> dict:
 
 
 def _direct_distill(stage: str) -> Task:
-    from diffsplit.families.qwen_image.distill import FAMILY
     from diffsplit.tasks.direct_distill import distill_loss
 
-    return Task("direct_distill", stage, FAMILY, distill_loss, ("image", "prompt"), _distill_row)
+    return Task(
+        "direct_distill",
+        stage,
+        distill_loss,
+        ("image", "prompt"),
+        _distill_row,
+        flags=("num_inference_steps", "cfg_scale", "rand_device"),
+    )
 
 
 _BUILDERS: dict[str, Callable[[str], Task]] = {"sft": _sft, "direct_distill": _direct_distill}
@@ -79,3 +86,8 @@ def task_for(text: str) -> Task:
     if name not in _BUILDERS or stage not in STAGES:
         raise UserError(f"--task {text!r} is not one of: {', '.join(task_names())}")
     return _BUILDERS[name](stage)
+
+
+def task_only_flags() -> dict[str, str]:
+    """Flag -> the task it belongs to, for every flag only one task reads."""
+    return {flag: name for name in _BUILDERS for flag in _BUILDERS[name]("").flags}

@@ -12,7 +12,6 @@ import csv
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +25,12 @@ from tqdm.auto import tqdm
 
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
-from diffsplit.families.base import UnitContext
+from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.planner.graph import Unit, UnitGraph
-from diffsplit.planner.layers import LayerRange, adapter_for, architecture_of, parse_trainable
+from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
 from diffsplit.training.rng import derive_seed, keyed_generator
+from diffsplit.training.trainable import save_checkpoint
 
 STATE_FILE = "diffsplit_state.json"
 
@@ -105,110 +105,19 @@ def tensorboard_available() -> bool:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's accelerator: DDP settings, gradient accumulation, tensorboard when it is on and installed
+    (the CLI says when it is not)."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)
-    if config.enable_tensorboard_log and not tensorboard_available():
-        print(
-            "notice: --enable_tensorboard_log has no effect: tensorboard is not installed "
-            "(pip install tensorboard); losses still go to loss.csv",
-            file=sys.stderr,
-        )
-        config.enable_tensorboard_log = False
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[ddp],
-        log_with="tensorboard" if config.enable_tensorboard_log else None,
+        log_with="tensorboard" if tensorboard_on(config) else None,
         project_dir=config.output_path,
     )
 
 
-def prepare_trainable(
-    config: TrainConfig, components: Any, parts: Mapping[str, str] | None = None
-) -> dict[str, torch.nn.Module]:
-    """Freeze every loaded model, then add LoRA / unfreeze the trained ones. Returns name -> module.
-
-    ``parts`` maps a component cut by the layer-level split to the part that trains in this run
-    (``{"text_encoder": "text_encoder[24:28]"}``); the LoRA and the selected layers go on that part, under
-    the same module names as on the whole model.
-    """
-    parts = parts or {}
-    trained: dict[str, torch.nn.Module] = {}
-    bases = config.lora_base_models
-    targets = lora.parse_lora_targets(config.lora_target_modules, bases) if bases else {}
-    for name in bases:
-        model = components[parts.get(name, name)]
-        model.requires_grad_(False)
-        lora.add_lora(
-            model, targets[name], rank=config.lora_rank, alpha=config.lora_alpha, init_seed=config.seed
-        )
-        trained[name] = model
-    if config.lora_checkpoint:
-        if "dit" not in trained:
-            raise UserError("--lora_checkpoint needs --lora_base_model dit")
-        lora.load_dit_lora(trained["dit"], config.lora_checkpoint)
-    for entry in config.full_trainable_models:
-        spec = parse_trainable(entry)
-        name = spec if isinstance(spec, str) else spec.component
-        model = components[parts.get(name, name)]
-        if isinstance(spec, str):
-            model.requires_grad_(True)
-        else:
-            if name not in trained:
-                model.requires_grad_(False)
-            _unfreeze_layers(model, spec, entry)
-        trained[name] = model
-    for model in trained.values():
-        if config.use_gradient_checkpointing:
-            if hasattr(model, "enable_gradient_checkpointing"):
-                model.enable_gradient_checkpointing()
-            elif hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-    return trained
-
-
-def _unfreeze_layers(model: torch.nn.Module, layers: LayerRange, flag_value: str) -> None:
-    """Make every parameter of layers ``layers.first..layers.last`` trainable (the model's adapter says
-    which layer a parameter belongs to)."""
-    adapter = adapter_for(architecture_of(model))
-    if adapter is None:
-        raise UserError(
-            f"--trainable_models {flag_value}: the {layers.component} ({architecture_of(model)}) has no layer "
-            "adapter, so its layers cannot be selected; train it whole with --trainable_models "
-            f"{layers.component}"
-        )
-    selected = 0
-    for param_name, param in model.named_parameters():
-        if adapter.layer_of(param_name) in layers:
-            param.requires_grad_(True)
-            selected += 1
-    if not selected:
-        raise UserError(
-            f"--trainable_models {flag_value}: no parameter of the {layers.component} is in those layers"
-        )
-
-
-def save_checkpoint(
-    config: TrainConfig, trained: Mapping[str, torch.nn.Module], stem: str, accelerator: Accelerator
-) -> list[Path]:
-    """Write the trainable weights of each trained model; main process only."""
-    if not accelerator.is_main_process:
-        return []
-    out = Path(config.output_path)
-    written = []
-    for name, model in trained.items():
-        model = accelerator.unwrap_model(model)
-        if name in config.lora_base_models:
-            if name == "dit":
-                path = out / f"{stem}.safetensors"
-                lora.save_dit_lora(model, path)
-            else:
-                path = out / f"{stem}.{name}"
-                lora.save_peft_adapter(model, path)
-        else:
-            path = out / (f"{stem}.safetensors" if name == "dit" else f"{stem}.{name}.safetensors")
-            lora.save_full(model, path)
-        written.append(path)
-    return written
+def tensorboard_on(config: TrainConfig) -> bool:
+    return config.enable_tensorboard_log and tensorboard_available()
 
 
 def run_training(
@@ -221,8 +130,11 @@ def run_training(
     load: Callable[[int], dict],
     options: Any,
     dtype: torch.dtype,
+    specs: Mapping[str, ComponentSpec],
 ) -> dict[str, Any]:
-    """Train; returns a summary (steps, last loss, seconds, files written)."""
+    """Train; returns a summary (steps, last loss, seconds, files written).
+
+    ``specs`` are the family's component declarations (how each trained component is saved)."""
     out = Path(config.output_path)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
@@ -251,7 +163,7 @@ def run_training(
     start_epoch, start_item, step = 0, 0, 0
     if config.resume_from_state:
         start_epoch, start_item, step = _load_state(accelerator, config.resume_from_state)
-    if config.enable_tensorboard_log:
+    if tensorboard_on(config):
         accelerator.init_trackers("diffsplit")
 
     loss_log = _LossLog(
@@ -263,7 +175,7 @@ def run_training(
         generator = (
             keyed_generator(config.seed, pass_index, sample_id, unit.name) if unit.stochastic else None
         )
-        return UnitContext(step_components, options, generator, accelerator.device, dtype)
+        return unit_context(unit, step_components, options, generator, accelerator.device, dtype)
 
     written: list[Path] = []
     last_loss = float("nan")
@@ -320,20 +232,20 @@ def run_training(
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
             loss_log.write(step, epoch, last_loss, scheduler.get_last_lr()[0])
-            if config.enable_tensorboard_log:
+            if tensorboard_on(config):
                 accelerator.log({"loss": last_loss}, step=step)
             if config.save_steps and step % config.save_steps == 0:
-                written += save_checkpoint(config, trained, f"step-{step}", accelerator)
+                written += save_checkpoint(config, trained, f"step-{step}", accelerator, specs)
             if config.save_state_steps and step % config.save_state_steps == 0:
                 _save_state(accelerator, out / f"state-{step}", epoch, item_index + 1, step)
             if step >= total_updates:
                 done = True
                 break
-        written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator)
+        written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator, specs)
     progress.close()
     loss_log.close()
     accelerator.wait_for_everyone()
-    if config.enable_tensorboard_log:
+    if tensorboard_on(config):
         accelerator.end_training()
     seconds = time.perf_counter() - started
     return {

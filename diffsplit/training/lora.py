@@ -2,14 +2,15 @@
 
 Three file formats leave this module:
 
-* **DiT LoRA (pinned single file).** ``diffusion_model.<module path>.lora_A.weight``,
-  ``diffusion_model.<module path>.lora_B.weight`` and ``diffusion_model.<module path>.alpha`` with module
-  paths as in diffusers' ``QwenImageTransformer2DModel`` (``transformer_blocks.0.attn.to_q``). diffusers'
-  ``QwenImagePipeline.load_lora_weights`` and ComfyUI both read it and apply ``alpha / rank``, so the
-  trained scale survives even when ``--lora_alpha`` differs from ``--lora_rank``.
+* **Denoiser LoRA (pinned single file).** ``<prefix><module path>.lora_A.weight``,
+  ``<prefix><module path>.lora_B.weight`` and ``<prefix><module path>.alpha`` with module paths as in the
+  diffusers model (``transformer_blocks.0.attn.to_q``) and the prefix the family declares
+  (``ComponentSpec.lora_key_prefix``, e.g. ``diffusion_model.``). diffusers' pipelines'
+  ``load_lora_weights`` and ComfyUI read it and apply ``alpha / rank``, so the trained scale survives even
+  when ``--lora_alpha`` differs from ``--lora_rank``.
 * **Text-encoder LoRA.** A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
   keyed by the full transformers model's module names, loadable with ``peft.PeftModel.from_pretrained``
-  onto the encoder that ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` builds.
+  onto the encoder the model class's ``from_pretrained`` builds.
 * **Full training.** The trainable parameters under the model's own ``state_dict`` names.
 
 Adapters are injected in place (diffusers' ``model.add_adapter``, peft's ``inject_adapter_in_model``)
@@ -23,7 +24,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,20 +37,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffsplit.errors import UserError
-
-COMPONENTS: tuple[str, ...] = ("dit", "text_encoder", "vae")
-"""Component names a LoRA may be attached to (``--lora_base_model``)."""
+from diffsplit.storage.files import atomic_path
 
 REGEX_PREFIX = "re:"
 """Marks a ``--lora_target_modules`` value as a regular expression over full module names."""
 
-DIT_KEY_PREFIX = "diffusion_model."
-"""Prefix of every key in the pinned DiT LoRA file (what diffusers and ComfyUI expect)."""
-
-# Prefixes that other tools put in front of module paths in a DiT LoRA file, tried in this order when
-# loading a --lora_checkpoint: ours, diffusers' save_lora_weights, a peft PeftModel, the seed's own trainer
-# (when run without --remove_prefix_in_ckpt). Bare module paths are accepted as well.
-_KNOWN_KEY_PREFIXES = (DIT_KEY_PREFIX, "transformer.", "base_model.model.", "pipe.dit.")
+# Prefixes that other tools put in front of module paths in a denoiser LoRA file, tried after the family's
+# own when loading a --lora_checkpoint: diffusers' save_lora_weights, a peft PeftModel, the seed's own
+# trainer (when run without --remove_prefix_in_ckpt). Bare module paths are accepted as well.
+_OTHER_KEY_PREFIXES = ("transformer.", "base_model.model.", "pipe.dit.")
 
 # Targets are one flag for several models; "dit=a,b;text_encoder=c" is split on ';' only where the next
 # segment starts a new "name=", so a regular expression value may still contain ';'.
@@ -63,27 +59,6 @@ LoraTargets = list[str] | str
 # --------------------------------------------------------------------------------------------------
 # Flags
 # --------------------------------------------------------------------------------------------------
-
-
-def parse_base_models(text: str, known: Collection[str] = COMPONENTS) -> list[str]:
-    """Parse ``--lora_base_model`` (``"dit"`` or ``"dit,text_encoder"``) into component names.
-
-    Order is kept and duplicates are dropped. An empty value or an unknown name is a :class:`UserError`.
-    """
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in known:
-            raise UserError(
-                f"--lora_base_model: unknown model {name!r}; expected one of {', '.join(sorted(known))}"
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise UserError("--lora_base_model: no model named; expected e.g. 'dit' or 'dit,text_encoder'")
-    return names
 
 
 def _parse_target_value(value: str, where: str) -> LoraTargets:
@@ -233,7 +208,7 @@ def add_lora(
     """Inject a LoRA adapter into ``model`` in place with peft and make it the only trainable part.
 
     Args:
-        model: a diffusers model (e.g. ``QwenImageTransformer2DModel``) or a transformers model.
+        model: a diffusers model (a denoiser) or a transformers model (a text encoder, or a part of one).
         targets: peft ``target_modules``: module-name suffixes, or one regex string (full match).
         rank: ``--lora_rank``.
         alpha: ``--lora_alpha``; ``None`` means ``rank`` (scale 1).
@@ -315,20 +290,21 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str])
     """Write a safetensors file via a temporary name, so a crash never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def dit_lora_state(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The pinned DiT LoRA key -> tensor map (CPU copies), as :func:`save_dit_lora` writes it.
+def lora_file_state(
+    model: torch.nn.Module, key_prefix: str, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The pinned single-file LoRA key -> tensor map (CPU copies), as :func:`save_lora_file` writes it.
 
     ``alpha`` is stored as ``scaling * rank``, so ``alpha / rank`` is exactly the scale peft applied in
     training (diffusers and ComfyUI both read it that way).
     """
     state: dict[str, torch.Tensor] = {}
     for path, layer in _lora_layers(model, adapter_name):
-        key = f"{DIT_KEY_PREFIX}{path}"
+        key = f"{key_prefix}{path}"
         rank = layer.r[adapter_name]
         state[f"{key}.lora_A.weight"] = (
             layer.lora_A[adapter_name].weight.detach().to("cpu", copy=True).contiguous()
@@ -340,17 +316,17 @@ def dit_lora_state(model: torch.nn.Module, adapter_name: str = "default") -> dic
     return state
 
 
-def save_dit_lora(
-    model: torch.nn.Module, path: str | os.PathLike[str], adapter_name: str = "default"
+def save_lora_file(
+    model: torch.nn.Module, path: str | os.PathLike[str], key_prefix: str, adapter_name: str = "default"
 ) -> None:
-    """Write the DiT LoRA in the pinned format (see the module docstring).
+    """Write the LoRA in the pinned single-file format with ``key_prefix`` (see the module docstring).
 
     No diffusers ``lora_adapter_metadata`` is written on purpose: diffusers already folds ``alpha / rank``
     into the weights when it reads ``.alpha`` keys, and metadata carrying ``lora_alpha`` would apply it twice.
     """
-    state = dit_lora_state(model, adapter_name)
+    state = lora_file_state(model, key_prefix, adapter_name)
     if not state:
-        raise ValueError("save_dit_lora: the model has no LoRA adapter named " + repr(adapter_name))
+        raise ValueError("save_lora_file: the model has no LoRA adapter named " + repr(adapter_name))
     _atomic_save(state, path)
 
 
@@ -384,12 +360,12 @@ def _metadata_alpha(metadata: dict[str, str], path: str) -> tuple[float, bool] |
     return alpha, bool(meta.get(f"{prefix}use_rslora", False))
 
 
-def load_dit_lora(
-    model: torch.nn.Module, path: str | os.PathLike[str], adapter_name: str = "default"
+def load_lora_file(
+    model: torch.nn.Module, path: str | os.PathLike[str], key_prefix: str, adapter_name: str = "default"
 ) -> None:
     """Load a LoRA file into ``model``'s existing adapter (``--lora_checkpoint``: continue training).
 
-    Accepts the pinned ``diffusion_model.`` format and the spellings diffusers (``transformer.``), peft
+    Accepts the pinned format (``key_prefix``) and the spellings diffusers (``transformer.``), peft
     (``base_model.model.``, ``.lora_A.default.weight``), kohya (``lora_down``/``lora_up``) and the seed's
     trainer write. The file's scale (``alpha / rank``; scale 1 when it has no alpha) is converted to the
     model's (``--lora_alpha / --lora_rank``) by rescaling ``lora_B``, so the loaded adapter computes the same
@@ -409,7 +385,8 @@ def load_dit_lora(
         raise UserError(f"--lora_checkpoint {path}: the file holds no tensors")
 
     # Detect the file's prefix from its keys; every key must then carry it.
-    prefix = next((p for p in _KNOWN_KEY_PREFIXES if any(k.startswith(p) for k in raw)), "")
+    known = (key_prefix, *_OTHER_KEY_PREFIXES)
+    prefix = next((p for p in known if p and any(k.startswith(p) for k in raw)), "")
     by_key: dict[str, torch.Tensor] = {}
     original: dict[str, str] = {}
     for key in sorted(raw):
@@ -423,7 +400,7 @@ def load_dit_lora(
 
     layers = dict(_lora_layers(model, adapter_name))
     if not layers:
-        raise ValueError("load_dit_lora: add_lora must run before loading a LoRA checkpoint")
+        raise ValueError("load_lora_file: add_lora must run before loading a LoRA checkpoint")
     expected = {f"{p}.{suffix}" for p in layers for suffix in ("lora_A.weight", "lora_B.weight")}
     for norm in sorted(by_key):
         if norm not in expected and not (norm.endswith(".alpha") and norm.removesuffix(".alpha") in layers):

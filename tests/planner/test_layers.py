@@ -7,7 +7,7 @@ import pytest
 from diffsplit.planner.layers import (
     LayerCut,
     LayerRange,
-    adapter_for,
+    LayerUse,
     component_of,
     find_cut,
     no_adapter,
@@ -64,8 +64,16 @@ def test_find_cut_falls_back_at_layer_zero_and_outside_the_layers():
 
 
 def test_no_adapter_never_splits():
-    cut = no_adapter("dit", "QwenImageTransformer2DModel")
-    assert not cut.splits and "no layer adapter for QwenImageTransformer2DModel" in cut.fallback()
-    assert adapter_for("QwenImageTransformer2DModel") is None
-    assert adapter_for("Qwen2_5_VLForConditionalGeneration") is not None
+    cut = no_adapter("dit", "SomeTransformer2DModel")
+    assert not cut.splits and "no layer adapter for SomeTransformer2DModel" in cut.fallback()
     assert LayerCut("x", 4, 2).splits
+
+
+def test_a_pipeline_that_reads_an_inner_layer_ends_the_suffix_there():
+    assert LayerCut("x", 4, 2).stop == 4  # all layers read: the suffix runs to N (and the final norm)
+    cut = find_cut("x", ["model.layers.2.mlp.up_proj"], _layer_of, 4, used=3)
+    assert (cut.cut, cut.stop, cut.splits) == (2, 3, True)
+    assert LayerUse(adapter=None).used(4) == 4
+    assert LayerUse(adapter=None, used_layers=lambda n: n - 1).used(36) == 35
+    with pytest.raises(ValueError, match="not in 1..4"):
+        LayerUse(adapter=None, used_layers=lambda n: 0).used(4)

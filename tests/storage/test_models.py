@@ -10,23 +10,29 @@ import pytest
 import torch
 
 from diffsplit.errors import UserError
+from diffsplit.families.qwen_image import FAMILY
 from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
-from diffsplit.storage import models
-from diffsplit.storage.models import (
-    ModelSet,
+from diffsplit.storage import resolve as models
+from diffsplit.storage.models import ModelSet, bind_components
+from diffsplit.storage.resolve import (
     ModelSpec,
-    detect_component,
     file_identity,
     parse_model_paths,
     parse_model_specs,
+    read_model_class,
     resolve_spec,
 )
 
-SEED_SPECS = (
-    "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors,"
-    "Qwen/Qwen-Image:text_encoder/model*.safetensors,"
-    "Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
-)
+SEED_SPECS = FAMILY.example.model_paths
+SPECS = FAMILY.components
+
+
+def _model_set(specs: str | None = None, paths: str | None = None, **kwargs) -> ModelSet:
+    return ModelSet.from_flags(specs, paths, specs=SPECS, **kwargs)
+
+
+def _bound(entries):
+    return bind_components(entries, SPECS)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_parse_bad_specs(text: str) -> None:
 
 
 def test_resolve_seed_specs(base: Path) -> None:
-    entries = [resolve_spec(s) for s in parse_model_specs(SEED_SPECS)]
+    entries = _bound([resolve_spec(s) for s in parse_model_specs(SEED_SPECS)])
     assert [e.component for e in entries] == ["dit", "text_encoder", "vae"]
     repo = base / "Qwen" / "Qwen-Image"
     assert entries[0].folder == repo / "transformer" and entries[0].root == repo
@@ -94,17 +100,24 @@ def test_detect_component_errors(base: Path, tmp_path: Path) -> None:
     no_config = tmp_path / "weights"
     no_config.mkdir()
     with pytest.raises(UserError, match=r"'.*weights' has no config.json"):
-        detect_component(no_config)
+        read_model_class(no_config)
     unknown = tmp_path / "unet"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(UserError, match=r"unet': .*UNet2DConditionModel, which diffsplit does not know"):
-        detect_component(unknown)
+    assert read_model_class(unknown) == ("diffusers", ("UNet2DConditionModel",))
+    with pytest.raises(UserError, match=r"unet': .*UNet2DConditionModel, which is no component of"):
+        _bound(parse_model_paths(json.dumps([_weights(unknown)])))
     # A folder named vae/ holding the transformer's config is a wrong path, not something to guess around.
     wrong = tmp_path / "vae"
     shutil.copytree(base / "Qwen" / "Qwen-Image" / "transformer", wrong)
     with pytest.raises(UserError, match="a 'vae/' folder holds the 'vae'"):
-        detect_component(wrong)
+        _bound(parse_model_paths(json.dumps([str(next(wrong.glob("*.safetensors")))])))
+
+
+def _weights(folder: Path) -> str:
+    path = folder / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(b"")
+    return str(path)
 
 
 def test_missing_shard_is_named(base: Path, tmp_path: Path) -> None:
@@ -121,7 +134,7 @@ def test_model_paths(base: Path, tmp_path: Path) -> None:
     repo = base / "Qwen" / "Qwen-Image"
     shards = sorted(str(p) for p in (repo / "transformer").glob("*.safetensors"))
     text = json.dumps([shards, str(repo / "vae" / "diffusion_pytorch_model.safetensors")])
-    entries = parse_model_paths(text)
+    entries = _bound(parse_model_paths(text))
     assert [e.component for e in entries] == ["dit", "vae"]
     assert entries[0].root == repo and len(entries[0].files) == len(shards)
     missing = str(tmp_path / "nope.safetensors")
@@ -145,7 +158,7 @@ def test_download_when_missing(base: Path, tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(models, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv(models.MODEL_BASE_ENV, str(tmp_path / "empty"))
-    entry = resolve_spec(parse_model_specs(SEED_SPECS)[2])
+    (entry,) = _bound([resolve_spec(parse_model_specs(SEED_SPECS)[2])])
     assert entry.component == "vae" and entry.files[0].is_file()
     assert calls == [
         {
@@ -172,7 +185,7 @@ def test_offline_error_is_one_line(error: str, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(models, "snapshot_download", offline)
     monkeypatch.setenv(models.MODEL_BASE_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(UserError) as info:
-        ModelSet.from_flags(SEED_SPECS)
+        _model_set(SEED_SPECS)
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "nowhere" / "Qwen" / "Qwen-Image") in message
@@ -186,7 +199,7 @@ def test_offline_error_is_one_line(error: str, tmp_path: Path, monkeypatch: pyte
 def test_lazy_loading_constructs_only_what_is_used() -> None:
     from diffusers import AutoencoderKLQwenImage
 
-    models_ = ModelSet.from_flags(SEED_SPECS, dtype=torch.float32)
+    models_ = _model_set(SEED_SPECS, dtype=torch.float32)
     assert models_.constructed == []
     assert set(models_.components) == {"dit", "text_encoder", "vae", "tokenizer", "scheduler"}
     assert "vae" in models_.components and models_.constructed == []  # membership loads nothing
@@ -205,7 +218,7 @@ def test_lazy_loading_constructs_only_what_is_used() -> None:
 def test_sharded_dit_loads_its_weights(base: Path) -> None:
     from safetensors.torch import load_file
 
-    models_ = ModelSet.from_flags(SEED_SPECS.split(",")[0], dtype=torch.bfloat16)
+    models_ = _model_set(SEED_SPECS.split(",")[0], dtype=torch.bfloat16)
     dit = models_.components["dit"]
     assert type(dit).__name__ == "QwenImageTransformer2DModel" and dit.dtype == torch.bfloat16
     stored: dict[str, torch.Tensor] = {}
@@ -218,7 +231,7 @@ def test_sharded_dit_loads_its_weights(base: Path) -> None:
 
 
 def test_stage2_never_builds_frozen_models() -> None:
-    dit_only = ModelSet.from_flags(SEED_SPECS.split(",")[0])
+    dit_only = _model_set(SEED_SPECS.split(",")[0])
     assert "vae" not in dit_only.components
     with pytest.raises(UserError) as info:
         dit_only.components_for("encode_image")["vae"]
@@ -235,7 +248,7 @@ def test_stage2_never_builds_frozen_models() -> None:
 
 
 def test_tokenizer_and_scheduler(base: Path, tmp_path: Path) -> None:
-    models_ = ModelSet.from_flags(SEED_SPECS)
+    models_ = _model_set(SEED_SPECS)
     tokenizer = models_.components["tokenizer"]
     assert tokenizer.pad_token == "<|endoftext|>"
     scheduler = models_.components["scheduler"]
@@ -244,23 +257,23 @@ def test_tokenizer_and_scheduler(base: Path, tmp_path: Path) -> None:
 
     # A repository with only the vae folder (as the seed's download leaves it): default scheduler config.
     shutil.copytree(base / "Qwen" / "Qwen-Image" / "vae", tmp_path / "repo" / "vae")
-    only_vae = ModelSet.from_flags(
-        model_paths=json.dumps([str(tmp_path / "repo" / "vae" / "diffusion_pytorch_model.safetensors")])
+    only_vae = _model_set(
+        paths=json.dumps([str(tmp_path / "repo" / "vae" / "diffusion_pytorch_model.safetensors")])
     )
     assert only_vae.scheduler_folder() is None
     assert only_vae.components["scheduler"].config.shift_terminal == 0.02
     with pytest.raises(UserError, match="no tokenizer folder at .*; pass --tokenizer_path"):
         only_vae.components["tokenizer"]
-    override = ModelSet(only_vae.entries, tokenizer_path=base / "Qwen" / "Qwen-Image" / "tokenizer")
+    override = ModelSet(only_vae.entries, SPECS, tokenizer_path=base / "Qwen" / "Qwen-Image" / "tokenizer")
     assert len(override.components["tokenizer"]) > 0
     with pytest.raises(UserError, match="--tokenizer_path: folder '.*missing' does not exist"):
-        ModelSet(only_vae.entries, tokenizer_path=tmp_path / "missing").components["tokenizer"]
+        ModelSet(only_vae.entries, SPECS, tokenizer_path=tmp_path / "missing").components["tokenizer"]
 
 
 def test_duplicate_component_is_refused() -> None:
     vae = SEED_SPECS.split(",")[2]
     with pytest.raises(UserError, match="are a 'vae'; give each component once"):
-        ModelSet.from_flags(f"{vae},{vae}")
+        _model_set(f"{vae},{vae}")
 
 
 # -- file identity ------------------------------------------------------------------------------------------------
@@ -285,7 +298,7 @@ def test_file_identity_uses_the_cache(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_identity_of_components_is_relative_and_loads_nothing() -> None:
-    models_ = ModelSet.from_flags(SEED_SPECS)
+    models_ = _model_set(SEED_SPECS)
     ident = models_.identity(["vae", "dit", "tokenizer", "scheduler"])
     assert set(ident["vae"]) == {"vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
     assert "transformer/diffusion_pytorch_model.safetensors.index.json" in ident["dit"]

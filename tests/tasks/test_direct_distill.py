@@ -9,9 +9,8 @@ import pytest
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.demo import SEED_TARGETS
 from diffsplit.storage.cache import CacheReader
-from tests.conftest import SEED_MODELS, train_args
+from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
 from tests.test_entrypoints import DIT, FROZEN, LAST_TWO, _replace, assert_close_weights, read_adapter
 
 

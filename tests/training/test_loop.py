@@ -11,15 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.entrypoints import build_plan, family_options
-from diffsplit.families.base import UnitContext
-from diffsplit.families.qwen_image.units import FAMILY
+from diffsplit.families.base import unit_context
+from diffsplit.families.qwen_image.components import DIT_LORA_PREFIX as PREFIX
+from diffsplit.run import Run
 from diffsplit.storage import data
-from diffsplit.storage.models import ModelSet
 from diffsplit.tasks.sft import flow_matching_loss
 from diffsplit.training import lora
 from diffsplit.training.rng import keyed_generator
-from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
+from tests.conftest import SEED_TARGETS, train_args
 
 
 def train(output: Path, *extra: str) -> dict[str, torch.Tensor]:
@@ -53,16 +52,16 @@ def _eval_loss(workspace: Path, lora_file: Path | None) -> float:
     from diffsplit.config import config_from_args
 
     config = config_from_args(config_args, [])
-    plan = build_plan(config)
-    models = ModelSet.from_flags(model_id_with_origin_paths=SEED_MODELS, dtype=torch.float32)
+    run = Run.resolve(config, device=torch.device("cpu"))
+    plan, models = run.plan, run.models
     dit = models["dit"]
     if lora_file is not None:
         lora.add_lora(dit, lora.parse_lora_targets(SEED_TARGETS, ["dit"])["dit"], rank=4)
-        lora.load_dit_lora(dit, lora_file)
+        lora.load_lora_file(dit, lora_file, PREFIX)
     samples, _ = data.load_samples(
         "data/example_image_dataset", "data/example_image_dataset/metadata.csv", max_pixels=4096
     )
-    options = family_options(config)
+    options = run.options
     graph = plan.graph
     losses = []
     with torch.no_grad():
@@ -72,10 +71,10 @@ def _eval_loss(workspace: Path, lora_file: Path | None) -> float:
 
                 def context(unit, sample_id=sample.id, pass_index=pass_index):
                     gen = keyed_generator(0, pass_index, sample_id, unit.name) if unit.stochastic else None
-                    return UnitContext(models, options, gen)
+                    return unit_context(unit, models, options, gen, torch.device("cpu"), torch.float32)
 
                 graph.run([u.name for u in graph.units], env, context)
-                losses.append(flow_matching_loss(*(env[n] for n in FAMILY.loss_reads(options))).item())
+                losses.append(flow_matching_loss(*(env[n] for n in run.units.loss_reads)).item())
     return sum(losses) / len(losses)
 
 

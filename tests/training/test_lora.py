@@ -12,14 +12,14 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from diffsplit.errors import UserError
+from diffsplit.families.qwen_image.components import DIT_LORA_PREFIX as PREFIX
 from diffsplit.training.lora import (
     add_lora,
-    dit_lora_state,
-    load_dit_lora,
-    parse_base_models,
+    load_lora_file,
+    lora_file_state,
     parse_lora_targets,
-    save_dit_lora,
     save_full,
+    save_lora_file,
     save_peft_adapter,
     trainable_parameters,
 )
@@ -128,15 +128,6 @@ def lora_paths(model: torch.nn.Module) -> set[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_parse_base_models() -> None:
-    assert parse_base_models("dit") == ["dit"]
-    assert parse_base_models(" dit , text_encoder,dit") == ["dit", "text_encoder"]
-    with pytest.raises(UserError, match="--lora_base_model"):
-        parse_base_models("dit,unet")
-    with pytest.raises(UserError, match="--lora_base_model"):
-        parse_base_models(" , ")
-
-
 def test_parse_targets_bare_and_per_model() -> None:
     assert parse_lora_targets(SEED_TARGETS, ["dit"]) == {"dit": SEED_TARGETS.split(",")}
     assert parse_lora_targets("dit=to_q, to_k;text_encoder=q_proj,k_proj", ["dit", "text_encoder"]) == {
@@ -196,10 +187,10 @@ def test_same_seed_same_init_and_global_rng_untouched() -> None:
     targets = ["to_q", "to_v"]
     model_a, model_b, model_c, model_d = tiny_dit(), tiny_dit(), tiny_dit(), tiny_dit()
     torch.manual_seed(123)
-    a = dit_lora_state(add_lora(model_a, targets, rank=4, init_seed=7))
+    a = lora_file_state(add_lora(model_a, targets, rank=4, init_seed=7), PREFIX)
     torch.manual_seed(999)  # a different global RNG state must not matter
-    b = dit_lora_state(add_lora(model_b, targets, rank=4, init_seed=7))
-    c = dit_lora_state(add_lora(model_c, targets, rank=4, init_seed=8))
+    b = lora_file_state(add_lora(model_b, targets, rank=4, init_seed=7), PREFIX)
+    c = lora_file_state(add_lora(model_c, targets, rank=4, init_seed=8), PREFIX)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("lora_A.weight"))
@@ -257,7 +248,7 @@ def test_regex_targets_select_only_matched_layers() -> None:
 def test_saved_keys_follow_the_pinned_format(tmp_path) -> None:
     model = add_lora(tiny_dit(), SEED_TARGETS.split(","), rank=4, alpha=8, init_seed=0)
     path = tmp_path / "epoch-0.safetensors"
-    save_dit_lora(model, path)
+    save_lora_file(model, path, PREFIX)
     state = load_file(path)
     expected_paths = {f"transformer_blocks.{i}.{p}" for i in range(2) for p in SEED_PATHS}
     expected = {
@@ -281,7 +272,7 @@ def test_diffusers_applies_the_file_with_the_trained_scale(tmp_path) -> None:
     )
     randomise_lora_b(trained)
     path = tmp_path / "lora.safetensors"
-    save_dit_lora(trained, path)
+    save_lora_file(trained, path, PREFIX)
 
     # Merge by hand: W + (alpha / rank) * B @ A.
     merged = copy.deepcopy(base)
@@ -332,10 +323,10 @@ def test_round_trip_gives_identical_tensors(tmp_path) -> None:
     trained = add_lora(tiny_dit(), targets, rank=4, alpha=8, init_seed=0)
     randomise_lora_b(trained)
     path = tmp_path / "lora.safetensors"
-    save_dit_lora(trained, path)
+    save_lora_file(trained, path, PREFIX)
     fresh = add_lora(tiny_dit(), targets, rank=4, alpha=8, init_seed=5)
-    load_dit_lora(fresh, path)
-    a, b = dit_lora_state(trained), dit_lora_state(fresh)
+    load_lora_file(fresh, path, PREFIX)
+    a, b = lora_file_state(trained, PREFIX), lora_file_state(fresh, PREFIX)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(p.requires_grad for p in trainable_parameters(fresh))
@@ -345,7 +336,7 @@ def test_load_accepts_diffusers_and_peft_spellings(tmp_path) -> None:
     targets = ["to_q", "img_mod.1"]
     trained = add_lora(tiny_dit(), targets, rank=4, alpha=8, init_seed=0)
     randomise_lora_b(trained)
-    ours = dit_lora_state(trained)
+    ours = lora_file_state(trained, PREFIX)
 
     # diffusers' save_lora_weights layout: "transformer." prefix, no alpha, scale folded into the weights.
     diffusers_style = {
@@ -355,8 +346,8 @@ def test_load_accepts_diffusers_and_peft_spellings(tmp_path) -> None:
     }
     save_file(diffusers_style, str(tmp_path / "d.safetensors"))
     fresh = add_lora(tiny_dit(), targets, rank=4, alpha=8, init_seed=5)
-    load_dit_lora(fresh, tmp_path / "d.safetensors")
-    got = dit_lora_state(fresh)
+    load_lora_file(fresh, tmp_path / "d.safetensors", PREFIX)
+    got = lora_file_state(fresh, PREFIX)
     for k in ours:
         torch.testing.assert_close(got[k], ours[k], rtol=1e-6, atol=0)
 
@@ -365,8 +356,8 @@ def test_load_accepts_diffusers_and_peft_spellings(tmp_path) -> None:
     assert any(".default." in k for k in peft_style)
     save_file({k: v.contiguous() for k, v in peft_style.items()}, str(tmp_path / "p.safetensors"))
     fresh = add_lora(tiny_dit(), targets, rank=4, alpha=8, init_seed=5)
-    load_dit_lora(fresh, tmp_path / "p.safetensors")
-    got = dit_lora_state(fresh)
+    load_lora_file(fresh, tmp_path / "p.safetensors", PREFIX)
+    got = lora_file_state(fresh, PREFIX)
     # Such a file has no alpha, so it is read with scale 1 (alpha == rank, the seed trainer's default);
     # under this model's scale 2 the same update needs half the lora_B.
     for k in ours:
@@ -379,24 +370,24 @@ def test_load_accepts_diffusers_and_peft_spellings(tmp_path) -> None:
 def test_load_mismatch_names_file_and_key(tmp_path) -> None:
     trained = add_lora(tiny_dit(), ["to_q", "to_k"], rank=4, init_seed=0)
     path = tmp_path / "lora.safetensors"
-    save_dit_lora(trained, path)
+    save_lora_file(trained, path, PREFIX)
 
     other_targets = add_lora(tiny_dit(), ["to_q"], rank=4)
     with pytest.raises(
         UserError, match=r"lora\.safetensors.*diffusion_model\.transformer_blocks\.0\.attn\.to_k"
     ):
-        load_dit_lora(other_targets, path)
+        load_lora_file(other_targets, path, PREFIX)
 
     more_targets = add_lora(tiny_dit(), ["to_q", "to_k", "to_v"], rank=4)
     with pytest.raises(UserError, match=r"lora\.safetensors.*transformer_blocks\.0\.attn\.to_v"):
-        load_dit_lora(more_targets, path)
+        load_lora_file(more_targets, path, PREFIX)
 
     other_rank = add_lora(tiny_dit(), ["to_q", "to_k"], rank=2)
     with pytest.raises(UserError, match=r"lora\.safetensors.*lora_A\.weight.*--lora_rank"):
-        load_dit_lora(other_rank, path)
+        load_lora_file(other_rank, path, PREFIX)
 
     with pytest.raises(UserError, match="--lora_checkpoint.*not found"):
-        load_dit_lora(other_rank, tmp_path / "missing.safetensors")
+        load_lora_file(other_rank, tmp_path / "missing.safetensors", PREFIX)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ STACK = "model.language_model"
 """Module path of the text stack inside ``Qwen2_5_VLForConditionalGeneration`` (transformers >= 4.52)."""
 
 _LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)(?:\.|$)")
+_NORM = re.compile(r"(?:^|\.)language_model\.norm(?:\.|$)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -186,6 +187,9 @@ class Qwen25VLText:
         match = _LAYER.search(name)
         return int(match.group(1)) if match else None
 
+    def is_final_norm(self, name: str) -> bool:
+        return _NORM.search(name) is not None
+
     def build(
         self,
         folder: str | Path,
@@ -290,4 +294,4 @@ def _mask(kind: str, config: Any, hidden: torch.Tensor, attention_mask: torch.Te
 
 
 ADAPTER = Qwen25VLText()
-"""The registered instance (:data:`diffsplit.planner.layers.ADAPTERS`)."""
+"""The adapter the family declares for its text encoder (``ComponentSpec.layers``)."""

@@ -1,4 +1,4 @@
-"""Offline builders of a random-weight Qwen-Image in the real diffusers repository layout, and example data.
+"""An offline builder of a random-weight Qwen-Image in the real diffusers repository layout.
 
 Nothing here downloads: the tokenizer is trained locally with the ``tokenizers`` library and every model
 is built from a config with random weights. The result is written the way ``Qwen/Qwen-Image`` is laid out
@@ -28,20 +28,14 @@ Two sizes:
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from diffsplit.errors import UserError
-from diffsplit.families.common.tiny_tokenizer import COLOURS as _COLOURS
-from diffsplit.families.common.tiny_tokenizer import SHAPES as _SHAPES
+from diffsplit.families.common.tiny_repo import reshard, staged_repository
 from diffsplit.families.common.tiny_tokenizer import SPECIAL_TOKENS
-from diffsplit.storage.models import QWEN_IMAGE_SCHEDULER_CONFIG
+from diffsplit.families.qwen_image.components import SCHEDULER_CONFIG
 
 SIZES = ("tiny", "proportioned")
 
@@ -174,14 +168,6 @@ def _vae_kwargs(size: str, rng: random.Random) -> dict[str, Any]:
     return {"z_dim": z_dim, **shape, "latents_mean": mean, "latents_std": std}
 
 
-def _reshard(model: Any, directory: Path, pattern: str, shards: int) -> None:
-    """Rewrite ``model``'s weights in ``directory`` as about ``shards`` files plus an index (as the Hub has)."""
-    for old in directory.glob(pattern):
-        old.unlink()
-    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    model.save_pretrained(str(directory), max_shard_size=total // shards + 1, safe_serialization=True)
-
-
 def _add_rope_scaling_spelling(config_path: Path) -> None:
     # transformers 5 writes ``rope_parameters``; transformers 4.x reads ``rope_scaling`` (with
     # ``mrope_section``). Writing both keeps the folder loadable by either.
@@ -206,12 +192,6 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
     Raises:
         UserError: unknown ``size``, or ``output`` exists and is not empty.
     """
-    if size not in SIZES:
-        raise UserError(f"--size: unknown size '{size}' (choose one of: {', '.join(SIZES)})")
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output: '{output}' exists and is not an empty folder; choose a new or empty one")
-
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -221,11 +201,7 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
     )
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and move into place at the end, so an interrupted build leaves no half folder
-    # that would later load as a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_repository(output, size, SIZES) as staging:
         tokenizer = _train_tokenizer(staging / "tokenizer")
         text_config = _text_encoder_config(size, tokenizer)
         with torch.random.fork_rng(devices=[]):
@@ -239,7 +215,7 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
             vae = AutoencoderKLQwenImage(**_vae_kwargs(size, random.Random(seed)))
             torch.manual_seed(seed)
             text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         pipe = QwenImagePipeline(
             scheduler=scheduler,
             vae=vae,
@@ -249,171 +225,7 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
         )
         pipe.save_pretrained(str(staging))
         # The real repository shards the transformer and the text encoder; the VAE stays one file.
-        _reshard(transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", shards=3)
-        _reshard(text_encoder, staging / "text_encoder", "model*.safetensors", shards=2)
+        reshard(transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", shards=3)
+        reshard(text_encoder, staging / "text_encoder", "model*.safetensors", shards=2)
         _add_rope_scaling_spelling(staging / "text_encoder" / "config.json")
-        if output.exists():
-            output.rmdir()  # checked empty above
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
-
-
-# -- example dataset -------------------------------------------------------------------------------------
-
-_EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
-
-
-def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, seed: int = 0) -> Path:
-    """Write ``n`` small PNG images of coloured shapes and ``metadata.csv`` (columns ``image,prompt``).
-
-    Images have varied aspect ratios, the longest side at most ``max_size`` pixels; content and prompts
-    are deterministic given ``seed``, and prompts are distinct. Existing files of the same names are
-    overwritten. Returns ``output``.
-    """
-    from PIL import Image, ImageDraw
-
-    if n < 1:
-        raise UserError(f"--n: need at least one image, got {n}")
-    if max_size < 16:
-        raise UserError(f"--max_size: images need at least 16 px, got {max_size}")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        w, h = _EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)]
-        scale = min(1.0, max_size / max(w, h))
-        w, h = max(16, int(w * scale)), max(16, int(h * scale))
-        # Distinct (background, colour, shape) per index: prompts differ even when n exceeds the lists.
-        bg = _COLOURS[i % len(_COLOURS)]
-        fg = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
-        if fg == bg:
-            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
-        shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
-        image = Image.new("RGB", (w, h), _rgb(bg))
-        draw = ImageDraw.Draw(image)
-        cx, cy = rng.randint(w // 4, 3 * w // 4), rng.randint(h // 4, 3 * h // 4)
-        r = rng.randint(min(w, h) // 6, min(w, h) // 3)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape in ("circle", "ring", "ellipse"):
-            draw.ellipse(
-                box, fill=None if shape == "ring" else _rgb(fg), outline=_rgb(fg), width=max(2, r // 4)
-            )
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_rgb(fg))
-        elif shape == "star":
-            draw.regular_polygon((cx, cy, r), n_sides=5, rotation=rng.randint(0, 71), fill=_rgb(fg))
-        elif shape == "stripe":
-            draw.rectangle((0, cy - r // 3, w, cy + r // 3), fill=_rgb(fg))
-        else:
-            draw.rectangle(
-                box if shape == "square" else (cx - r, cy - r // 2, cx + r, cy + r // 2), fill=_rgb(fg)
-            )
-        name = f"image_{i + 1}.png"
-        image.save(output / name)
-        count = f" number {i + 1}" if n > len(_COLOURS) else ""
-        article = "an" if fg[0] in "aeiou" else "a"
-        rows.append((name, f"{article} {fg} {shape} on a {bg} background{count}"))
-    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(("image", "prompt"))
-        writer.writerows(rows)
-    return output
-
-
-def make_distill_dataset(
-    output: str | Path,
-    model_dir: str | Path,
-    n: int = 4,
-    size: int = 64,
-    num_inference_steps: int = 8,
-    seed: int = 0,
-    *,
-    student_steps: int = 2,
-    true_cfg_scale: float = 4.0,
-) -> Path:
-    """Write ``n`` teacher images made by the model's own ``QwenImagePipeline`` and ``metadata.csv``.
-
-    Row ``i`` (from 0) is ``pipe(prompt_i, num_inference_steps=num_inference_steps, height=size, width=size,
-    generator=torch.Generator("cpu").manual_seed(seed + i))`` with true CFG at ``true_cfg_scale`` against the
-    negative prompt ``" "`` (as Qwen-Image's model card runs it; ``true_cfg_scale <= 1`` turns CFG off): the
-    many-step, guided teacher. The metadata has columns ``image,prompt,seed,num_inference_steps``, where
-    ``num_inference_steps`` is ``student_steps``, the few steps the student will take from the same seed
-    (the student runs without CFG, so no ``cfg_scale`` column: it defaults to 1). Existing files of the same
-    names are overwritten. Runs on CUDA in bf16 when available, else on the CPU in fp32; the noise is drawn
-    on the CPU either way (``rand_device`` cpu). Returns ``output``.
-
-    Args:
-        output: folder for ``image_<k>.png`` (``size x size`` RGB) and ``metadata.csv``.
-        model_dir: a diffusers Qwen-Image repository folder (e.g. one :func:`build_tiny_qwen_image` wrote).
-        n: number of images. size: side in pixels, a multiple of 16.
-        num_inference_steps: the teacher's steps. seed: row ``i`` uses ``seed + i``.
-        student_steps: the ``num_inference_steps`` column.
-
-    Raises:
-        UserError: a bad count, size or step count, or a ``model_dir`` without ``model_index.json``.
-    """
-    if n < 1:
-        raise UserError(f"--n: need at least one image, got {n}")
-    if size < 16 or size % 16:
-        raise UserError(f"--size: Qwen-Image needs a side that is a positive multiple of 16, got {size}")
-    if num_inference_steps < 1 or student_steps < 1:
-        raise UserError(
-            f"--num_inference_steps: need at least one step, got {num_inference_steps} (teacher) and "
-            f"{student_steps} (student)"
-        )
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise UserError(
-            f"--model: '{model_dir}' is not a diffusers Qwen-Image folder (no model_index.json); "
-            "`diffsplit make-tiny qwen-image --output DIR` writes one"
-        )
-
-    import torch
-    from diffusers import QwenImagePipeline
-
-    cuda = torch.cuda.is_available()
-    pipe = QwenImagePipeline.from_pretrained(
-        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32
-    ).to("cuda" if cuda else "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        bg = _COLOURS[i % len(_COLOURS)]
-        fg = _COLOURS[(i * 3 + 1) % len(_COLOURS)]
-        if fg == bg:
-            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
-        shape = _SHAPES[i % len(_SHAPES)]
-        count = f" number {i + 1}" if n > len(_COLOURS) else ""
-        article = "an" if fg[0] in "aeiou" else "a"
-        prompt = f"{article} {fg} {shape} on a {bg} background{count}"
-        guided = true_cfg_scale > 1
-        with torch.no_grad():
-            image = pipe(
-                prompt=prompt,
-                negative_prompt=" " if guided else None,
-                true_cfg_scale=true_cfg_scale if guided else 1.0,
-                num_inference_steps=num_inference_steps,
-                height=size,
-                width=size,
-                generator=torch.Generator("cpu").manual_seed(seed + i),
-            ).images[0]
-        name = f"image_{i + 1}.png"
-        image.save(output / name)
-        rows.append((name, prompt, seed + i, student_steps))
-    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(("image", "prompt", "seed", "num_inference_steps"))
-        writer.writerows(rows)
-    return output
-
-
-def _rgb(name: str) -> tuple[int, int, int]:
-    from PIL import ImageColor
-
-    return ImageColor.getrgb("gray" if name == "grey" else name)[:3]
+    return Path(output)

@@ -28,27 +28,36 @@ Where the VAE's normalisation constants live: ``encode_image`` returns the poste
 *normalised* latent space (``(mean - latents_mean) / latents_std`` and ``std / latents_std``), so every unit
 after it is a pure function of its inputs and stage 2 never needs the VAE or its config, whatever the
 latent sampling mode. The only configuration stage 2 needs is the scheduler's; the stochastic unit reads it
-from the ``scheduler`` component, which stage 2 can build from :meth:`QwenImageFamily.constants`
-(``scheduler_from_constants``) without the model repository.
+from the ``scheduler`` component, which stage 2 builds from the family's constants
+(:func:`~diffsplit.families.common.flow_match.scheduler_from_constants`) without the model repository.
+
+The flow-matching pieces every such family shares (schedule, noise draw, interpolation, velocity target)
+are :mod:`diffsplit.families.common.flow_match`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffsplit.families.base import UnitContext
+from diffsplit.families.common.flow_match import (
+    draw_timestep_noise,
+    image_size,
+    noisy_latents,
+    posterior_sample,
+    resize_images,
+    scheduler_constants,
+)
 from diffsplit.planner.graph import Unit
+from diffsplit.storage.data import SizePolicy
 
-DEFAULT_MAX_PIXELS = 1024 * 1024
-"""Pixel budget of dynamic resolution when neither ``--max_pixels`` nor ``--height/--width`` is given."""
-
-TIMESTEP_WEIGHTINGS = ("bell", "none")
-"""``options.timestep_weighting`` values; see :func:`timestep_schedule`."""
+SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
+"""Sides are multiples of 16 (the VAE downsamples by 8, the DiT packs 2x2 latent patches); 1024*1024 pixels
+when neither ``--max_pixels`` nor ``--height/--width`` is given."""
 
 
 # -- diffusers' own definitions -------------------------------------------------------------------------
@@ -86,105 +95,12 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return QwenImagePipeline._pack_latents(latents.contiguous(), b, z, h, w)
 
 
-def _scheduler_config(scheduler: Any) -> dict[str, Any]:
-    """The config dict of a scheduler object, or the dict itself (stage 2 may hand over a plain config)."""
-    config = scheduler if isinstance(scheduler, Mapping) else scheduler.config
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def scheduler_from_constants(constants: Mapping[str, Any]) -> Any:
-    """A ``FlowMatchEulerDiscreteScheduler`` rebuilt from :meth:`QwenImageFamily.constants` (stage 2)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(constants["scheduler_config"])
-
-
-@functools.lru_cache(maxsize=64)
-def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[torch.Tensor, ...]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-    config = json.loads(config_json)
-    # A private scheduler: set_timesteps mutates its object, and the loaded component may be shared.
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    steps = int(scheduler.config.num_train_timesteps)
-    kwargs: dict[str, Any] = {}
-    if scheduler.config.use_dynamic_shifting:
-        # The resolution-dependent shift QwenImagePipeline.__call__ applies, same defaults.
-        kwargs["mu"] = calculate_shift(
-            image_seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-    scheduler.set_timesteps(steps, **kwargs)
-    sigmas = scheduler.sigmas[:-1].clone()  # drop the terminal 0 the scheduler appends
-    timesteps = scheduler.timesteps.clone()
-    if weighting == "bell":
-        # DiffSynth-Studio's FlowMatchScheduler.set_training_weight: a Gaussian bump over the timestep
-        # value, centred on the middle of the range, shifted to 0 at its minimum and scaled to mean 1.
-        y = torch.exp(-2 * ((timesteps - steps / 2) / steps) ** 2)
-        y = y - y.min()
-        weights = y * (len(y) / y.sum())
-    elif weighting == "none":
-        weights = torch.ones_like(sigmas)
-    else:
-        raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
-    return sigmas, timesteps, weights
-
-
-def timestep_schedule(
-    scheduler: Any, image_seq_len: int, weighting: str = "bell"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training schedule for an image of ``image_seq_len`` packed tokens.
-
-    Qwen-Image training samples a *uniform index* into the scheduler's shifted ``num_train_timesteps``-step
-    schedule (DiffSynth-Studio, the seed's framework, does this; diffusers' example scripts instead sample
-    a density over unshifted timesteps). We build the schedule with diffusers' own scheduler and the
-    dynamic shift ``mu = calculate_shift(image_seq_len, ...)`` that ``QwenImagePipeline`` uses at this
-    resolution, so training covers the noise levels inference visits. ``weighting="bell"`` reproduces
-    DiffSynth-Studio's per-timestep loss weight (mean 1 over the schedule); ``"none"`` weights all 1.
-
-    Args:
-        scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict.
-        image_seq_len: ``N``, packed image tokens, ``(H/16)*(W/16)``.
-        weighting: ``"bell"`` or ``"none"``.
-
-    Returns:
-        ``(sigmas, timesteps, weights)``, each ``[num_train_timesteps]`` float32 on the CPU, sigmas from
-        ~1 down; ``timesteps = sigmas * num_train_timesteps``.
-    """
-    config_json = json.dumps(_scheduler_config(scheduler), sort_keys=True)
-    return _schedule(config_json, int(image_seq_len), weighting)
-
-
 # -- unit functions -------------------------------------------------------------------------------------
 def resize_image(ctx: UnitContext, image: Any) -> dict[str, Any]:
-    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1].
-
-    The size policy (``--max_pixels`` dynamic resolution, never upscaling; ``--height/--width`` fixed;
-    sides multiples of 16) is :func:`diffsplit.storage.data.target_size`; 1024*1024 pixels when nothing is given.
-    """
-    from diffsplit.storage.data import image_to_tensor, resize_and_crop, target_size
-
-    options = ctx.options
-    fixed_height = getattr(options, "height", None)
-    fixed_width = getattr(options, "width", None)
-    max_pixels = getattr(options, "max_pixels", None)
-    if max_pixels is None and fixed_height is None and fixed_width is None:
-        max_pixels = DEFAULT_MAX_PIXELS
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    tensors = []
-    for img in images:
-        w, h = target_size(img.width, img.height, max_pixels, fixed_height, fixed_width)
-        t = image_to_tensor(resize_and_crop(img, w, h))
-        tensors.append(t if t.dim() == 4 else t.unsqueeze(0))
-    if len({tuple(t.shape) for t in tensors}) != 1:
-        raise ValueError(
-            f"resize_image: a batch needs one size, got {[tuple(t.shape[-2:]) for t in tensors]}"
-        )
-    return {"pixels": torch.cat(tensors).to(torch.float32)}
+    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1], at the
+    size :data:`SIZE_POLICY` and ``--max_pixels`` / ``--height/--width`` give (see
+    :func:`~diffsplit.families.common.flow_match.resize_images`)."""
+    return {"pixels": resize_images(ctx, image, SIZE_POLICY)}
 
 
 def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,18 +138,9 @@ def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, tor
 def sample_posterior(
     ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """``--latent_sample sample``: ``latents`` = packed ``mean + std * eps``, ``eps ~ N(0, I)``, ``[B, N, 4z]``.
-
-    The same formula as ``DiagonalGaussianDistribution.sample``, applied in normalised space (an affine
-    map of a Gaussian). ``eps`` is drawn in float32 from the keyed generator so the draw does not depend on
-    the compute dtype, then cast.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    eps = randn_tensor(
-        latent_mean.shape, generator=ctx.generator, device=latent_mean.device, dtype=torch.float32
-    )
-    return {"latents": pack_latents(latent_mean + latent_std * eps.to(latent_mean.dtype))}
+    """``--latent_sample sample``: ``latents`` = packed ``mean + std * eps``, ``eps ~ N(0, I)``, ``[B, N, 4z]``
+    (:func:`~diffsplit.families.common.flow_match.posterior_sample`)."""
+    return {"latents": pack_latents(posterior_sample(ctx, latent_mean, latent_std))}
 
 
 def image_shapes(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, Any]:
@@ -375,44 +282,9 @@ def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
 
 
 def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Draw a timestep per sample and the noise, from the keyed generator.
-
-    Index first, then noise, always in this order (the draw is a function of the generator's key only).
-    See :func:`timestep_schedule` for the schedule and weighting.
-
-    Returns:
-        ``noise`` like ``latents`` ``[B, N, 4z]``; ``sigma`` ``[B]`` float32 in (0, 1]; ``timestep`` ``[B]``
-        float32, ``sigma * num_train_timesteps`` (what the pipeline's loop holds; the DiT gets it / 1000);
-        ``loss_weight`` ``[B]`` float32.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    weighting = getattr(ctx.options, "timestep_weighting", None) or "bell"
-    sigmas, timesteps, weights = timestep_schedule(ctx.components["scheduler"], latents.shape[1], weighting)
-    generator = ctx.generator
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    index = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator, device=gen_device).cpu()
-    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
-    return {
-        "noise": noise.to(latents.dtype),
-        "sigma": sigmas[index].to(latents.device),
-        "timestep": timesteps[index].to(latents.device),
-        "loss_weight": weights[index].to(latents.device),
-    }
-
-
-def noisy_latents(
-    ctx: UnitContext, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Rectified-flow interpolation and its velocity target, ``[B, N, 4z]``.
-
-    ``noisy_latents = (1 - sigma) * latents + sigma * noise`` (``FlowMatchEulerDiscreteScheduler.scale_noise``)
-    in the latents' dtype, the DiT's input; ``target = noise - latents`` in float32: the velocity the
-    Euler step ``x += (sigma_next - sigma) * pred`` integrates, so the DiT learns what the pipeline applies.
-    """
-    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
-    x0, x1 = latents.float(), noise.float()
-    return {"noisy_latents": ((1 - s) * x0 + s * x1).to(latents.dtype), "target": x1 - x0}
+    """A timestep per sample and the noise (:func:`~diffsplit.families.common.flow_match.draw_timestep_noise`)
+    for packed ``latents [B, N, 4z]``: the schedule's dynamic shift is for ``N`` image tokens."""
+    return draw_timestep_noise(ctx, latents, latents.shape[1])
 
 
 def denoise(
@@ -449,8 +321,15 @@ def denoise(
     return {"pred": pred}
 
 
-# -- the family -----------------------------------------------------------------------------------------
-# Units shared by every Qwen-Image task (SFT here, direct distillation in qwen_image_distill.py).
+# -- the graph ------------------------------------------------------------------------------------------
+# Units shared by every Qwen-Image task (SFT here, direct distillation in distill.py).
+RESIZE_IMAGE = Unit(
+    name="resize_image",
+    inputs=("image",),
+    outputs=("pixels",),
+    options=("max_pixels", "height", "width"),
+    fn=resize_image,
+)
 ENCODE_IMAGE = Unit(
     name="encode_image",
     inputs=("pixels",),
@@ -476,109 +355,78 @@ ENCODE_PROMPT = Unit(
 )
 
 
-class QwenImageFamily:
-    """Qwen-Image (diffusers ``QwenImageTransformer2DModel``, ``AutoencoderKLQwenImage``, Qwen2.5-VL text
-    encoder, Qwen2 tokenizer, ``FlowMatchEulerDiscreteScheduler``) as units for ``--task sft``.
-
-    Options read (attributes, all optional): ``latent_sample`` ("mode" default | "sample"), ``max_pixels``,
-    ``height``, ``width``, ``timestep_weighting`` ("bell" default | "none").
-    """
-
-    name = "qwen-image"
-    components = ("tokenizer", "text_encoder", "vae", "dit", "scheduler")
-    dataset_values = ("image", "prompt")
-
-    def batch_key(self, values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
-        """Samples with equal keys can share a stage-1 batch without changing any cached value.
-
-        The image's target size (so pixels stack) and the templated prompt's token count (so no prompt is
-        padded: padding would change the cached embeddings' shapes).
-        """
-        from diffsplit.storage.data import target_size
-
-        image = values["image"]
-        max_pixels = getattr(options, "max_pixels", None)
-        height, width = getattr(options, "height", None), getattr(options, "width", None)
-        if max_pixels is None and height is None:
-            max_pixels = DEFAULT_MAX_PIXELS
-        size = target_size(image.width, image.height, max_pixels, height, width)
-        template, drop_idx, max_length = prompt_template()
-        ids = components["tokenizer"](
-            template.format(values["prompt"]), max_length=max_length + drop_idx, truncation=True
+def sft_units(options: Any) -> list[Unit]:
+    """The units of one SFT step, in execution order (see the module docstring); ``options.latent_sample``
+    chooses how latents come from the posterior."""
+    if options.latent_sample == "mode":
+        latents = Unit(name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=posterior_mode)
+    else:
+        latents = Unit(
+            name="sample_posterior",
+            inputs=("latent_mean", "latent_std"),
+            outputs=("latents",),
+            stochastic=True,
+            fn=sample_posterior,
         )
-        return (size, len(ids["input_ids"]))
-
-    def units(self, options: Any) -> list[Unit]:
-        """The units of one SFT step, in execution order (see the module docstring)."""
-        latent_sample = getattr(options, "latent_sample", None) or "mode"
-        if latent_sample == "mode":
-            latents = Unit(
-                name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=posterior_mode
-            )
-        elif latent_sample == "sample":
-            latents = Unit(
-                name="sample_posterior",
-                inputs=("latent_mean", "latent_std"),
-                outputs=("latents",),
-                stochastic=True,
-                fn=sample_posterior,
-            )
-        else:
-            raise ValueError(f"latent_sample must be 'mode' or 'sample', got {latent_sample!r}")
-        weighting = getattr(options, "timestep_weighting", None) or "bell"
-        if weighting not in TIMESTEP_WEIGHTINGS:
-            raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
-        return [
-            Unit(name="resize_image", inputs=("image",), outputs=("pixels",), fn=resize_image),
-            ENCODE_IMAGE,
-            latents,
-            IMAGE_SHAPES,
-            TOKENIZE,
-            ENCODE_PROMPT,
-            Unit(
-                name="timestep_noise",
-                inputs=("latents",),
-                outputs=("noise", "sigma", "timestep", "loss_weight"),
-                models=("scheduler",),
-                stochastic=True,
-                fn=timestep_noise,
-            ),
-            Unit(
-                name="noisy_latents",
-                inputs=("latents", "noise", "sigma"),
-                outputs=("noisy_latents", "target"),
-                fn=noisy_latents,
-            ),
-            Unit(
-                name="denoise",
-                inputs=("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask", "img_shapes"),
-                outputs=("pred",),
-                models=("dit",),
-                fn=denoise,
-            ),
-        ]
-
-    def loss_reads(self, options: Any) -> tuple[str, ...]:
-        """``pred``, ``target`` and ``loss_weight`` (see :func:`diffsplit.tasks.sft.flow_matching_loss`)."""
-        return ("pred", "target", "loss_weight")
-
-    def constants(self, components: Mapping[str, Any]) -> dict[str, Any]:
-        """JSON-able facts of the frozen components, for stage 2 and for the cache fingerprint.
-
-        ``latents_mean``/``latents_std``/``z_dim``/``vae_scale_factor`` describe the latent space the cache
-        holds (the units already applied them); ``scheduler_config`` is what ``timestep_noise`` needs
-        (:func:`scheduler_from_constants` rebuilds the scheduler from it).
-        """
-        vae = components["vae"]
-        return {
-            "latents_mean": [float(v) for v in vae.config.latents_mean],
-            "latents_std": [float(v) for v in vae.config.latents_std],
-            "z_dim": int(vae.config.z_dim),
-            # As QwenImagePipeline computes it: one 2x spatial downsample per temporal-downsample entry.
-            "vae_scale_factor": 2 ** len(vae.temperal_downsample),
-            "scheduler_config": json.loads(json.dumps(_scheduler_config(components["scheduler"]))),
-        }
+    return [
+        RESIZE_IMAGE,
+        ENCODE_IMAGE,
+        latents,
+        IMAGE_SHAPES,
+        TOKENIZE,
+        ENCODE_PROMPT,
+        Unit(
+            name="timestep_noise",
+            inputs=("latents",),
+            outputs=("noise", "sigma", "timestep", "loss_weight"),
+            models=("scheduler",),
+            stochastic=True,
+            options=("timestep_weighting",),
+            fn=timestep_noise,
+        ),
+        Unit(
+            name="noisy_latents",
+            inputs=("latents", "noise", "sigma"),
+            outputs=("noisy_latents", "target"),
+            fn=noisy_latents,
+        ),
+        Unit(
+            name="denoise",
+            inputs=("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask", "img_shapes"),
+            outputs=("pred",),
+            models=("dit",),
+            fn=denoise,
+        ),
+    ]
 
 
-FAMILY = QwenImageFamily()
-"""The registered instance (``diffsplit.families`` maps ``"qwen-image"`` to it)."""
+def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
+    """Samples with equal keys can share a stage-1 batch without changing any cached value.
+
+    The image's target size (so pixels stack) and the templated prompt's token count (so no prompt is
+    padded: padding would change the cached embeddings' shapes).
+    """
+    size = image_size(values["image"], options, SIZE_POLICY)
+    template, drop_idx, max_length = prompt_template()
+    ids = components["tokenizer"](
+        template.format(values["prompt"]), max_length=max_length + drop_idx, truncation=True
+    )
+    return (size, len(ids["input_ids"]))
+
+
+def constants(components: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able facts of the frozen components, for stage 2 and for the cache fingerprint.
+
+    ``latents_mean``/``latents_std``/``z_dim``/``vae_scale_factor`` describe the latent space the cache
+    holds (the units already applied them); ``scheduler_config`` is what ``timestep_noise`` needs (stage 2
+    rebuilds the scheduler from it).
+    """
+    vae = components["vae"]
+    return {
+        "latents_mean": [float(v) for v in vae.config.latents_mean],
+        "latents_std": [float(v) for v in vae.config.latents_std],
+        "z_dim": int(vae.config.z_dim),
+        # As QwenImagePipeline computes it: one 2x spatial downsample per temporal-downsample entry.
+        "vae_scale_factor": 2 ** len(vae.temperal_downsample),
+        **scheduler_constants(components["scheduler"]),
+    }

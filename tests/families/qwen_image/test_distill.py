@@ -10,24 +10,21 @@ import copy
 import csv
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 from diffsplit.errors import UserError
-from diffsplit.families.base import UnitContext
-from diffsplit.families.qwen_image.distill import (
-    FAMILY,
-    inference_timesteps,
-    initial_noise,
-    resolve_distill_values,
-    student_rollout,
-)
+from diffsplit.families.base import UnitContext, unit_context
+from diffsplit.families.common.options import ImageOptions
+from diffsplit.families.qwen_image import FAMILY
+from diffsplit.families.qwen_image.distill import inference_timesteps, initial_noise, student_rollout
 from diffsplit.planner.graph import UnitGraph
 from diffsplit.storage.data import Sample
-from diffsplit.tasks.direct_distill import distill_loss
+from diffsplit.tasks.direct_distill import distill_loss, resolve_distill_values
+
+DISTILL = FAMILY.tasks["direct_distill"]
 
 SIZE = 64
 PROMPT = "a red circle on a blue background"
@@ -68,8 +65,8 @@ def _components(pipe, dit=None) -> dict:
     }
 
 
-def _options(**kw) -> SimpleNamespace:
-    return SimpleNamespace(**{"max_pixels": None, "height": None, "width": None, **kw})
+def _options(**kw) -> ImageOptions:
+    return ImageOptions(**kw)
 
 
 def _values(image_path: Path, seed: int = 5, steps: int = 2) -> dict:
@@ -84,12 +81,13 @@ def _values(image_path: Path, seed: int = 5, steps: int = 2) -> dict:
 
 
 def _graph(options=None) -> UnitGraph:
-    return UnitGraph(FAMILY.units(options or _options()), FAMILY.dataset_values, FAMILY.components)
+    return UnitGraph(DISTILL.units(options or _options()), DISTILL.dataset_values, FAMILY.component_names)
 
 
 def _run(pipe, graph: UnitGraph, units, env: dict, dit=None, options=None) -> dict:
-    ctx = UnitContext(components=_components(pipe, dit), options=options or _options())
-    return graph.run(units, env, lambda unit: ctx)
+    components, options = _components(pipe, dit), options or _options()
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    return graph.run(units, env, lambda unit: unit_context(unit, components, options, None, cpu, fp32))
 
 
 def _unsplit(pipe, image_path: Path, dit=None, **values) -> dict:
@@ -272,12 +270,12 @@ def test_split_regenerates_or_caches_the_same_noise(pipe, image_path, with_sizes
 
     def plan(sizes=None):
         return plan_split(
-            FAMILY.units(options),
-            dataset_values=FAMILY.dataset_values,
+            DISTILL.units(options),
+            dataset_values=DISTILL.dataset_values,
             trainable_models={"dit"},
-            stage2_reads=FAMILY.loss_reads(options),
+            stage2_reads=DISTILL.loss_reads,
             value_bytes=sizes,
-            components=FAMILY.components,
+            components=FAMILY.component_names,
         )
 
     split = plan()
@@ -320,7 +318,7 @@ def test_split_regenerates_or_caches_the_same_noise(pipe, image_path, with_sizes
 
 def test_options_and_sizes_the_units_refuse(pipe, image_path):
     with pytest.raises(ValueError, match="latent_sample must be 'mode'"):
-        FAMILY.units(_options(latent_sample="sample"))
+        DISTILL.units(_options(latent_sample="sample"))
     graph = _graph(_options(max_pixels=32 * 32))
     env = {graph.dataset_key(k): v for k, v in _values(image_path).items()}
     with pytest.raises(UserError, match=r"64x64 teacher image would be resized to 32x32.*--max_pixels"):
@@ -415,7 +413,7 @@ def test_resolve_errors_name_the_row_and_column(row, steps_flag, cfg_flag, messa
 
 # -- (f) the example dataset -----------------------------------------------------------------------------
 def test_make_distill_dataset_writes_teacher_images_and_metadata(model_dir, tmp_path):
-    from diffsplit.families.qwen_image.tiny import make_distill_dataset
+    from diffsplit.example_data import make_distill_dataset
 
     out = make_distill_dataset(tmp_path / "distill", model_dir, n=2, size=32, num_inference_steps=3, seed=10)
     with open(out / "metadata.csv", newline="", encoding="utf-8") as f:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +17,6 @@ from diffsplit.families.qwen_image.tiny import (
     _transformer_kwargs,
     _vae_kwargs,
     build_tiny_qwen_image,
-    make_example_dataset,
 )
 
 
@@ -162,25 +160,3 @@ def test_proportioned_configs(tiny: Path) -> None:
     assert (dit["num_layers"], dit["attention_head_dim"] * dit["num_attention_heads"]) == (4, 512)
     assert dit["axes_dims_rope"] == (16, 56, 56) and dit["in_channels"] == 4 * vae["z_dim"] == 64
     assert (vae["base_dim"], len(vae["temperal_downsample"])) == (4, 3)  # 2**3 = 8x downscale
-
-
-def test_example_dataset(tmp_path: Path) -> None:
-    from PIL import Image
-
-    root = make_example_dataset(tmp_path / "data", seed=0)
-    with open(root / "metadata.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and list(rows[0]) == ["image", "prompt"]
-    assert len({r["prompt"] for r in rows}) == 4
-    sizes = set()
-    for row in rows:
-        with Image.open(root / row["image"]) as image:
-            assert max(image.size) <= 128 and image.mode == "RGB"
-            sizes.add(image.size)
-    assert len(sizes) >= 3  # varied aspect ratios
-    again = make_example_dataset(tmp_path / "again", seed=0)
-    assert _digests(again) == _digests(root)
-    many = make_example_dataset(tmp_path / "many", n=30, max_size=64)
-    with open(many / "metadata.csv", newline="") as f:
-        prompts = [r["prompt"] for r in csv.DictReader(f)]
-    assert len(set(prompts)) == 30

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsplit.families.base import UnitContext
+from diffsplit.families.base import UnitContext, unit_context
+from diffsplit.families.common.flow_match import scheduler_from_constants, timestep_schedule
+from diffsplit.families.common.options import ImageOptions
+from diffsplit.families.qwen_image import FAMILY
 from diffsplit.families.qwen_image.units import (
-    FAMILY,
-    QwenImageFamily,
     encode_image,
     encode_prompt,
     noisy_latents,
@@ -23,9 +24,7 @@ from diffsplit.families.qwen_image.units import (
     prompt_template,
     resize_image,
     sample_posterior,
-    scheduler_from_constants,
     timestep_noise,
-    timestep_schedule,
     tokenize,
 )
 from diffsplit.planner.graph import UnitGraph
@@ -55,10 +54,11 @@ def _components(pipe) -> dict:
     }
 
 
-def _options(**kw) -> SimpleNamespace:
-    base = {"latent_sample": "mode", "max_pixels": None, "height": None, "width": None}
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _options(**kw) -> ImageOptions:
+    return ImageOptions(**kw)
+
+
+SFT = FAMILY.tasks["sft"]
 
 
 def _ctx(pipe, options=None, generator=None) -> UnitContext:
@@ -141,12 +141,12 @@ def test_mode_latents_equal_pipeline_image_latents(pipe):
 
 # -- (c) the whole step ----------------------------------------------------------------------------------
 def _run_graph(pipe, options, seed: int = 0, sample: str = "s0"):
-    units = FAMILY.units(options)
-    graph = UnitGraph(units, FAMILY.dataset_values, FAMILY.components)
+    units = SFT.units(options)
+    graph = UnitGraph(units, SFT.dataset_values, FAMILY.component_names)
 
     def context(unit):
         generator = keyed_generator(seed, 0, sample, unit.name) if unit.stochastic else None
-        return UnitContext(components=_components(pipe), options=options, generator=generator)
+        return unit_context(unit, _components(pipe), options, generator, torch.device("cpu"), torch.float32)
 
     env = {"image": _image(64, 48), "prompt": "a red circle"}
     return graph, graph.run([u.name for u in units], env, context)
@@ -158,7 +158,7 @@ def test_full_graph_trains_the_dit(pipe, latent_sample):
     dit = pipe.transformer
     dit.zero_grad(set_to_none=True)
     graph, env = _run_graph(pipe, options)
-    reads = FAMILY.loss_reads(options)
+    reads = SFT.loss_reads
     for name in reads:
         assert graph.key(graph.final(name)) in env
     loss = flow_matching_loss(env["pred"], env["target"], env["loss_weight"])
@@ -199,23 +199,23 @@ def test_plan_for_dit_lora_caches_only_encoded_values():
     ):
         options = _options(latent_sample=latent_sample)
         plan = plan_split(
-            FAMILY.units(options),
-            dataset_values=FAMILY.dataset_values,
+            SFT.units(options),
+            dataset_values=SFT.dataset_values,
             trainable_models={"dit"},
-            stage2_reads=FAMILY.loss_reads(options),
-            components=FAMILY.components,
+            stage2_reads=SFT.loss_reads,
+            components=FAMILY.component_names,
         )
         assert set(plan.cached) == expected
         assert {"vae", "text_encoder", "tokenizer"}.isdisjoint(
-            m for name in plan.stage2 for m in next(u for u in FAMILY.units(options) if u.name == name).models
+            m for name in plan.stage2 for m in next(u for u in SFT.units(options) if u.name == name).models
         )
 
 
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="latent_sample"):
-        QwenImageFamily().units(_options(latent_sample="median"))
+        _options(latent_sample="median")
     with pytest.raises(ValueError, match="timestep_weighting"):
-        QwenImageFamily().units(_options(timestep_weighting="cosine"))
+        _options(timestep_weighting="cosine")
 
 
 # -- (d) posterior sampling ------------------------------------------------------------------------------

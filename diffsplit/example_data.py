@@ -1,0 +1,169 @@
+"""Example datasets for the demo, the tests and a first run: images of coloured shapes with their prompts,
+and teacher images for direct distillation drawn by a model's own diffusers pipeline.
+
+Nothing here downloads; ``make-example-dataset`` writes these.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from diffsplit.errors import UserError
+from diffsplit.families import family_of_repository
+from diffsplit.families.common.tiny_tokenizer import COLOURS as _COLOURS
+from diffsplit.families.common.tiny_tokenizer import SHAPES as _SHAPES
+
+_EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
+
+
+def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, seed: int = 0) -> Path:
+    """Write ``n`` small PNG images of coloured shapes and ``metadata.csv`` (columns ``image,prompt``).
+
+    Images have varied aspect ratios, the longest side at most ``max_size`` pixels; content and prompts
+    are deterministic given ``seed``, and prompts are distinct. Existing files of the same names are
+    overwritten. Returns ``output``.
+    """
+    from PIL import Image, ImageDraw
+
+    if n < 1:
+        raise UserError(f"--n: need at least one image, got {n}")
+    if max_size < 16:
+        raise UserError(f"--max_size: images need at least 16 px, got {max_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        w, h = _EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)]
+        scale = min(1.0, max_size / max(w, h))
+        w, h = max(16, int(w * scale)), max(16, int(h * scale))
+        # Distinct (background, colour, shape) per index: prompts differ even when n exceeds the lists.
+        bg = _COLOURS[i % len(_COLOURS)]
+        fg = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
+        if fg == bg:
+            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
+        shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
+        image = Image.new("RGB", (w, h), _rgb(bg))
+        draw = ImageDraw.Draw(image)
+        cx, cy = rng.randint(w // 4, 3 * w // 4), rng.randint(h // 4, 3 * h // 4)
+        r = rng.randint(min(w, h) // 6, min(w, h) // 3)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape in ("circle", "ring", "ellipse"):
+            draw.ellipse(
+                box, fill=None if shape == "ring" else _rgb(fg), outline=_rgb(fg), width=max(2, r // 4)
+            )
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_rgb(fg))
+        elif shape == "star":
+            draw.regular_polygon((cx, cy, r), n_sides=5, rotation=rng.randint(0, 71), fill=_rgb(fg))
+        elif shape == "stripe":
+            draw.rectangle((0, cy - r // 3, w, cy + r // 3), fill=_rgb(fg))
+        else:
+            draw.rectangle(
+                box if shape == "square" else (cx - r, cy - r // 2, cx + r, cy + r // 2), fill=_rgb(fg)
+            )
+        name = f"image_{i + 1}.png"
+        image.save(output / name)
+        count = f" number {i + 1}" if n > len(_COLOURS) else ""
+        article = "an" if fg[0] in "aeiou" else "a"
+        rows.append((name, f"{article} {fg} {shape} on a {bg} background{count}"))
+    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "prompt"))
+        writer.writerows(rows)
+    return output
+
+
+def make_distill_dataset(
+    output: str | Path,
+    model_dir: str | Path,
+    n: int = 4,
+    size: int = 64,
+    num_inference_steps: int = 8,
+    seed: int = 0,
+    *,
+    student_steps: int = 2,
+    guided: bool = True,
+) -> Path:
+    """Write ``n`` teacher images made by the model's own diffusers pipeline and ``metadata.csv``.
+
+    Row ``i`` (from 0) is ``pipe(prompt_i, num_inference_steps=num_inference_steps, height=size, width=size,
+    generator=torch.Generator("cpu").manual_seed(seed + i), **teacher_kwargs)`` where ``teacher_kwargs`` is the
+    guidance the model's family runs its teacher with (``Family.example.teacher_kwargs``; none when
+    ``guided`` is False): the many-step, guided teacher. The metadata has columns
+    ``image,prompt,seed,num_inference_steps``, where
+    ``num_inference_steps`` is ``student_steps``, the few steps the student will take from the same seed
+    (the student runs without CFG, so no ``cfg_scale`` column: it defaults to 1). Existing files of the same
+    names are overwritten. Runs on CUDA in bf16 when available, else on the CPU in fp32; the noise is drawn
+    on the CPU either way (``rand_device`` cpu). Returns ``output``.
+
+    Args:
+        output: folder for ``image_<k>.png`` (``size x size`` RGB) and ``metadata.csv``.
+        model_dir: a diffusers repository folder of a registered family (e.g. one ``make-tiny`` wrote).
+        n: number of images. size: side in pixels, a multiple of the family's size multiple.
+        num_inference_steps: the teacher's steps. seed: row ``i`` uses ``seed + i``.
+        student_steps: the ``num_inference_steps`` column.
+
+    Raises:
+        UserError: a bad count, size or step count, or a ``model_dir`` without ``model_index.json``.
+    """
+    if n < 1:
+        raise UserError(f"--n: need at least one image, got {n}")
+    if num_inference_steps < 1 or student_steps < 1:
+        raise UserError(
+            f"--num_inference_steps: need at least one step, got {num_inference_steps} (teacher) and "
+            f"{student_steps} (student)"
+        )
+    model_dir = Path(model_dir)
+    family = family_of_repository(model_dir)
+    multiple = family.size_policy.multiple
+    if size < multiple or size % multiple:
+        raise UserError(
+            f"--size: {family.name} needs a side that is a positive multiple of {multiple}, got {size}"
+        )
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = DiffusionPipeline.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32
+    ).to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        bg = _COLOURS[i % len(_COLOURS)]
+        fg = _COLOURS[(i * 3 + 1) % len(_COLOURS)]
+        if fg == bg:
+            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
+        shape = _SHAPES[i % len(_SHAPES)]
+        count = f" number {i + 1}" if n > len(_COLOURS) else ""
+        article = "an" if fg[0] in "aeiou" else "a"
+        prompt = f"{article} {fg} {shape} on a {bg} background{count}"
+        with torch.no_grad():
+            image = pipe(
+                prompt=prompt,
+                num_inference_steps=num_inference_steps,
+                height=size,
+                width=size,
+                generator=torch.Generator("cpu").manual_seed(seed + i),
+                **(dict(family.example.teacher_kwargs) if guided else {}),
+            ).images[0]
+        name = f"image_{i + 1}.png"
+        image.save(output / name)
+        rows.append((name, prompt, seed + i, student_steps))
+    with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "prompt", "seed", "num_inference_steps"))
+        writer.writerows(rows)
+    return output
+
+
+def _rgb(name: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    return ImageColor.getrgb("gray" if name == "grey" else name)[:3]

@@ -1,0 +1,213 @@
+"""Flow matching as the families that train with diffusers' ``FlowMatchEulerDiscreteScheduler`` share it:
+the training schedule and its loss weight, the scheduler's config as a cache constant, the noise draw, the
+interpolation and its velocity target, and the image-side units around a VAE posterior.
+
+Conventions (every family here): ``sigma`` in (0, 1] is the noise level, ``x_sigma = (1 - sigma) * x0 +
+sigma * noise`` (``FlowMatchEulerDiscreteScheduler.scale_noise``), and ``pred`` is the velocity
+``noise - x0`` that the scheduler's Euler step ``x += (sigma_next - sigma) * pred`` integrates. A family whose
+denoiser predicts another quantity converts in its ``denoise`` unit, so the loss is the same for all.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from diffsplit.families.base import UnitContext
+from diffsplit.storage.data import SizePolicy, image_to_tensor, resize_and_crop, target_size
+
+TIMESTEP_WEIGHTINGS = ("bell", "none")
+"""``--timestep_weighting`` values; see :func:`timestep_schedule`."""
+
+
+# -- the scheduler ------------------------------------------------------------------------------------------
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """The config dict of a scheduler object, or the dict itself, without diffusers' private keys."""
+    config = scheduler if isinstance(scheduler, Mapping) else scheduler.config
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def scheduler_constants(scheduler: Any) -> dict[str, Any]:
+    """``{"scheduler_config": ...}``: JSON-able, for the cache's constants (what stage 2 rebuilds from)."""
+    return {"scheduler_config": json.loads(json.dumps(scheduler_config(scheduler)))}
+
+
+def scheduler_from_constants(constants: Mapping[str, Any]) -> Any:
+    """A ``FlowMatchEulerDiscreteScheduler`` rebuilt from :func:`scheduler_constants` (stage 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(constants["scheduler_config"])
+
+
+def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
+    """``mu`` as diffusers' flow-matching pipelines compute it (``calculate_shift``, their defaults)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[torch.Tensor, ...]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = json.loads(config_json)
+    # A private scheduler: set_timesteps mutates its object, and the loaded component may be shared.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    steps = int(scheduler.config.num_train_timesteps)
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.use_dynamic_shifting:
+        # The resolution-dependent shift the pipelines apply at inference, same defaults.
+        kwargs["mu"] = dynamic_shift(scheduler.config, image_seq_len)
+    scheduler.set_timesteps(steps, **kwargs)
+    sigmas = scheduler.sigmas[:-1].clone()  # drop the terminal 0 the scheduler appends
+    timesteps = scheduler.timesteps.clone()
+    if weighting == "bell":
+        # DiffSynth-Studio's FlowMatchScheduler.set_training_weight: a Gaussian bump over the timestep
+        # value, centred on the middle of the range, shifted to 0 at its minimum and scaled to mean 1.
+        y = torch.exp(-2 * ((timesteps - steps / 2) / steps) ** 2)
+        y = y - y.min()
+        weights = y * (len(y) / y.sum())
+    elif weighting == "none":
+        weights = torch.ones_like(sigmas)
+    else:
+        raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
+    return sigmas, timesteps, weights
+
+
+def timestep_schedule(
+    scheduler: Any, image_seq_len: int, weighting: str = "bell"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training schedule for an image of ``image_seq_len`` latent tokens.
+
+    Training samples a *uniform index* into the scheduler's shifted ``num_train_timesteps``-step schedule
+    (DiffSynth-Studio, the seed's framework, does this; diffusers' example scripts instead sample a density
+    over unshifted timesteps). The schedule is diffusers' own scheduler's, with the dynamic shift
+    ``mu = calculate_shift(image_seq_len, ...)`` the pipelines use at this resolution when the config asks
+    for one (a static ``shift`` otherwise), so training covers the noise levels inference visits.
+    ``weighting="bell"`` reproduces DiffSynth-Studio's per-timestep loss weight (mean 1 over the schedule);
+    ``"none"`` weights all 1.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict.
+        image_seq_len: ``N``, the denoiser's image tokens (2x2 latent patches).
+        weighting: ``"bell"`` or ``"none"``.
+
+    Returns:
+        ``(sigmas, timesteps, weights)``, each ``[num_train_timesteps]`` float32 on the CPU, sigmas from
+        ~1 down; ``timesteps = sigmas * num_train_timesteps``.
+    """
+    config_json = json.dumps(scheduler_config(scheduler), sort_keys=True)
+    return _schedule(config_json, int(image_seq_len), weighting)
+
+
+# -- units ------------------------------------------------------------------------------------------------
+def draw_timestep_noise(ctx: UnitContext, latents: torch.Tensor, image_seq_len: int) -> dict[str, torch.Tensor]:
+    """Draw a timestep per sample and the noise, from the keyed generator (a unit's body).
+
+    Index first, then noise, always in this order (the draw is a function of the generator's key only).
+    The unit declares the option ``timestep_weighting``. See :func:`timestep_schedule`.
+
+    Returns:
+        ``noise`` like ``latents`` (float32 draw, cast to their dtype); ``sigma`` ``[B]`` float32 in (0, 1];
+        ``timestep`` ``[B]`` float32, ``sigma * num_train_timesteps`` (what the pipelines' loops hold);
+        ``loss_weight`` ``[B]`` float32.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sigmas, timesteps, weights = timestep_schedule(
+        ctx.components["scheduler"], image_seq_len, ctx.options.timestep_weighting
+    )
+    generator = ctx.generator
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    index = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator, device=gen_device).cpu()
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+    return {
+        "noise": noise.to(latents.dtype),
+        "sigma": sigmas[index].to(latents.device),
+        "timestep": timesteps[index].to(latents.device),
+        "loss_weight": weights[index].to(latents.device),
+    }
+
+
+def noisy_latents(
+    ctx: UnitContext, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Rectified-flow interpolation and its velocity target, both shaped like ``latents`` ``[B, ...]``.
+
+    ``noisy_latents = (1 - sigma) * latents + sigma * noise`` (``FlowMatchEulerDiscreteScheduler.scale_noise``)
+    in the latents' dtype, the denoiser's input; ``target = noise - latents`` in float32: the velocity the
+    Euler step ``x += (sigma_next - sigma) * pred`` integrates, so the denoiser learns what the pipeline applies.
+    """
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    x0, x1 = latents.float(), noise.float()
+    return {"noisy_latents": ((1 - s) * x0 + s * x1).to(latents.dtype), "target": x1 - x0}
+
+
+def posterior_sample(ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor) -> torch.Tensor:
+    """``mean + std * eps``, ``eps ~ N(0, I)`` drawn in float32 from the keyed generator, then cast.
+
+    The formula of ``DiagonalGaussianDistribution.sample``, applied in the normalised latent space (an affine
+    map of a Gaussian), so the draw does not depend on the compute dtype.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eps = randn_tensor(
+        latent_mean.shape, generator=ctx.generator, device=latent_mean.device, dtype=torch.float32
+    )
+    return latent_mean + latent_std * eps.to(latent_mean.dtype)
+
+
+def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Tensor:
+    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1].
+
+    The size policy (``--max_pixels`` dynamic resolution, never upscaling; ``--height/--width`` fixed; sides
+    multiples of the policy's ``multiple``) is :func:`diffsplit.storage.data.target_size`; the policy's
+    default pixel budget when nothing is given. The unit declares ``max_pixels``, ``height``, ``width``.
+    """
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    tensors = []
+    for img in images:
+        w, h = image_size(img, ctx.options, policy)
+        t = image_to_tensor(resize_and_crop(img, w, h))
+        tensors.append(t if t.dim() == 4 else t.unsqueeze(0))
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise ValueError(f"resize_image: a batch needs one size, got {[tuple(t.shape[-2:]) for t in tensors]}")
+    return torch.cat(tensors).to(torch.float32)
+
+
+def image_size(image: Any, options: Any, policy: SizePolicy) -> tuple[int, int]:
+    """``(width, height)`` ``image`` trains at under the run's ``max_pixels`` / ``height`` / ``width``."""
+    max_pixels, height, width = options.max_pixels, options.height, options.width
+    if max_pixels is None and height is None and width is None:
+        max_pixels = policy.default_max_pixels
+    return target_size(image.width, image.height, max_pixels, height, width, multiple=policy.multiple)
+
+
+def one_per_batch(value: Any, name: str, unit: str) -> Any:
+    """A per-sample value of a batch (a list of equal entries) or of one sample, as one value."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"{unit}: a batch needs one {name}, got {list(value)}")
+        return value[0]
+    return value
+
+
+def seeded_generators(seeds: Sequence[int], device: str | torch.device) -> list[torch.Generator]:
+    """One ``torch.Generator(device).manual_seed(s)`` per seed: what a user hands a diffusers pipeline as
+    ``generator`` (its draws differ between a CPU and a CUDA generator, so the device is part of the data)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def seeds_of(seed: int | str | Sequence[int]) -> list[int]:
+    """One seed, or one per sample of a batch, as a list of ints."""
+    return [int(seed)] if isinstance(seed, (int, str)) else [int(s) for s in seed]

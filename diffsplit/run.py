@@ -1,0 +1,306 @@
+"""The run object: everything a run's flags resolve to, resolved once.
+
+:meth:`Run.resolve` turns a :class:`~diffsplit.config.TrainConfig` into the task, the model family (from the
+model folders' configs, or ``--family``), its typed options, the components the run may load (lazily), the
+trained components and where the layer-level split cuts them, the compute device and dtype, and the split
+plan. The entry points (:mod:`diffsplit.entrypoints`) consume it; nothing recomputes it.
+
+The cache identity's ``preprocessing`` is derived here from the units' own declarations: the options the
+graph builder read plus those the static units declare, and the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffsplit.config import TrainConfig
+from diffsplit.errors import UserError
+from diffsplit.families import detect_family
+from diffsplit.families.base import Family, RecordedOptions, TaskUnits, options_from_config
+from diffsplit.planner.graph import Unit
+from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter, parse_trainable
+from diffsplit.planner.split import SplitPlan, plan_split
+from diffsplit.storage import data
+from diffsplit.storage.models import ComponentSpec, ModelSet, bind_components
+from diffsplit.storage.resolve import resolve_flags, used_flags
+from diffsplit.tasks import Task, task_for
+from diffsplit.training import lora
+
+MODEL_FLAG = "--model_id_with_origin_paths"
+
+
+@dataclass
+class Run:
+    """A resolved run.
+
+    Attributes:
+        config: the flags.
+        task: the objective and the stage (``task.stage``).
+        family: the model family; ``units`` its units for this task, ``options`` its typed options.
+        device, dtype: where and in which dtype models compute (``--torch_dtype``, else bf16 on a GPU and
+            fp32 on a CPU).
+        models: the components the run may load, lazily.
+        trained: the components with trainable parameters (LoRA bases and fully trained models).
+        cuts: component -> where its layers can be cut (the layer-level split).
+        step_units: the units of one training step (the family's graph for this task and these options).
+        graph_options: the options the family's graph builder read (they shape the graph).
+        plan: the split plan without value sizes (every static unit in stage 1), layer cuts applied.
+    """
+
+    config: TrainConfig
+    task: Task
+    family: Family
+    units: TaskUnits
+    options: Any
+    device: torch.device
+    dtype: torch.dtype
+    models: ModelSet
+    trained: list[str]
+    cuts: dict[str, LayerCut]
+    step_units: list[Unit] = field(repr=False)
+    graph_options: frozenset[str]
+
+    @functools.cached_property
+    def plan(self) -> SplitPlan:
+        return self.split_plan()
+
+    @classmethod
+    def resolve(cls, config: TrainConfig, device: torch.device | None = None) -> Run:
+        """Resolve ``config`` (nothing loads but model configs on the meta device).
+
+        Raises:
+            UserError: a bad ``--task``, model flags naming no known family, a task the family does not
+                support, an unknown trained component, a bad layer range or LoRA target on dead layers.
+        """
+        task = task_for(config.task)
+        if device is None:
+            device = process_state().device
+        dtype = resolve_dtype(config, device)
+        entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
+        family = detect_family(entries, config.family)
+        if task.name not in family.tasks:
+            raise UserError(
+                f"--task {config.task}: the {family.name} family supports {', '.join(family.tasks)}"
+            )
+        models = ModelSet(
+            bind_components(entries, family.components),
+            family.components,
+            tokenizer_path=config.tokenizer_path,
+            device=device,
+            dtype=dtype,
+            flags=used_flags(config.model_id_with_origin_paths, config.model_paths),
+        )
+        trained = config.trained_components
+        unknown = [m for m in trained if m not in family.model_components]
+        if unknown:
+            flag = "--lora_base_model" if unknown[0] in config.lora_base_models else "--trainable_models"
+            raise UserError(
+                f"{flag}: '{unknown[0]}' is not a component of {family.name} "
+                f"(it has: {', '.join(family.model_components)})"
+            )
+        options = options_from_config(family.options, config)
+        recorded = RecordedOptions(options)
+        task_units = family.tasks[task.name]
+        step_units = task_units.units(recorded)
+        cuts = layer_cuts(config, family, models, trained)
+        return cls(
+            config, task, family, task_units, options, device, dtype, models, trained, cuts, step_units,
+            frozenset(recorded.read),
+        )  # fmt: skip
+
+    # -- plans ------------------------------------------------------------------------------------------
+    def split_plan(self, value_bytes: dict[str, int] | None = None, *, layer_split: bool = True) -> SplitPlan:
+        """The plan of this run; with ``value_bytes`` (probed sizes), light units may move to stage 2.
+
+        ``layer_split=False`` plans without the layer-level split (unsplit training runs whole models).
+        """
+        plan = plan_split(
+            self.step_units,
+            dataset_values=self.units.dataset_values,
+            trainable_models=self.trained,
+            stage2_reads=self.units.loss_reads,
+            value_bytes=value_bytes,
+            components=self.family.component_names,
+            layer_cuts=self.cuts if layer_split else None,
+        )
+        plan.layer_notes.extend(dead_layer_notes(self.family, self.models))
+        return plan
+
+    @property
+    def specs(self) -> dict[str, ComponentSpec]:
+        """The family's component declarations by name."""
+        return {s.name: s for s in self.family.components}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What changes what stage 1 computes, besides models and plan: the options the graph builder read
+        and the static units declare (from the unsized plan, where every static unit is in stage 1), and the
+        compute dtype."""
+        names = set(self.graph_options)
+        for unit in self.plan.stage1:
+            names.update(self.plan.graph.unit(unit).options)
+        values: dict[str, Any] = {name: getattr(self.options, name) for name in sorted(names)}
+        values["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        return values
+
+    def identity(self) -> dict[str, Any]:
+        """A cache's identity before probing: enough to name its folder in automatic mode. The order is the
+        order mismatches are reported in: causes (models, preprocessing) before effects."""
+        return {
+            "family": self.family.name,
+            "task": self.task.name,
+            "units_version": self.family.units_version,
+            "preprocessing": self.preprocessing(),
+            "trainable_models": sorted(self.plan.trainable_models),
+            "trained_parts": dict(sorted(self.plan.trained_parts.items())),
+            "models": self.models.identity(self.plan.stage1_models),
+        }
+
+    # -- data -------------------------------------------------------------------------------------------
+    def load_dataset(self) -> list[data.Sample]:
+        """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front."""
+        config = self.config
+        if not config.dataset_base_path:
+            raise UserError("--dataset_base_path is required")
+        samples, skipped = data.load_samples(
+            config.dataset_base_path,
+            config.dataset_metadata_path,
+            data_file_keys=data.parse_data_file_keys(config.data_file_keys),
+            required=self.task.required_columns,
+            max_pixels=config.max_pixels,
+            height=config.height,
+            width=config.width,
+            skip_bad_samples=config.skip_bad_samples,
+            policy=self.family.size_policy,
+        )
+        if self.task.resolve_row is not None:
+            for sample in samples:
+                sample.values.update(self.task.resolve_row(sample, config))
+        if config.skip_bad_samples:
+            print(data.write_skipped(skipped, config.output_path), file=sys.stderr)
+        return samples
+
+
+def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """``--torch_dtype``, else bfloat16 on a GPU and float32 on a CPU."""
+    if config.torch_dtype:
+        return getattr(torch, config.torch_dtype)
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def process_state() -> Any:
+    """This process's place among those ``accelerate launch`` started (what ``Accelerator()`` would see).
+
+    ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``, so CPU ranks would each think they are alone.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+# -- the layer-level split's cuts --------------------------------------------------------------------------
+def layer_cuts(config: TrainConfig, family: Family, models: ModelSet, trained: list[str]) -> dict[str, LayerCut]:
+    """Where each trainable component could be cut between layers (the planner's layer-level split).
+
+    Found from module names alone: the component's layer adapter lists the full model's module names on the
+    meta device (nothing loaded), and the LoRA targets (peft's matcher) or the
+    ``--trainable_models <component>.layers.a-b`` ranges select the trainable ones. Only the layers the
+    pipeline reads count: a target or range that selects dead layers only is an error.
+    """
+    if config.no_layer_split:
+        return {c: LayerCut(c, None, None, note="turned off by --no_layer_split") for c in trained}
+    # Targets are parsed only when a LoRA-trained component can be cut: stage 1 of a DiT-only LoRA run
+    # needs no --lora_target_modules, and its absence must not be an error there.
+    targets: dict[str, lora.LoraTargets] | None = None
+    full = [parse_trainable(entry) for entry in config.full_trainable_models]
+    cuts: dict[str, LayerCut] = {}
+    for component in trained:
+        if component not in models:
+            continue  # not given: models.require names the flag where it is needed
+        spec = family.component(component)
+        if spec.layers is None:
+            cuts[component] = no_adapter(component, models.entry(component).class_name)
+            continue
+        adapter, folder = spec.layers.adapter, models.entry(component).folder
+        n, used = models.num_layers(component), models.used_layers(component)
+        names = adapter.module_names(folder)
+        live = [x for x in names if not _dead(adapter, x, n, used)]
+        dead = [x for x in names if _dead(adapter, x, n, used)]
+        if component in full:
+            cuts[component] = LayerCut(
+                component, n, 0, note=f"--trainable_models {component} trains the whole model", used=used
+            )
+            continue
+        trainable: list[str] = []
+        if component in config.lora_base_models:
+            if not config.lora_target_modules.strip():
+                cuts[component] = LayerCut(
+                    component,
+                    n,
+                    None,
+                    note="no --lora_target_modules, so the trained layers are unknown; give the same "
+                    "targets as in stage 2 to cut between layers",
+                    used=used,
+                )
+                continue
+            if targets is None:
+                targets = lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+            trainable = lora.matching_modules(live, targets[component])
+            _refuse_dead_targets(component, targets[component], live, dead, used, n)
+        for entry in full:
+            if isinstance(entry, LayerRange) and entry.component == component:
+                flag = f"--trainable_models {component}.layers.{entry.first}-{entry.last}"
+                if entry.last >= n:
+                    raise UserError(f"{flag}: the {component} has {n} layers (0-{n - 1})")
+                if entry.last >= used:
+                    raise UserError(f"{flag}: {_dead_words(component, used, n)}")
+                trainable += [x for x in live if adapter.layer_of(x) in entry]
+        cuts[component] = find_cut(component, trainable, adapter.layer_of, n, used)
+    return cuts
+
+
+def _dead(adapter: Any, name: str, num_layers: int, used: int) -> bool:
+    """A module of a layer the pipeline never reads, or of the final norm when it reads an inner layer."""
+    layer = adapter.layer_of(name)
+    if layer is not None:
+        return layer >= used
+    return used < num_layers and adapter.is_final_norm(name)
+
+
+def _dead_words(component: str, used: int, num_layers: int) -> str:
+    last = f"layer {used}" if used == num_layers - 1 else f"layers {used}-{num_layers - 1}"
+    return (
+        f"{last} and the final norm of the {component} can never affect the output: the pipeline reads "
+        f"the hidden state after layer {used - 1}"
+    )
+
+
+def _refuse_dead_targets(
+    component: str, targets: lora.LoraTargets, live: list[str], dead: list[str], used: int, n: int
+) -> None:
+    """A LoRA target that selects only dead modules trains nothing the pipeline reads: one line says so."""
+    probes: list[tuple[lora.LoraTargets, str]]
+    if isinstance(targets, str):
+        probes = [(targets, f"{lora.REGEX_PREFIX}{targets}")]
+    else:
+        probes = [([target], target) for target in targets]
+    for probe, shown in probes:
+        if lora.matching_modules(dead, probe) and not lora.matching_modules(live, probe):
+            raise UserError(f"--lora_target_modules: '{shown}' matches only {_dead_words(component, used, n)}")
+
+
+def dead_layer_notes(family: Family, models: ModelSet) -> list[str]:
+    """One line per given layered component whose pipeline never reads its last layers."""
+    notes = []
+    for spec in family.components:
+        if spec.layers is None or spec.name not in models:
+            continue
+        n, used = models.num_layers(spec.name), models.used_layers(spec.name)
+        if used < n:
+            notes.append(f"'{spec.name}': {_dead_words(spec.name, used, n)}; they are never built, read or run")
+    return notes
