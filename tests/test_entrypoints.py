@@ -519,3 +519,11 @@ def test_stage1_needs_no_lora_targets(in_workspace: Path, tmp_path: Path, capsys
     assert cli.main(["plan", *te_only]) == 0
     text = capsys.readouterr().out
     assert "'text_encoder' is not cut (no --lora_target_modules" in text, text
+
+
+def test_stage2_options_do_not_invalidate_a_cache(in_workspace: Path, tmp_path: Path):
+    """Only what stage 1's units read is part of a cache's identity: a stage-2 option (the timestep
+    weighting) may change between runs of stage 2 on one cache."""
+    assert cli.main(["train", *stage1_args(tmp_path / "cache")]) == 0
+    args = stage2_args(tmp_path / "cache", tmp_path / "out", "--timestep_weighting", "none")
+    assert cli.main(["train", *args]) == 0

@@ -46,7 +46,7 @@ _GLOB_CHARS = set("*?[")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One ``<model_id>:<glob>`` entry, e.g. ``Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors``."""
+    """One ``<model_id>:<glob>`` entry, e.g. ``owner/name:transformer/diffusion_pytorch_model*.safetensors``."""
 
     model_id: str
     pattern: str

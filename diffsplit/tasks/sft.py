@@ -20,8 +20,8 @@ def flow_matching_loss(
         pred: ``[B, ...]`` the denoiser's velocity prediction (any dtype; bf16 is upcast so the reduction
             does not lose precision).
         target: ``[B, ...]`` same shape, ``noise - latents``.
-        weight: optional ``[B]`` per-sample timestep weight (e.g. the bell weighting DiffSynth-Studio uses
-            for Qwen-Image, mean 1 over the schedule). With ``B = 1`` the result equals DiffSynth's
+        weight: optional ``[B]`` per-sample timestep weight (e.g. DiffSynth-Studio's bell weighting, mean 1
+            over the schedule). With ``B = 1`` the result equals DiffSynth's
             ``mse_loss(pred, target) * training_weight(timestep)``.
 
     Returns:

@@ -103,3 +103,23 @@ def test_cache_of_sft_is_refused_for_distillation(in_workspace, distill_data, tm
     capsys.readouterr()
     assert cli.main(["train", *stage2]) == 2
     assert "task" in capsys.readouterr().err
+
+
+def test_rand_device_reaches_the_seeded_noise(in_workspace, distill_data, tmp_path, monkeypatch):
+    """``--rand_device`` is the device of the generator the student's initial noise is drawn with. A test
+    double stands in for the generator (this machine may have no CUDA): it records the device asked for and
+    draws on the CPU."""
+    import torch
+
+    from diffsplit.families.qwen_image import distill
+
+    asked: list[str] = []
+
+    def seeded_generators(seeds, device):
+        asked.append(str(device))
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    monkeypatch.setattr(distill, "seeded_generators", seeded_generators)
+    args = distill_args(tmp_path / "out", distill_data, "--rand_device", "cuda", "--max_train_steps", "2")
+    assert cli.main(["train", *args]) == 0
+    assert asked and set(asked) == {"cuda"}

@@ -199,3 +199,22 @@ def test_tensorboard_flag_without_tensorboard_is_a_notice(in_workspace, tmp_path
     monkeypatch.setattr(training, "tensorboard_available", lambda: False)
     train(tmp_path / "tb", "--enable_tensorboard_log", "--max_train_steps", "1")
     assert "notice: --enable_tensorboard_log has no effect" in capsys.readouterr().err
+
+
+def test_timestep_weighting_flag_reaches_the_noise_unit(in_workspace: Path, tmp_path: Path, monkeypatch):
+    """``--timestep_weighting none`` weights every timestep 1; the default (bell) does not."""
+    from diffsplit.tasks import sft
+
+    seen: dict[str, list[torch.Tensor]] = {"bell": [], "none": []}
+    original = sft.flow_matching_loss
+
+    for weighting in ("bell", "none"):
+
+        def spy(pred, target, weight=None, weighting=weighting):
+            seen[weighting].append(weight.detach().clone())
+            return original(pred, target, weight)
+
+        monkeypatch.setattr(sft, "flow_matching_loss", spy)  # the task registry imports it when asked
+        train(tmp_path / weighting, "--timestep_weighting", weighting, "--max_train_steps", "4")
+    assert len(seen["none"]) == 4 and all(torch.equal(w, torch.ones_like(w)) for w in seen["none"])
+    assert any(not torch.equal(w, torch.ones_like(w)) for w in seen["bell"])

@@ -34,6 +34,10 @@ def staged_repository(output: str | Path, size: str, sizes: Sequence[str]) -> It
         yield staging
         if output.exists():
             output.rmdir()  # checked empty above
+        # mkdtemp makes the staging folder private (0700); the model folder gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
