@@ -95,9 +95,6 @@ class SplitPlan:
     trained_parts: dict[str, str] = field(default_factory=dict)
     layer_notes: list[str] = field(default_factory=list)
 
-    def stage_of(self, unit: str) -> int:
-        return STAGE1 if unit in self.stage1 else STAGE2
-
     @property
     def cache_bytes(self) -> int | None:
         """Bytes per sample of the cache, or None when some size is unknown."""

@@ -36,8 +36,6 @@ from diffsplit.storage.resolve import (
     _download,
     file_identity,
     relative,
-    resolve_flags,
-    used_flags,
 )
 
 if TYPE_CHECKING:
@@ -115,15 +113,14 @@ class ComponentView(Mapping[str, Any]):
     """Read-only mapping of component name -> loaded object, loading on first access.
 
     Iteration and ``in`` list the available names without loading anything; ``view[name]`` loads (once,
-    cached in the owning :class:`ModelSet`). ``needed_by`` names the unit in the error for a missing model.
+    cached in the owning :class:`ModelSet`).
     """
 
-    def __init__(self, models: ModelSet, needed_by: str | None = None) -> None:
+    def __init__(self, models: ModelSet) -> None:
         self._models = models
-        self._needed_by = needed_by
 
     def __getitem__(self, name: str) -> Any:
-        return self._models.load(name, needed_by=self._needed_by)
+        return self._models.load(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._models.available)
@@ -183,22 +180,6 @@ class ModelSet(Mapping[str, Any]):
         self._loaded: dict[str, Any] = {}
         self.components: ComponentView = ComponentView(self)
 
-    @classmethod
-    def from_flags(
-        cls,
-        model_id_with_origin_paths: str | None = None,
-        model_paths: str | None = None,
-        tokenizer_path: str | Path | None = None,
-        *,
-        specs: Sequence[ComponentSpec],
-        **kwargs: Any,
-    ) -> ModelSet:
-        """Resolve ``--model_id_with_origin_paths`` and/or ``--model_paths`` as ``specs``' components and
-        build the set (nothing loads)."""
-        entries = resolve_flags(model_id_with_origin_paths, model_paths, download=kwargs.get("download", True))
-        kwargs.setdefault("flags", used_flags(model_id_with_origin_paths, model_paths))
-        return cls(bind_components(entries, specs), specs, tokenizer_path=tokenizer_path, **kwargs)
-
     # -- Mapping ----------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
         return self.load(name)
@@ -252,20 +233,16 @@ class ModelSet(Mapping[str, Any]):
                 who = f"unit '{needed_by}'" if needed_by else "this run"
                 raise UserError(f"model '{name}' is needed by {who} but not given in {flag or self.flags}")
 
-    def components_for(self, unit: str) -> ComponentView:
-        """A view whose missing-model errors name ``unit``."""
-        return ComponentView(self, needed_by=unit)
-
     # -- loading ----------------------------------------------------------------------------------------------
-    def load(self, name: str, needed_by: str | None = None) -> Any:
+    def load(self, name: str) -> Any:
         """The loaded component ``name``, constructing it on first access.
 
         Raises:
-            UserError: ``name`` is not available (naming ``needed_by``, the unit that asked).
+            UserError: ``name`` is not available.
         """
         if name in self._loaded:
             return self._loaded[name]
-        self.require(name, needed_by)
+        self.require(name)
         obj = self._construct(name)
         if self.device is not None and hasattr(obj, "to") and self.spec(name).kind == MODEL:
             obj = obj.to(self.device)

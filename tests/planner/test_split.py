@@ -16,6 +16,10 @@ from diffsplit.planner.split import plan_split
 U = Unit
 
 
+def _stage(plan, unit: str) -> int:
+    return 1 if unit in plan.stage1 else 2
+
+
 def qwen_like_units() -> list[Unit]:
     """The shape of a text-to-image SFT step (names only, no models)."""
     return [
@@ -78,19 +82,19 @@ def plan(units, trainable, reads=("pred", "target"), value_bytes=None, dataset=(
 # -- one test per rule --------------------------------------------------------------------------------
 def test_rule_unit_running_trainable_model_is_dynamic():
     p = plan(qwen_like_units(), ["dit"])
-    assert p.stage_of("denoise") == 2
+    assert _stage(p, "denoise") == 2
     assert p.reasons["denoise"] == "runs trainable model 'dit'"
 
 
 def test_rule_stochastic_unit_is_dynamic_and_never_in_stage1():
     p = plan(qwen_like_units(), ["dit"])
-    assert p.stage_of("noise") == 2
+    assert _stage(p, "noise") == 2
     assert "stochastic" in p.reasons["noise"]
 
 
 def test_rule_reader_of_dynamic_value_is_dynamic():
     p = plan(qwen_like_units(), ["dit"])
-    assert p.stage_of("noisy") == 2
+    assert _stage(p, "noisy") == 2
     assert p.reasons["noisy"] == "reads 'noise' which is computed in stage 2 (by 'noise')"
 
 
@@ -101,20 +105,20 @@ def test_rule_frozen_unit_reading_dynamic_value_runs_in_stage2_and_says_so():
         U(name="project", inputs=("emb",), outputs=("proj",), models=("vae",)),  # frozen, reads dynamic
     ]
     p = plan(units, ["text_encoder"], reads=("proj",), dataset=("prompt",))
-    assert p.stage_of("project") == 2
+    assert _stage(p, "project") == 2
     assert "frozen 'vae' runs in stage 2 and is loaded there" in p.reasons["project"]
     assert "vae" in p.stage2_models and "vae" not in p.stage1_models
 
 
 def test_rule_static_unit_running_component_is_stage1():
     p = plan(qwen_like_units(), ["dit"])
-    assert p.stage_of("encode_image") == 1
+    assert _stage(p, "encode_image") == 1
     assert p.reasons["encode_image"] == "frozen: runs 'vae'"
 
 
 def test_rule_light_units_stay_in_stage1_without_sizes():
     p = plan(qwen_like_units(), ["dit"])
-    assert p.stage_of("shapes") == 1 and p.stage_of("latents") == 1
+    assert _stage(p, "shapes") == 1 and _stage(p, "latents") == 1
     assert p.reasons["shapes"] == "light, kept (no value sizes given)"
 
 
@@ -122,10 +126,10 @@ def test_rule_light_unit_moves_only_when_cache_strictly_shrinks():
     # shapes: reads height+width (16 bytes), writes img_shapes. Moving it saves only if img_shapes > 16.
     sizes = dict(SIZES)
     bigger = plan(qwen_like_units(), ["dit"], value_bytes={**sizes, "img_shapes": 100})
-    assert bigger.stage_of("shapes") == 2
+    assert _stage(bigger, "shapes") == 2
     assert bigger.reasons["shapes"] == "light, recomputed: saves 84 bytes"
     equal = plan(qwen_like_units(), ["dit"], value_bytes={**sizes, "img_shapes": 16})
-    assert equal.stage_of("shapes") == 1
+    assert _stage(equal, "shapes") == 1
     assert equal.reasons["shapes"] == "light, kept: recomputing it would not shrink the cache"
 
 
@@ -133,7 +137,7 @@ def test_rule_light_unit_feeding_frozen_stage1_unit_cannot_move():
     # resize's output 'pixels' is read by the VAE in stage 1, so resize stays even though 'image' < 'pixels'.
     sizes = {**SIZES, "image": 10, "img_shapes": 24}
     p = plan(qwen_like_units(), ["dit"], value_bytes=sizes)
-    assert p.stage_of("resize") == 1
+    assert _stage(p, "resize") == 1
 
 
 def test_rule_cache_holds_exactly_what_stage2_reads():
@@ -169,7 +173,7 @@ def test_case_lora_on_denoiser_only_puts_all_encoders_in_stage1():
 
 def test_case_trainable_text_encoder_caches_token_ids_and_runs_encoder_in_stage2():
     p = plan(qwen_like_units(), ["text_encoder"])
-    assert p.stage_of("tokenize") == 1 and p.stage_of("encode_prompt") == 2
+    assert _stage(p, "tokenize") == 1 and _stage(p, "encode_prompt") == 2
     assert {"input_ids", "attention_mask", "latents"} <= p.cached
     assert "prompt_embeds" not in p.cached
     assert p.stage1_models == ["vae", "tokenizer"]
@@ -194,7 +198,7 @@ def test_case_value_rewritten_after_a_dynamic_read():
         U(name="combine", inputs=("noise", "scale"), outputs=("out",)),
     ]
     p = plan_split(units, dataset_values=("scale",), trainable_models=[], stage2_reads=("out",))
-    assert p.stage_of("rescale") == 1
+    assert _stage(p, "rescale") == 1
     # Both versions reach stage 2, under distinct keys: the dynamic reader still sees the old one.
     assert p.cached == {"scale@0", "scale"}
 

@@ -20,7 +20,9 @@ from diffsplit.storage.resolve import (
     parse_model_paths,
     parse_model_specs,
     read_model_class,
+    resolve_flags,
     resolve_spec,
+    used_flags,
 )
 
 SEED_SPECS = FAMILY.example.model_paths
@@ -28,7 +30,8 @@ SPECS = FAMILY.components
 
 
 def _model_set(specs: str | None = None, paths: str | None = None, **kwargs) -> ModelSet:
-    return ModelSet.from_flags(specs, paths, specs=SPECS, **kwargs)
+    kwargs.setdefault("flags", used_flags(specs, paths))
+    return ModelSet(_bound(resolve_flags(specs, paths)), SPECS, **kwargs)
 
 
 def _bound(entries):
@@ -234,7 +237,7 @@ def test_stage2_never_builds_frozen_models() -> None:
     dit_only = _model_set(SEED_SPECS.split(",")[0])
     assert "vae" not in dit_only.components
     with pytest.raises(UserError) as info:
-        dit_only.components_for("encode_image")["vae"]
+        dit_only.require("vae", needed_by="encode_image")
     assert str(info.value) == (
         "model 'vae' is needed by unit 'encode_image' but not given in --model_id_with_origin_paths"
     )
