@@ -347,23 +347,23 @@ class _Spy:
     """Records the components a run constructs and the text-encoder weights its parts read."""
 
     def __init__(self, monkeypatch):
-        from diffsplit.families.qwen_image import text_encoder as qwen2_5_vl_text
+        from diffsplit.families.common import decoder_layers
         from diffsplit.storage import models
 
         self.constructed: list[str] = []
         self.read: list[str] = []
-        construct, read = models.ModelSet._construct, qwen2_5_vl_text.read_tensors
+        construct, read = models.ModelSet._construct, decoder_layers.read_tensors
 
         def spy_construct(this, name):
             self.constructed.append(name)
             return construct(this, name)
 
-        def spy_read(files, keys):
+        def spy_read(files, keys, aliases=()):
             self.read.extend(keys)
-            return read(files, keys)
+            return read(files, keys, aliases)
 
         monkeypatch.setattr(models.ModelSet, "_construct", spy_construct)
-        monkeypatch.setattr(qwen2_5_vl_text, "read_tensors", spy_read)
+        monkeypatch.setattr(decoder_layers, "read_tensors", spy_read)
 
     def layers_read(self) -> set[int]:
         return {int(k.split(".layers.")[1].split(".")[0]) for k in self.read if ".layers." in k}

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from diffsplit.families.qwen_image import text_encoder as qwen2_5_vl_text
+from diffsplit.families.common import decoder_layers
 from diffsplit.families.qwen_image.text_encoder import ADAPTER
 from diffsplit.training.lora import add_lora, save_peft_adapter
 
@@ -64,13 +64,13 @@ def test_prefix_then_suffix_equals_the_whole_model_at_every_cut(model_dir: Path,
 
 def test_a_part_holds_and_reads_only_its_own_layers(model_dir: Path, monkeypatch):
     read: list[str] = []
-    original = qwen2_5_vl_text.read_tensors
+    original = decoder_layers.read_tensors
 
-    def spy(files, keys):
+    def spy(files, keys, aliases=()):
         read.extend(keys)
-        return original(files, keys)
+        return original(files, keys, aliases)
 
-    monkeypatch.setattr(qwen2_5_vl_text, "read_tensors", spy)
+    monkeypatch.setattr(decoder_layers, "read_tensors", spy)
     suffix = _part(model_dir, 3, 4)
     names = set(suffix.state_dict())
     assert names == set(read)
