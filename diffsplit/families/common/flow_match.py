@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.storage.data import SizePolicy, image_to_tensor, resize_and_crop, target_size
 
@@ -111,7 +112,9 @@ def timestep_schedule(
 
 
 # -- units ------------------------------------------------------------------------------------------------
-def draw_timestep_noise(ctx: UnitContext, latents: torch.Tensor, image_seq_len: int) -> dict[str, torch.Tensor]:
+def draw_timestep_noise(
+    ctx: UnitContext, latents: torch.Tensor, image_seq_len: int
+) -> dict[str, torch.Tensor]:
     """Draw a timestep per sample and the noise, from the keyed generator (a unit's body).
 
     Index first, then noise, always in this order (the draw is a function of the generator's key only).
@@ -181,7 +184,9 @@ def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Ten
         t = image_to_tensor(resize_and_crop(img, w, h))
         tensors.append(t if t.dim() == 4 else t.unsqueeze(0))
     if len({tuple(t.shape) for t in tensors}) != 1:
-        raise ValueError(f"resize_image: a batch needs one size, got {[tuple(t.shape[-2:]) for t in tensors]}")
+        raise ValueError(
+            f"resize_image: a batch needs one size, got {[tuple(t.shape[-2:]) for t in tensors]}"
+        )
     return torch.cat(tensors).to(torch.float32)
 
 
@@ -211,3 +216,85 @@ def seeded_generators(seeds: Sequence[int], device: str | torch.device) -> list[
 def seeds_of(seed: int | str | Sequence[int]) -> list[int]:
     """One seed, or one per sample of a batch, as a list of ints."""
     return [int(seed)] if isinstance(seed, (int, str)) else [int(s) for s in seed]
+
+
+# -- direct distillation: the teacher's resolution and the student's schedule -----------------------------
+def teacher_pixels(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Tensor:
+    """:func:`resize_images` refusing any resize: ``pixels [B, 3, H, W]`` at the teacher image's own size.
+
+    The student starts from the noise the teacher started from, whose shape is the teacher image's
+    resolution; an image the size policy would resize no longer matches that noise.
+
+    Raises:
+        UserError: naming the image size and the size it would get, and the flags to change.
+    """
+    pixels = resize_images(ctx, image, policy)
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+    for img in images:
+        if (img.width, img.height) != (width, height):
+            raise UserError(
+                f"direct distillation: a {img.width}x{img.height} teacher image would be resized to "
+                f"{width}x{height}, but the student must start from the teacher's noise at the teacher's "
+                f"resolution: give --max_pixels of at least {img.width * img.height} or --height "
+                f"{img.height} --width {img.width} (sides must be multiples of {policy.multiple})"
+            )
+    return pixels
+
+
+def student_steps(num_inference_steps: Any, cfg_scale: Any) -> int:
+    """The student's step count of a sample (or a batch, whose values must agree); it runs without CFG.
+
+    Raises:
+        ValueError: a batch mixing step counts, fewer than one step, or ``cfg_scale`` other than 1 (rows are
+            checked with a message naming them before any of this runs).
+    """
+    steps = int(one_per_batch(num_inference_steps, "num_inference_steps", "student_rollout"))
+    cfg = float(one_per_batch(cfg_scale, "cfg_scale", "student_rollout"))
+    if cfg != 1.0:
+        raise ValueError(f"student_rollout: cfg_scale must be 1 (the student runs without CFG), got {cfg}")
+    if steps < 1:
+        raise ValueError(f"student_rollout: num_inference_steps must be at least 1, got {steps}")
+    return steps
+
+
+def inference_timesteps(
+    scheduler: Any, sigmas: Sequence[float], image_seq_len: int, device: torch.device | str = "cpu"
+) -> tuple[Any, torch.Tensor]:
+    """A private scheduler set up as the pipelines set up their own: ``retrieve_timesteps(scheduler, k,
+    device, sigmas=sigmas, mu=calculate_shift(image_seq_len, ...))`` then ``set_begin_index(0)``.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict (never mutated: a copy is made).
+        sigmas: the pipeline's ``k`` sigmas, exactly as it computes them (its float type matters).
+        image_seq_len: ``N``, the denoiser's image tokens (the shift is ignored without dynamic shifting).
+
+    Returns:
+        ``(scheduler, timesteps)``: the private scheduler (ready for ``step``) and its ``[k]`` timesteps.
+
+    Raises:
+        UserError: when the schedule is not finite (a ``shift_terminal`` makes a one-step schedule NaN in
+            diffusers, for the pipeline as much as here).
+    """
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    private = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(scheduler))
+    config = private.config
+    if config.get("stochastic_sampling", False):
+        raise ValueError("student_rollout: a scheduler with stochastic_sampling draws noise each step")
+    k = len(sigmas)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a non-finite schedule is refused just below
+        timesteps, _ = retrieve_timesteps(
+            private, k, device, sigmas=sigmas, mu=dynamic_shift(config, image_seq_len)
+        )
+    if not bool(torch.isfinite(private.sigmas).all()):
+        # E.g. k = 1 with a shift_terminal: the stretch to the terminal value divides 0 by 0.
+        raise UserError(
+            f"num_inference_steps {k}: diffusers' {type(private).__name__} gives a non-finite schedule for "
+            f"{k} step(s) with this scheduler config, so the pipeline cannot sample with it either; "
+            "use more steps"
+        )
+    private.set_begin_index(0)
+    return private, timesteps

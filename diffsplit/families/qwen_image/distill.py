@@ -44,14 +44,13 @@ from typing import Any
 
 import torch
 
-from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
-    dynamic_shift,
-    one_per_batch,
-    scheduler_config,
+    inference_timesteps,
     seeded_generators,
     seeds_of,
+    student_steps,
+    teacher_pixels,
 )
 from diffsplit.families.qwen_image.units import (
     ENCODE_IMAGE,
@@ -61,33 +60,15 @@ from diffsplit.families.qwen_image.units import (
     TOKENIZE,
     denoise,
     posterior_mode,
-    resize_image,
 )
 from diffsplit.planner.graph import Unit
 
 
 # -- unit functions ---------------------------------------------------------------------------------------
 def resize_teacher_image(ctx: UnitContext, image: Any) -> dict[str, torch.Tensor]:
-    """SFT's :func:`~diffsplit.families.qwen_image.resize_image`, refusing any resize: ``pixels [B,3,H,W]``.
-
-    The student starts from the noise the teacher started from, whose shape is the teacher image's
-    resolution; an image the size policy would resize no longer matches that noise.
-
-    Raises:
-        UserError: naming the image size and the size it would get, and the flags to change.
-    """
-    pixels = resize_image(ctx, image)["pixels"]
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
-    for img in images:
-        if (img.width, img.height) != (width, height):
-            raise UserError(
-                f"direct distillation: a {img.width}x{img.height} teacher image would be resized to "
-                f"{width}x{height}, but the student must start from the teacher's noise at the teacher's "
-                f"resolution: give --max_pixels of at least {img.width * img.height} or --height "
-                f"{img.height} --width {img.width} (sides must be multiples of {SIZE_POLICY.multiple})"
-            )
-    return {"pixels": pixels}
+    """SFT's :func:`~diffsplit.families.qwen_image.units.resize_image`, refusing any resize (see
+    :func:`~diffsplit.families.common.flow_match.teacher_pixels`): ``pixels [B, 3, H, W]``."""
+    return {"pixels": teacher_pixels(ctx, image, SIZE_POLICY)}
 
 
 def target_latents(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -131,48 +112,16 @@ def initial_noise(
     return {"noise": noise.to(ctx.device)}
 
 
-def inference_timesteps(
+def qwen_timesteps(
     scheduler: Any, num_inference_steps: int, image_seq_len: int, device: torch.device | str = "cpu"
 ) -> tuple[Any, torch.Tensor]:
-    """A private scheduler set up as ``QwenImagePipeline.__call__`` sets up its own at this resolution.
-
-    ``sigmas = np.linspace(1, 1/k, k)``, ``mu = calculate_shift(image_seq_len, ...)`` with the pipeline's
-    defaults, ``retrieve_timesteps(scheduler, k, device, sigmas=sigmas, mu=mu)``, ``set_begin_index(0)``.
-
-    Args:
-        scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict (never mutated: a copy is made).
-        num_inference_steps: ``k``.
-        image_seq_len: ``N``, packed image tokens.
-
-    Returns:
-        ``(scheduler, timesteps)``: the private scheduler (ready for ``step``) and its ``[k]`` timesteps.
-
-    Raises:
-        UserError: when the schedule is not finite (Qwen-Image's ``shift_terminal`` makes a one-step
-            schedule NaN in diffusers, for the pipeline as much as here).
-    """
+    """A private scheduler set up as ``QwenImagePipeline.__call__`` sets up its own at this resolution:
+    ``sigmas = np.linspace(1, 1/k, k)`` and the dynamic shift for ``image_seq_len`` tokens (see
+    :func:`~diffsplit.families.common.flow_match.inference_timesteps`)."""
     import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
-    private = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(scheduler))
-    config = private.config
-    if config.get("stochastic_sampling", False):
-        raise ValueError("student_rollout: a scheduler with stochastic_sampling draws noise each step")
     k = int(num_inference_steps)
-    sigmas = np.linspace(1.0, 1 / k, k)
-    mu = dynamic_shift(config, image_seq_len)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a non-finite schedule is refused just below
-        timesteps, _ = retrieve_timesteps(private, k, device, sigmas=sigmas, mu=mu)
-    if not bool(torch.isfinite(private.sigmas).all()):
-        # E.g. k = 1 with Qwen-Image's shift_terminal: the stretch to the terminal value divides 0 by 0.
-        raise UserError(
-            f"num_inference_steps {k}: diffusers' {type(private).__name__} gives a non-finite schedule for "
-            f"{k} step(s) with this scheduler config, so QwenImagePipeline cannot sample with it either; "
-            "use more steps"
-        )
-    private.set_begin_index(0)
-    return private, timesteps
+    return inference_timesteps(scheduler, np.linspace(1.0, 1 / k, k), image_seq_len, device)
 
 
 def student_rollout(
@@ -187,7 +136,7 @@ def student_rollout(
     """The student's ``num_inference_steps`` Euler steps from ``noise`` -> ``student_latents [B, N, 4z]``.
 
     ``QwenImagePipeline.__call__``'s denoising loop without CFG: the schedule of
-    :func:`inference_timesteps`, the DiT called as SFT's :func:`~diffsplit.families.qwen_image.denoise`
+    :func:`qwen_timesteps`, the DiT called as SFT's :func:`~diffsplit.families.qwen_image.denoise`
     calls it, ``scheduler.step`` (a private copy) for the Euler update. Nothing is detached, so the autograd
     graph spans every step; gradient checkpointing, when enabled on the DiT, applies to each call.
 
@@ -198,13 +147,8 @@ def student_rollout(
         num_inference_steps: ``k >= 1`` (one value, or equal values for a batch).
         cfg_scale: must be 1 (see the module docstring).
     """
-    steps = int(one_per_batch(num_inference_steps, "num_inference_steps", "student_rollout"))
-    cfg = float(one_per_batch(cfg_scale, "cfg_scale", "student_rollout"))
-    if cfg != 1.0:
-        raise ValueError(f"student_rollout: cfg_scale must be 1 (the student runs without CFG), got {cfg}")
-    if steps < 1:
-        raise ValueError(f"student_rollout: num_inference_steps must be at least 1, got {steps}")
-    scheduler, timesteps = inference_timesteps(
+    steps = student_steps(num_inference_steps, cfg_scale)
+    scheduler, timesteps = qwen_timesteps(
         ctx.components["scheduler"], steps, noise.shape[1], device=ctx.device
     )
     latents = noise.to(ctx.device)

@@ -19,7 +19,7 @@ from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.qwen_image import FAMILY
-from diffsplit.families.qwen_image.distill import inference_timesteps, initial_noise, student_rollout
+from diffsplit.families.qwen_image.distill import initial_noise, qwen_timesteps, student_rollout
 from diffsplit.planner.graph import UnitGraph
 from diffsplit.storage.data import Sample
 from diffsplit.tasks.direct_distill import distill_loss, resolve_distill_values
@@ -151,7 +151,7 @@ def test_schedule_is_the_pipelines_and_leaves_the_scheduler_alone(pipe):
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     before = pipe.scheduler.timesteps.clone() if pipe.scheduler.timesteps is not None else None
-    scheduler, timesteps = inference_timesteps(pipe.scheduler, 4, 1024)
+    scheduler, timesteps = qwen_timesteps(pipe.scheduler, 4, 1024)
     config = pipe.scheduler.config
     reference = FlowMatchEulerDiscreteScheduler.from_config(config)
     mu = calculate_shift(
@@ -163,10 +163,10 @@ def test_schedule_is_the_pipelines_and_leaves_the_scheduler_alone(pipe):
     after = pipe.scheduler.timesteps
     assert (before is None and after is None) or torch.equal(before, after)
     with pytest.raises(UserError, match="num_inference_steps 1: .* non-finite schedule"):
-        inference_timesteps(pipe.scheduler, 1, 1024)
+        qwen_timesteps(pipe.scheduler, 1, 1024)
     # A plain config dict (what stage 2 rebuilds from the cache's constants) gives the same schedule.
     constants = FAMILY.constants(_components(pipe))
-    assert torch.equal(inference_timesteps(constants["scheduler_config"], 4, 1024)[1], timesteps)
+    assert torch.equal(qwen_timesteps(constants["scheduler_config"], 4, 1024)[1], timesteps)
 
 
 # -- (c) gradients through every step --------------------------------------------------------------------
