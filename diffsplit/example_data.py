@@ -85,14 +85,13 @@ def make_distill_dataset(
     seed: int = 0,
     *,
     student_steps: int = 2,
-    guided: bool = True,
 ) -> Path:
     """Write ``n`` teacher images made by the model's own diffusers pipeline and ``metadata.csv``.
 
     Row ``i`` (from 0) is ``pipe(prompt_i, num_inference_steps=num_inference_steps, height=size, width=size,
     generator=torch.Generator("cpu").manual_seed(seed + i), **teacher_kwargs)`` where ``teacher_kwargs`` is the
-    guidance the model's family runs its teacher with (``Family.example.teacher_kwargs``; none when
-    ``guided`` is False): the many-step, guided teacher. The metadata has columns
+    guidance the model's family runs its teacher with (``Family.example.teacher_kwargs``): the many-step
+    teacher. The metadata has columns
     ``image,prompt,seed,num_inference_steps``, where
     ``num_inference_steps`` is ``student_steps``, the few steps the student will take from the same seed
     (the student runs without CFG, so no ``cfg_scale`` column: it defaults to 1). Existing files of the same
@@ -151,7 +150,7 @@ def make_distill_dataset(
                 height=size,
                 width=size,
                 generator=torch.Generator("cpu").manual_seed(seed + i),
-                **(dict(family.example.teacher_kwargs) if guided else {}),
+                **family.example.teacher_kwargs,
             ).images[0]
         name = f"image_{i + 1}.png"
         image.save(output / name)

@@ -258,7 +258,10 @@ def layer_cuts(config: TrainConfig, family: Family, models: ModelSet, trained: l
                 if entry.last >= n:
                     raise UserError(f"{flag}: the {component} has {n} layers (0-{n - 1})")
                 if entry.last >= used:
-                    raise UserError(f"{flag}: {_dead_words(component, used, n)}")
+                    raise UserError(
+                        f"{flag}: {_dead_layers(used, n)} of the {component} can never affect the output: "
+                        f"{_why_dead(used)}"
+                    )
                 trainable += [x for x in live if adapter.layer_of(x) in entry]
         cuts[component] = find_cut(component, trainable, adapter.layer_of, n, used)
     return cuts
@@ -272,12 +275,12 @@ def _dead(adapter: Any, name: str, num_layers: int, used: int) -> bool:
     return used < num_layers and adapter.is_final_norm(name)
 
 
-def _dead_words(component: str, used: int, num_layers: int) -> str:
-    last = f"layer {used}" if used == num_layers - 1 else f"layers {used}-{num_layers - 1}"
-    return (
-        f"{last} and the final norm of the {component} can never affect the output: the pipeline reads "
-        f"the hidden state after layer {used - 1}"
-    )
+def _dead_layers(used: int, num_layers: int) -> str:
+    return f"layer {used}" if used == num_layers - 1 else f"layers {used}-{num_layers - 1}"
+
+
+def _why_dead(used: int) -> str:
+    return f"the pipeline reads the hidden state after layer {used - 1}"
 
 
 def _refuse_dead_targets(
@@ -291,7 +294,10 @@ def _refuse_dead_targets(
         probes = [([target], target) for target in targets]
     for probe, shown in probes:
         if lora.matching_modules(dead, probe) and not lora.matching_modules(live, probe):
-            raise UserError(f"--lora_target_modules: '{shown}' matches only {_dead_words(component, used, n)}")
+            raise UserError(
+                f"--lora_target_modules: '{shown}' matches only modules of {_dead_layers(used, n)} (or the "
+                f"final norm) of the {component}, which can never affect the output: {_why_dead(used)}"
+            )
 
 
 def dead_layer_notes(family: Family, models: ModelSet) -> list[str]:
@@ -302,5 +308,8 @@ def dead_layer_notes(family: Family, models: ModelSet) -> list[str]:
             continue
         n, used = models.num_layers(spec.name), models.used_layers(spec.name)
         if used < n:
-            notes.append(f"'{spec.name}': {_dead_words(spec.name, used, n)}; they are never built, read or run")
+            notes.append(
+                f"'{spec.name}': {_dead_layers(used, n)} and the final norm are dead ({_why_dead(used)}): "
+                "never built, read or run"
+            )
     return notes

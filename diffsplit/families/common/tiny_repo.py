@@ -34,10 +34,12 @@ def staged_repository(output: str | Path, size: str, sizes: Sequence[str]) -> It
         yield staging
         if output.exists():
             output.rmdir()  # checked empty above
-        # mkdtemp makes the staging folder private (0700); the model folder gets the usual permissions.
+        # mkdtemp makes the staging folder private (0700) and safetensors writes 0600 files; the model
+        # folder gets the permissions of any new folder and file.
         umask = os.umask(0)
         os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
