@@ -134,7 +134,7 @@ class ModelEntry:
 
 
 def read_model_class(folder: str | Path) -> tuple[str, tuple[str, ...]]:
-    """The library and class(es) ``folder/config.json`` names: ``("diffusers", ("AutoencoderKL",))``.
+    """The library and class(es) ``folder/config.json`` names: ``("diffusers", ("SomeTransformer2DModel",))``.
 
     Raises:
         UserError: naming the folder, when config.json is missing, unreadable, or names no class.
