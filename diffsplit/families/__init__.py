@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, str] = {
     "qwen-image": "diffsplit.families.qwen_image",
+    "z-image": "diffsplit.families.z_image",
 }
 """Family name -> the package whose ``FAMILY`` declares it (imported only when the family is used)."""
 

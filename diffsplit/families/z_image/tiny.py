@@ -1,0 +1,248 @@
+"""Offline builder of a random-weight Z-Image in the real ``Tongyi-MAI/Z-Image-Turbo`` repository layout.
+
+Nothing here downloads: the tokenizer is trained locally (:func:`train_qwen2_tokenizer`) and every model is
+built from a config with random weights. The folder is laid out as the Hub repository is, so that
+``ZImagePipeline.from_pretrained`` and per-component loaders read it as they read the real model::
+
+    model_index.json                            ZImagePipeline; text_encoder ["transformers", "Qwen3Model"]
+    transformer/config.json, diffusion_pytorch_model-0000k-of-0000n.safetensors,
+                diffusion_pytorch_model.safetensors.index.json            (sharded, like the real repo)
+    text_encoder/config.json, generation_config.json, model-0000k-of-0000n.safetensors,
+                 model.safetensors.index.json   (a Qwen3ForCausalLM: keys "model.*", tied lm_head not stored)
+    vae/config.json, diffusion_pytorch_model.safetensors                  (one file: the FLUX VAE layout)
+    tokenizer/tokenizer.json, tokenizer_config.json, vocab.json, merges.txt (+ the chat template)
+    scheduler/scheduler_config.json                                       (the real Turbo config, verbatim)
+
+The real model: transformer dim 3840, 30 layers + 2 noise and 2 context refiner layers, 30 heads x 128
+(``axes_dims`` [32, 48, 48]); text encoder Qwen3-4B (hidden 2560, 36 layers, 32 heads x 128, 8 kv heads,
+intermediate 9728); FLUX VAE (``block_out_channels`` [128, 256, 512, 512], 16 latent channels).
+
+Two sizes:
+
+* ``tiny``: transformer dim 64 (2 heads x 32, ``axes_dims`` [8, 12, 12], the real 1:1.5:1.5 split), 2 layers
+  and 1 refiner layer of each kind; text encoder hidden 32 (4 heads x 16, 2 kv heads), 4 layers; VAE with
+  the real 4 blocks (8x downsample) at 8-16 channels and one layer per block. A training step at 64x64
+  takes milliseconds on a CPU.
+* ``proportioned``: transformer 4 layers x 512 (4 heads x 128 with the real ``axes_dims``), 1 refiner layer
+  of each kind; text encoder 4 layers x 512 (4 heads x 128, 1 kv head, the real MLP ratio); VAE at 1/16
+  of the real channel widths (8-32, 2 groups: the real channels per group) with the real 2 layers per
+  block. Forward FLOPs at 1024x1024 (512 text tokens, 100 of them valid) are text encoder : VAE encoder :
+  transformer = 0.05 : 0.17 : 1 (real model: 0.07 : 0.09 : 1), for benchmarks; it still runs on a CPU.
+
+Constraints the configs respect: the transformer's head dim (``dim / n_heads``) must equal
+``sum(axes_dims)`` (asserted in ``ZImageTransformer2DModel.__init__``) and each axis dim must be even (RoPE
+rotates pairs); the text encoder's hidden size is the transformer's ``cap_feat_dim``; ``axes_lens[0]``
+bounds the caption length plus one (captions are padded to multiples of 32 and the image sits after them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffsplit.families.common.tiny_repo import reshard, staged_repository
+from diffsplit.families.common.tiny_tokenizer import train_qwen2_tokenizer
+from diffsplit.families.z_image.components import SCHEDULER_CONFIG
+
+SIZES = ("tiny", "proportioned")
+
+MODEL_INDEX = {
+    "_class_name": "ZImagePipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+"""``model_index.json`` of the real repository (the pipeline loads the text encoder as a bare
+``Qwen3Model``)."""
+
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+"""The FLUX VAE's latent normalisation, kept in both sizes: non-trivial, so code that forgets it is caught."""
+
+TRANSFORMER_SHARDS = 3
+TEXT_ENCODER_SHARDS = 3
+"""File counts of the real repository (``...-0000k-of-00003``); a tiny model may get fewer (whole tensors)."""
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
+    "{%- else %}"
+    "{%- set content = message['content'] %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+"""The part of Qwen3's chat template that text-only system/user/assistant conversations reach.
+
+For these messages it renders exactly what the real template does, in particular ZImagePipeline's call
+``apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+enable_thinking=True)`` -> ``"<|im_start|>user\\n" + p + "<|im_end|>\\n<|im_start|>assistant\\n"``
+(``enable_thinking=False`` appends ``"<think>\\n\\n</think>\\n\\n"``). Earlier assistant turns lose their
+``<think>`` part as in the real template; tools and ``reasoning_content`` are not reproduced.
+"""
+
+_TEMPLATE_WORDS = "system\nuser\nassistant\n"
+"""The words of the chat template, each made one token by the tiny BPE (as in the real vocabulary)."""
+
+
+def _transformer_config(size: str, cap_feat_dim: int) -> dict[str, Any]:
+    common = {
+        "all_patch_size": [2],
+        "all_f_patch_size": [1],
+        "in_channels": 16,
+        "norm_eps": 1e-05,
+        "qk_norm": True,
+        "cap_feat_dim": cap_feat_dim,
+        "rope_theta": 256.0,
+        "t_scale": 1000.0,
+        "axes_lens": [1536, 512, 512],
+    }
+    if size == "tiny":
+        shape = {"dim": 64, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2}
+        axes_dims = [8, 12, 12]
+    else:
+        shape = {"dim": 512, "n_layers": 4, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4}
+        axes_dims = [32, 48, 48]
+    assert shape["dim"] // shape["n_heads"] == sum(axes_dims) and not any(d % 2 for d in axes_dims)
+    return {**common, **shape, "axes_dims": axes_dims}
+
+
+def _text_encoder_config(size: str, tokenizer: Any) -> Any:
+    from transformers import Qwen3Config
+
+    if size == "tiny":
+        # 4 layers: the encoder is cut between layers, and the pipeline reads hidden_states[-2], so the last
+        # layer must exist on the far side of any cut. head_dim * heads > hidden, as in Qwen3-4B.
+        shape = {
+            "hidden_size": 32,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        }
+    else:
+        # 4 layers x 512: head_dim 128, GQA 4:1 (32:8 in the real model), MLP ratio 9728 / 2560.
+        shape = {
+            "hidden_size": 512,
+            "intermediate_size": 1952,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 128,
+        }
+    return Qwen3Config(
+        **shape,
+        # Room for every token id, rounded up as real checkpoints pad their embedding tables.
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-06,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        max_window_layers=shape["num_hidden_layers"],
+        architectures=["Qwen3ForCausalLM"],
+    )
+
+
+def _vae_config(size: str) -> dict[str, Any]:
+    if size == "tiny":
+        shape = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}
+    else:
+        # 1/16 of the real widths in 2 groups: the real channels per group (4 in the first block, 16 last).
+        shape = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 2, "norm_num_groups": 2}
+    blocks = len(shape["block_out_channels"])
+    return {
+        **shape,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "act_fn": "silu",
+        "latent_channels": 16,
+        "sample_size": 1024,
+        "scaling_factor": VAE_SCALING_FACTOR,
+        "shift_factor": VAE_SHIFT_FACTOR,
+        "force_upcast": True,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _add_legacy_rope_theta(config_path: Path) -> None:
+    # transformers 5 writes ``rope_parameters``; 4.x (and the real config) read a top-level ``rope_theta``.
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    params = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", params.get("rope_theta", 1000000.0))
+    _write_json(config_path, config)
+
+
+def _train_tokenizer(directory: Path) -> Any:
+    """Qwen3's tokenizer, tiny: Qwen2 BPE, ``<think>``/``</think>``, the chat template, eos ``<|im_end|>``."""
+    from transformers import AutoTokenizer
+
+    train_qwen2_tokenizer(
+        directory, _TEMPLATE_WORDS, extra_tokens=("<think>", "</think>"), chat_template=QWEN3_CHAT_TEMPLATE
+    )
+    # Qwen3's tokenizer ends a turn with <|im_end|> and pads with <|endoftext|> (the pipeline pads to 512).
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["eos_token"] = "<|im_end|>"
+    config["pad_token"] = "<|endoftext|>"
+    _write_json(config_path, config)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random-weight Z-Image in the real repository layout to ``output`` and return its path.
+
+    Args:
+        output: a new or empty folder.
+        seed: seeds every random weight (``torch.manual_seed(seed)`` before each component, inside
+            ``torch.random.fork_rng``: the caller's global RNG state is left untouched).
+        size: ``"tiny"`` or ``"proportioned"`` (see the module docstring).
+
+    Raises:
+        UserError: unknown ``size``, or ``output`` exists and is not an empty folder.
+    """
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    with staged_repository(output, size, SIZES) as staging:
+        tokenizer = _train_tokenizer(staging / "tokenizer")
+        text_config = _text_encoder_config(size, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            # Re-seeded before each component, so each one's weights depend on the seed alone.
+            torch.manual_seed(seed)
+            transformer = ZImageTransformer2DModel(**_transformer_config(size, text_config.hidden_size))
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**_vae_config(size))
+            torch.manual_seed(seed)
+            text_encoder = Qwen3ForCausalLM(text_config)
+        reshard(
+            transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", TRANSFORMER_SHARDS
+        )
+        reshard(text_encoder, staging / "text_encoder", "model*.safetensors", TEXT_ENCODER_SHARDS)
+        _add_legacy_rope_theta(staging / "text_encoder" / "config.json")
+        vae.save_pretrained(str(staging / "vae"), safe_serialization=True)  # one file, as the real VAE
+        _write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+        _write_json(staging / "model_index.json", MODEL_INDEX)
+    return Path(output)
