@@ -1,9 +1,9 @@
-"""Split vs unsplit training on the ``proportioned`` tiny Qwen-Image: step times, stage-1 throughput, memory, cache.
+"""Split vs unsplit training on a ``proportioned`` tiny model: step times, stage-1 throughput, memory, cache.
 
 Usage::
 
-    python benchmarks/split_vs_unsplit.py [--case dit|text_layers] [--text_layers 1]
-        [--size proportioned|tiny] [--resolution 512] [--samples 8] [--steps 10] [--workers auto|N]
+    python benchmarks/split_vs_unsplit.py [--family qwen-image|z-image] [--case dit|text_layers]
+        [--text_layers 1] [--size proportioned|tiny] [--resolution 512] [--samples 8] [--steps 10] [--workers auto|N]
         [--workdir ./bench-work] [--threads N] [--use_gradient_checkpointing]
 
 It builds (once, under ``--workdir``) the tiny model and a dataset of same-size square images whose prompts
@@ -56,14 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The family's seed-style example (its repository id, its three model entries, its DiT LoRA targets): set by
+# use_family() from --family (default: the first registered family).
+FAMILY = "qwen-image"
 MODEL_ID = "Qwen/Qwen-Image"
-DIT = f"{MODEL_ID}:transformer/diffusion_pytorch_model*.safetensors"
-TEXT_ENCODER = f"{MODEL_ID}:text_encoder/model*.safetensors"
-VAE = f"{MODEL_ID}:vae/diffusion_pytorch_model.safetensors"
-SEED_TARGETS = (
-    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
-    "txt_mlp.net.2,txt_mod.1"
-)
+DIT, TEXT_ENCODER, VAE = "", "", ""
+SEED_TARGETS = ""
 TEXT_LAYER_TARGETS = r"re:.*layers\.({layers})\.self_attn\.(q|k|v|o)_proj"  # --case text_layers
 WARMUP_STEPS = 2  # steps excluded from every step-time median
 TRIAL_STEPS = 6  # steps of each --workers auto trial
@@ -75,8 +73,18 @@ _SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle"
 
 
 # -- setup ----------------------------------------------------------------------------------------------------
+def use_family(name: str) -> None:
+    """Point the script's model entries and LoRA targets at family ``name``'s seed-style example."""
+    global FAMILY, MODEL_ID, DIT, TEXT_ENCODER, VAE, SEED_TARGETS
+    from diffsplit.families import get_family
+
+    example = get_family(name).example
+    FAMILY, MODEL_ID, SEED_TARGETS = name, example.model_id, example.lora_targets
+    DIT, TEXT_ENCODER, VAE = example.model_paths.split(",")
+
+
 def build_model(workdir: Path, size: str) -> Path:
-    """``<workdir>/models/Qwen/Qwen-Image`` of ``size``, built if absent."""
+    """``<workdir>/models/<model id>`` of the family and ``size``, built if absent."""
     models = workdir / "models"
     folder = models / MODEL_ID
     marker = models / "bench-size.txt"
@@ -85,10 +93,10 @@ def build_model(workdir: Path, size: str) -> Path:
         if built != size:
             sys.exit(f"error: {folder} holds a '{built}' model, not '{size}': use another --workdir")
         return folder
-    from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
+    from diffsplit.families import get_family
 
-    print(f"building a {size} Qwen-Image at {folder} ...", flush=True)
-    build_tiny_qwen_image(folder, seed=0, size=size)
+    print(f"building a {size} {FAMILY} at {folder} ...", flush=True)
+    get_family(FAMILY).tiny.build(folder, seed=0, size=size)
     marker.write_text(size + "\n")
     return folder
 
@@ -340,11 +348,11 @@ def step_time(marks: list[float]) -> float | None:
     return statistics.median(intervals) if intervals else None
 
 
-def lora_args(base_models: str = "dit", targets: str = SEED_TARGETS) -> list[str]:
-    """What trains, for every run. Stage 1 gets the targets too, as the seed's stage-1 command does: for a
-    text-encoder LoRA they place the layer-level cut (without them stage 1 falls back to the unit-level
-    split)."""
-    return ["--lora_base_model", base_models, "--lora_target_modules", targets]
+def lora_args(base_models: str = "dit", targets: str | None = None) -> list[str]:
+    """What trains, for every run (default: the family's seed-style DiT targets). Stage 1 gets the targets
+    too, as the seed's stage-1 command does: for a text-encoder LoRA they place the layer-level cut (without
+    them stage 1 falls back to the unit-level split)."""
+    return ["--lora_base_model", base_models, "--lora_target_modules", targets or SEED_TARGETS]
 
 
 def common_args(resolution: int, output: Path, lora: list[str]) -> list[str]:
@@ -398,9 +406,14 @@ def workers_line(workers: int, trials: dict[int, float | None]) -> str:
 
 
 def text_encoder_layers(model: Path) -> int:
-    """Number of decoder layers of the model's text encoder (from its ``config.json``)."""
+    """How many decoder layers of the model's text encoder its pipeline reads (from its ``config.json`` and
+    the family's declaration: a pipeline that reads an inner layer never runs the last ones)."""
+    from diffsplit.families import get_family
+
     config = json.loads((model / "text_encoder" / "config.json").read_text())
-    return int(config.get("text_config", config)["num_hidden_layers"])
+    n = int(config.get("text_config", config)["num_hidden_layers"])
+    layers = get_family(FAMILY).component("text_encoder").layers
+    return layers.used(n) if layers is not None else n
 
 
 def loss_curve(output: Path) -> list[float]:
@@ -484,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="--case text_layers: how many last layers of the text encoder train (default 1)",
     )
+    from diffsplit.families import family_names
+
+    parser.add_argument("--family", choices=family_names(), default=family_names()[0])
     parser.add_argument("--size", choices=("proportioned", "tiny"), default="proportioned")
     parser.add_argument("--resolution", type=int, default=512, help="square image side (multiple of 16)")
     parser.add_argument("--samples", type=int, default=8)
@@ -507,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--text_layers is for --case text_layers")
     if args.text_layers is None:
         args.text_layers = 1
+    use_family(args.family)
     command_line = "python " + shlex.join(sys.argv)
     started = time.perf_counter()
 
@@ -589,7 +606,7 @@ def dit_case(bench: Bench) -> int:
     cache_total = sum(p.stat().st_size for p in cache_folder.rglob("*") if p.is_file())
     per_sample = shard_bytes / args.samples
     live = denoiser.get("live_bytes")
-    frozen_files = sorted((model / "text_encoder").glob("model*.safetensors")) + [
+    frozen_files = sorted((model / "text_encoder").glob("*.safetensors")) + [
         model / "vae" / "diffusion_pytorch_model.safetensors"
     ]
     frozen = sum(p.stat().st_size for p in frozen_files)
@@ -631,7 +648,7 @@ def dit_case(bench: Bench) -> int:
     threads = stage2.get("threads") or unsplit.get("threads")
     print()
     print(
-        f"## split vs unsplit: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, {args.steps} steps"
+        f"## split vs unsplit: {args.size} {FAMILY}, {res}x{res}, {args.samples} samples, {args.steps} steps"
     )
     print()
     print(f"command: `{bench.command_line}`")
@@ -655,8 +672,8 @@ def dit_case(bench: Bench) -> int:
     print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in bench.walls.items()))
     print(f"total wall time: {time.perf_counter() - bench.started:.1f}s (logs in {runs / 'logs'})")
     print(
-        "note: on a CPU the proportioned VAE (3D convolutions with few channels) takes far longer than its "
-        "FLOPs suggest, so stage 1 and the unsplit step overstate the VAE's share compared with a GPU."
+        "note: on a CPU the proportioned VAE (convolutions with few channels) takes longer than its FLOPs "
+        "suggest, so stage 1 and the unsplit step overstate the VAE's share compared with a GPU."
     )
     if bench.warning:
         print(f"warning: {bench.warning}: batched stage 1 cannot batch them all")
@@ -670,7 +687,7 @@ def text_layers_case(bench: Bench) -> int:
     n = text_encoder_layers(model)
     if not 1 <= args.text_layers < n:
         sys.exit(
-            f"error: --text_layers must be 1 to {n - 1}: the text encoder has {n} layers, and training all "
+            f"error: --text_layers must be 1 to {n - 1}: the pipeline reads {n} text-encoder layers, and training all "
             "of them leaves no frozen layer to cut off"
         )
     cut = n - args.text_layers
@@ -764,7 +781,7 @@ def text_layers_case(bench: Bench) -> int:
     }
 
     mib = 2**20
-    text_bytes = sum(p.stat().st_size for p in (model / "text_encoder").glob("model*.safetensors"))
+    text_bytes = sum(p.stat().st_size for p in (model / "text_encoder").glob("*.safetensors"))
     dit_bytes = sum(p.stat().st_size for p in (model / "transformer").glob("*.safetensors"))
     rss_saved = None if rss["unit"] is None or rss["layer"] is None else rss["unit"] - rss["layer"]
     threads = next((r["threads"] for r in runs_by_config.values() if r.get("threads")), None)
@@ -772,7 +789,7 @@ def text_layers_case(bench: Bench) -> int:
     trained_layers = f"layer {cut}" if cut == n - 1 else f"layers {cut}-{n - 1}"
     print()
     print(
-        f"## text-encoder layers: {args.size} Qwen-Image, {res}x{res}, {args.samples} samples, "
+        f"## text-encoder layers: {args.size} {FAMILY}, {res}x{res}, {args.samples} samples, "
         f"{args.steps} steps, text-encoder LoRA on {trained_layers} of {n}"
     )
     print()
