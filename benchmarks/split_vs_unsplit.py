@@ -825,7 +825,7 @@ def text_layers_case(bench: Bench) -> int:
         print(f"cached values ({'b' if split == 'unit' else 'c'}), bytes/sample: {values}")
     print(f"LoRA targets: `{lora[-1]}`, rank 32, fp32{', gradient checkpointing' if gc else ''}")
     print(
-        f"model files: text encoder {text_bytes / mib:.1f} MiB ({n} layers), DiT {dit_bytes / mib:.1f} MiB; "
+        f"model files: text encoder {text_bytes / mib:.1f} MiB ({n} layers read), DiT {dit_bytes / mib:.1f} MiB; "
         f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} usable cores of {os.cpu_count()}, "
         f"torch {torch_version}, {threads} torch threads"
     )

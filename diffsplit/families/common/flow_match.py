@@ -19,6 +19,7 @@ import torch
 
 from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
+from diffsplit.planner.graph import Unit
 from diffsplit.storage.data import SizePolicy, image_to_tensor, resize_and_crop, target_size
 
 TIMESTEP_WEIGHTINGS = ("bell", "none")
@@ -298,3 +299,74 @@ def inference_timesteps(
         )
     private.set_begin_index(0)
     return private, timesteps
+
+
+# -- the unit declarations every flow-matching family shares (each with its own function) -------------------
+def resize_unit(fn: Any) -> Unit:
+    """``resize_image``: ``image -> pixels``, reading the size options."""
+    return Unit(
+        name="resize_image",
+        inputs=("image",),
+        outputs=("pixels",),
+        options=("max_pixels", "height", "width"),
+        fn=fn,
+    )
+
+
+def latents_unit(options: Any, mode_fn: Any, sample_fn: Any) -> Unit:
+    """How ``latents`` come from the VAE posterior: its mode, or (``--latent_sample sample``) a keyed draw."""
+    if options.latent_sample == "mode":
+        return Unit(name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=mode_fn)
+    return Unit(
+        name="sample_posterior",
+        inputs=("latent_mean", "latent_std"),
+        outputs=("latents",),
+        stochastic=True,
+        fn=sample_fn,
+    )
+
+
+def timestep_noise_unit(fn: Any) -> Unit:
+    """``timestep_noise``: a keyed timestep and noise per sample (see :func:`draw_timestep_noise`)."""
+    return Unit(
+        name="timestep_noise",
+        inputs=("latents",),
+        outputs=("noise", "sigma", "timestep", "loss_weight"),
+        models=("scheduler",),
+        stochastic=True,
+        options=("timestep_weighting",),
+        fn=fn,
+    )
+
+
+NOISY_LATENTS = Unit(
+    name="noisy_latents",
+    inputs=("latents", "noise", "sigma"),
+    outputs=("noisy_latents", "target"),
+    fn=noisy_latents,
+)
+
+
+def initial_noise_unit(fn: Any) -> Unit:
+    """``initial_noise``: the teacher's seeded noise. Light and not stochastic: a draw from the row's seed is the
+    same every epoch, so the minimum cut decides where it runs (it regenerates it from the cached seed)."""
+    return Unit(
+        name="initial_noise",
+        inputs=("seed", "latent_shape"),
+        outputs=("noise",),
+        options=("rand_device",),
+        fn=fn,
+    )
+
+
+def require_mode_latents(options: Any) -> None:
+    """Direct distillation's target is the teacher image's posterior mode.
+
+    Raises:
+        ValueError: ``--latent_sample`` is not ``mode``.
+    """
+    if options.latent_sample != "mode":
+        raise ValueError(
+            f"latent_sample must be 'mode' for direct distillation (the target is the teacher image's "
+            f"posterior mode), got {options.latent_sample!r}"
+        )

@@ -45,12 +45,15 @@ import torch
 
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
+    NOISY_LATENTS,
     draw_timestep_noise,
     image_size,
-    noisy_latents,
+    latents_unit,
     posterior_sample,
     resize_images,
+    resize_unit,
     scheduler_constants,
+    timestep_noise_unit,
 )
 from diffsplit.planner.graph import Unit
 from diffsplit.storage.data import SizePolicy
@@ -323,13 +326,7 @@ def denoise(
 
 # -- the graph ------------------------------------------------------------------------------------------
 # Units shared by every Qwen-Image task (SFT here, direct distillation in distill.py).
-RESIZE_IMAGE = Unit(
-    name="resize_image",
-    inputs=("image",),
-    outputs=("pixels",),
-    options=("max_pixels", "height", "width"),
-    fn=resize_image,
-)
+RESIZE_IMAGE = resize_unit(resize_image)
 ENCODE_IMAGE = Unit(
     name="encode_image",
     inputs=("pixels",),
@@ -358,38 +355,15 @@ ENCODE_PROMPT = Unit(
 def sft_units(options: Any) -> list[Unit]:
     """The units of one SFT step, in execution order (see the module docstring); ``options.latent_sample``
     chooses how latents come from the posterior."""
-    if options.latent_sample == "mode":
-        latents = Unit(name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=posterior_mode)
-    else:
-        latents = Unit(
-            name="sample_posterior",
-            inputs=("latent_mean", "latent_std"),
-            outputs=("latents",),
-            stochastic=True,
-            fn=sample_posterior,
-        )
     return [
         RESIZE_IMAGE,
         ENCODE_IMAGE,
-        latents,
+        latents_unit(options, posterior_mode, sample_posterior),
         IMAGE_SHAPES,
         TOKENIZE,
         ENCODE_PROMPT,
-        Unit(
-            name="timestep_noise",
-            inputs=("latents",),
-            outputs=("noise", "sigma", "timestep", "loss_weight"),
-            models=("scheduler",),
-            stochastic=True,
-            options=("timestep_weighting",),
-            fn=timestep_noise,
-        ),
-        Unit(
-            name="noisy_latents",
-            inputs=("latents", "noise", "sigma"),
-            outputs=("noisy_latents", "target"),
-            fn=noisy_latents,
-        ),
+        timestep_noise_unit(timestep_noise),
+        NOISY_LATENTS,
         Unit(
             name="denoise",
             inputs=("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask", "img_shapes"),

@@ -34,6 +34,9 @@ import torch
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
     inference_timesteps,
+    initial_noise_unit,
+    require_mode_latents,
+    resize_unit,
     seeded_generators,
     seeds_of,
     student_steps,
@@ -113,32 +116,15 @@ def student_rollout(
 
 def distill_units(options: Any) -> list[Unit]:
     """The units of one distillation step, in execution order (see the module docstring)."""
-    if options.latent_sample != "mode":
-        raise ValueError(
-            f"latent_sample must be 'mode' for direct distillation (the target is the teacher image's "
-            f"posterior mode), got {options.latent_sample!r}"
-        )
+    require_mode_latents(options)
     return [
-        Unit(
-            name="resize_image",
-            inputs=("image",),
-            outputs=("pixels",),
-            options=("max_pixels", "height", "width"),
-            fn=resize_teacher_image,
-        ),
+        resize_unit(resize_teacher_image),
         ENCODE_IMAGE,
         Unit(name="target_latents", inputs=("latent_mean",), outputs=("target_latents",), fn=target_latents),
         Unit(name="latent_shape", inputs=("latent_mean",), outputs=("latent_shape",), fn=latent_shape),
         TOKENIZE,
         ENCODE_PROMPT,
-        # Light and not stochastic: a draw from the row's seed is the same every epoch.
-        Unit(
-            name="initial_noise",
-            inputs=("seed", "latent_shape"),
-            outputs=("noise",),
-            options=("rand_device",),
-            fn=initial_noise,
-        ),
+        initial_noise_unit(initial_noise),
         Unit(
             name="student_rollout",
             inputs=("noise", "prompt_embeds", "num_inference_steps", "cfg_scale"),

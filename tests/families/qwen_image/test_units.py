@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 from diffsplit.families.base import UnitContext, unit_context
-from diffsplit.families.common.flow_match import scheduler_from_constants, timestep_schedule
+from diffsplit.families.common.flow_match import noisy_latents, scheduler_from_constants, timestep_schedule
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.qwen_image import FAMILY
 from diffsplit.families.qwen_image.units import (
     encode_image,
     encode_prompt,
-    noisy_latents,
     posterior_mode,
     prompt_template,
     resize_image,
