@@ -394,7 +394,8 @@ def test_layer_split_text_encoder_lora_equals_unsplit_and_stage2_builds_only_the
     }
     # The cached state keeps the 34 template tokens: the pipeline drops them only after the last layer.
     hidden = identity["value_bytes"]["text_hidden"]
-    embeds_per_token = 16 * 4
+    element = torch.empty((), dtype=getattr(torch, identity["preprocessing"]["torch_dtype"])).element_size()
+    embeds_per_token = 16 * element  # the tiny encoder's hidden size, in the run's dtype (bf16 on a GPU)
     assert hidden % embeds_per_token == 0 and hidden // embeds_per_token > 34
 
     spy = _Spy(monkeypatch)

@@ -91,3 +91,21 @@ def test_split_equals_unsplit_and_the_student_learns(
 
     plan = json.loads((tmp_path / "cache" / "manifest.json").read_text())["identity"]["plan"]
     assert "initial_noise" in plan["stage2"] and "seed" in plan["cached"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rand_device_cuda_draws_what_the_pipeline_draws_with_a_cuda_generator(
+    z_pipe: Any, z_model: Path
+) -> None:
+    ctx = UnitContext(components=model_set(z_model), options=ImageOptions(rand_device="cuda"))
+    noise = distill.initial_noise(ctx, [5], [16, 8, 8])["noise"]
+    expected = z_pipe.prepare_latents(
+        1, 16, SIZE, SIZE, torch.float32, "cuda", torch.Generator("cuda").manual_seed(5)
+    )
+    assert noise.device.type == "cpu" and torch.equal(noise, expected.cpu())
+    on_cpu = distill.initial_noise(UnitContext(components={}, options=ImageOptions()), [5], [16, 8, 8])[
+        "noise"
+    ]
+    assert not torch.equal(
+        noise, on_cpu
+    )  # a CUDA generator draws other numbers: the device is part of the data
