@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffsplit.errors import UserError
-from diffsplit.storage.files import atomic_write
+from diffsplit.storage.files import atomic_write, sha256_file
 
 METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -48,7 +48,6 @@ FOLDER_IMAGE_KEY = "image"
 FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
 
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -195,12 +194,8 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 # -- stable ids ------------------------------------------------------------------------------------------
 def file_digest(path: str | Path) -> bytes:
-    """sha256 of a file's bytes, read in 1 MiB chunks so large files never sit in memory whole."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.digest()
+    """sha256 of a file's bytes (:func:`~diffsplit.storage.files.sha256_file`, read in blocks), as bytes."""
+    return bytes.fromhex(sha256_file(path))
 
 
 def content_hash(values: Mapping[str, Any], digests: Mapping[str, bytes] | None = None) -> str:
