@@ -118,7 +118,9 @@ def data_process(run: Run) -> dict[str, Any]:
     """``--task <task>:data_process``: stage 1 into ``--output_path``."""
     samples = run.load_dataset()
     plan, summary = _stage1(run, Path(run.config.output_path), samples)
-    print(f"cache at {run.config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}")
+    print(
+        f"cache at {run.config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}"
+    )
     return summary
 
 
@@ -256,4 +258,3 @@ def _peak_rss_mib() -> float:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-

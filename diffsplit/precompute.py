@@ -148,7 +148,9 @@ def write_cache(
             env = dict(item["values"])
             with torch.no_grad():
                 graph.run(
-                    plan.stage1, env, lambda unit: unit_context(unit, components, options, None, device, dtype)
+                    plan.stage1,
+                    env,
+                    lambda unit: unit_context(unit, components, options, None, device, dtype),
                 )
             for position, index in enumerate(members):
                 one = _one_sample(env, keys, position, len(members))

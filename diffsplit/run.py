@@ -204,7 +204,9 @@ def process_state() -> Any:
 
 
 # -- the layer-level split's cuts --------------------------------------------------------------------------
-def layer_cuts(config: TrainConfig, family: Family, models: ModelSet, trained: list[str]) -> dict[str, LayerCut]:
+def layer_cuts(
+    config: TrainConfig, family: Family, models: ModelSet, trained: list[str]
+) -> dict[str, LayerCut]:
     """Where each trainable component could be cut between layers (the planner's layer-level split).
 
     Found from module names alone: the component's layer adapter lists the full model's module names on the

@@ -34,7 +34,9 @@ def _family_words() -> list[re.Pattern[str]]:
             words.add(stem)
         words.add(family.example.model_id)
         words.update(c for c in family.model_classes)
-    return [re.compile(rf"(?<![A-Za-z0-9]){re.escape(w)}(?![A-Za-z0-9])", re.IGNORECASE) for w in sorted(words)]
+    return [
+        re.compile(rf"(?<![A-Za-z0-9]){re.escape(w)}(?![A-Za-z0-9])", re.IGNORECASE) for w in sorted(words)
+    ]
 
 
 def test_no_generic_module_names_a_family() -> None:

@@ -18,7 +18,9 @@ CPU = torch.device("cpu")
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(model_id_with_origin_paths=SEED_MODELS, lora_base_model="dit", lora_target_modules=SEED_TARGETS)
+    base = dict(
+        model_id_with_origin_paths=SEED_MODELS, lora_base_model="dit", lora_target_modules=SEED_TARGETS
+    )
     return TrainConfig(**{**base, **kw})
 
 

@@ -96,7 +96,9 @@ def unit_context(
     dtype: torch.dtype,
 ) -> UnitContext:
     """The context ``unit`` runs with: its declared options only."""
-    return UnitContext(components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype)
+    return UnitContext(
+        components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype
+    )
 
 
 def options_from_config(options_type: type, config: Any) -> Any:
@@ -108,7 +110,9 @@ def options_from_config(options_type: type, config: Any) -> Any:
     values = {}
     for f in dataclasses.fields(options_type):
         if not hasattr(config, f.name):
-            raise TypeError(f"{options_type.__name__}.{f.name} is no flag (the run configuration has no such field)")
+            raise TypeError(
+                f"{options_type.__name__}.{f.name} is no flag (the run configuration has no such field)"
+            )
         values[f.name] = getattr(config, f.name)
     return options_type(**values)
 

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 _PART = re.compile(r"^(?P<component>[A-Za-z_]\w*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 _LAYER_RANGE = re.compile(r"^(?P<component>[A-Za-z_]\w*)\.layers\.(?P<first>\d+)(?:-(?P<last>\d+))?$")
 
+
 # -- part names -------------------------------------------------------------------------------------------
 def part_name(component: str, start: int, stop: int) -> str:
     """``"text_encoder[24:28]"``: layers ``[start, stop)`` of ``component``."""

@@ -49,7 +49,6 @@ FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
 
 
-
 @dataclass(frozen=True)
 class SizePolicy:
     """A family's training sizes.

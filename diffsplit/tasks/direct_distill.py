@@ -129,7 +129,6 @@ def resolve_distill_values(
     return out
 
 
-
 def distill_loss(student_latents: torch.Tensor, target_latents: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the student's and the teacher's latents, computed in float32.
 

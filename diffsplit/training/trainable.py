@@ -72,7 +72,9 @@ def prepare_trainable(
     return trained
 
 
-def _unfreeze_layers(model: torch.nn.Module, layers: LayerRange, flag_value: str, spec: ComponentSpec) -> None:
+def _unfreeze_layers(
+    model: torch.nn.Module, layers: LayerRange, flag_value: str, spec: ComponentSpec
+) -> None:
     """Make every parameter of layers ``layers.first..layers.last`` trainable (the component's layer adapter
     says which layer a parameter belongs to)."""
     if spec.layers is None:
