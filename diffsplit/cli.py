@@ -8,12 +8,13 @@ one line ``error: ...`` on stderr and exit status 2; any other exception is a bu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from diffsplit.config import TrainConfig, _OneLineParser, add_train_arguments, config_from_args
-from diffsplit.errors import UserError
+from diffsplit.errors import DataError, UserError
 from diffsplit.families import family_names
 
 if TYPE_CHECKING:
@@ -75,8 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, argv)
     except UserError as error:
-        sys.stderr.write(f"error: {error}\n")
+        # Under `accelerate launch` every process meets the same up-front error: the main one says it. A
+        # DataError can be one process's alone (its shard, its row): that process says it.
+        if isinstance(error, DataError) or os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"error: {one_line(str(error))}\n")
+            sys.stderr.flush()
         return 2
+
+
+def one_line(message: str) -> str:
+    """The promised single line, whatever a message carries (a path with a newline, a library's report)."""
+    return " ".join(message.split())
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

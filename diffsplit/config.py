@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     # outputs
     output_path: str = "./models/train"
+    overwrite_output: bool = False
     remove_prefix_in_ckpt: str | None = None
     save_steps: int | None = None
     save_state_steps: int | None = None
@@ -118,6 +119,19 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
@@ -140,7 +154,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--data_file_keys", default=d.data_file_keys, help="comma-separated columns holding file paths"
     )
     g.add_argument("--dataset_repeat", type=_positive(int), default=d.dataset_repeat)
-    g.add_argument("--dataset_num_workers", type=int, default=d.dataset_num_workers)
+    g.add_argument(
+        "--dataset_num_workers",
+        type=_non_negative(int),
+        default=d.dataset_num_workers,
+        help="data loading processes (0: in the training process; capped at the usable cores)",
+    )
     g.add_argument(
         "--max_pixels", type=_positive(int), default=d.max_pixels, help="larger images are scaled down"
     )
@@ -201,6 +220,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g = parser.add_argument_group("outputs")
     g.add_argument("--output_path", default=d.output_path)
+    g.add_argument(
+        "--overwrite_output",
+        action="store_true",
+        help="train into a folder holding another run's files: remove them first",
+    )
     g.add_argument(
         "--remove_prefix_in_ckpt", help="accepted for compatibility: saved keys never carry a prefix"
     )

@@ -12,8 +12,8 @@ Only the components the plan's stages run are ever constructed.
 
 from __future__ import annotations
 
-import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,15 @@ from diffsplit.planner.split import SplitPlan
 from diffsplit.precompute import existing_identity, probe_sizes, write_cache
 from diffsplit.run import MODEL_FLAG, Run, process_state
 from diffsplit.storage import cache, data
+from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.models import SCHEDULER
 from diffsplit.training.loop import ComponentOverlay, StepPlan, make_accelerator, run_training
+from diffsplit.training.outputs import check_output_folder
 from diffsplit.training.trainable import prepare_trainable
+
+VERIFY_UP_FRONT_BYTES = 2 << 30
+"""Stage 2 verifies every shard's checksum before its first step when they total at most this (about a
+second of hashing); a larger cache is verified shard by shard as it is read."""
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -37,8 +43,18 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def execute(run: Run) -> dict[str, Any]:
-    """Run a resolved run in the mode its ``--task`` stage and ``--cache_dir`` choose."""
+    """Run a resolved run in the mode its ``--task`` stage and ``--cache_dir`` choose.
+
+    Everything about the folders it will write that can be checked is checked before any work (and before
+    any model loads): a failed run changes nothing an earlier run wrote.
+    """
     config = run.config
+    if run.task.stage == "data_process":
+        check_cache_folder(Path(config.output_path), "--output_path")
+    else:
+        check_output_folder(config)
+        if run.task.stage == "" and config.cache_dir:
+            check_cache_folder(Path(config.cache_dir), "--cache_dir")
     if run.task.stage == "":
         return train_auto(run) if config.cache_dir else train_unsplit(run)
     if run.task.stage == "data_process":
@@ -106,6 +122,8 @@ def _stage1(run: Run, folder: Path, samples: list[data.Sample]) -> tuple[SplitPl
         rank=state.process_index,
         world_size=state.num_processes,
         barrier=_long_barrier(state),
+        skipped=run.skipped,
+        skip_bad_samples=config.skip_bad_samples,
     )
     return plan, summary
 
@@ -153,6 +171,12 @@ def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None
     reader = cache.CacheReader(folder)
     run.models.require(run.trained, flag=MODEL_FLAG)
     plan = _check_cache(run, reader, str(folder))
+    if not reader.verify_all(VERIFY_UP_FRONT_BYTES) and accelerator.is_main_process:
+        print(
+            f"notice: the cache's shards are over {VERIFY_UP_FRONT_BYTES >> 30} GiB: each is verified when first "
+            "read, so a corrupt one stops the run then (`diffsplit cache verify` checks them all now)",
+            file=sys.stderr,
+        )
     schedulers = [s.name for s in run.family.components if s.kind == SCHEDULER]
     run.models.require([m for m in plan.stage2_models if m not in schedulers], flag=MODEL_FLAG)
     # The scheduler comes from the cache's constants, so stage 2 needs nothing of the frozen repository.
@@ -236,12 +260,18 @@ def _step_plan(run: Run, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
 
 def _train(run: Run, accelerator, step_plan, components, trained, ids, load) -> dict[str, Any]:
     config = run.config
-    out = Path(config.output_path)
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        (out / "training_args.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     summary = run_training(
-        config, accelerator, step_plan, components, trained, ids, load, run.options, run.dtype, run.specs
+        config,
+        accelerator,
+        step_plan,
+        components,
+        trained,
+        ids,
+        load,
+        run.options,
+        run.dtype,
+        run.specs,
+        skipped=run.skipped,
     )
     if accelerator.is_main_process:
         print(

@@ -7,6 +7,7 @@ family's units version, the constants stage 2 needs) is what decides whether an 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffsplit.errors import BadSampleError, DataError, UserError
 from diffsplit.families.base import unit_context
 from diffsplit.planner.split import SplitPlan
 from diffsplit.storage import cache, data
@@ -99,6 +101,8 @@ def write_cache(
     world_size: int = 1,
     barrier: Any = None,
     show_progress: bool = True,
+    skipped: Sequence[Mapping[str, Any]] = (),
+    skip_bad_samples: bool = False,
 ) -> dict[str, Any]:
     """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
 
@@ -110,8 +114,46 @@ def write_cache(
     in id order into its own shards (no sample padded or doubled); ``barrier()`` must wait for every rank,
     however long the slowest takes; rank 0 then writes the merged manifest. A rerun with another number of
     processes still skips what any rank finished.
-    """
 
+    One stage 1 at a time writes a folder: rank 0 holds the folder's writer lock for the whole run (a second
+    run waits, then finds the samples done). ``skipped`` are the rows left out before (recorded in the
+    cache's ``skipped_samples.json``); an image that fails to decode now is left out too with
+    ``skip_bad_samples``, and otherwise stops the run with one line after what was encoded is written (the
+    cache resumes).
+    """
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(cache.writer_lock(folder, lambda m: print(f"notice: {m}", file=sys.stderr)))
+        return _write_cache(
+            folder, identity, plan, samples, components, options, device, dtype, overwrite=overwrite,
+            num_workers=num_workers, shard_samples=shard_samples, batch_size=batch_size, batch_key=batch_key,
+            rank=rank, world_size=world_size, barrier=barrier, show_progress=show_progress, skipped=skipped,
+            skip_bad_samples=skip_bad_samples,
+        )  # fmt: skip
+
+
+def _write_cache(
+    folder: Path,
+    identity: dict[str, Any],
+    plan: SplitPlan,
+    samples: Sequence[data.Sample],
+    components: Mapping[str, Any],
+    options: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    overwrite: bool,
+    num_workers: int,
+    shard_samples: int,
+    batch_size: int,
+    batch_key: Any,
+    rank: int,
+    world_size: int,
+    barrier: Any,
+    show_progress: bool,
+    skipped: Sequence[Mapping[str, Any]],
+    skip_bad_samples: bool,
+) -> dict[str, Any]:
     def open_writer(overwrite: bool) -> cache.CacheWriter:
         return cache.CacheWriter(
             folder, identity, writer_id=f"r{rank}", shard_samples=shard_samples, overwrite=overwrite
@@ -122,6 +164,7 @@ def write_cache(
     if world_size > 1:
         barrier()
     writer = writer or open_writer(False)
+    skipped = list(skipped)
     done = writer.done_ids()
     missing = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
     todo = missing[rank::world_size]
@@ -132,32 +175,56 @@ def write_cache(
         batches = _batches(todo, batch_size, batch_key, components, options, graph)
 
         def load(index: int) -> dict:
-            batch = [data.load_values(todo[i]) for i in batches[index]]
-            if len(batch) == 1:
-                return {graph.dataset_key(k): v for k, v in batch[0].items() if k in graph.dataset_values}
-            return {
-                graph.dataset_key(k): [b[k] for b in batch] for k in batch[0] if k in graph.dataset_values
-            }
+            """The batch's decodable members and their stacked values; the others as bad-row records."""
+            loaded, bad = [], []
+            for i in batches[index]:
+                try:
+                    loaded.append((i, data.load_values(todo[i])))
+                except BadSampleError as error:
+                    bad.append({**error.record(), "message": str(error)})
+            batch = [values for _, values in loaded]
+            if not batch:
+                values = {}
+            elif len(batch) == 1:
+                values = {graph.dataset_key(k): v for k, v in batch[0].items() if k in graph.dataset_values}
+            else:
+                values = {
+                    graph.dataset_key(k): [b[k] for b in batch] for k in batch[0] if k in graph.dataset_values
+                }
+            return {"members": [i for i, _ in loaded], "values": values, "bad": bad}
 
         loader = torch.utils.data.DataLoader(
             _Rows(list(range(len(batches))), load), batch_size=None, num_workers=num_workers
         )
         progress = tqdm(total=len(todo), desc="stage 1", unit="sample", disable=not show_progress)
-        for item in loader:
-            members = batches[item["id"]]
-            env = dict(item["values"])
-            with torch.no_grad():
-                graph.run(
-                    plan.stage1,
-                    env,
-                    lambda unit: unit_context(unit, components, options, None, device, dtype),
-                )
-            for position, index in enumerate(members):
-                one = _one_sample(env, keys, position, len(members))
-                tensors, values = split_values(one, keys)
-                writer.add(todo[index].id, todo[index].row, tensors, values)
-            progress.update(len(members))
-        progress.close()
+        try:
+            for item in loader:
+                if "error" in item:
+                    raise DataError(item["error"])
+                if item["bad"] and not skip_bad_samples:
+                    raise DataError(item["bad"][0]["message"])
+                skipped += [{k: v for k, v in r.items() if k != "message"} for r in item["bad"]]
+                members = item["members"]
+                if members:
+                    env = dict(item["values"])
+                    with torch.no_grad():
+                        graph.run(
+                            plan.stage1,
+                            env,
+                            lambda unit: unit_context(unit, components, options, None, device, dtype),
+                        )
+                    for position, index in enumerate(members):
+                        one = _one_sample(env, keys, position, len(members))
+                        tensors, values = split_values(one, keys)
+                        writer.add(todo[index].id, todo[index].row, tensors, values)
+                progress.update(len(batches[item["id"]]))
+        except DataError:
+            writer.flush()  # what was encoded before the bad row is kept: the next run resumes after it
+            raise
+        finally:
+            progress.close()
+    if skip_bad_samples and rank == 0:
+        writer.record_skipped(sorted(skipped, key=lambda r: r["row"]))
     writer.close(complete=world_size == 1)
     seconds = time.perf_counter() - started
     if world_size > 1:
@@ -176,16 +243,20 @@ def write_cache(
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Samples in a fixed order; workers decode the images while the main process encodes."""
+    """Samples in a fixed order; workers decode the images while the main process encodes (a worker's
+    error comes back as a message: :func:`~diffsplit.training.loop.load_or_error`)."""
 
-    def __init__(self, ids: Sequence[str], load: Any):
+    def __init__(self, ids: Sequence[int], load: Any):
         self.ids, self.load = ids, load
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        return {"id": self.ids[index], "values": self.load(index)}
+        try:
+            return {"id": self.ids[index], **self.load(index)}
+        except UserError as error:
+            return {"id": self.ids[index], "error": str(error)}
 
 
 def _batches(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ class Run:
     cuts: dict[str, LayerCut]
     step_units: list[Unit] = field(repr=False)
     graph_options: frozenset[str]
+    skipped: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @functools.cached_property
     def plan(self) -> SplitPlan:
@@ -162,7 +164,9 @@ class Run:
 
     # -- data -------------------------------------------------------------------------------------------
     def load_dataset(self) -> list[data.Sample]:
-        """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front."""
+        """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
+        ``--skip_bad_samples`` every image is decoded once, so no bad row is met later); the rows left out
+        are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
         config = self.config
         if not config.dataset_base_path:
             raise UserError("--dataset_base_path is required")
@@ -176,12 +180,15 @@ class Run:
             width=config.width,
             skip_bad_samples=config.skip_bad_samples,
             policy=self.family.size_policy,
+            decode=config.skip_bad_samples,
         )
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
+        self.skipped = skipped
         if config.skip_bad_samples:
-            print(data.write_skipped(skipped, config.output_path), file=sys.stderr)
+            target = Path(config.output_path) / data.SKIPPED_FILE
+            print(data.skipped_summary(skipped, target), file=sys.stderr)
         return samples
 
 

@@ -28,7 +28,8 @@ import os
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from diffsplit.errors import UserError
+from diffsplit.errors import DataError, UserError
 from diffsplit.storage.files import atomic_write, sha256_file
 
 FORMAT_VERSION: int = 1
@@ -44,6 +45,11 @@ FORMAT_VERSION: int = 1
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+LOCK = ".lock"
+"""The writers' lock file (an OS file lock, released when its process ends, however it ends)."""
+SKIPPED = "skipped_samples.json"
+"""The rows stage 1 left out (``--skip_bad_samples``): part of the cache's folder, not of its data."""
+_SKIPPED_TMP = f".{SKIPPED}.tmp"
 
 _WRITER_ID = re.compile(r"[A-Za-z0-9_]+")
 _SHARD = re.compile(r"shard-([A-Za-z0-9_]+)-(\d{6,})\.safetensors")
@@ -138,8 +144,15 @@ def _read_json(path: Path, what: str, hint: str) -> Any:
         raise UserError(f"{what} {path} is unreadable ({err}); {hint}") from None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# safetensors' dtype names (F32, BF16, ...) as torch's.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 class _Listing:
@@ -170,10 +183,36 @@ class _Listing:
         return sorted(f"{stem}.safetensors" for stem in self.shards if stem not in self.indexes)
 
 
+def _sample_problem(sample: Any) -> str | None:
+    """What is wrong with one sample entry of a shard index, or None."""
+    if not isinstance(sample, dict):
+        return "an entry is not an object"
+    sample_id = sample.get("id")
+    if not isinstance(sample_id, str) or not sample_id:
+        return "an entry has no 'id'"
+    tensors, values = sample.get("tensors"), sample.get("values")
+    if not isinstance(tensors, dict) or not isinstance(values, dict):
+        return f"sample {sample_id} has no 'tensors' or 'values'"
+    for name, info in tensors.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("dtype"), str)
+            or not isinstance(shape, list)
+        ):
+            return f"sample {sample_id}: tensor '{name}' has no dtype and shape"
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            return f"sample {sample_id}: tensor '{name}' has the shape {shape}"
+    return None
+
+
 def _index_problem(folder: Path, stem: str, index: Any, listing: _Listing) -> str | None:
     """Why an index cannot be trusted without reading its shard's bytes, or None."""
     if not isinstance(index, dict) or not isinstance(index.get("samples"), list):
         return f"index {folder / SHARDS / stem}.json is malformed"
+    for sample in index["samples"]:
+        if (problem := _sample_problem(sample)) is not None:
+            return f"index {folder / SHARDS / stem}.json is malformed: {problem}"
     shard = folder / SHARDS / f"{stem}.safetensors"
     if stem not in listing.shards:
         return f"shard {shard} is missing (its index exists)"
@@ -192,9 +231,74 @@ def _foreign_entries(folder: Path) -> list[str]:
     for entry in os.scandir(folder):
         if entry.name == SHARDS and entry.is_dir():
             foreign += [f"{SHARDS}/{name}" for name in _Listing(folder).unknown]
-        elif not (entry.name == MANIFEST or _MANIFEST_TMP.fullmatch(entry.name)):
+        elif not (
+            entry.name in (MANIFEST, LOCK, SKIPPED, _SKIPPED_TMP) or _MANIFEST_TMP.fullmatch(entry.name)
+        ):
             foreign.append(entry.name)
     return sorted(foreign)
+
+
+def _manifest_leftovers(folder: Path) -> list[str]:
+    """Temporary manifest files a killed (or disk-full) writer left."""
+    return (
+        sorted(e.name for e in os.scandir(folder) if _MANIFEST_TMP.fullmatch(e.name))
+        if folder.is_dir()
+        else []
+    )
+
+
+def check_cache_folder(folder: Path, flag: str) -> None:
+    """What can be checked about a cache folder before any work: not a file, and writable.
+
+    Raises:
+        UserError: one line naming ``flag``.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: '{existing}' is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: cannot write in '{existing}' (permission denied)")
+
+
+@contextmanager
+def writer_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the cache folder's writer lock: one stage 1 at a time writes a folder.
+
+    A second one waits (``waiting(message)`` is told once) until the first ends, then resumes the finished
+    cache, which encodes nothing it already holds. The lock is the OS's (``flock``): a killed holder releases
+    it, so it never needs cleaning up.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(f"another stage 1 is writing the cache at {folder}; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes, tmp: Path) -> None:
+    """:func:`atomic_write`, with a failing disk (full, read-only, gone) as one line that says the cache
+    resumes once the problem is fixed (the temporary file is removed, the target left as it was)."""
+    try:
+        atomic_write(path, data, tmp)
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
+            "it resumes where it stopped"
+        ) from None
 
 
 class CacheWriter:
@@ -250,7 +354,11 @@ class CacheWriter:
             )
         (self.folder / SHARDS).mkdir(exist_ok=True)
         self._seq = self._resume()
-        self._write_manifest({**self._manifest_base(), "status": "partial"})
+        # A cache this writer continues keeps its manifest until new data is written (a run that fails
+        # before then changes nothing); a new one is marked partial now, with its identity.
+        self._complete = manifest_path.is_file() and not overwrite and _status(manifest_path) == "complete"
+        if not self._complete:
+            self._write_manifest({**self._manifest_base(), "status": "partial"})
 
     def _manifest_base(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "identity": self.identity}
@@ -370,6 +478,9 @@ class CacheWriter:
                 name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()
             }
             samples.append({"id": sample_id, "row": row, "values": values, "tensors": shapes})
+        if self._complete:
+            self._write_manifest({**self._manifest_base(), "status": "partial"})
+            self._complete = False
         data = save_safetensors(flat, metadata={"format": "pt"})
         index = {
             "format": FORMAT_VERSION,
@@ -378,8 +489,8 @@ class CacheWriter:
             "bytes": len(data),
             "samples": samples,
         }
-        atomic_write(shards / f"{stem}.safetensors", data, shards / f"{stem}.safetensors.tmp")
-        atomic_write(shards / f"{stem}.json", _json_bytes(index), shards / f"{stem}.json.tmp")
+        _write(shards / f"{stem}.safetensors", data, shards / f"{stem}.safetensors.tmp")
+        _write(shards / f"{stem}.json", _json_bytes(index), shards / f"{stem}.json.tmp")
         self._seq += 1
         self._buffer.clear()
 
@@ -400,12 +511,15 @@ class CacheWriter:
         shards = self.folder / SHARDS
         for name in listing.orphans + listing.tmp:
             (shards / name).unlink(missing_ok=True)
+        for name in _manifest_leftovers(self.folder):
+            (self.folder / name).unlink(missing_ok=True)
         ids: set[str] = set()
         for stem in sorted(listing.indexes):
             index = _read_json(shards / f"{stem}.json", "shard index", _OVERWRITE_HINT)
             if (problem := _index_problem(self.folder, stem, index, listing)) is not None:
                 raise UserError(f"cannot finalize the cache at {self.folder}: {problem}; rerun stage 1")
             ids.update(sample["id"] for sample in index["samples"])
+        self._complete = True
         manifest = {
             **self._manifest_base(),
             "status": "complete",
@@ -418,10 +532,34 @@ class CacheWriter:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         # The temporary name carries writer and pid: two ranks may create the manifest at the same time.
         tmp = self.folder / f"{MANIFEST}.tmp-{self.writer_id}-{os.getpid()}"
-        atomic_write(self.folder / MANIFEST, _json_bytes(manifest), tmp)
+        _write(self.folder / MANIFEST, _json_bytes(manifest), tmp)
+
+    def record_skipped(self, records: Sequence[Mapping[str, Any]]) -> Path:
+        """Write ``skipped_samples.json`` (the rows left out of this stage 1) beside the manifest."""
+        path = self.folder / SKIPPED
+        _write(
+            path,
+            json.dumps([dict(r) for r in records], indent=2, ensure_ascii=False).encode(),
+            path.with_name(_SKIPPED_TMP),
+        )
+        return path
+
+
+def _status(manifest_path: Path) -> Any:
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --- reader ---------------------------------------------------------------------------------------------
+
+
+def caches_in(folder: Path) -> list[Path]:
+    """The caches directly inside ``folder`` (an automatic mode's ``--cache_dir`` holds one per fingerprint)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -429,11 +567,20 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise UserError(f"cache folder {folder} does not exist; run stage 1 (sft:data_process) first")
     path = folder / MANIFEST
     if not path.is_file():
+        inside = caches_in(folder)
+        if inside:
+            shown = ", ".join(str(p) for p in inside[:5]) + (
+                f" (+{len(inside) - 5} more)" if len(inside) > 5 else ""
+            )
+            raise UserError(
+                f"{folder} is no cache itself but holds {len(inside)} (an automatic mode's --cache_dir): {shown}; "
+                "give one of them"
+            )
         raise UserError(
             f"{folder} holds no cache ({MANIFEST} is missing); run stage 1 (sft:data_process) first"
         )
     manifest = _read_json(path, "cache manifest", "rerun stage 1 with --overwrite_cache")
-    if not isinstance(manifest, dict):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("identity"), dict):
         raise UserError(f"cache manifest {path} is malformed; rerun stage 1 with --overwrite_cache")
     return manifest
 
@@ -463,8 +610,13 @@ class CacheReader:
                 f"{where} is incomplete (status {manifest.get('status')!r}): stage 1 did not finish; "
                 "rerun stage 1 to resume it"
             )
+        if manifest.get("fingerprint") != fingerprint(manifest["identity"]):
+            raise UserError(
+                f"{where}: the manifest's fingerprint does not match its identity (edited by hand?); "
+                "rerun stage 1 with --overwrite_cache"
+            )
         self.manifest: dict[str, Any] = manifest
-        self.identity: dict[str, Any] = manifest.get("identity") or {}
+        self.identity: dict[str, Any] = manifest["identity"]
 
         listing = _Listing(self.folder)
         self._shards = sorted(listing.indexes)
@@ -501,13 +653,15 @@ class CacheReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_handles", "_indexes", "_verified"):
+        for name in ("_handles", "_indexes"):  # shards verified here need no second hashing in a worker
             state.pop(name)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        verified = state.pop("_verified", set())
         self.__dict__.update(state)
         self._reset_handles()
+        self._verified = set(verified)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -524,7 +678,7 @@ class CacheReader:
             for name in sample["tensors"]:
                 out[name] = handle.get_tensor(f"{sample['id']}/{name}")
         except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as err:
-            raise UserError(f"shard {self._path(number)} is corrupt: {err}; {_RECOMPUTE_HINT}") from None
+            raise DataError(f"shard {self._path(number)} is corrupt: {err}; {_RECOMPUTE_HINT}") from None
         out.update(sample["values"])
         return out
 
@@ -551,30 +705,46 @@ class CacheReader:
             self._indexes.popitem(last=False)
         return index
 
+    def _verify(self, number: int, error: type[UserError]) -> None:
+        """Check shard ``number``'s size and sha256 against its index (``error`` says how a mismatch is
+        raised: found up front by every process alike, or while training by one)."""
+        path, index = self._path(number), self._index(number)
+        try:
+            size = path.stat().st_size
+            digest = sha256_file(path) if size == index["bytes"] else None
+        except OSError as err:
+            raise error(f"shard {path} is unreadable ({err}); {_RECOMPUTE_HINT}") from None
+        if size != index["bytes"]:
+            raise error(
+                f"shard {path} is corrupt: {size} bytes, expected {index['bytes']} (truncated?); {_RECOMPUTE_HINT}"
+            )
+        if digest != index["sha256"]:
+            raise error(f"shard {path} is corrupt: checksum mismatch; {_RECOMPUTE_HINT}")
+        self._verified.add(number)
+
+    def verify_all(self, limit_bytes: int) -> bool:
+        """Verify every shard now when they total at most ``limit_bytes`` (a few seconds of hashing), so a
+        corrupt shard stops the run before its first step; returns whether it did (else each shard is
+        verified when this process first reads it)."""
+        total = sum(self._path(n).stat().st_size for n in range(len(self._shards)))
+        if total > limit_bytes:
+            return False
+        for number in range(len(self._shards)):
+            if number not in self._verified:
+                self._verify(number, UserError)
+        return True
+
     def _handle(self, number: int) -> Any:
         if number in self._handles:
             self._handles.move_to_end(number)
             return self._handles[number]
         path = self._path(number)
         if number not in self._verified:
-            index = self._index(number)
-            try:
-                size = path.stat().st_size
-                digest = sha256_file(path) if size == index["bytes"] else None
-            except OSError as err:
-                raise UserError(f"shard {path} is unreadable ({err}); {_RECOMPUTE_HINT}") from None
-            if size != index["bytes"]:
-                raise UserError(
-                    f"shard {path} is corrupt: {size} bytes, expected {index['bytes']} (truncated?); "
-                    f"{_RECOMPUTE_HINT}"
-                )
-            if digest != index["sha256"]:
-                raise UserError(f"shard {path} is corrupt: checksum mismatch; {_RECOMPUTE_HINT}")
-            self._verified.add(number)
+            self._verify(number, DataError)
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as err:
-            raise UserError(f"shard {path} is corrupt: {err}; {_RECOMPUTE_HINT}") from None
+            raise DataError(f"shard {path} is corrupt: {err}; {_RECOMPUTE_HINT}") from None
         self._handles[number] = handle
         if len(self._handles) > _OPEN_SHARDS:
             self._handles.popitem(last=False)
@@ -619,12 +789,16 @@ def verify(folder: str | Path) -> list[str]:
         if sha256_file(shards / f"{stem}.safetensors") != index.get("sha256"):
             problems.append(f"shard {shards / stem}.safetensors is corrupt: checksum mismatch")
             continue
+        if (problem := _header_problem(shards / f"{stem}.safetensors", index["samples"])) is not None:
+            problems.append(problem)
+            continue
         intact += 1
         ids.update(sample["id"] for sample in index["samples"])
     problems += [
         f"orphan shard {shards / name} (no index; left by an interrupted run)" for name in listing.orphans
     ]
     problems += [f"leftover temporary file {shards / name}" for name in sorted(listing.tmp)]
+    problems += [f"leftover temporary file {folder / name}" for name in _manifest_leftovers(folder)]
     if manifest.get("status") == "complete":
         if manifest.get("num_shards") != len(listing.indexes):
             problems.append(
@@ -635,6 +809,34 @@ def verify(folder: str | Path) -> list[str]:
     return problems
 
 
+def _header_problem(shard: Path, samples: Sequence[Mapping[str, Any]]) -> str | None:
+    """Whether a shard's own header holds exactly the tensors its index lists, with their dtypes and shapes."""
+    expected = {
+        f"{sample['id']}/{name}": (info["dtype"], list(info["shape"]))
+        for sample in samples
+        for name, info in sample["tensors"].items()
+    }
+    try:
+        with safe_open(str(shard), framework="pt", device="cpu") as handle:
+            stored = {}
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                stored[key] = (
+                    _dtype_name(_SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype())),
+                    list(piece.get_shape()),
+                )
+    except (SafetensorError, OSError) as err:
+        return f"shard {shard} is unreadable: {err}"
+    for key in sorted(set(expected) | set(stored)):
+        if key not in stored:
+            return f"shard {shard} lacks '{key}', which its index lists"
+        if key not in expected:
+            return f"shard {shard} holds '{key}', which its index does not list"
+        if stored[key] != expected[key]:
+            return f"shard {shard}: '{key}' is {stored[key][0]} {stored[key][1]}, its index says {expected[key][0]} {expected[key][1]}"
+    return None
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -643,13 +845,34 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _identity_lines(identity: Mapping[str, Any]) -> list[str]:
+    """One line per identity key with its value; file hashes are summarised, value sizes left to the table."""
+    lines = []
+    for key in sorted(identity):
+        value = identity[key]
+        if key == "models" and isinstance(value, dict):
+            shown = ", ".join(f"{name} ({len(files)} files)" for name, files in sorted(value.items()))
+        elif key in ("value_bytes", "values"):
+            continue  # shown per value below
+        elif key == "constants" and isinstance(value, dict):
+            shown = ", ".join(sorted(value))
+        else:
+            shown = _canonical(value)
+        lines.append(f"  {key:<16} {shown}")
+    return lines
+
+
 def inspect(folder: str | Path) -> str:
     """A readable summary of the cache at ``folder`` (complete or not), without reading any tensor.
 
-    Status, format, fingerprint, samples and shards, bytes on disk and per sample, the identity's top-level
-    keys, and each stored tensor of one sample with dtype, shape and bytes, plus its JSON value names.
+    Status, format, fingerprint, samples and shards, bytes on disk and per sample, the identity's values
+    (what a training run must match; the frozen models by their file count), and each stored tensor of one
+    sample with dtype, shape and bytes, plus its JSON value names. Given a folder holding caches (an
+    automatic mode's ``--cache_dir``), a summary of each.
     """
     folder = Path(folder)
+    if not (folder / MANIFEST).is_file() and caches_in(folder):
+        return "\n\n".join(inspect(cache) for cache in caches_in(folder))
     manifest = _read_manifest(folder)
     listing = _Listing(folder)
     shards = folder / SHARDS
@@ -672,7 +895,8 @@ def inspect(folder: str | Path) -> str:
         f"fingerprint:  {manifest.get('fingerprint')}",
         f"samples:      {count} in {len(listing.indexes)} shards",
         f"disk:         {_fmt_bytes(disk)} ({_fmt_bytes(disk / count) if count else '-'} per sample)",
-        f"identity:     {', '.join(sorted(manifest.get('identity') or {})) or '-'}",
+        "identity:",
+        *_identity_lines(manifest.get("identity") or {}),
     ]
     if listing.orphans or listing.tmp:
         lines.append(

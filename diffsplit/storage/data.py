@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffsplit.errors import UserError
+from diffsplit.errors import BadSampleError, UserError
 from diffsplit.storage.files import atomic_write, sha256_file
 
 METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
@@ -473,6 +474,7 @@ def load_samples(
     width: int | None = None,
     skip_bad_samples: bool = False,
     policy: SizePolicy = SizePolicy(),
+    decode: bool = False,
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -486,6 +488,8 @@ def load_samples(
             smaller than the policy's ``min_side`` are bad rows.
         skip_bad_samples: leave bad rows out and report them instead of raising.
         policy: the family's :class:`SizePolicy`.
+        decode: also decode every image (in threads), so that a body that does not decode (a truncated
+            file whose header parses) is a bad row now rather than an error in the middle of a run.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -557,6 +561,16 @@ def load_samples(
         occurrences[content] = occurrence + 1
         samples.append(Sample(sample_id(content, occurrence), number, values, source))
 
+    if decode:
+        failures = _decode_failures(samples)
+        for index in sorted(failures):
+            sample, (path, reason) = samples[index], failures[index]
+            if not skip_bad_samples:
+                raise UserError(_one_line(f"{source} row {sample.row}: {reason}"))
+            skipped.append({"row": sample.row, "path": str(path), "reason": reason})
+        samples = [s for i, s in enumerate(samples) if i not in failures]
+        skipped.sort(key=lambda record: record["row"])
+
     if not samples:
         first = skipped[0] if skipped else {"row": "?", "reason": "no rows"}
         raise UserError(
@@ -565,14 +579,34 @@ def load_samples(
     return samples, skipped
 
 
+def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
+    """Sample index -> (file, reason) for every image that does not decode whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(index: int) -> tuple[int, Path, str] | None:
+        for name, value in samples[index].values.items():
+            if isinstance(value, Path):
+                try:
+                    with Image.open(value) as image:
+                        image.load()
+                except Exception as err:  # any failure to decode a user's file is a bad row
+                    return index, value, _one_line(f"{name} at {value} cannot be decoded ({err})")
+        return None
+
+    # PIL releases the GIL while it decodes, so threads overlap the reads and the decoding.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        found = [r for r in pool.map(check, range(len(samples))) if r is not None]
+    return {index: (path, reason) for index, path, reason in found}
+
+
 def load_values(sample: Sample) -> dict[str, Any]:
     """The sample's values with each file column opened as an RGB PIL image (EXIF orientation applied).
 
     Alpha is dropped by ``convert("RGB")``, as diffusers' ``load_image`` does. Text columns pass through.
 
     Raises:
-        UserError: naming the row and path when an image whose header parsed fails to decode (a truncated
-            or corrupt body; validation reads headers only).
+        BadSampleError: naming the row and path when an image whose header parsed fails to decode (a
+            truncated or corrupt body; validation reads headers only unless asked to decode).
     """
     out: dict[str, Any] = {}
     for name, value in sample.values.items():
@@ -583,9 +617,8 @@ def load_values(sample: Sample) -> dict[str, Any]:
             with Image.open(value) as image:
                 out[name] = ImageOps.exif_transpose(image).convert("RGB")
         except Exception as err:  # a file that will not decode is the user's to fix
-            raise UserError(
-                _one_line(f"{sample.source} row {sample.row}: {name} at {value} cannot be decoded ({err})")
-            ) from None
+            reason = _one_line(f"{name} at {value} cannot be decoded ({err})")
+            raise BadSampleError(f"{sample.source} row {sample.row}: {reason}", sample.row, value, reason) from None
     return out
 
 
@@ -604,6 +637,12 @@ def write_skipped(skipped: Iterable[Mapping[str, Any]], output_dir: str | Path) 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / SKIPPED_FILE
     atomic_write(target, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    return skipped_summary(records, target)
+
+
+def skipped_summary(skipped: Iterable[Mapping[str, Any]], target: str | Path) -> str:
+    """One line for the console: ``"skipped 2 bad samples (rows 2, 5): see out/skipped_samples.json"``."""
+    records = list(skipped)
     rows = [str(record["row"]) for record in records]
     shown = ", ".join(rows[:10]) + (f", ... (+{len(rows) - 10} more)" if len(rows) > 10 else "")
     noun = "sample" if len(records) == 1 else "samples"

@@ -176,9 +176,43 @@ def _check_index(folder: Path, source: str) -> None:
                 raise UserError(f"{source}: shard '{folder / shard}' listed in '{index.name}' is missing")
 
 
+def check_safetensors(path: Path, source: str) -> None:
+    """A weight file's header parses and its size is what the header says (a cut download, a damaged
+    copy), read without reading a tensor.
+
+    Raises:
+        UserError: naming ``source`` and the file.
+    """
+    where = f"{source}: '{path}'"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, 1 << 28):
+                raise UserError(f"{where} is not a safetensors file or is truncated ({size} bytes)")
+            header = json.loads(handle.read(length))
+    except OSError as err:
+        raise UserError(f"{where} cannot be read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{where} has a damaged header: it is not a readable safetensors file") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{where} has a damaged header: it is not a readable safetensors file") from None
+    if 8 + length + end != size:
+        raise UserError(
+            f"{where} is truncated or damaged: {size} bytes, its header describes {8 + length + end}; "
+            "download it again"
+        )
+
+
 def _entry(folder: Path, files: Sequence[Path], root: Path, source: str, model_id: str | None) -> ModelEntry:
     library, class_names = read_model_class(folder)
     _check_index(folder, source)
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path, source)
     return ModelEntry(
         folder=folder,
         files=tuple(sorted(files)),

@@ -8,10 +8,11 @@ draw is keyed by (seed, pass, sample id, unit), so the split and the unsplit run
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,15 +25,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from diffsplit.config import TrainConfig
-from diffsplit.errors import UserError
+from diffsplit.errors import DataError, UserError
 from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.planner.graph import Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
+from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
 from diffsplit.training.rng import derive_seed, keyed_generator
 from diffsplit.training.trainable import save_checkpoint
-
-STATE_FILE = "diffsplit_state.json"
 
 
 def pass_order(sample_ids: Sequence[str], seed: int, pass_index: int) -> list[int]:
@@ -79,7 +79,19 @@ class StepDataset(torch.utils.data.Dataset):
         if pass_index not in self._orders:
             self._orders = {pass_index: pass_order(self.sample_ids, self.seed, pass_index)}
         index = self._orders[pass_index][i % len(self.sample_ids)]
-        return {"id": self.sample_ids[index], "pass": pass_index, "values": self.load(index)}
+        return {"id": self.sample_ids[index], "pass": pass_index, **load_or_error(self.load, index)}
+
+
+def load_or_error(load: Callable[[int], dict], index: int) -> dict:
+    """``{"values": load(index)}``, or ``{"error": message}`` for a mistake the user can fix.
+
+    A loader worker hands its exception to the main process wrapped in a multi-line report; returning the
+    message instead lets the main process raise it as the one line the user is promised.
+    """
+    try:
+        return {"values": load(index)}
+    except UserError as error:
+        return {"error": str(error)}
 
 
 def _single(items: list[dict]) -> dict:
@@ -131,12 +143,13 @@ def run_training(
     options: Any,
     dtype: torch.dtype,
     specs: Mapping[str, ComponentSpec],
+    skipped: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, last loss, seconds, files written).
 
-    ``specs`` are the family's component declarations (how each trained component is saved)."""
-    out = Path(config.output_path)
-    out.mkdir(parents=True, exist_ok=True)
+    ``specs`` are the family's component declarations (how each trained component is saved); ``skipped``
+    the rows ``--skip_bad_samples`` left out (recorded with the run's files). The output folder is written
+    at checkpoints only (:mod:`diffsplit.training.outputs`)."""
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
     if not params:
         raise UserError("no trainable parameters: check --lora_target_modules / --trainable_models")
@@ -166,9 +179,17 @@ def run_training(
     if tensorboard_on(config):
         accelerator.init_trackers("diffsplit")
 
-    loss_log = _LossLog(
-        out / "loss.csv", append=bool(config.resume_from_state), enabled=accelerator.is_main_process
+    outputs = RunOutputs(
+        config, enabled=accelerator.is_main_process, resume_step=step if config.resume_from_state else None
     )
+    outputs.skip(skipped)
+
+    def checkpoint(stem: str) -> list[Path]:
+        outputs.begin()
+        files = save_checkpoint(config, trained, stem, accelerator, specs)
+        outputs.flush()
+        return files
+
     graph = step_plan.graph
 
     def context(unit: Unit, sample_id: str, pass_index: int) -> UnitContext:
@@ -189,61 +210,66 @@ def run_training(
         unit="step",
     )
     done = step >= total_updates
-    for epoch in range(start_epoch, config.num_epochs):
-        if done:
-            break
-        dataset = StepDataset(
-            sample_ids, load, config.seed, epoch * config.dataset_repeat, config.dataset_repeat
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=1,
-            shuffle=False,
-            collate_fn=_single,
-            num_workers=config.dataset_num_workers,
-            persistent_workers=False,
-        )
-        loader = accelerator.prepare_data_loader(loader, device_placement=False)
-        skip = start_item if epoch == start_epoch else 0
-        if skip:
-            loader = accelerator.skip_first_batches(loader, skip)
-        for item_index, item in enumerate(loader, start=skip):
-            with accelerator.accumulate(*wrapped.values()):
-                env = {
-                    k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                    for k, v in item["values"].items()
-                }
-                item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
-                with torch.no_grad():
-                    graph.run(step_plan.frozen_units, env, item_context)
-                graph.run(step_plan.units, env, item_context)
-                loss = step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
-            loss_log.write(step, epoch, last_loss, scheduler.get_last_lr()[0])
-            if tensorboard_on(config):
-                accelerator.log({"loss": last_loss}, step=step)
-            if config.save_steps and step % config.save_steps == 0:
-                written += save_checkpoint(config, trained, f"step-{step}", accelerator, specs)
-            if config.save_state_steps and step % config.save_state_steps == 0:
-                _save_state(accelerator, out / f"state-{step}", epoch, item_index + 1, step)
-            if step >= total_updates:
-                done = True
+    try:
+        epochs = range(start_epoch, config.num_epochs)
+        for epoch in epochs:
+            if done:
                 break
-        written += save_checkpoint(config, trained, f"epoch-{epoch}", accelerator, specs)
-    progress.close()
-    loss_log.close()
+            dataset = StepDataset(
+                sample_ids, load, config.seed, epoch * config.dataset_repeat, config.dataset_repeat
+            )
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=1,
+                shuffle=False,
+                collate_fn=_single,
+                num_workers=config.dataset_num_workers,
+                persistent_workers=False,
+            )
+            loader = accelerator.prepare_data_loader(loader, device_placement=False)
+            skip = start_item if epoch == start_epoch else 0
+            if skip:
+                loader = accelerator.skip_first_batches(loader, skip)
+            for item_index, item in enumerate(loader, start=skip):
+                if "error" in item:
+                    raise DataError(item["error"])
+                with accelerator.accumulate(*wrapped.values()):
+                    env = {
+                        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in item["values"].items()
+                    }
+                    item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
+                    with torch.no_grad():
+                        graph.run(step_plan.frozen_units, env, item_context)
+                    graph.run(step_plan.units, env, item_context)
+                    loss = step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+                outputs.loss(step, epoch, last_loss, scheduler.get_last_lr()[0])
+                if tensorboard_on(config):
+                    accelerator.log({"loss": last_loss}, step=step)
+                if config.save_steps and step % config.save_steps == 0:
+                    written += checkpoint(f"step-{step}")
+                if config.save_state_steps and step % config.save_state_steps == 0:
+                    _save_state(accelerator, outputs, epoch, item_index + 1, step)
+                if step >= total_updates:
+                    done = True
+                    break
+            written += checkpoint(f"epoch-{epoch}")
+    finally:
+        progress.close()  # before any error message: it must not land on the progress bar's line
+    outputs.flush()
     accelerator.wait_for_everyone()
     if tensorboard_on(config):
         accelerator.end_training()
@@ -277,36 +303,24 @@ class ComponentOverlay(Mapping):
         return len(dict.fromkeys([*self.overrides, *self.base]))
 
 
-class _LossLog:
-    def __init__(self, path: Path, append: bool, enabled: bool):
-        self.file = None
-        if enabled:
-            new = not (append and path.exists())
-            self.file = open(path, "a" if not new else "w", newline="")
-            self.writer = csv.writer(self.file)
-            if new:
-                self.writer.writerow(["step", "epoch", "loss", "lr"])
-
-    def write(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        if self.file:
-            self.writer.writerow([step, epoch, f"{loss:.8g}", f"{lr:.8g}"])
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
-def _save_state(accelerator: Accelerator, folder: Path, epoch: int, next_item: int, step: int) -> None:
-    accelerator.save_state(str(folder))
+def _save_state(accelerator: Accelerator, outputs: RunOutputs, epoch: int, next_item: int, step: int) -> None:
+    """A resumable state in ``state-<step>/``: written whole into a temporary folder, then renamed."""
+    tmp, final = outputs.state_folder(step)
+    accelerator.save_state(str(tmp))  # every process writes its part (its random state) into one folder
     if accelerator.is_main_process:
-        (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
+        (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        outputs.flush()
+    accelerator.wait_for_everyone()
 
 
 def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
-    path = Path(folder)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"--resume_from_state: {folder} is not a diffsplit state folder (no {STATE_FILE})")
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
-    return int(state["epoch"]), int(state["next_item"]), int(state["step"])
+    state = read_state(folder)
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # noqa: BLE001 - a damaged file of the user's folder, whatever the library raises
+        message = " ".join(str(err).split())[:200]
+        raise UserError(f"--resume_from_state {folder}: the state is damaged ({type(err).__name__}: {message})") from None
+    return state["epoch"], state["next_item"], state["step"]

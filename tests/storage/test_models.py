@@ -118,8 +118,10 @@ def test_detect_component_errors(base: Path, tmp_path: Path) -> None:
 
 
 def _weights(folder: Path) -> str:
+    from safetensors.torch import save_file
+
     path = folder / "diffusion_pytorch_model.safetensors"
-    path.write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(path))
     return str(path)
 
 

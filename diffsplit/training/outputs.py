@@ -1,0 +1,200 @@
+"""A training run's output folder: checked before anything is written, never mixed with another run's
+files, and written only at checkpoints, each file atomically.
+
+What a run writes (main process only)::
+
+    <output>/training_args.json      the run's flags
+    <output>/loss.csv                one row per step (step, epoch, loss, lr)
+    <output>/skipped_samples.json    with --skip_bad_samples: the rows left out
+    <output>/epoch-<i>.safetensors   checkpoints (and step-<n>.*, <stem>.<component>/ adapter folders)
+    <output>/state-<n>/              resumable states (--save_state_steps)
+
+Nothing is written before the first checkpoint (an epoch's end, ``--save_steps``, ``--save_state_steps``):
+the loss rows wait in memory and every file is replaced whole, so a run that fails early changes nothing an
+earlier run wrote, and one that fails later leaves a folder consistent with its last checkpoint. A folder
+holding another run's files (its ``training_args.json`` differs in a flag that changes the result) is
+refused up front; ``--overwrite_output`` removes that run's files first. Continuing the same run, or
+resuming it with ``--resume_from_state``, is not refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffsplit.config import TrainConfig
+from diffsplit.errors import UserError
+from diffsplit.storage.data import SKIPPED_FILE
+from diffsplit.storage.files import atomic_write
+
+ARGS_FILE = "training_args.json"
+LOSS_FILE = "loss.csv"
+STATE_FILE = "diffsplit_state.json"
+"""The file inside a ``state-<n>/`` folder that says where training resumes."""
+
+# Names a run writes (what --overwrite_output removes, and what marks a folder as holding a run).
+_RUN_FILE = re.compile(r"^(?:(?:epoch|step)-\d+(?:\.[A-Za-z_]\w*)?(?:\.safetensors)?|state-\d+)$")
+
+# Flags that change how a run goes, not what it trains: two runs differing only in these are the same run.
+_HOW_NOT_WHAT = frozenset(
+    """output_path dataset_num_workers enable_tensorboard_log resume_from_state save_steps save_state_steps
+    overwrite_output overwrite_cache cache_dir data_process_batch_size cache_shard_size""".split()
+)
+
+
+def check_output_folder(config: TrainConfig) -> None:
+    """Everything about ``--output_path`` (and ``--resume_from_state``) that can be checked before any work.
+
+    Raises:
+        UserError: one line, when the path names a file, cannot be created or written, holds another run's
+            files (unless ``--overwrite_output``), or the state to resume from is not a usable state folder.
+    """
+    out = Path(config.output_path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_path {out} is a file, not a folder")
+    _check_writable(out, "--output_path")
+    if config.resume_from_state:
+        read_state(config.resume_from_state)
+    if out.is_dir() and not config.overwrite_output and not config.resume_from_state:
+        other = _other_run(out, config)
+        if other:
+            raise UserError(
+                f"--output_path {out} holds another run's files ({other}); choose a new folder, or give "
+                "--overwrite_output to remove that run's files first"
+            )
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Create nothing that stays: find the nearest existing ancestor and try a temporary file there."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: '{existing}' is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write in '{existing}' ({err.strerror or err})") from None
+
+
+def _other_run(folder: Path, config: TrainConfig) -> str:
+    """Why ``folder`` holds another run (empty when it holds none, or this same run)."""
+    files = sorted(p.name for p in folder.iterdir() if _RUN_FILE.match(p.name))
+    args_path = folder / ARGS_FILE
+    if not args_path.is_file():
+        return f"{', '.join(files[:3])} with no {ARGS_FILE}" if files else ""
+    try:
+        theirs = json.loads(args_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"an unreadable {ARGS_FILE}"
+    ours = config.to_json()
+    differing = sorted(k for k in set(theirs) | set(ours) if k not in _HOW_NOT_WHAT and theirs.get(k) != ours.get(k))
+    if not differing:
+        return ""
+    key = differing[0]
+    return f"a run with --{key} {theirs.get(key)!r}, this one {ours.get(key)!r}"
+
+
+def read_state(folder: str | Path) -> dict[str, int]:
+    """``{"epoch", "next_item", "step"}`` of a state folder ``--save_state_steps`` wrote.
+
+    Raises:
+        UserError: naming ``--resume_from_state`` and what is wrong (no such folder, not a state folder, a
+            damaged state file, missing saved files).
+    """
+    path = Path(folder)
+    flag = f"--resume_from_state {folder}"
+    if not path.is_dir():
+        raise UserError(f"{flag}: no such folder")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"{flag} is not a diffsplit state folder (no {STATE_FILE})")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        values = {key: int(state[key]) for key in ("epoch", "next_item", "step")}
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{flag}: {STATE_FILE} is damaged ({type(err).__name__}: {err})") from None
+    if not any(p.name.startswith("optimizer") for p in path.iterdir()):
+        raise UserError(f"{flag}: the state folder has no optimizer state; it is incomplete")
+    return values
+
+
+class RunOutputs:
+    """The files of one run, written at checkpoints (main process only; other processes write nothing).
+
+    Args:
+        config: the run's flags (``training_args.json`` and the folder).
+        enabled: whether this process writes (the main process).
+        resume_step: when resuming, the state's step: the earlier ``loss.csv`` rows up to it are kept.
+    """
+
+    def __init__(self, config: TrainConfig, enabled: bool, resume_step: int | None = None) -> None:
+        self.config, self.enabled = config, enabled
+        self.folder = Path(config.output_path)
+        self.rows: list[tuple[int, int, str, str]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self._begun = False
+        if resume_step is not None:
+            self.rows = [r for r in _read_loss(self.folder / LOSS_FILE) if r[0] <= resume_step]
+
+    def begin(self) -> None:
+        """Before the run's first file: create the folder; with ``--overwrite_output`` remove the earlier
+        run's files (they stay until this run has something of its own to write)."""
+        if self._begun or not self.enabled:
+            return
+        self._begun = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.config.overwrite_output and not self.config.resume_from_state:
+            for entry in list(self.folder.iterdir()):
+                if _RUN_FILE.match(entry.name) or entry.name in (ARGS_FILE, LOSS_FILE, SKIPPED_FILE):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def loss(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.rows.append((step, epoch, f"{loss:.8g}", f"{lr:.8g}"))
+
+    def skip(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Rows left out (``--skip_bad_samples``), for ``skipped_samples.json``."""
+        self.skipped.extend(dict(r) for r in records)
+
+    def flush(self) -> None:
+        """Write the run's small files whole (after a checkpoint, and at the end)."""
+        if not self.enabled:
+            return
+        self.begin()
+        atomic_write(self.folder / ARGS_FILE, json.dumps(self.config.to_json(), indent=2) + "\n")
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["step", "epoch", "loss", "lr"])
+        writer.writerows(self.rows)
+        atomic_write(self.folder / LOSS_FILE, text.getvalue())
+        if self.config.skip_bad_samples:
+            atomic_write(self.folder / SKIPPED_FILE, json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n")
+
+    def state_folder(self, step: int) -> tuple[Path, Path]:
+        """``(temporary, final)`` folders for a resumable state: written whole (by every process: the name is
+        the same in each), then renamed into place."""
+        self.begin()
+        return self.folder / f".state-{step}.tmp", self.folder / f"state-{step}"
+
+
+def _read_loss(path: Path) -> list[tuple[int, int, str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = []
+        for row in csv.DictReader(handle):
+            try:
+                rows.append((int(row["step"]), int(row["epoch"]), row["loss"], row["lr"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a damaged row of an earlier run is not carried over
+    return rows
