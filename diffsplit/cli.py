@@ -195,6 +195,13 @@ def print_notices(config: TrainConfig) -> None:
         notice(
             f"--dataset_repeat {config.dataset_repeat} is treated as 1 in stage 1: each sample is encoded once"
         )
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if config.dataset_num_workers > usable:
+        notice(
+            f"--dataset_num_workers {config.dataset_num_workers} is more than this machine's {usable} usable "
+            f"cores: using {usable}"
+        )
+        config.dataset_num_workers = usable
     if config.enable_tensorboard_log and task.stage != "data_process" and not tensorboard_available():
         notice(
             "--enable_tensorboard_log has no effect: tensorboard is not installed (pip install tensorboard); "

@@ -31,6 +31,7 @@ class TrainConfig:
     height: int | None = None
     width: int | None = None
     skip_bad_samples: bool = False
+    max_image_pixels: int | None = None
     # models
     model_id_with_origin_paths: str | None = None
     model_paths: str | None = None
@@ -167,6 +168,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
     g.add_argument(
         "--skip_bad_samples", action="store_true", help="skip bad rows (listed in skipped_samples.json)"
+    )
+    g.add_argument(
+        "--max_image_pixels",
+        type=_non_negative(int),
+        help="larger images are never decoded whole: a JPEG is decoded reduced, another format is a bad "
+        "row (default: 4 x the pixel budget, at least 32 MP; 0: no limit)",
     )
     g = parser.add_argument_group("models")
     g.add_argument("--model_id_with_origin_paths", help="comma-separated <model_id>:<glob> entries")

@@ -220,20 +220,44 @@ def train_auto(run: Run) -> dict[str, Any]:
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
+PLAN_EXAMINED_ROWS = 256
+PLAN_PROBED_SHAPES = 16
+
+
 def plan_text(run: Run) -> str:
-    """The plan with bytes per sample from one probe sample and the projected cache size."""
+    """The plan with bytes per sample and the projected cache size.
+
+    Sizes depend on the sample's shapes (image size, prompt length), so up to :data:`PLAN_EXAMINED_ROWS`
+    rows spread over the dataset are grouped by the family's batch key (samples of one key cache the same
+    bytes) and one sample of each of the :data:`PLAN_PROBED_SHAPES` most common keys is run through stage 1;
+    the bytes per sample are their average weighted by how many rows each key has.
+    """
     if not run.config.dataset_base_path:
         return run.plan.explain() + "\n\n(give --dataset_base_path to see bytes per sample)"
-    samples = run.load_dataset()
+    samples = sorted(run.load_dataset(), key=lambda s: s.id)
     run.models.require(run.plan.stage1_models, flag=MODEL_FLAG)
-    probe = min(samples, key=lambda s: s.id)
-    sizes = probe_sizes(run.plan, run.models, run.options, probe, run.device, run.dtype)
+    step = max(1, len(samples) // PLAN_EXAMINED_ROWS)
+    examined = samples[::step][:PLAN_EXAMINED_ROWS]
+    groups: dict[Any, list[data.Sample]] = {}
+    for sample in examined:
+        key = run.family.batch_key(data.load_values(sample), run.models, run.options)
+        groups.setdefault(key, []).append(sample)
+    common = sorted(groups.values(), key=len, reverse=True)[:PLAN_PROBED_SHAPES]
+    weighted: dict[str, float] = {}
+    for group in common:
+        probe = probe_sizes(run.plan, run.models, run.options, group[0], run.device, run.dtype)
+        for key, size in probe.items():
+            weighted[key] = weighted.get(key, 0.0) + size * len(group)
+    counted = sum(len(g) for g in common)
+    sizes = {key: round(total / counted) for key, total in weighted.items()}
     plan = run.split_plan(sizes)
     per_sample = plan.cache_bytes or 0
+    projected = per_sample * len(samples)
+    shapes = f"{len(groups)} distinct shape(s) among {len(examined)} rows examined, {len(common)} probed"
     return (
         plan.explain()
-        + f"\n\nbytes per sample from probe sample row {probe.row}; projected cache for {len(samples)} samples: "
-        + f"{per_sample * len(samples)} bytes ({per_sample * len(samples) / 2**20:.1f} MiB) plus shard indexes"
+        + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
+        + f"{projected} bytes ({projected / 2**20:.1f} MiB) plus shard indexes"
     )
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,7 @@ def _write_cache(
         barrier()
     writer = writer or open_writer(False)
     skipped = list(skipped)
+    notes: Counter[str] = Counter()
     done = writer.done_ids()
     missing = sorted((s for s in samples if s.id not in done), key=lambda s: s.id)
     todo = missing[rank::world_size]
@@ -211,7 +213,7 @@ def _write_cache(
                         graph.run(
                             plan.stage1,
                             env,
-                            lambda unit: unit_context(unit, components, options, None, device, dtype),
+                            lambda unit: unit_context(unit, components, options, None, device, dtype, notes),
                         )
                     for position, index in enumerate(members):
                         one = _one_sample(env, keys, position, len(members))
@@ -232,8 +234,10 @@ def _write_cache(
         if rank == 0:
             writer.finalize()
         barrier()  # nobody reads the cache before its manifest says complete
+    who = f"rank {rank}: " if world_size > 1 else ""
+    for message, count in sorted(notes.items()):
+        print(f"notice: {who}{count} {message}", file=sys.stderr)
     if todo and show_progress:
-        who = f"rank {rank}: " if world_size > 1 else ""
         print(
             f"stage 1: {who}encoded {len(todo)} samples in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} samples/s), "
             f"{len(done)} already cached",

@@ -181,15 +181,48 @@ class Run:
             skip_bad_samples=config.skip_bad_samples,
             policy=self.family.size_policy,
             decode=config.skip_bad_samples,
+            max_image_pixels=image_pixel_limit(config, self.family.size_policy),
         )
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
         self.skipped = skipped
+        outside = _outside(samples, Path(config.dataset_base_path))
+        if outside:
+            print(
+                f"notice: {len(outside)} file path(s) lie outside --dataset_base_path (e.g. row {outside[0][0]}: "
+                f"{outside[0][1]}); they are read as given",
+                file=sys.stderr,
+            )
         if config.skip_bad_samples:
             target = Path(config.output_path) / data.SKIPPED_FILE
             print(data.skipped_summary(skipped, target), file=sys.stderr)
         return samples
+
+
+DEFAULT_IMAGE_PIXEL_FLOOR = 32 * 1024 * 1024
+"""The default image-size limit is 4 x the pixel budget, but never below this (a 32 MP RGB image is 96 MiB
+decoded): ordinary photos stay whole."""
+
+
+def image_pixel_limit(config: TrainConfig, policy: Any) -> int | None:
+    """``--max_image_pixels``, or by default 4 x the pixel budget (``--max_pixels``, ``--height x --width``)
+    and at least :data:`DEFAULT_IMAGE_PIXEL_FLOOR`; None for no limit (``0``)."""
+    if config.max_image_pixels is not None:
+        return config.max_image_pixels or None
+    budget = config.height * config.width if config.height and config.width else config.max_pixels
+    return max(4 * (budget or policy.default_max_pixels), DEFAULT_IMAGE_PIXEL_FLOOR)
+
+
+def _outside(samples: list[data.Sample], base: Path) -> list[tuple[int, Path]]:
+    """``(row, path)`` of every file a row names outside ``base`` (``../`` or absolute): allowed, but said."""
+    root = base.resolve()
+    return [
+        (sample.row, value)
+        for sample in samples
+        for value in sample.values.values()
+        if isinstance(value, Path) and not value.resolve().is_relative_to(root)
+    ]
 
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:

@@ -18,6 +18,7 @@ own declarations.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class UnitContext:
         generator: for stochastic units, a generator keyed by (seed, pass, sample id, unit); else None.
         device: where tensors are computed.
         dtype: compute dtype of the frozen models.
+        notes: where a unit counts what the user should hear about once per run (a prompt cut to the
+            encoder's limit: ``ctx.note("prompts were longer than ... and were cut")``); None when nobody
+            listens (a later pass over data already counted).
     """
 
     components: Mapping[str, Any]
@@ -48,6 +52,12 @@ class UnitContext:
     generator: torch.Generator | None = None
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    notes: Counter[str] | None = None
+
+    def note(self, message: str, count: int = 1) -> None:
+        """Count ``count`` occurrences of ``message`` for the run's one notice about it."""
+        if self.notes is not None and count:
+            self.notes[message] += count
 
 
 class DeclaredOptions:
@@ -94,10 +104,11 @@ def unit_context(
     generator: torch.Generator | None,
     device: torch.device,
     dtype: torch.dtype,
+    notes: Counter[str] | None = None,
 ) -> UnitContext:
     """The context ``unit`` runs with: its declared options only."""
     return UnitContext(
-        components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype
+        components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype, notes
     )
 
 

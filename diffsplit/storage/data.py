@@ -30,7 +30,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,10 @@ ID_CHARS = 32
 FOLDER_IMAGE_KEY = "image"
 FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
+
+# PIL's own guard against huge images warns (and, twice as large, refuses) with a raw warning; the size
+# limit here (``max_image_pixels``: a JPEG decoded reduced, anything else a bad row) replaces it.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,15 @@ class Sample:
             :func:`load_values`); other columns hold their text as ``str`` (numbers in JSON included: a
             later step casts columns such as ``seed``).
         source: the metadata file (or image folder) the row came from, for messages.
+        draft: file column -> the size a JPEG larger than the image-size limit is decoded at (PIL's DCT
+            scaling: never the full image), at least twice the training size on each side.
     """
 
     id: str
     row: int
     values: dict[str, Any]
     source: str = ""
+    draft: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _BadRow(Exception):
@@ -397,13 +404,13 @@ def _read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Pat
 
 
 # -- validation ------------------------------------------------------------------------------------------
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image's header, without decoding pixels.
+def _image_header(path: Path) -> tuple[int, int, str]:
+    """``(width, height, format)`` from the image's header, without decoding pixels.
 
     EXIF orientation is not read: it may swap the sides, and the size check below is symmetric in them.
     """
     with Image.open(path) as image:
-        return image.size
+        return image.size[0], image.size[1], str(image.format or "")
 
 
 def _check_row(
@@ -415,9 +422,12 @@ def _check_row(
     required: Sequence[str],
     resize: tuple[int | None, int | None, int | None],
     policy: SizePolicy,
-) -> dict[str, Any]:
-    """Validate one row and return its values (file columns resolved to paths); raises :class:`_BadRow`."""
+    max_image_pixels: int | None,
+) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """Validate one row; return its values (file columns resolved to paths) and the draft sizes of its
+    oversized JPEGs (:attr:`Sample.draft`); raises :class:`_BadRow`."""
     where = metadata if metadata is not None else base
+    draft: dict[str, tuple[int, int]] = {}
     for name in required:
         if name not in columns:
             have = ", ".join(sorted(columns)) or "none"
@@ -441,7 +451,7 @@ def _check_row(
             problem = "is a folder" if path.is_dir() else "not found"
             raise _BadRow(number, path, f"{name} '{text.strip()}' {problem} at {path}")
         try:
-            width, height = _image_size(path)
+            width, height, kind = _image_header(path)
         except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
             # PIL's "cannot identify image file '<path>'" repeats the path the message already names.
             detail = (
@@ -460,8 +470,18 @@ def _check_row(
                 f"{name} '{text.strip()}' at {path} is {width}x{height} px, which the resize policy makes "
                 f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
             )
+        if max_image_pixels and width * height > max_image_pixels:
+            if kind != "JPEG":
+                raise _BadRow(
+                    number,
+                    path,
+                    f"{name} '{text.strip()}' at {path} is {width}x{height} px ({width * height / 1e6:.0f} MP), "
+                    f"above --max_image_pixels {max_image_pixels}: a {kind or 'non-JPEG'} image is decoded at "
+                    "full size; downscale the file, save it as JPEG, or raise --max_image_pixels",
+                )
+            draft[name] = (min(width, 2 * tw), min(height, 2 * th))
         values[name] = path
-    return values
+    return values, draft
 
 
 def load_samples(
@@ -475,6 +495,7 @@ def load_samples(
     skip_bad_samples: bool = False,
     policy: SizePolicy = SizePolicy(),
     decode: bool = False,
+    max_image_pixels: int | None = None,
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -490,6 +511,8 @@ def load_samples(
         policy: the family's :class:`SizePolicy`.
         decode: also decode every image (in threads), so that a body that does not decode (a truncated
             file whose header parses) is a bad row now rather than an error in the middle of a run.
+        max_image_pixels: images with more pixels are never decoded at full size: a JPEG is decoded
+            reduced (:attr:`Sample.draft`), any other is a bad row. None: no limit.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -545,8 +568,16 @@ def load_samples(
         try:
             if isinstance(row, str):
                 raise _BadRow(number, at, row)
-            values = _check_row(
-                number, row, base, metadata, file_keys, required, (max_pixels, height, width), policy
+            values, draft = _check_row(
+                number,
+                row,
+                base,
+                metadata,
+                file_keys,
+                required,
+                (max_pixels, height, width),
+                policy,
+                max_image_pixels,
             )
         except _BadRow as bad:
             if not skip_bad_samples:
@@ -559,7 +590,7 @@ def load_samples(
         content = content_hash(values, {k: digests[v] for k, v in values.items() if isinstance(v, Path)})
         occurrence = occurrences.get(content, 0)
         occurrences[content] = occurrence + 1
-        samples.append(Sample(sample_id(content, occurrence), number, values, source))
+        samples.append(Sample(sample_id(content, occurrence), number, values, source, draft))
 
     if decode:
         failures = _decode_failures(samples)
@@ -588,6 +619,8 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
             if isinstance(value, Path):
                 try:
                     with Image.open(value) as image:
+                        if name in samples[index].draft:
+                            image.draft("RGB", samples[index].draft[name])
                         image.load()
                 except Exception as err:  # any failure to decode a user's file is a bad row
                     return index, value, _one_line(f"{name} at {value} cannot be decoded ({err})")
@@ -615,10 +648,14 @@ def load_values(sample: Sample) -> dict[str, Any]:
             continue
         try:
             with Image.open(value) as image:
+                if name in sample.draft:
+                    image.draft("RGB", sample.draft[name])  # DCT scaling: decoded reduced, never whole
                 out[name] = ImageOps.exif_transpose(image).convert("RGB")
         except Exception as err:  # a file that will not decode is the user's to fix
             reason = _one_line(f"{name} at {value} cannot be decoded ({err})")
-            raise BadSampleError(f"{sample.source} row {sample.row}: {reason}", sample.row, value, reason) from None
+            raise BadSampleError(
+                f"{sample.source} row {sample.row}: {reason}", sample.row, value, reason
+            ) from None
     return out
 
 

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,12 +193,15 @@ def run_training(
         return files
 
     graph = step_plan.graph
+    notes: Counter[str] = Counter()
 
     def context(unit: Unit, sample_id: str, pass_index: int) -> UnitContext:
         generator = (
             keyed_generator(config.seed, pass_index, sample_id, unit.name) if unit.stochastic else None
         )
-        return unit_context(unit, step_components, options, generator, accelerator.device, dtype)
+        # What a unit has to say (a prompt cut to the encoder's limit) is counted over the first pass only.
+        notes_now = notes if pass_index == 0 else None
+        return unit_context(unit, step_components, options, generator, accelerator.device, dtype, notes_now)
 
     written: list[Path] = []
     last_loss = float("nan")
@@ -270,6 +275,9 @@ def run_training(
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
     outputs.flush()
+    if accelerator.is_main_process:
+        for message, count in sorted(notes.items()):
+            print(f"notice: {count} {message}", file=sys.stderr)
     accelerator.wait_for_everyone()
     if tensorboard_on(config):
         accelerator.end_training()
@@ -322,5 +330,7 @@ def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
         accelerator.load_state(str(folder))
     except Exception as err:  # noqa: BLE001 - a damaged file of the user's folder, whatever the library raises
         message = " ".join(str(err).split())[:200]
-        raise UserError(f"--resume_from_state {folder}: the state is damaged ({type(err).__name__}: {message})") from None
+        raise UserError(
+            f"--resume_from_state {folder}: the state is damaged ({type(err).__name__}: {message})"
+        ) from None
     return state["epoch"], state["next_item"], state["step"]

@@ -98,7 +98,9 @@ def _other_run(folder: Path, config: TrainConfig) -> str:
     except (OSError, ValueError):
         return f"an unreadable {ARGS_FILE}"
     ours = config.to_json()
-    differing = sorted(k for k in set(theirs) | set(ours) if k not in _HOW_NOT_WHAT and theirs.get(k) != ours.get(k))
+    differing = sorted(
+        k for k in set(theirs) | set(ours) if k not in _HOW_NOT_WHAT and theirs.get(k) != ours.get(k)
+    )
     if not differing:
         return ""
     key = differing[0]
@@ -178,7 +180,9 @@ class RunOutputs:
         writer.writerows(self.rows)
         atomic_write(self.folder / LOSS_FILE, text.getvalue())
         if self.config.skip_bad_samples:
-            atomic_write(self.folder / SKIPPED_FILE, json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n")
+            atomic_write(
+                self.folder / SKIPPED_FILE, json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n"
+            )
 
     def state_folder(self, step: int) -> tuple[Path, Path]:
         """``(temporary, final)`` folders for a resumable state: written whole (by every process: the name is

@@ -55,6 +55,7 @@ from diffsplit.families.common.flow_match import (
     scheduler_constants,
     timestep_noise_unit,
 )
+from diffsplit.families.common.prompts import note_truncated
 from diffsplit.planner.graph import Unit
 from diffsplit.storage.data import SizePolicy
 
@@ -165,8 +166,10 @@ def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.T
     """
     template, drop_idx, max_length = prompt_template()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [template.format(p) for p in prompts]
+    note_truncated(ctx, ctx.components["tokenizer"], texts, max_length + drop_idx)
     tokens = ctx.components["tokenizer"](
-        [template.format(p) for p in prompts],
+        texts,
         max_length=max_length + drop_idx,
         padding=True,
         truncation=True,

@@ -63,6 +63,7 @@ from diffsplit.families.common.flow_match import (
     scheduler_constants,
     timestep_noise_unit,
 )
+from diffsplit.families.common.prompts import note_truncated
 from diffsplit.families.z_image.components import TEXT_ENCODER
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import part_name
@@ -148,8 +149,10 @@ def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.T
     pipeline's chat template (:func:`chat_text`) and tokenizer call (pad to ``max_length`` 512, truncate)."""
     tokenizer = ctx.components["tokenizer"]
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    note_truncated(ctx, tokenizer, texts, max_sequence_length())
     tokens = tokenizer(
-        [chat_text(tokenizer, p) for p in prompts],
+        texts,
         padding="max_length",
         max_length=max_sequence_length(),
         truncation=True,
