@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from diffsplit.config import TrainConfig, _OneLineParser, add_train_arguments, config_from_args
-from diffsplit.errors import DataError, UserError
+from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families import family_names
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         # Under `accelerate launch` every process meets the same up-front error: the main one says it. A
         # DataError can be one process's alone (its shard, its row): that process says it.
-        if isinstance(error, DataError) or os.environ.get("RANK", "0") == "0":
+        said_elsewhere = isinstance(error, StoppedElsewhere)
+        if not said_elsewhere and (isinstance(error, DataError) or os.environ.get("RANK", "0") == "0"):
             sys.stderr.write(f"error: {one_line(str(error))}\n")
             sys.stderr.flush()
         return 2

@@ -26,6 +26,11 @@ class DataError(UserError):
     possibly in one process only: that process reports it."""
 
 
+class StoppedElsewhere(UserError):
+    """Another process of the run met a :class:`DataError` and reported it; this one stops without a word
+    (the user hears of it once)."""
+
+
 class BadSampleError(DataError):
     """A data row that cannot be used, found late (its image's header parsed but its body does not decode).
 

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from diffsplit.config import TrainConfig
-from diffsplit.errors import DataError, UserError
+from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.planner.graph import Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
@@ -236,8 +236,7 @@ def run_training(
             if skip:
                 loader = accelerator.skip_first_batches(loader, skip)
             for item_index, item in enumerate(loader, start=skip):
-                if "error" in item:
-                    raise DataError(item["error"])
+                _stop_if_any_failed(accelerator, item.get("error"))
                 with accelerator.accumulate(*wrapped.values()):
                     env = {
                         k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
@@ -309,6 +308,22 @@ class ComponentOverlay(Mapping):
 
     def __len__(self) -> int:
         return len(dict.fromkeys([*self.overrides, *self.base]))
+
+
+def _stop_if_any_failed(accelerator: Accelerator, error: str | None) -> None:
+    """Raise the step's data error in the process that met it, and stop the others without a word.
+
+    With several processes the others would wait for this one's gradients until the launcher kills them
+    (and print their own failure); one small all-reduce per step lets each stop cleanly instead.
+    """
+    if accelerator.num_processes > 1:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(failed, reduction="sum").item() == 0:
+            return
+        if error is None:
+            raise StoppedElsewhere("another process of the run stopped it")
+    if error is not None:
+        raise DataError(error)
 
 
 def _save_state(accelerator: Accelerator, outputs: RunOutputs, epoch: int, next_item: int, step: int) -> None:
