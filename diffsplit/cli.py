@@ -79,8 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Under `accelerate launch` every process meets the same up-front error: the main one says it. A
         # DataError can be one process's alone (its shard, its row): that process says it.
         said_elsewhere = isinstance(error, StoppedElsewhere)
-        if not said_elsewhere and (isinstance(error, DataError) or os.environ.get("RANK", "0") == "0"):
-            sys.stderr.write(f"error: {one_line(str(error))}\n")
+        main_process = os.environ.get("RANK", "0") == "0"
+        if not said_elsewhere and (isinstance(error, DataError) or main_process):
+            # Another process's progress bar may hold the shared terminal's line: start a fresh one (in the
+            # same write, so the line cannot be split by its output).
+            fresh = "" if main_process else "\n"
+            sys.stderr.write(f"{fresh}error: {one_line(str(error))}\n")
             sys.stderr.flush()
         return 2
 
@@ -126,8 +130,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         problems = cache.verify(args.folder)
         for problem in problems:
             print(f"problem: {problem}")
-        print(f"{args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
-        return 1 if problems else 0
+        if problems:
+            print(f"{args.folder}: {len(problems)} problem(s)")
+            return 1
+        # Intact: complete, or partial (a stopped stage 1 that resumes), which stage 2 still refuses.
+        print(f"{args.folder}: ok, {cache.status(args.folder)}")
+        return 0
     if args.command == "demo":
         from diffsplit.demo import run_demo
 

@@ -295,6 +295,7 @@ def _write(path: Path, data: bytes, tmp: Path) -> None:
     try:
         atomic_write(path, data, tmp)
     except OSError as err:
+        tmp.unlink(missing_ok=True)  # atomic_write removes it too; a full disk must never keep one
         raise UserError(
             f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
             "it resumes where it stopped"
@@ -706,7 +707,7 @@ class CacheReader:
         return index
 
     def _verify(self, number: int, error: type[UserError]) -> None:
-        """Check shard ``number``'s size and sha256 against its index (``error`` says how a mismatch is
+        """Check shard ``number``'s size, sha256 and header against its index (``error`` says how a mismatch is
         raised: found up front by every process alike, or while training by one)."""
         path, index = self._path(number), self._index(number)
         try:
@@ -720,6 +721,10 @@ class CacheReader:
             )
         if digest != index["sha256"]:
             raise error(f"shard {path} is corrupt: checksum mismatch; {_RECOMPUTE_HINT}")
+        # The index may have been edited while the shard was not: its ids, dtypes and shapes must be the
+        # shard's own (reading the header costs nothing next to the hash).
+        if (problem := _header_problem(path, index["samples"])) is not None:
+            raise error(f"{problem}; {_RECOMPUTE_HINT}")
         self._verified.add(number)
 
     def verify_all(self, limit_bytes: int) -> bool:
@@ -755,11 +760,14 @@ class CacheReader:
 
 
 def verify(folder: str | Path) -> list[str]:
-    """Every problem of the cache at ``folder``, one line each; ``[]`` when it is complete and intact.
+    """Every problem of the cache at ``folder``, one line each; ``[]`` when it is intact.
 
-    Checks status and format, reads every shard fully to compare its sha256 with its index, and reports
-    shards missing for an index, orphan shards and temporary files, and sample or shard counts that
-    disagree with the manifest. Files the cache does not own are not read.
+    Checks format and fingerprint, reads every shard fully to compare its sha256 with its index and its
+    header with the index's ids, dtypes and shapes, and reports shards missing for an index, and sample or
+    shard counts that disagree with the manifest. Orphan shards and temporary files are problems in a
+    complete cache; in a partial one (stage 1 killed or stopped, see :func:`status`) they are what the kill
+    left, removed when stage 1 resumes, so an intact partial cache has no problems. Files the cache does not
+    own are not read.
     """
     folder = Path(folder)
     try:
@@ -767,10 +775,11 @@ def verify(folder: str | Path) -> list[str]:
     except UserError as err:
         return [str(err)]
     problems = []
+    complete = manifest.get("status") == "complete"
     if manifest.get("format") != FORMAT_VERSION:
         problems.append(f"format is {manifest.get('format')}, this diffsplit reads {FORMAT_VERSION}")
-    if manifest.get("status") != "complete":
-        problems.append(f"status is {manifest.get('status')!r}: stage 1 did not finish; rerun it to resume")
+    if manifest.get("status") not in ("complete", "partial"):
+        problems.append(f"status is {manifest.get('status')!r}, neither 'complete' nor 'partial'")
     if manifest.get("fingerprint") != fingerprint(manifest.get("identity") or {}):
         problems.append("the manifest's fingerprint does not match its identity")
     listing = _Listing(folder)
@@ -794,12 +803,13 @@ def verify(folder: str | Path) -> list[str]:
             continue
         intact += 1
         ids.update(sample["id"] for sample in index["samples"])
-    problems += [
-        f"orphan shard {shards / name} (no index; left by an interrupted run)" for name in listing.orphans
-    ]
-    problems += [f"leftover temporary file {shards / name}" for name in sorted(listing.tmp)]
-    problems += [f"leftover temporary file {folder / name}" for name in _manifest_leftovers(folder)]
-    if manifest.get("status") == "complete":
+    if complete:
+        problems += [
+            f"orphan shard {shards / name} (no index; left by an interrupted run)" for name in listing.orphans
+        ]
+        problems += [f"leftover temporary file {shards / name}" for name in sorted(listing.tmp)]
+        problems += [f"leftover temporary file {folder / name}" for name in _manifest_leftovers(folder)]
+    if complete:
         if manifest.get("num_shards") != len(listing.indexes):
             problems.append(
                 f"manifest counts {manifest.get('num_shards')} shards, found {len(listing.indexes)}"
@@ -807,6 +817,27 @@ def verify(folder: str | Path) -> list[str]:
         if intact == len(listing.indexes) and manifest.get("num_samples") != len(ids):
             problems.append(f"manifest counts {manifest.get('num_samples')} samples, shards hold {len(ids)}")
     return problems
+
+
+def status(folder: str | Path) -> str:
+    """One line on how far the cache at ``folder`` got (for ``cache verify``): complete, or partial with its
+    intact samples and the leftovers a resume removes."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest.get("status") == "complete":
+        return f"complete, {manifest.get('num_samples')} samples"
+    listing = _Listing(folder)
+    ids: set[str] = set()
+    for stem in listing.indexes:
+        index = _read_json(folder / SHARDS / f"{stem}.json", "shard index", "it cannot be used")
+        if _index_problem(folder, stem, index, listing) is None:
+            ids.update(sample["id"] for sample in index["samples"])
+    leftovers = len(listing.orphans) + len(listing.tmp) + len(_manifest_leftovers(folder))
+    return (
+        f"partial (stage 1 did not finish): {len(ids)} samples so far"
+        + (f", {leftovers} leftover file(s) of the interrupted run" if leftovers else "")
+        + "; rerun stage 1 to resume it"
+    )
 
 
 def _header_problem(shard: Path, samples: Sequence[Mapping[str, Any]]) -> str | None:
@@ -885,6 +916,7 @@ def inspect(folder: str | Path) -> str:
         if stem in listing.shards:
             disk += (shards / f"{stem}.safetensors").stat().st_size
         samples = index.get("samples", []) if isinstance(index, dict) else []
+        samples = [s for s in samples if isinstance(s, dict) and _sample_problem(s) is None]
         ids.update(sample["id"] for sample in samples)
         if example is None and samples:
             example = samples[0]
@@ -905,10 +937,13 @@ def inspect(folder: str | Path) -> str:
     if example is not None:
         lines.append(f"one sample ({example['id']}):")
         for name, info in sorted(example["tensors"].items()):
+            dtype = getattr(torch, info["dtype"], None)
             size = (
-                math.prod(info["shape"]) * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+                _fmt_bytes(math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size())
+                if isinstance(dtype, torch.dtype)
+                else "? (unknown dtype)"
             )
-            lines.append(f"  {name:<24} {info['dtype']:<10} {tuple(info['shape'])!s:<20} {_fmt_bytes(size)}")
+            lines.append(f"  {name:<24} {info['dtype']:<10} {tuple(info['shape'])!s:<20} {size}")
         for name in sorted(example["values"]):
             lines.append(f"  {name:<24} json")
     return "\n".join(lines)

@@ -302,8 +302,13 @@ def test_reader_refusals(tmp_path: Path) -> None:
     writer.close(complete=False)
     with pytest.raises(UserError, match=r"incomplete .*rerun stage 1"):
         CacheReader(tmp_path / "c")
-    assert any("partial" in p for p in verify(tmp_path / "c"))
+    # An intact partial cache (a stopped stage 1) has no problems: verify accepts it, status says partial.
+    (tmp_path / "c" / "shards" / "shard-r0-000009.safetensors.tmp").write_bytes(b"cut")  # a kill's leftover
+    assert verify(tmp_path / "c") == []
+    assert cache.status(tmp_path / "c").startswith("partial (stage 1 did not finish): 1 samples so far, 1 leftover")
     writer.finalize()
+    assert not (tmp_path / "c" / "shards" / "shard-r0-000009.safetensors.tmp").exists()
+    assert cache.status(tmp_path / "c") == "complete, 1 samples"
     manifest_path = tmp_path / "c" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "format": cache.FORMAT_VERSION + 1}))
