@@ -305,7 +305,9 @@ def test_reader_refusals(tmp_path: Path) -> None:
     # An intact partial cache (a stopped stage 1) has no problems: verify accepts it, status says partial.
     (tmp_path / "c" / "shards" / "shard-r0-000009.safetensors.tmp").write_bytes(b"cut")  # a kill's leftover
     assert verify(tmp_path / "c") == []
-    assert cache.status(tmp_path / "c").startswith("partial (stage 1 did not finish): 1 samples so far, 1 leftover")
+    assert cache.status(tmp_path / "c").startswith(
+        "partial (stage 1 did not finish): 1 samples so far, 1 leftover"
+    )
     writer.finalize()
     assert not (tmp_path / "c" / "shards" / "shard-r0-000009.safetensors.tmp").exists()
     assert cache.status(tmp_path / "c") == "complete, 1 samples"
