@@ -339,6 +339,17 @@ def test_plan_shows_bytes_and_projected_size(in_workspace, capsys):
     assert "light, recomputed: saves" in text and "bytes/sample" in text
 
 
+def test_plan_projects_the_real_cache_size_for_mixed_sizes(in_workspace, tmp_path, capsys):
+    # The example dataset's four images have four sizes: one probed row would be off by about half.
+    assert cli.main(["plan", *train_args("unused")]) == 0
+    text = capsys.readouterr().out
+    assert "4 distinct shape(s)" in text
+    projected = int(re.search(r"projected cache for 4 samples: (\d+) bytes", text)[1])
+    assert cli.main(["train", *stage1_args(tmp_path / "cache")]) == 0
+    real = sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.safetensors"))
+    assert abs(projected - real) <= 0.1 * real, (projected, real)
+
+
 # -- the layer-level split ---------------------------------------------------------------------------------
 TE = "Qwen/Qwen-Image:text_encoder/model*.safetensors"
 LAST_TWO = r"re:.*layers\.(2|3)\.self_attn\.(q|k|v|o)_proj"  # the tiny text encoder has 4 layers
