@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,30 +108,27 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, ok: Callable[[Any], bool], rule: str) -> Any:
+    """An argparse ``type``: ``kind(text)`` that satisfies ``ok``, else an error saying ``rule``."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
         return value
 
     return parse
+
+
+def _positive(kind: type) -> Any:
+    return _number(kind, lambda v: v > 0, "must be positive")
 
 
 def _non_negative(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-        return value
-
-    return parse
+    return _number(kind, lambda v: v >= 0, "must be 0 or more")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,12 @@ family's units version, the constants stage 2 needs) is what decides whether an 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,23 @@ def split_values(
     return tensors, values
 
 
+def _one_writer(function: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run ``function(folder, ..., rank=...)`` with rank 0 holding the folder's writer lock throughout (a
+    second stage 1 on the folder waits, then finds the samples done)."""
+
+    @functools.wraps(function)
+    def locked(folder: Path, *args: Any, rank: int = 0, **kwargs: Any) -> dict[str, Any]:
+        with contextlib.ExitStack() as stack:
+            if rank == 0:
+                stack.enter_context(
+                    cache.writer_lock(folder, lambda m: print(f"notice: {m}", file=sys.stderr))
+                )
+            return function(folder, *args, rank=rank, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def write_cache(
     folder: Path,
     identity: dict[str, Any],
@@ -122,39 +140,7 @@ def write_cache(
     ``skip_bad_samples``, and otherwise stops the run with one line after what was encoded is written (the
     cache resumes).
     """
-    with contextlib.ExitStack() as stack:
-        if rank == 0:
-            stack.enter_context(cache.writer_lock(folder, lambda m: print(f"notice: {m}", file=sys.stderr)))
-        return _write_cache(
-            folder, identity, plan, samples, components, options, device, dtype, overwrite=overwrite,
-            num_workers=num_workers, shard_samples=shard_samples, batch_size=batch_size, batch_key=batch_key,
-            rank=rank, world_size=world_size, barrier=barrier, show_progress=show_progress, skipped=skipped,
-            skip_bad_samples=skip_bad_samples,
-        )  # fmt: skip
 
-
-def _write_cache(
-    folder: Path,
-    identity: dict[str, Any],
-    plan: SplitPlan,
-    samples: Sequence[data.Sample],
-    components: Mapping[str, Any],
-    options: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    overwrite: bool,
-    num_workers: int,
-    shard_samples: int,
-    batch_size: int,
-    batch_key: Any,
-    rank: int,
-    world_size: int,
-    barrier: Any,
-    show_progress: bool,
-    skipped: Sequence[Mapping[str, Any]],
-    skip_bad_samples: bool,
-) -> dict[str, Any]:
     def open_writer(overwrite: bool) -> cache.CacheWriter:
         return cache.CacheWriter(
             folder, identity, writer_id=f"r{rank}", shard_samples=shard_samples, overwrite=overwrite

@@ -27,6 +27,7 @@ from diffsplit.storage import cache as cache_mod
 from diffsplit.storage import files
 from diffsplit.storage.cache import CacheReader
 from tests.conftest import train_args
+from tests.test_distributed import _env
 from tests.test_entrypoints import _replace, stage1_args, stage2_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -534,18 +535,6 @@ def test_images_above_the_limit_are_refused_or_decoded_reduced(in_workspace, tmp
 
 
 # -- several processes (subprocesses; slow) -----------------------------------------------------------------
-def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFSPLIT_", "ACCELERATE_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        DIFFSPLIT_MODEL_BASE_PATH=str(root / "models"),
-        DIFFSPLIT_HASH_CACHE=str(root / "hashes.json"),
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
 def _together(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
     procs = [
         subprocess.Popen(c, cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
