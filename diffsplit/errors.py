@@ -11,6 +11,7 @@ so the process that meets it prints it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,3 +46,15 @@ class BadSampleError(DataError):
     def record(self) -> dict[str, object]:
         """The ``skipped_samples.json`` entry of this row."""
         return {"row": self.row, "path": self.path, "reason": self.reason}
+
+
+def load_or_error(load: Callable[[int], dict], index: int) -> dict:
+    """``{"values": load(index)}``, or ``{"error": message}`` for a mistake the user can fix.
+
+    A DataLoader worker hands its exception to the main process wrapped in a multi-line report; returning
+    the message instead lets the main process raise it as the one line the user is promised.
+    """
+    try:
+        return {"values": load(index)}
+    except UserError as error:
+        return {"error": str(error)}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffsplit.errors import BadSampleError, DataError, UserError
+from diffsplit.errors import BadSampleError, DataError, load_or_error
 from diffsplit.families.base import unit_context
 from diffsplit.planner.split import SplitPlan
 from diffsplit.storage import cache, data
@@ -189,12 +189,13 @@ def write_cache(
             for item in loader:
                 if "error" in item:
                     raise DataError(item["error"])
-                if item["bad"] and not skip_bad_samples:
-                    raise DataError(item["bad"][0]["message"])
-                skipped += [{k: v for k, v in r.items() if k != "message"} for r in item["bad"]]
-                members = item["members"]
+                batch = item["values"]
+                if batch["bad"] and not skip_bad_samples:
+                    raise DataError(batch["bad"][0]["message"])
+                skipped += [{k: v for k, v in r.items() if k != "message"} for r in batch["bad"]]
+                members = batch["members"]
                 if members:
-                    env = dict(item["values"])
+                    env = dict(batch["values"])
                     with torch.no_grad():
                         graph.run(
                             plan.stage1,
@@ -233,8 +234,8 @@ def write_cache(
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Samples in a fixed order; workers decode the images while the main process encodes (a worker's
-    error comes back as a message: :func:`~diffsplit.training.loop.load_or_error`)."""
+    """Batches in a fixed order; workers decode the images while the main process encodes (a worker's
+    error comes back as a message: :func:`~diffsplit.errors.load_or_error`)."""
 
     def __init__(self, ids: Sequence[int], load: Any):
         self.ids, self.load = ids, load
@@ -243,10 +244,7 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        try:
-            return {"id": self.ids[index], **self.load(index)}
-        except UserError as error:
-            return {"id": self.ids[index], "error": str(error)}
+        return {"id": self.ids[index], **load_or_error(self.load, index)}
 
 
 def _batches(

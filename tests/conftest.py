@@ -33,7 +33,9 @@ def in_workspace(workspace: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     return workspace
 
 
-def train_args(output: Path | str, *extra: str, models: str = SEED_MODELS) -> list[str]:
+def train_args(
+    output: Path | str, *extra: str, models: str = SEED_MODELS, targets: str = SEED_TARGETS
+) -> list[str]:
     """A short version of the seed's first command (small rank, few passes, no workers)."""
     return [
         "--dataset_base_path", "data/example_image_dataset",
@@ -45,7 +47,24 @@ def train_args(output: Path | str, *extra: str, models: str = SEED_MODELS) -> li
         "--num_epochs", "1",
         "--output_path", str(output),
         "--lora_base_model", "dit",
-        "--lora_target_modules", SEED_TARGETS,
+        "--lora_target_modules", targets,
         "--lora_rank", "4",
         *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The checkpoint keys layered text encoders read from their files (``decoder_layers.read_tensors``), in
+    order, for as long as the test runs."""
+    from diffsplit.families.common import decoder_layers
+
+    read: list[str] = []
+    original = decoder_layers.read_tensors
+
+    def spy(files, keys, aliases=()):
+        read.extend(keys)
+        return original(files, keys, aliases)
+
+    monkeypatch.setattr(decoder_layers, "read_tensors", spy)
+    return read

@@ -27,7 +27,7 @@ from diffsplit.storage import cache as cache_mod
 from diffsplit.storage import files
 from diffsplit.storage.cache import CacheReader
 from tests.conftest import train_args
-from tests.test_distributed import _env
+from tests.test_distributed import _env, _same_tensors
 from tests.test_entrypoints import _replace, stage1_args, stage2_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +74,8 @@ def shard_entries(folder: Path) -> list[str]:
 
 def same_tensors(a: Path, b: Path) -> None:
     x, y = CacheReader(a), CacheReader(b)
-    assert x.sample_ids == y.sample_ids and x.sample_ids
-    for sample_id in x.sample_ids:
-        p, q = x.load_id(sample_id), y.load_id(sample_id)
-        assert p.keys() == q.keys()
-        for key in p:
-            assert torch.equal(p[key], q[key]) if isinstance(p[key], torch.Tensor) else p[key] == q[key]
+    assert x.sample_ids
+    _same_tensors(x, y)
 
 
 def with_data(args: list[str], data: Path) -> list[str]:

@@ -295,7 +295,6 @@ def _write(path: Path, data: bytes, tmp: Path) -> None:
     try:
         atomic_write(path, data, tmp)
     except OSError as err:
-        tmp.unlink(missing_ok=True)  # atomic_write removes it too; a full disk must never keep one
         raise UserError(
             f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
             "it resumes where it stopped"

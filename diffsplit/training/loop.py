@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from diffsplit.config import TrainConfig
-from diffsplit.errors import DataError, StoppedElsewhere, UserError
+from diffsplit.errors import DataError, StoppedElsewhere, UserError, load_or_error
 from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.planner.graph import Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
@@ -82,18 +82,6 @@ class StepDataset(torch.utils.data.Dataset):
             self._orders = {pass_index: pass_order(self.sample_ids, self.seed, pass_index)}
         index = self._orders[pass_index][i % len(self.sample_ids)]
         return {"id": self.sample_ids[index], "pass": pass_index, **load_or_error(self.load, index)}
-
-
-def load_or_error(load: Callable[[int], dict], index: int) -> dict:
-    """``{"values": load(index)}``, or ``{"error": message}`` for a mistake the user can fix.
-
-    A loader worker hands its exception to the main process wrapped in a multi-line report; returning the
-    message instead lets the main process raise it as the one line the user is promised.
-    """
-    try:
-        return {"values": load(index)}
-    except UserError as error:
-        return {"error": str(error)}
 
 
 def _single(items: list[dict]) -> dict:

@@ -214,21 +214,7 @@ def test_case_unused_output_is_dropped():
 
 
 def test_explain_lists_units_reasons_and_bytes():
-    sizes = dict(
-        image=10_000,
-        pixels=30_000,
-        height=8,
-        width=8,
-        latent_mean=4_000,
-        latent_logvar=4_000,
-        latents=4_000,
-        prompt=50,
-        input_ids=400,
-        attention_mask=400,
-        prompt_embeds=9_000,
-        prompt_mask=400,
-        img_shapes=24,
-    )
+    sizes = {**SIZES, "img_shapes": 24}
     p = plan(qwen_like_units(), ["dit"], value_bytes=sizes)
     text = p.explain()
     assert re.search(r"denoise +2 +dit +runs trainable model 'dit'", text)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffsplit.errors import UserError
-from diffsplit.families.base import UnitContext
+from diffsplit.families.base import TaskUnits, UnitContext
 from diffsplit.planner.graph import Unit
 from diffsplit.storage.data import SizePolicy, image_to_tensor, resize_and_crop, target_size
 
@@ -313,6 +313,28 @@ def resize_unit(fn: Any) -> Unit:
     )
 
 
+def encode_image_unit(fn: Any) -> Unit:
+    """``encode_image``: ``pixels -> latent_mean, latent_std`` (the VAE posterior)."""
+    return Unit(
+        name="encode_image",
+        inputs=("pixels",),
+        outputs=("latent_mean", "latent_std"),
+        models=("vae",),
+        fn=fn,
+    )
+
+
+def tokenize_unit(fn: Any) -> Unit:
+    """``tokenize``: ``prompt -> input_ids, attention_mask``."""
+    return Unit(
+        name="tokenize",
+        inputs=("prompt",),
+        outputs=("input_ids", "attention_mask"),
+        models=("tokenizer",),
+        fn=fn,
+    )
+
+
 def latents_unit(options: Any, mode_fn: Any, sample_fn: Any) -> Unit:
     """How ``latents`` come from the VAE posterior: its mode, or (``--latent_sample sample``) a keyed draw."""
     if options.latent_sample == "mode":
@@ -356,6 +378,21 @@ def initial_noise_unit(fn: Any) -> Unit:
         outputs=("noise",),
         options=("rand_device",),
         fn=fn,
+    )
+
+
+def sft_task(units: Callable[[Any], list[Unit]]) -> TaskUnits:
+    """SFT: the dataset gives ``image`` and ``prompt``; the loss reads ``pred``, ``target``, ``loss_weight``."""
+    return TaskUnits(units, ("image", "prompt"), ("pred", "target", "loss_weight"))
+
+
+def direct_distill_task(units: Callable[[Any], list[Unit]]) -> TaskUnits:
+    """Direct distillation: the dataset gives the teacher image, its prompt and sampling settings; the loss
+    reads ``student_latents`` and ``target_latents``."""
+    return TaskUnits(
+        units,
+        ("image", "prompt", "seed", "num_inference_steps", "cfg_scale"),
+        ("student_latents", "target_latents"),
     )
 
 

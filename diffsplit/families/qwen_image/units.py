@@ -47,6 +47,7 @@ from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
+    encode_image_unit,
     image_size,
     latents_unit,
     posterior_sample,
@@ -54,6 +55,7 @@ from diffsplit.families.common.flow_match import (
     resize_unit,
     scheduler_constants,
     timestep_noise_unit,
+    tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
 from diffsplit.planner.graph import Unit
@@ -330,21 +332,9 @@ def denoise(
 # -- the graph ------------------------------------------------------------------------------------------
 # Units shared by every Qwen-Image task (SFT here, direct distillation in distill.py).
 RESIZE_IMAGE = resize_unit(resize_image)
-ENCODE_IMAGE = Unit(
-    name="encode_image",
-    inputs=("pixels",),
-    outputs=("latent_mean", "latent_std"),
-    models=("vae",),
-    fn=encode_image,
-)
+ENCODE_IMAGE = encode_image_unit(encode_image)
 IMAGE_SHAPES = Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes)
-TOKENIZE = Unit(
-    name="tokenize",
-    inputs=("prompt",),
-    outputs=("input_ids", "attention_mask"),
-    models=("tokenizer",),
-    fn=tokenize,
-)
+TOKENIZE = tokenize_unit(tokenize)
 ENCODE_PROMPT = Unit(
     name="encode_prompt",
     inputs=("input_ids", "attention_mask"),

@@ -8,8 +8,8 @@ encoder of transformers with its Qwen2 tokenizer, and ``FlowMatchEulerDiscreteSc
 * :mod:`.tiny`: ``make-tiny z-image``.
 """
 
-from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
-from diffsplit.families.common.flow_match import scheduler_from_constants
+from diffsplit.families.base import Example, Family, TinyModel
+from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.z_image import distill, tiny, units
 from diffsplit.families.z_image.components import COMPONENTS
@@ -19,12 +19,8 @@ FAMILY = Family(
     components=COMPONENTS,
     options=ImageOptions,
     tasks={
-        "sft": TaskUnits(units.sft_units, ("image", "prompt"), ("pred", "target", "loss_weight")),
-        "direct_distill": TaskUnits(
-            distill.distill_units,
-            ("image", "prompt", "seed", "num_inference_steps", "cfg_scale"),
-            ("student_latents", "target_latents"),
-        ),
+        "sft": sft_task(units.sft_units),
+        "direct_distill": direct_distill_task(distill.distill_units),
     },
     units_version="z-image-units-1",
     size_policy=units.SIZE_POLICY,

@@ -55,6 +55,7 @@ from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
+    encode_image_unit,
     image_size,
     latents_unit,
     posterior_sample,
@@ -62,6 +63,7 @@ from diffsplit.families.common.flow_match import (
     resize_unit,
     scheduler_constants,
     timestep_noise_unit,
+    tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
 from diffsplit.families.z_image.components import TEXT_ENCODER
@@ -259,20 +261,8 @@ def denoise(
 # -- the graph ----------------------------------------------------------------------------------------------
 # Units shared by every Z-Image task (SFT here, direct distillation in distill.py).
 RESIZE_IMAGE = resize_unit(resize_image)
-ENCODE_IMAGE = Unit(
-    name="encode_image",
-    inputs=("pixels",),
-    outputs=("latent_mean", "latent_std"),
-    models=("vae",),
-    fn=encode_image,
-)
-TOKENIZE = Unit(
-    name="tokenize",
-    inputs=("prompt",),
-    outputs=("input_ids", "attention_mask"),
-    models=("tokenizer",),
-    fn=tokenize,
-)
+ENCODE_IMAGE = encode_image_unit(encode_image)
+TOKENIZE = tokenize_unit(tokenize)
 ENCODE_PROMPT = Unit(
     name="encode_prompt",
     inputs=("input_ids", "attention_mask"),

@@ -10,7 +10,6 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from diffsplit.families.common import decoder_layers
 from diffsplit.families.qwen_image.text_encoder import ADAPTER
 from diffsplit.training.lora import add_lora, save_peft_adapter
 
@@ -62,15 +61,8 @@ def test_prefix_then_suffix_equals_the_whole_model_at_every_cut(model_dir: Path,
             assert torch.equal(out, states[-1])  # the last entry is after the final norm
 
 
-def test_a_part_holds_and_reads_only_its_own_layers(model_dir: Path, monkeypatch):
-    read: list[str] = []
-    original = decoder_layers.read_tensors
-
-    def spy(files, keys, aliases=()):
-        read.extend(keys)
-        return original(files, keys, aliases)
-
-    monkeypatch.setattr(decoder_layers, "read_tensors", spy)
+def test_a_part_holds_and_reads_only_its_own_layers(model_dir: Path, tensor_reads):
+    read = tensor_reads
     suffix = _part(model_dir, 3, 4)
     names = set(suffix.state_dict())
     assert names == set(read)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from diffsplit.families.base import UnitContext
-from diffsplit.families.common import decoder_layers
 from diffsplit.families.z_image import units
 from diffsplit.families.z_image.components import TEXT_ENCODER
 from diffsplit.planner.layers import part_name
@@ -24,15 +23,8 @@ def _ctx(models: Any) -> UnitContext:
     return UnitContext(components=models, options=None)
 
 
-def test_the_dead_layer_and_the_final_norm_are_never_read(z_model: Path, monkeypatch) -> None:
-    read: list[str] = []
-    original = decoder_layers.read_tensors
-
-    def spy(files, keys, aliases=()):
-        read.extend(keys)
-        return original(files, keys, aliases)
-
-    monkeypatch.setattr(decoder_layers, "read_tensors", spy)
+def test_the_dead_layer_and_the_final_norm_are_never_read(z_model: Path, tensor_reads) -> None:
+    read = tensor_reads
     models = model_set(z_model, "text_encoder")
     n = TEXT_ENCODER.num_layers(z_model / "text_encoder")
     encoder = models["text_encoder"]

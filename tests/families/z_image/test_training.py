@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from diffsplit import cli
+from tests.conftest import train_args
 from tests.families.z_image.conftest import MODEL_ID, SEED_MODELS, SEED_TARGETS
 from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
 
@@ -26,20 +27,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 def z_args(output: Path | str, *extra: str, models: str = SEED_MODELS) -> list[str]:
     """A short version of the seed-style Z-Image command (small rank, few passes, no workers)."""
-    return [
-        "--dataset_base_path", "data/example_image_dataset",
-        "--dataset_metadata_path", "data/example_image_dataset/metadata.csv",
-        "--max_pixels", "4096",
-        "--dataset_repeat", "5",
-        "--model_id_with_origin_paths", models,
-        "--learning_rate", "1e-3",
-        "--num_epochs", "1",
-        "--output_path", str(output),
-        "--lora_base_model", "dit",
-        "--lora_target_modules", SEED_TARGETS,
-        "--lora_rank", "4",
-        *extra,
-    ]  # fmt: skip
+    return _replace(train_args(output, *extra, models=models, targets=SEED_TARGETS), "--dataset_repeat", "5")
 
 
 def test_split_equals_unsplit_for_a_dit_lora_and_stage2_builds_no_frozen_model(
@@ -71,7 +59,7 @@ def test_split_equals_unsplit_for_a_dit_lora_and_stage2_builds_no_frozen_model(
 
 
 def test_automatic_mode_with_a_text_encoder_lora_on_its_last_used_layer_equals_unsplit(
-    in_z_workspace: Path, tmp_path: Path, monkeypatch
+    in_z_workspace: Path, tmp_path: Path, tensor_reads
 ) -> None:
     extra = (
         "--lora_base_model",
@@ -81,16 +69,8 @@ def test_automatic_mode_with_a_text_encoder_lora_on_its_last_used_layer_equals_u
     )
     assert cli.main(["train", *z_args(tmp_path / "unsplit", *extra)]) == 0
 
-    from diffsplit.families.common import decoder_layers
-
-    read: list[str] = []
-    original = decoder_layers.read_tensors
-
-    def spy(files, keys, aliases=()):
-        read.extend(keys)
-        return original(files, keys, aliases)
-
-    monkeypatch.setattr(decoder_layers, "read_tensors", spy)
+    read = tensor_reads
+    read.clear()  # only the automatic run's reads
     auto = z_args(tmp_path / "auto", *extra, "--cache_dir", str(tmp_path / "caches"))
     assert cli.main(["train", *auto]) == 0
     (folder,) = (tmp_path / "caches").iterdir()
