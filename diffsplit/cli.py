@@ -34,9 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="look into a stage-1 cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_OneLineParser)
     cache_sub.add_parser("inspect", help="status, samples, bytes, stored values").add_argument("folder")
-    cache_sub.add_parser(
+    verify = cache_sub.add_parser(
         "verify", help="checksums, completeness, orphan files (exit 1 on a problem)"
-    ).add_argument("folder")
+    )
+    verify.add_argument("folder")
+    verify.add_argument(
+        "--quick",
+        action="store_true",
+        help="check structure and file sizes only, without hashing (seconds for millions of samples)",
+    )
 
     demo = sub.add_parser("demo", help="build a tiny model and dataset, then train a LoRA on them")
     demo.add_argument("--workdir", default="diffsplit-demo", help="where the model, data and results go")
@@ -127,14 +133,15 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if args.cache_command == "inspect":
             print(cache.inspect(args.folder))
             return 0
-        problems = cache.verify(args.folder)
+        problems = cache.verify(args.folder, quick=args.quick, progress=True)
         for problem in problems:
             print(f"problem: {problem}")
         if problems:
             print(f"{args.folder}: {len(problems)} problem(s)")
             return 1
         # Intact: complete, or partial (a stopped stage 1 that resumes), which stage 2 still refuses.
-        print(f"{args.folder}: ok, {cache.status(args.folder)}")
+        checked = " (structure and sizes; nothing hashed)" if args.quick else ""
+        print(f"{args.folder}: ok{checked}, {cache.status(args.folder)}")
         return 0
     if args.command == "demo":
         from diffsplit.demo import run_demo

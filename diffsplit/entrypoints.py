@@ -34,7 +34,8 @@ from diffsplit.training.trainable import prepare_trainable
 
 VERIFY_UP_FRONT_BYTES = 2 << 30
 """Stage 2 verifies every shard's checksum before its first step when they total at most this (about a
-second of hashing); a larger cache is verified shard by shard as it is read."""
+second of hashing); a larger cache has every file's size checked up front and each shard's checksum verified
+once in the run, when a process first reads it."""
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def train_unsplit(run: Run) -> dict[str, Any]:
     accelerator = make_accelerator(run.config)
     torch.manual_seed(run.config.seed)
     plan = run.split_plan(layer_split=False)
-    samples = run.load_dataset()
+    # Sorted by id, as the cache's samples are: the visiting order is a permutation of sorted positions.
+    samples = sorted(run.load_dataset(), key=lambda s: s.id)
     run.models.require(plan.stage1_models + plan.stage2_models, flag=MODEL_FLAG)
     trained = prepare_trainable(run.config, run.models, run.specs, plan.trained_parts)
     graph = plan.graph
@@ -171,6 +173,8 @@ def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None
     reader = cache.CacheReader(folder)
     run.models.require(run.trained, flag=MODEL_FLAG)
     plan = _check_cache(run, reader, str(folder))
+    reader.verify_tables()
+    reader.check_sizes()
     if not reader.verify_all(VERIFY_UP_FRONT_BYTES) and accelerator.is_main_process:
         print(
             f"notice: the cache's shards are over {VERIFY_UP_FRONT_BYTES >> 30} GiB: each is verified when first "
@@ -183,13 +187,12 @@ def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None
     rebuilt = run.family.scheduler_from_constants(reader.identity["constants"])
     components = ComponentOverlay(run.models, {name: rebuilt for name in schedulers})
     trained = prepare_trainable(run.config, components, run.specs, plan.trained_parts)
-    ids = reader.sample_ids if sample_ids is None else sample_ids
-
-    def load(index: int) -> dict:
-        return reader.load_id(ids[index])
-
+    try:
+        view = reader.view(sample_ids)
+    except KeyError as err:  # automatic mode just wrote them all; only a hand-edited cache lacks one
+        raise UserError(f"cache at {folder} lacks sample {err.args[0]}; rerun stage 1") from None
     step_plan = _step_plan(run, plan, frozen_units=[])
-    return _train(run, accelerator, step_plan, components, trained, ids, load)
+    return _train(run, accelerator, step_plan, components, trained, view, view.load)
 
 
 # -- automatic ----------------------------------------------------------------------------------------------

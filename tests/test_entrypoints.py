@@ -239,9 +239,13 @@ def test_flipped_byte_in_a_shard_is_a_clear_error(in_workspace, tmp_path, capsys
 def test_cache_holds_no_pickle(in_workspace, tmp_path):
     assert cli.main(["train", *stage1_args(tmp_path / "cache")]) == 0
     assert (tmp_path / "cache" / ".lock").stat().st_size == 0
+    from diffsplit.storage import cache as cache_mod
+
+    tables = {cache_mod.SAMPLES_TABLE, cache_mod.SHARDS_TABLE}
     for path in (tmp_path / "cache").rglob("*"):
         if path.is_file() and path.name != ".lock":  # the writers' lock: an empty file flock() holds
-            assert path.suffix in {".json", ".safetensors"}, path
+            # JSON, safetensors, or the two plain binary tables (rows of cache/table.py's layout)
+            assert path.suffix in {".json", ".safetensors"} or path.name in tables, path
             assert not path.read_bytes().startswith(b"\x80"), path  # pickle protocol 2+ magic
 
 

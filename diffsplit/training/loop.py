@@ -37,15 +37,15 @@ from diffsplit.training.rng import derive_seed, keyed_generator
 from diffsplit.training.trainable import save_checkpoint
 
 
-def pass_order(sample_ids: Sequence[str], seed: int, pass_index: int) -> list[int]:
-    """Indices of ``sample_ids`` in the order pass ``pass_index`` visits them.
+def pass_order(num_samples: int, seed: int, pass_index: int) -> torch.Tensor:
+    """Positions of samples sorted by id, in the order pass ``pass_index`` visits them (int64, shape (N,)).
 
-    The order depends only on the set of ids, the seed and the pass, never on loader position, so a run
-    over the cache and a run over the metadata visit samples in the same order.
+    The order depends only on the number of samples, the seed and the pass, never on loader position or
+    where the samples come from, so a run over the cache and a run over the metadata (both sorted by id)
+    visit samples in the same order.
     """
-    by_id = sorted(range(len(sample_ids)), key=lambda i: sample_ids[i])
     generator = torch.Generator().manual_seed(derive_seed(seed, pass_index, "<all samples>", "shuffle"))
-    return [by_id[i] for i in torch.randperm(len(by_id), generator=generator).tolist()]
+    return torch.randperm(num_samples, generator=generator)
 
 
 class StepDataset(torch.utils.data.Dataset):
@@ -55,7 +55,8 @@ class StepDataset(torch.utils.data.Dataset):
     set of workers) serves all ``dataset_repeat`` passes of an epoch.
 
     Args:
-        sample_ids: stable id of each sample.
+        sample_ids: stable id of each sample, sorted (a list, or a cache view that decodes ids on access:
+            nothing proportional to the sample count is pickled to a worker beyond what this holds).
         load: sample index -> the step's starting values (dataset values or cached tensors).
         seed: the run's seed (keys the visiting order of each pass).
         first_pass, num_passes: the passes this epoch covers.
@@ -71,7 +72,7 @@ class StepDataset(torch.utils.data.Dataset):
     ):
         self.sample_ids, self.load, self.seed = sample_ids, load, seed
         self.first_pass, self.num_passes = first_pass, num_passes
-        self._orders: dict[int, list[int]] = {}
+        self._orders: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.sample_ids) * self.num_passes
@@ -79,8 +80,8 @@ class StepDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         pass_index = self.first_pass + i // len(self.sample_ids)
         if pass_index not in self._orders:
-            self._orders = {pass_index: pass_order(self.sample_ids, self.seed, pass_index)}
-        index = self._orders[pass_index][i % len(self.sample_ids)]
+            self._orders = {pass_index: pass_order(len(self.sample_ids), self.seed, pass_index)}
+        index = int(self._orders[pass_index][i % len(self.sample_ids)])
         return {"id": self.sample_ids[index], "pass": pass_index, **load_or_error(self.load, index)}
 
 

@@ -141,8 +141,12 @@ def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
     write(tmp_path / "c", range(2))
     shard = first_shard(tmp_path / "c")
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(UserError, match=rf"{shard.name} is corrupt"):
-        CacheReader(tmp_path / "c")
+    reader = CacheReader(tmp_path / "c")  # opening costs the same at any size: it stats no shard
+    with pytest.raises(UserError, match=rf"{shard.name} is corrupt: 100 bytes, expected \d+ \(truncated"):
+        reader.check_sizes()  # what stage 2 does up front
+    with pytest.raises(UserError, match=rf"{shard.name} is corrupt: 100 bytes"):
+        reader.load(0)
+    assert any("corrupt" in p for p in verify(tmp_path / "c", quick=True))
     assert any("corrupt" in p for p in verify(tmp_path / "c"))
 
 
@@ -255,13 +259,21 @@ def test_non_empty_folder_without_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_no_pickle_anywhere(tmp_path: Path) -> None:
     write(tmp_path / "c", range(5), shard_samples=2)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    tables = {entry["file"]: entry for entry in manifest["tables"].values()}
     for path in (tmp_path / "c").rglob("*"):
-        if path.is_file():
-            assert path.suffix in {".json", ".safetensors"}, path
-            head = path.read_bytes()[:2]
-            assert head[:1] != b"\x80" and head != b"PK", path  # pickle protocol >= 2, torch.save zip
-    source = Path(cache.__file__).read_text()
-    assert "torch.load" not in source and "import pickle" not in source
+        if not path.is_file() or path.name == ".lock":
+            continue
+        if path.name in tables:  # plain rows of the layout cache/table.py declares, nothing else
+            entry = tables[path.name]
+            assert path.stat().st_size == entry["bytes"] and entry["bytes"] % entry["rows"] == 0
+            continue
+        assert path.suffix in {".json", ".safetensors"}, path
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", path  # pickle protocol >= 2, torch.save zip
+    for module in Path(cache.__file__).parent.glob("*.py"):
+        source = module.read_text()
+        assert "torch.load" not in source and "import pickle" not in source, module
 
 
 def test_two_writers_share_one_cache(tmp_path: Path) -> None:

@@ -1,0 +1,197 @@
+"""The cache at the scale of real datasets: open time, memory, what a loader worker is sent, read speed.
+
+Usage::
+
+    python benchmarks/cache_scale.py --samples N [--shard_size S] [--reads 10000] [--workdir ./bench-work/cache]
+
+It builds (once per ``--samples``/``--shard_size``, under ``--workdir``; reused when it is already there and
+complete) a synthetic cache of N samples with the package's own writer: one bf16 tensor of 2 KiB per sample
+(like a small latent), a few JSON values, ids made like real ones (32 hex characters of a sha256), a real
+manifest and tables. Then, in a fresh process so memory is measured from a clean start:
+
+* **open**: seconds to construct a ``CacheReader`` and the growth of the process's resident memory (VmRSS)
+  across it;
+* **pickle to a worker**: bytes of the pickled ``StepDataset`` stage 2 hands each DataLoader worker;
+* **verify --quick**: ``cache.verify(folder, quick=True)`` (structure and sizes, no hashing), and the full
+  hash of every shard (``verify_all``: what a run does once, the first time each shard is read);
+* **reads**: samples loaded per second over ``--reads`` reads, in order (positions 0, 1, ...) and shuffled
+  (a random permutation of the whole cache, as training visits it), after the shards were verified, so the
+  figure is the steady state of a run (the page cache is warm: the files were just written or read).
+
+It prints a table and ends with one line::
+
+    open_s=<f> open_rss_mib=<f> pickle_bytes=<n> shuffled_per_s=<f> inorder_per_s=<f>
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TENSOR_SHAPE = (4, 16, 16)  # bf16: 2 KiB per sample
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sample_id(i: int) -> str:
+    """An id shaped like the package's: 32 hex characters of a sha256 over the row's content."""
+    return hashlib.sha256(f"row {i}".encode()).hexdigest()[:32]
+
+
+def build(folder: Path, samples: int, shard_size: int) -> float:
+    """Write the synthetic cache (or keep a complete one already there); returns seconds spent writing."""
+    from diffsplit.storage.cache import CacheWriter
+
+    identity = {
+        "benchmark": "cache_scale",
+        "samples": samples,
+        "shard_size": shard_size,
+        "shape": TENSOR_SHAPE,
+    }
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text())
+        if stored.get("status") == "complete" and stored.get("identity") == json.loads(json.dumps(identity)):
+            return float("nan")
+        shutil.rmtree(folder)
+    started = time.perf_counter()
+    writer = CacheWriter(folder, identity, shard_samples=shard_size)
+    done = writer.done_ids()
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(*TENSOR_SHAPE, generator=generator).to(torch.bfloat16)
+    for i in range(samples):
+        sid = sample_id(i)
+        if sid in done:
+            continue
+        values = {"size": [512, 512], "prompt_tokens": 40 + i % 50, "caption": f"a photo number {i}"}
+        writer.add(sid, i, {"latents": base + i % 7}, values)
+        if i and i % 100_000 == 0:
+            print(f"  wrote {i} samples ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    writer.close()
+    return time.perf_counter() - started
+
+
+def measure(folder: Path, reads: int) -> dict[str, float]:
+    """The figures, measured in this (fresh) process."""
+    from diffsplit.storage import cache
+    from diffsplit.training.loop import StepDataset
+
+    before = _rss_mib()
+    started = time.perf_counter()
+    reader = cache.CacheReader(folder)
+    open_s = time.perf_counter() - started
+    open_rss = _rss_mib() - before
+
+    view = reader.view()
+    dataset = StepDataset(view, view.load, seed=0, first_pass=0, num_passes=1)
+    pickle_bytes = len(pickle.dumps(dataset))
+
+    started = time.perf_counter()
+    problems = cache.verify(folder, quick=True)
+    quick_s = time.perf_counter() - started
+    if problems:
+        raise SystemExit(f"verify --quick found problems: {problems[:3]}")
+    started = time.perf_counter()
+    reader.verify_tables()
+    reader.verify_all(1 << 62)
+    hash_s = time.perf_counter() - started
+
+    n = len(reader)
+    count = min(reads, n)
+    rates = {}
+    for name, positions in (
+        ("inorder", list(range(count))),
+        ("shuffled", torch.randperm(n, generator=torch.Generator().manual_seed(1))[:count].tolist()),
+    ):
+        started = time.perf_counter()
+        for position in positions:
+            dataset.load(position)
+        rates[name] = count / (time.perf_counter() - started)
+    return {
+        "samples": n,
+        "shards": reader.manifest["num_shards"],
+        "open_s": open_s,
+        "open_rss_mib": open_rss,
+        "pickle_bytes": pickle_bytes,
+        "verify_quick_s": quick_s,
+        "hash_s": hash_s,
+        "inorder_per_s": rates["inorder"],
+        "shuffled_per_s": rates["shuffled"],
+        "rss_after_reads_mib": _rss_mib() - before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, required=True)
+    parser.add_argument(
+        "--shard_size", type=int, default=64, help="samples per shard (the default of stage 1)"
+    )
+    parser.add_argument("--reads", type=int, default=10_000)
+    parser.add_argument("--workdir", default="bench-work/cache")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure this folder, print JSON
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure), args.reads)))
+        return
+
+    folder = Path(args.workdir) / f"n{args.samples}-s{args.shard_size}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {args.samples} samples, {args.shard_size} per shard, in {folder} ...", file=sys.stderr)
+    build_s = build(folder, args.samples, args.shard_size)
+    disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--samples",
+            str(args.samples),
+            "--reads",
+            str(args.reads),
+            "--measure",
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    m = json.loads(child.stdout.strip().splitlines()[-1])
+    rows = [
+        ("samples / shards", f"{m['samples']} / {m['shards']} ({args.shard_size} per shard)"),
+        ("build (writer, incl. finalize)", "reused" if build_s != build_s else f"{build_s:.1f} s"),
+        ("cache on disk", f"{disk / 2**20:.1f} MiB ({disk / m['samples']:.0f} B per sample)"),
+        ("open", f"{m['open_s']:.3f} s"),
+        ("RSS growth after open", f"{m['open_rss_mib']:.1f} MiB"),
+        ("pickled to a worker", f"{m['pickle_bytes']} B"),
+        ("verify --quick", f"{m['verify_quick_s']:.2f} s"),
+        ("hash every shard once (verify_all)", f"{m['hash_s']:.1f} s"),
+        (f"in-order reads ({min(args.reads, m['samples'])})", f"{m['inorder_per_s']:.0f} /s"),
+        (f"shuffled reads ({min(args.reads, m['samples'])})", f"{m['shuffled_per_s']:.0f} /s"),
+        ("shuffled / in-order", f"{m['shuffled_per_s'] / m['inorder_per_s']:.2f}"),
+        ("RSS growth after the reads", f"{m['rss_after_reads_mib']:.1f} MiB"),
+    ]
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(
+        f"open_s={m['open_s']:.4f} open_rss_mib={m['open_rss_mib']:.2f} pickle_bytes={m['pickle_bytes']} "
+        f"shuffled_per_s={m['shuffled_per_s']:.1f} inorder_per_s={m['inorder_per_s']:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

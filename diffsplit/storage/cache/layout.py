@@ -1,0 +1,257 @@
+"""The cache folder's names and the small readers every part of the cache shares: which files the format
+owns, the manifest, a shard's index, a shard's own safetensors header."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffsplit.errors import UserError
+from diffsplit.storage.cache.index import MalformedIndex, ShardIndex, parse_index, sample_problem
+from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE
+from diffsplit.storage.files import atomic_write
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+LOCK = ".lock"
+"""The writers' lock file (an OS file lock, released when its process ends, however it ends)."""
+SKIPPED = "skipped_samples.json"
+"""The rows stage 1 left out (``--skip_bad_samples``): part of the cache's folder, not of its data."""
+SKIPPED_TMP = f".{SKIPPED}.tmp"
+
+WRITER_ID = re.compile(r"[A-Za-z0-9_]+")
+SHARD = re.compile(r"shard-([A-Za-z0-9_]+)-(\d{6,})\.safetensors")
+_INDEX = re.compile(r"shard-([A-Za-z0-9_]+)-(\d{6,})\.json")
+SHARD_TMP = re.compile(r"shard-([A-Za-z0-9_]+)-(\d{6,})\.(?:safetensors|json)\.tmp")
+MANIFEST_TMP = re.compile(r"manifest\.json\.tmp-([A-Za-z0-9_]+)-\d+")
+TABLE_TMP = re.compile(r"\.table-(?:samples|shards)\.bin\.tmp")
+
+OVERWRITE_HINT = "use --overwrite_cache to replace it"
+RECOMPUTE_HINT = "rerun stage 1 with --overwrite_cache or delete it to recompute"
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+
+
+def read_json(path: Path, what: str, hint: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} is missing; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is unreadable ({err}); {hint}") from None
+
+
+def write(path: Path, data: bytes, tmp: Path) -> None:
+    """:func:`atomic_write`, with a failing disk (full, read-only, gone) as one line that says the cache
+    resumes once the problem is fixed (the temporary file is removed, the target left as it was)."""
+    try:
+        atomic_write(path, data, tmp)
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
+            "it resumes where it stopped"
+        ) from None
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Listing:
+    """The cache-owned names in ``shards/``, by kind. Unknown names are collected but never opened."""
+
+    def __init__(self, folder: Path) -> None:
+        self.shards: dict[str, tuple[str, int]] = {}  # stem -> (writer, seq)
+        self.indexes: dict[str, tuple[str, int]] = {}
+        self.tmp: list[str] = []
+        self.unknown: list[str] = []
+        shards = folder / SHARDS
+        if not shards.is_dir():
+            return
+        for entry in os.scandir(shards):
+            name = entry.name
+            if (m := SHARD.fullmatch(name)) and entry.is_file():
+                self.shards[name.removesuffix(".safetensors")] = (m[1], int(m[2]))
+            elif (m := _INDEX.fullmatch(name)) and entry.is_file():
+                self.indexes[name.removesuffix(".json")] = (m[1], int(m[2]))
+            elif SHARD_TMP.fullmatch(name) and entry.is_file():
+                self.tmp.append(name)
+            else:
+                self.unknown.append(name)
+
+    @property
+    def orphans(self) -> list[str]:
+        """Shard files without an index: left by a kill between the two renames."""
+        return sorted(f"{stem}.safetensors" for stem in self.shards if stem not in self.indexes)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` the cache format does not own (empty when the folder may be used)."""
+    owned = (MANIFEST, LOCK, SKIPPED, SKIPPED_TMP, SAMPLES_TABLE, SHARDS_TABLE)
+    foreign = []
+    for entry in os.scandir(folder):
+        if entry.name == SHARDS and entry.is_dir():
+            foreign += [f"{SHARDS}/{name}" for name in Listing(folder).unknown]
+        elif not (
+            entry.name in owned or MANIFEST_TMP.fullmatch(entry.name) or TABLE_TMP.fullmatch(entry.name)
+        ):
+            foreign.append(entry.name)
+    return sorted(foreign)
+
+
+def root_leftovers(folder: Path) -> list[str]:
+    """Temporary manifest and table files a killed (or disk-full) writer left."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        e.name for e in os.scandir(folder) if MANIFEST_TMP.fullmatch(e.name) or TABLE_TMP.fullmatch(e.name)
+    )
+
+
+def caches_in(folder: Path) -> list[Path]:
+    """The caches directly inside ``folder`` (an automatic mode's ``--cache_dir`` holds one per fingerprint)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the cache at ``folder``; one line when there is none (naming the caches inside a
+    folder that holds several) or it is unreadable."""
+    if not folder.is_dir():
+        raise UserError(f"cache folder {folder} does not exist; run stage 1 (sft:data_process) first")
+    path = folder / MANIFEST
+    if not path.is_file():
+        inside = caches_in(folder)
+        if inside:
+            shown = ", ".join(str(p) for p in inside[:5]) + (
+                f" (+{len(inside) - 5} more)" if len(inside) > 5 else ""
+            )
+            raise UserError(
+                f"{folder} is no cache itself but holds {len(inside)} (an automatic mode's --cache_dir): {shown}; "
+                "give one of them"
+            )
+        raise UserError(
+            f"{folder} holds no cache ({MANIFEST} is missing); run stage 1 (sft:data_process) first"
+        )
+    manifest = read_json(path, "cache manifest", "rerun stage 1 with --overwrite_cache")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("identity"), dict):
+        raise UserError(f"cache manifest {path} is malformed; rerun stage 1 with --overwrite_cache")
+    return manifest
+
+
+def manifest_status(path: Path) -> Any:
+    """The ``status`` of the manifest at ``path``, or None when it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_index(path: Path, hint: str) -> tuple[ShardIndex, bytes]:
+    """A shard's index and its raw bytes (its checksum is taken from them).
+
+    Raises:
+        UserError: missing, unreadable or not laid out as this format writes it; ends with ``hint``.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"shard index {path} is missing; {hint}") from None
+    except OSError as err:
+        raise UserError(f"shard index {path} is unreadable ({err}); {hint}") from None
+    try:
+        return parse_index(data), data
+    except MalformedIndex as err:
+        raise UserError(f"shard index {path} is malformed ({err}); {hint}") from None
+
+
+def index_problem(folder: Path, stem: str, index: ShardIndex, listing: Listing) -> str | None:
+    """Why an index cannot be trusted without reading its shard's bytes, or None."""
+    where = f"index {folder / SHARDS / stem}.json"
+    if not isinstance(index.header.get("bytes"), int) or not isinstance(index.header.get("sha256"), str):
+        return f"{where} is malformed: no 'bytes' or 'sha256'"
+    for sample in index.samples:
+        if (problem := sample_problem(sample)) is not None:
+            return f"{where} is malformed: {problem}"
+    shard = folder / SHARDS / f"{stem}.safetensors"
+    if stem not in listing.shards:
+        return f"shard {shard} is missing (its index exists)"
+    size = shard.stat().st_size
+    if size != index.header["bytes"]:
+        return f"shard {shard} is corrupt: {size} bytes, its index says {index.header['bytes']} (truncated?)"
+    return None
+
+
+def size_problem(what: str, path: Path, size: int) -> str | None:
+    """Whether the file at ``path`` is missing or of another size than ``size`` (one line naming it)."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return f"{what} {path} is missing"
+    except OSError as err:
+        return f"{what} {path} is unreadable ({err.strerror})"
+    if actual == size:
+        return None
+    return f"{what} {path} is corrupt: {actual} bytes, expected {size}" + (
+        " (truncated?)" if actual < size else ""
+    )
+
+
+# safetensors' dtype names (F32, BF16, ...) as torch's.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def _safetensors_header(shard: Path) -> dict[str, tuple[str, list[int], list[int]]]:
+    """Each tensor's (torch dtype name, shape, absolute byte range) from a shard's own header."""
+    with open(shard, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size > os.fstat(handle.fileno()).st_size:
+            raise ValueError("its header length exceeds the file")
+        header = json.loads(handle.read(size))
+    base = 8 + size
+    return {
+        key: (
+            _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]),
+            list(info["shape"]),
+            [base + info["data_offsets"][0], base + info["data_offsets"][1]],
+        )
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def header_problem(shard: Path, samples: Sequence[Mapping[str, Any]]) -> str | None:
+    """Whether a shard's own header holds exactly the tensors its index lists, with their dtypes, shapes and
+    byte ranges (a reader fetches tensors by the index's ranges, so they must be the shard's own)."""
+    expected = {
+        f"{sample['id']}/{name}": (info["dtype"], list(info["shape"]), list(info["offsets"]))
+        for sample in samples
+        for name, info in sample["tensors"].items()
+    }
+    try:
+        stored = _safetensors_header(shard)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"shard {shard} is unreadable: {err}"
+    for key in sorted(set(expected) | set(stored)):
+        if key not in stored:
+            return f"shard {shard} lacks '{key}', which its index lists"
+        if key not in expected:
+            return f"shard {shard} holds '{key}', which its index does not list"
+        if stored[key] != expected[key]:
+            (dtype, shape, at), (want_dtype, want_shape, want_at) = stored[key], expected[key]
+            return (
+                f"shard {shard}: '{key}' is {dtype} {shape} at {at}, its index says {want_dtype} {want_shape} "
+                f"at {want_at}"
+            )
+    return None
