@@ -180,3 +180,29 @@ def test_cli_quick_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     write(tmp_path / "c", range(3))
     assert cli.main(["cache", "verify", "--quick", str(tmp_path / "c")]) == 0
     assert "ok (structure and sizes; nothing hashed), complete, 3 samples" in capsys.readouterr().out
+
+
+def test_a_kill_between_the_tables_and_the_manifest_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "c"
+    writer = CacheWriter(folder, IDENTITY, shard_samples=2)
+    for i in range(3):
+        writer.add(*sample(i))
+
+    def killed(manifest):  # the tables are on disk; the process dies before the manifest says complete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    assert (folder / cache.SAMPLES_TABLE).exists()
+    with pytest.raises(UserError, match="incomplete"):
+        CacheReader(folder)  # a partial manifest: its stale tables are never trusted
+    assert verify(folder) == []
+    write(folder, range(5), shard_samples=2)  # stage 1 resumes, adds two samples, rewrites the tables
+    reader = CacheReader(folder)
+    assert list(reader.sample_ids) == [sample(i)[0] for i in range(5)]
+    for i in range(5):
+        assert_sample_equal(reader.load_id(sample(i)[0]), i)
+    assert verify(folder) == []
