@@ -205,7 +205,7 @@ def write_cache(
                     for position, index in enumerate(members):
                         one = _one_sample(env, keys, position, len(members))
                         tensors, values = split_values(one, keys)
-                        writer.add(todo[index].id, todo[index].row, tensors, values)
+                        writer.add(todo[index].id, todo[index].row, tensors, values, group=todo[index].group)
                 progress.update(len(batches[item["id"]]))
         except DataError:
             writer.flush()  # what was encoded before the bad row is kept: the next run resumes after it

@@ -84,6 +84,8 @@ class Sample:
         source: the metadata file (or image folder) the row came from, for messages.
         draft: file column -> the size a JPEG larger than the image-size limit is decoded at (PIL's DCT
             scaling: never the full image), at least twice the training size on each side.
+        group: the sample's size group (a JSON-able key, set by the run: the training sizes of its images);
+            training batches hold samples of one group, and the cache stores it per sample.
     """
 
     id: str
@@ -91,6 +93,7 @@ class Sample:
     values: dict[str, Any]
     source: str = ""
     draft: dict[str, tuple[int, int]] = field(default_factory=dict)
+    group: Any = None
 
 
 class _BadRow(Exception):

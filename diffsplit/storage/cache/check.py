@@ -85,7 +85,10 @@ def _complete_problems(
         for entry in manifest["tables"].values():
             if (problem := table.table_checksum_problem(folder, entry)) is not None:
                 problems.append(problem)
-    problems += table.structure_problems(samples, shards, manifest.get("num_samples"))
+    groups = manifest.get("groups")
+    if not isinstance(groups, list):
+        return [*problems, "the manifest lists no groups"]
+    problems += table.structure_problems(samples, shards, manifest.get("num_samples"), len(groups))
     if manifest.get("num_shards") != len(shards):
         problems.append(
             f"manifest counts {manifest.get('num_shards')} shards, the shards table {len(shards)}"
@@ -220,6 +223,26 @@ def _identity_lines(identity: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def group_name(key: Any) -> str:
+    """A size group's key as people write it: ``[[1024, 768]]`` -> ``1024x768`` (several images joined by
+    ``+``), no key -> ``-``, anything else as compact JSON."""
+    if key is None or key == []:
+        return "-"
+    if isinstance(key, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair) for pair in key
+    ):
+        return "+".join(f"{w}x{h}" for w, h in key)
+    return canonical(key)
+
+
+def group_histogram(groups: np.ndarray, keys: list[Any], limit: int = 12) -> str:
+    """``1024x1024: 40, 832x1216: 12, ... (+3 more)``: samples per size group, most first."""
+    counts = np.bincount(groups.astype(np.int64), minlength=len(keys)) if len(groups) else np.zeros(len(keys))
+    order = sorted((i for i in range(len(keys)) if counts[i]), key=lambda i: (-int(counts[i]), i))
+    shown = ", ".join(f"{group_name(keys[i])}: {int(counts[i])}" for i in order[:limit])
+    return shown + (f" (+{len(order) - limit} more)" if len(order) > limit else "")
+
+
 def _first_sample(folder: Path, samples: np.ndarray, shards: np.ndarray) -> dict[str, Any] | None:
     """The index entry of the table's first sample (one line read), or None for an empty cache."""
     if not len(samples):
@@ -263,8 +286,10 @@ def inspect(folder: str | Path) -> str:
         disk += sum((folder / e["file"]).stat().st_size for e in manifest["tables"].values())
         disk += int(shards["bytes"].sum()) + int(shards["index_bytes"].sum())
         example = _first_sample(folder, samples, shards)
+        groups = group_histogram(samples["group"], list(manifest.get("groups") or []))
     else:
         ids, example = _partial_ids(folder, listing)
+        groups = "(when the cache is complete)"
         count, num_shards = len(ids), len(listing.indexes)
         for stem in listing.indexes:
             disk += (folder / SHARDS / f"{stem}.json").stat().st_size
@@ -276,6 +301,7 @@ def inspect(folder: str | Path) -> str:
         f"fingerprint:  {manifest.get('fingerprint')}",
         f"samples:      {count} in {num_shards} shards",
         f"disk:         {_fmt_bytes(disk)} ({_fmt_bytes(disk / count) if count else '-'} per sample)",
+        f"size groups:  {groups}",
         "identity:",
         *_identity_lines(manifest.get("identity") or {}),
     ]

@@ -126,6 +126,17 @@ class CacheReader:
     def sample_ids(self) -> CacheView:
         return CacheView(self)
 
+    @property
+    def group_keys(self) -> list[Any]:
+        """The size groups' keys (JSON values, e.g. ``[[1024, 1024]]``), numbered as :meth:`groups` numbers them."""
+        return list(self.manifest.get("groups") or [])
+
+    def groups(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The group number of each sample (uint32, shape ``[N]``; of ``positions`` only when given): read
+        from the mapped table, no sample is opened."""
+        column = self._samples["group"]
+        return np.asarray(column if positions is None else column[positions])
+
     def id_at(self, index: int) -> str:
         """The id of the sample at position ``index`` (ids sorted)."""
         return bytes(self._ids[index]).decode("utf-8")
@@ -323,6 +334,10 @@ class CacheView(Sequence):
     def load(self, index: int) -> dict[str, Any]:
         """The cached values of the ``index``-th sample of this view."""
         return self.reader.load(self._position(index))
+
+    def groups(self) -> np.ndarray:
+        """The group number of each sample of this view (uint32, shape ``[len(self)]``)."""
+        return self.reader.groups(self.positions)
 
     def __eq__(self, other: object) -> bool:
         return (

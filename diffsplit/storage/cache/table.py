@@ -11,6 +11,8 @@ which is the order of Python's ``sorted`` on the strings), ids unique::
     shard    uint32   row of table-shards.bin
     offset   uint64   byte offset of the sample's line in the shard's index (see cache_index)
     length   uint32   byte length of that line
+    group    uint32   the sample's size group: index into the manifest's ``groups`` (JSON keys, e.g. the
+                      training size of its image); samples of one group can share a training batch
 
 ``table-shards.bin``: one row per shard, in name order::
 
@@ -26,6 +28,7 @@ Plain binary with a layout declared here and sizes and checksums in the manifest
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,9 @@ SHARDS_TABLE = "table-shards.bin"
 
 
 def samples_dtype(id_bytes: int) -> np.dtype:
-    return np.dtype([("id", f"S{id_bytes}"), ("shard", "<u4"), ("offset", "<u8"), ("length", "<u4")])
+    return np.dtype(
+        [("id", f"S{id_bytes}"), ("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("group", "<u4")]
+    )
 
 
 def shards_dtype(name_bytes: int) -> np.dtype:
@@ -75,24 +80,33 @@ class TableParts:
     shard_of: list[int]
     offsets: list[int]
     lengths: list[int]
+    groups: list[int]
+    group_keys: dict[str, int]  # canonical JSON of a group key -> its number in order of first appearance
 
     @classmethod
     def empty(cls) -> TableParts:
-        return cls([], [], [], [], [])
+        return cls([], [], [], [], [], [], {})
 
-    def add_shard(self, entry: ShardEntry, ids: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:
+    def add_shard(
+        self, entry: ShardEntry, ids: Sequence[str], spans: Sequence[tuple[int, int]], groups: Sequence[Any]
+    ) -> None:
+        """One shard's samples: their ids, their index lines' spans and their group keys (JSON values)."""
         number = len(self.shards)
         self.shards.append(entry)
         self.ids += [i.encode("utf-8") for i in ids]
         self.shard_of += [number] * len(ids)
         self.offsets += [offset for offset, _ in spans]
         self.lengths += [length for _, length in spans]
+        for key in groups:
+            text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+            self.groups.append(self.group_keys.setdefault(text, len(self.group_keys)))
 
 
-def build_tables(parts: TableParts) -> tuple[np.ndarray, np.ndarray]:
-    """Both tables as arrays: samples sorted by id, one row per id (a sample two writers both stored is
-    kept from the first shard in name order, so no sample is seen twice). ``parts.shards`` must be in name
-    order."""
+def build_tables(parts: TableParts) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Both tables as arrays, and the group keys the samples table's ``group`` column numbers (sorted by
+    their canonical JSON, so equal caches number them alike): samples sorted by id, one row per id (a sample
+    two writers both stored is kept from the first shard in name order, so no sample is seen twice).
+    ``parts.shards`` must be in name order."""
     names = [s.name.encode("utf-8") for s in parts.shards]
     shards = np.zeros(len(names), dtype=shards_dtype(max((len(n) for n in names), default=1)))
     for row, entry in enumerate(parts.shards):
@@ -114,7 +128,12 @@ def build_tables(parts: TableParts) -> tuple[np.ndarray, np.ndarray]:
     samples["shard"] = shard_of[keep]
     samples["offset"] = np.array(parts.offsets, dtype=np.uint64)[order]
     samples["length"] = np.array(parts.lengths, dtype=np.uint32)[order]
-    return samples, shards
+    texts = sorted(parts.group_keys)
+    renumber = np.zeros(len(texts), dtype=np.uint32)
+    for new, text in enumerate(texts):
+        renumber[parts.group_keys[text]] = new
+    samples["group"] = renumber[np.array(parts.groups, dtype=np.int64)[order]] if len(order) else 0
+    return samples, shards, [json.loads(text) for text in texts]
 
 
 def describe(data: bytes, file: str, rows: int, width_key: str, width: int) -> dict[str, Any]:
@@ -167,7 +186,9 @@ def table_checksum_problem(folder: Path, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def structure_problems(samples: np.ndarray, shards: np.ndarray, num_samples: Any) -> list[str]:
+def structure_problems(
+    samples: np.ndarray, shards: np.ndarray, num_samples: Any, num_groups: int
+) -> list[str]:
     """What is wrong with the tables' content itself: ids out of order or repeated, a shard number out of
     range, a line beyond its index's size, a count other than the manifest's. Vectorized: a second or two
     for ten million rows."""
@@ -181,6 +202,10 @@ def structure_problems(samples: np.ndarray, shards: np.ndarray, num_samples: Any
     if len(shard_of) and int(shard_of.max()) >= len(shards):
         problems.append(f"the samples table names shard {int(shard_of.max())}; there are {len(shards)}")
         return problems
+    if len(samples) and int(samples["group"].max()) >= num_groups:
+        problems.append(
+            f"the samples table names group {int(samples['group'].max())}; the manifest has {num_groups}"
+        )
     ends = samples["offset"].astype(np.uint64) + samples["length"].astype(np.uint64)
     if len(ends) and bool(np.any(ends > shards["index_bytes"][shard_of])):
         problems.append("the samples table points past the end of a shard index")

@@ -119,7 +119,8 @@ class CacheWriter:
         self.fingerprint = fingerprint(identity)
         self.writer_id = writer_id
         self.shard_samples = shard_samples
-        self._buffer: list[tuple[str, int, dict[str, torch.Tensor], dict[str, Any]]] = []
+        # (id, row, tensors, values, group) of the samples of the next shard
+        self._buffer: list[tuple[str, int, dict[str, torch.Tensor], dict[str, Any], Any]] = []
         self._done: set[str] = set()
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -223,6 +224,7 @@ class CacheWriter:
         row: int,
         tensors: Mapping[str, torch.Tensor],
         values: Mapping[str, Any],
+        group: Any = None,
     ) -> None:
         """Buffer one sample; a shard is written once ``shard_samples`` samples are buffered.
 
@@ -232,6 +234,8 @@ class CacheWriter:
             tensors: named tensors; stored as contiguous CPU copies under ``f"{sample_id}/{name}"``.
             values: JSON-able per-sample values (numbers, strings, None, nested lists and dicts; tuples
                 come back as lists).
+            group: the sample's size group, a JSON-able key (e.g. the training size of its image): training
+                batches hold samples of one group. Readers get it without reading the sample.
         """
         if not isinstance(sample_id, str) or not sample_id:
             raise ValueError(f"sample_id must be a non-empty string, got {sample_id!r}")
@@ -242,12 +246,13 @@ class CacheWriter:
         try:
             # Round-trip now so a bad value fails at its sample, not at a later flush.
             stored_values = json.loads(json.dumps(dict(values)))
+            stored_group = json.loads(json.dumps(group))
         except (TypeError, ValueError) as err:
             raise ValueError(f"sample {sample_id!r} (row {row}): values are not JSON-able: {err}") from None
         # clone(): a per-sample view of a batch would keep the whole batch alive, and views sharing one
         # storage are refused by safetensors.
         stored = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-        self._buffer.append((sample_id, int(row), stored, stored_values))
+        self._buffer.append((sample_id, int(row), stored, stored_values, stored_group))
         self._done.add(sample_id)
         if len(self._buffer) >= self.shard_samples:
             self.flush()
@@ -260,7 +265,7 @@ class CacheWriter:
         shards = self.folder / SHARDS
         flat = {
             f"{sample_id}/{name}": t
-            for sample_id, _, tensors, _ in self._buffer
+            for sample_id, _, tensors, _, _ in self._buffer
             for name, t in tensors.items()
         }
         if self._complete:
@@ -272,6 +277,7 @@ class CacheWriter:
             {
                 "id": sample_id,
                 "row": row,
+                "group": group,
                 "values": values,
                 "tensors": {
                     name: {
@@ -282,7 +288,7 @@ class CacheWriter:
                     for name, t in tensors.items()
                 },
             }
-            for sample_id, row, tensors, values in self._buffer
+            for sample_id, row, tensors, values, group in self._buffer
         ]
         header = {
             "format": FORMAT_VERSION,
@@ -328,8 +334,13 @@ class CacheWriter:
             entry = table.ShardEntry(
                 stem, index.header["bytes"], index.header["sha256"], len(raw), hashlib.sha256(raw).hexdigest()
             )
-            parts.add_shard(entry, [sample["id"] for sample in index.samples], index.spans)
-        samples, shard_rows = table.build_tables(parts)
+            parts.add_shard(
+                entry,
+                [sample["id"] for sample in index.samples],
+                index.spans,
+                [sample.get("group") for sample in index.samples],
+            )
+        samples, shard_rows, groups = table.build_tables(parts)
         tables = {}
         for key, rows, file, width_key in (
             ("samples", samples, table.SAMPLES_TABLE, "id_bytes"),
@@ -344,6 +355,7 @@ class CacheWriter:
             "status": "complete",
             "num_samples": len(samples),
             "num_shards": len(shard_rows),
+            "groups": groups,
             "tables": tables,
         }
         self._write_manifest(manifest)

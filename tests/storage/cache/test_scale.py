@@ -206,3 +206,18 @@ def test_a_kill_between_the_tables_and_the_manifest_resumes(
     for i in range(5):
         assert_sample_equal(reader.load_id(sample(i)[0]), i)
     assert verify(folder) == []
+
+
+def test_size_groups_are_read_from_the_table(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    writer = CacheWriter(folder, IDENTITY, shard_samples=3)
+    sizes = [[[64, 32]], [[32, 64]], [[64, 32]], [[64, 64]], [[64, 32]]]
+    for i, size in enumerate(sizes):
+        writer.add(*sample(i), group=size)
+    writer.close()
+    reader = CacheReader(folder)
+    keys = reader.group_keys
+    assert keys == sorted(keys, key=lambda k: json.dumps(k, sort_keys=True, separators=(",", ":")))
+    assert [keys[g] for g in reader.groups()] == sizes  # ids sample(i) sort in i's order
+    assert [keys[g] for g in reader.view([sample(3)[0], sample(1)[0]]).groups()] == [sizes[1], sizes[3]]
+    assert "size groups:  64x32: 3, 32x64: 1, 64x64: 1" in cache.inspect(folder)
