@@ -100,7 +100,7 @@ def measure(folder: Path, reads: int) -> dict[str, float]:
     open_rss = _rss_mib() - before
 
     view = reader.view()
-    dataset = StepDataset(view, view.load, seed=0, first_pass=0, num_passes=1)
+    dataset = StepDataset(view, view.load)
     pickle_bytes = len(pickle.dumps(dataset))
 
     started = time.perf_counter()

@@ -169,7 +169,7 @@ def _cpu() -> object:
 
 # -- notices: flags that change nothing in the run at hand ------------------------------------------------
 _TRAINING_ONLY = (
-    "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps lr_scheduler "
+    "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps batch_size lr_scheduler "
     "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
     "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
     "remove_prefix_in_ckpt timestep_weighting"

@@ -29,6 +29,7 @@ class TrainConfig:
     dataset_repeat: int = 1
     dataset_num_workers: int = 0
     max_pixels: int | None = 1024 * 1024
+    resolution_buckets: str | None = None
     height: int | None = None
     width: int | None = None
     skip_bad_samples: bool = False
@@ -57,6 +58,7 @@ class TrainConfig:
     num_epochs: int = 1
     max_train_steps: int | None = None
     gradient_accumulation_steps: int = 1
+    batch_size: int = 1
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -165,6 +167,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=_positive(int), help="fixed height (with --width), multiple of 16")
     g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
     g.add_argument(
+        "--resolution_buckets",
+        metavar="auto|WxH,...",
+        help="train at a finite set of sizes: 'auto' (from --max_pixels or --height x --width, aspect ratios "
+        "1:4 to 4:1) or a list such as 1024x1024,832x1216; each image goes to the bucket that keeps most of "
+        "it without upscaling (cover, centre crop). Default: each image at its own size",
+    )
+    g.add_argument(
         "--skip_bad_samples", action="store_true", help="skip bad rows (listed in skipped_samples.json)"
     )
     g.add_argument(
@@ -210,6 +219,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="component(s) to train fully, e.g. dit; or layers of one, e.g. text_encoder.layers.24-27",
     )
     g = parser.add_argument_group("optimisation")
+    g.add_argument(
+        "--batch_size",
+        "--train_batch_size",
+        dest="batch_size",
+        type=_positive(int),
+        default=d.batch_size,
+        help="samples per step and process (one size group each: a bucket, or one image size); the loss is "
+        "the mean of its samples' losses",
+    )
     g.add_argument("--learning_rate", type=_positive(float), default=d.learning_rate)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
     g.add_argument("--num_epochs", type=_positive(int), default=d.num_epochs)

@@ -12,12 +12,14 @@ Only the components the plan's stages run are ever constructed.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffsplit.config import TrainConfig
@@ -27,6 +29,7 @@ from diffsplit.precompute import existing_identity, probe_sizes, write_cache
 from diffsplit.run import MODEL_FLAG, Run, process_state
 from diffsplit.storage import cache, data
 from diffsplit.storage.cache import check_cache_folder
+from diffsplit.storage.cache.check import group_histogram
 from diffsplit.storage.models import SCHEDULER
 from diffsplit.training.loop import ComponentOverlay, StepPlan, make_accelerator, run_training
 from diffsplit.training.outputs import check_output_folder
@@ -86,7 +89,8 @@ def train_unsplit(run: Run) -> dict[str, Any]:
         return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
 
     step_plan = _step_plan(run, plan, frozen_units=plan.stage1)
-    return _train(run, accelerator, step_plan, run.models, trained, [s.id for s in samples], load)
+    groups = _group_numbers([s.group for s in samples])
+    return _train(run, accelerator, step_plan, run.models, trained, [s.id for s in samples], load, groups)
 
 
 # -- stage 1 ------------------------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None
     except KeyError as err:  # automatic mode just wrote them all; only a hand-edited cache lacks one
         raise UserError(f"cache at {folder} lacks sample {err.args[0]}; rerun stage 1") from None
     step_plan = _step_plan(run, plan, frozen_units=[])
-    return _train(run, accelerator, step_plan, components, trained, view, view.load)
+    return _train(run, accelerator, step_plan, components, trained, view, view.load, view.groups())
 
 
 # -- automatic ----------------------------------------------------------------------------------------------
@@ -257,10 +261,14 @@ def plan_text(run: Run) -> str:
     per_sample = plan.cache_bytes or 0
     projected = per_sample * len(samples)
     shapes = f"{len(groups)} distinct shape(s) among {len(examined)} rows examined, {len(common)} probed"
+    keys = [s.group for s in samples]
+    histogram = group_histogram(_group_numbers(keys), _group_keys(keys))
     return (
         plan.explain()
         + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
         + f"{projected} bytes ({projected / 2**20:.1f} MiB) plus shard indexes"
+        + f"\nsize groups (samples per training size): {histogram}"
+        + f" (batches of up to {run.config.batch_size} hold one group)"
     )
 
 
@@ -282,10 +290,28 @@ def _long_barrier(state: Any) -> Any:
 
 
 def _step_plan(run: Run, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
-    return StepPlan(plan.graph, frozen_units, plan.stage2, run.units.loss_reads, run.task.loss)
+    return StepPlan.build(
+        plan.graph, frozen_units, plan.stage2, run.units.loss_reads, run.task.loss, run.family.collate
+    )
 
 
-def _train(run: Run, accelerator, step_plan, components, trained, ids, load) -> dict[str, Any]:
+def _group_numbers(keys: list[Any]) -> np.ndarray:
+    """Size-group keys (JSON values) -> integers, equal keys equal (the batch plan compares nothing else)."""
+    numbers: dict[str, int] = {}
+    return np.array(
+        [numbers.setdefault(json.dumps(k, sort_keys=True), len(numbers)) for k in keys], dtype=np.int64
+    )
+
+
+def _group_keys(keys: list[Any]) -> list[Any]:
+    """The distinct keys in the order :func:`_group_numbers` numbers them."""
+    seen: dict[str, Any] = {}
+    for key in keys:
+        seen.setdefault(json.dumps(key, sort_keys=True), key)
+    return list(seen.values())
+
+
+def _train(run: Run, accelerator, step_plan, components, trained, ids, load, groups) -> dict[str, Any]:
     config = run.config
     summary = run_training(
         config,
@@ -299,6 +325,7 @@ def _train(run: Run, accelerator, step_plan, components, trained, ids, load) -> 
         run.dtype,
         run.specs,
         skipped=run.skipped,
+        groups=groups,
     )
     if accelerator.is_main_process:
         print(

@@ -29,6 +29,7 @@ from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.storage import data
 from diffsplit.storage.models import ComponentSpec, ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
+from diffsplit.storage.sizing import Sizing, sizing_for
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
 
@@ -163,6 +164,25 @@ class Run:
         }
 
     # -- data -------------------------------------------------------------------------------------------
+    @property
+    def sizing(self) -> Sizing:
+        """How images are sized: the resize flags, ``--resolution_buckets`` and the family's policy."""
+        config = self.config
+        return sizing_for(
+            config.max_pixels if config.height is None else None,
+            config.height,
+            config.width,
+            config.resolution_buckets,
+            self.family.size_policy,
+        )
+
+    def size_group(self, sample: data.Sample) -> list[list[int]]:
+        """The sample's size group: the training size ``[width, height]`` of each of its images, in column
+        order. Samples of one group can share a batch (their tensors stack); known from the images' headers
+        before anything is decoded, and stored with the sample in the cache."""
+        sizing = self.sizing
+        return [list(sizing.size(*sample.sizes[name]) or (0, 0)) for name in sorted(sample.sizes)]
+
     def load_dataset(self) -> list[data.Sample]:
         """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
         ``--skip_bad_samples`` every image is decoded once, so no bad row is met later); the rows left out
@@ -182,7 +202,10 @@ class Run:
             policy=self.family.size_policy,
             decode=config.skip_bad_samples,
             max_image_pixels=image_pixel_limit(config, self.family.size_policy),
+            resolution_buckets=config.resolution_buckets,
         )
+        for sample in samples:
+            sample.group = self.size_group(sample)
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))

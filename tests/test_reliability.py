@@ -579,7 +579,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_a_bad_image_on_rank_1_is_one_error_line(in_workspace, tmp_path):
     """Two processes; only rank 1 is handed the truncated JPEG (found by the visiting order), both stop."""
     from diffsplit.storage.data import load_samples
-    from diffsplit.training.loop import pass_order
+    from diffsplit.training.batches import pass_order
 
     data = tmp_path / "data"
     jpeg = jpeg_dataset(in_workspace, data)

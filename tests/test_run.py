@@ -37,12 +37,13 @@ def test_the_family_is_recognised_from_any_of_its_model_folders(in_workspace: Pa
 
 def test_preprocessing_is_what_the_static_units_and_the_graph_read(in_workspace: Path) -> None:
     run = Run.resolve(_config(timestep_weighting="none"), device=CPU)
-    # resize_image declares the size options, the graph builder reads latent_sample; timestep_weighting is
+    # resize_image declares the size options (buckets included), the graph builder reads latent_sample; timestep_weighting is
     # read by a stage-2 unit only, so a cache does not depend on it.
     assert run.preprocessing() == {
         "height": None,
         "latent_sample": "mode",
         "max_pixels": 1024 * 1024,
+        "resolution_buckets": None,
         "torch_dtype": "float32",
         "width": None,
     }

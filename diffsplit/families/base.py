@@ -195,6 +195,9 @@ class Family:
             model repository.
         tiny: its ``make-tiny`` builder.
         example: its seed-style run.
+        collate: value name -> how the per-sample values of a training batch become the batch value a batched
+            unit reads (:mod:`diffsplit.families.common.collate`), for values of different lengths (prompt
+            embeddings and masks). Other values stack when their shapes agree or pass when equal.
     """
 
     name: str
@@ -208,6 +211,7 @@ class Family:
     scheduler_from_constants: Callable[[Mapping[str, Any]], Any]
     tiny: TinyModel
     example: Example
+    collate: Mapping[str, Callable[[list[Any]], Any]] = field(default_factory=dict)
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

@@ -56,6 +56,10 @@ class Unit:
             error at run time, and the options the stage-1 units declare are part of a cache's identity.
         fn: ``fn(ctx, **inputs) -> dict[name, value]`` doing the work; ``ctx`` is supplied by the runner
             (components, keyed random generator, options). Optional for planning.
+        batched: True for a unit that runs once on a training batch (its inputs collated: stacked, or padded
+            as the family's ``collate`` rules say) rather than once per sample: the denoiser, where batching
+            pays. Units run per sample by default (every stochastic one must: its draws are keyed by sample),
+            and a per-sample unit never reads a batched unit's output.
         split_at: for a unit that runs one *layered* component (a text encoder): ``split_at(cut, n)``
             returns ``(prefix, suffix)``, two units that together compute what this one does, the prefix
             running layers ``[0, cut)`` and the suffix layers ``[cut, n)``, where ``n`` is the number of
@@ -69,6 +73,7 @@ class Unit:
     models: tuple[str, ...] = ()
     stochastic: bool = False
     options: tuple[str, ...] = ()
+    batched: bool = False
     fn: Callable[..., Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
     split_at: Callable[[int, int], tuple[Unit, Unit]] | None = field(default=None, compare=False, repr=False)
 
@@ -81,6 +86,10 @@ class Unit:
         object.__setattr__(self, "options", _names(self.name, "options", self.options))
         if not self.outputs:
             raise GraphError(f"unit '{self.name}' declares no outputs")
+        if self.batched and self.stochastic:
+            raise GraphError(
+                f"unit '{self.name}' is stochastic: its draws are keyed by sample, so it cannot be batched"
+            )
 
     @property
     def light(self) -> bool:

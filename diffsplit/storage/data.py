@@ -84,6 +84,8 @@ class Sample:
         source: the metadata file (or image folder) the row came from, for messages.
         draft: file column -> the size a JPEG larger than the image-size limit is decoded at (PIL's DCT
             scaling: never the full image), at least twice the training size on each side.
+        sizes: file column -> the image's full size ``(width, height)``, EXIF orientation applied (what its
+            training size is computed from, never the reduced size of a draft decode).
         group: the sample's size group (a JSON-able key, set by the run: the training sizes of its images);
             training batches hold samples of one group, and the cache stores it per sample.
     """
@@ -94,6 +96,7 @@ class Sample:
     source: str = ""
     draft: dict[str, tuple[int, int]] = field(default_factory=dict)
     group: Any = None
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _BadRow(Exception):
@@ -137,6 +140,15 @@ def _check_resize_args(
                 raise UserError(f"{flag} {value} must be a positive multiple of {multiple}")
     elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
         raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
+
+
+FULL_SIZE_KEY = "diffsplit_full_size"
+"""``PIL.Image.info`` key of a draft-decoded image's full ``(width, height)``; see :func:`full_size`."""
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """The size ``image`` has in its file (EXIF orientation applied), also when it was decoded reduced."""
+    return tuple(image.info.get(FULL_SIZE_KEY, image.size))  # type: ignore[return-value]
 
 
 # -- resize policy ---------------------------------------------------------------------------------------
@@ -407,13 +419,21 @@ def _read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Pat
 
 
 # -- validation ------------------------------------------------------------------------------------------
-def _image_header(path: Path) -> tuple[int, int, str]:
-    """``(width, height, format)`` from the image's header, without decoding pixels.
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    EXIF orientation is not read: it may swap the sides, and the size check below is symmetric in them.
-    """
+
+def _image_header(path: Path) -> tuple[int, int, str]:
+    """``(width, height, format)`` from the image's header, without decoding pixels, as the image is seen:
+    EXIF orientation applied (a portrait photo stored sideways is portrait), as :func:`load_values` does."""
     with Image.open(path) as image:
-        return image.size[0], image.size[1], str(image.format or "")
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: load_values' exif_transpose ignores it too
+            orientation = 1
+        if orientation in _QUARTER_TURNS:
+            width, height = height, width
+        return width, height, str(image.format or "")
 
 
 def _check_row(
@@ -423,14 +443,16 @@ def _check_row(
     metadata: Path | None,
     file_keys: Sequence[str],
     required: Sequence[str],
-    resize: tuple[int | None, int | None, int | None],
+    sizing: Any,
     policy: SizePolicy,
     max_image_pixels: int | None,
-) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
-    """Validate one row; return its values (file columns resolved to paths) and the draft sizes of its
-    oversized JPEGs (:attr:`Sample.draft`); raises :class:`_BadRow`."""
+) -> tuple[dict[str, Any], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """Validate one row; return its values (file columns resolved to paths), the draft sizes of its
+    oversized JPEGs (:attr:`Sample.draft`) and its images' sizes (:attr:`Sample.sizes`); raises
+    :class:`_BadRow`."""
     where = metadata if metadata is not None else base
     draft: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for name in required:
         if name not in columns:
             have = ", ".join(sorted(columns)) or "none"
@@ -465,7 +487,17 @@ def _check_row(
                 path,
                 f"{name} '{text.strip()}' at {path} is not a readable image ({_one_line(detail)})",
             ) from None
-        tw, th = target_size(width, height, *resize, multiple=policy.multiple)
+        trained = sizing.size(width, height)
+        if trained is None:
+            smallest = min(sizing.buckets, key=lambda b: b[0] * b[1])
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{text.strip()}' at {path} is {width}x{height} px, smaller than every "
+                f"--resolution_buckets size it could be cropped to (the smallest is {smallest[0]}x{smallest[1]}); "
+                "images are never upscaled",
+            )
+        tw, th = trained
         if tw < policy.min_side or th < policy.min_side:
             raise _BadRow(
                 number,
@@ -482,9 +514,12 @@ def _check_row(
                     f"above --max_image_pixels {max_image_pixels}: a {kind or 'non-JPEG'} image is decoded at "
                     "full size; downscale the file, save it as JPEG, or raise --max_image_pixels",
                 )
-            draft[name] = (min(width, 2 * tw), min(height, 2 * th))
+            # The decoder's axes are the file's (before EXIF orientation): ask for twice the longer side.
+            side = 2 * max(tw, th)
+            draft[name] = (min(width, side), min(height, side))
+        sizes[name] = (width, height)
         values[name] = path
-    return values, draft
+    return values, draft, sizes
 
 
 def load_samples(
@@ -499,6 +534,7 @@ def load_samples(
     policy: SizePolicy = SizePolicy(),
     decode: bool = False,
     max_image_pixels: int | None = None,
+    resolution_buckets: str | None = None,
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -516,6 +552,8 @@ def load_samples(
             file whose header parses) is a bad row now rather than an error in the middle of a run.
         max_image_pixels: images with more pixels are never decoded at full size: a JPEG is decoded
             reduced (:attr:`Sample.draft`), any other is a bad row. None: no limit.
+        resolution_buckets: ``--resolution_buckets`` (``auto`` or ``WxH,...``): rows whose images fit no
+            bucket without upscaling are bad rows.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -525,7 +563,10 @@ def load_samples(
         UserError: one line naming the row and the path, for the first bad row (or, when skipping, when
             no good row is left); for a bad flag, file or header naming that.
     """
+    from diffsplit.storage.sizing import sizing_for  # sizing builds on this module's policy functions
+
     _check_resize_args(max_pixels, height, width, policy.multiple)
+    sizing = sizing_for(max_pixels, height, width, resolution_buckets, policy)
     file_keys = parse_data_file_keys(data_file_keys)
     base = Path(base_path)
     if not base.is_dir():
@@ -571,16 +612,8 @@ def load_samples(
         try:
             if isinstance(row, str):
                 raise _BadRow(number, at, row)
-            values, draft = _check_row(
-                number,
-                row,
-                base,
-                metadata,
-                file_keys,
-                required,
-                (max_pixels, height, width),
-                policy,
-                max_image_pixels,
+            values, draft, sizes = _check_row(
+                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels
             )
         except _BadRow as bad:
             if not skip_bad_samples:
@@ -593,7 +626,7 @@ def load_samples(
         content = content_hash(values, {k: digests[v] for k, v in values.items() if isinstance(v, Path)})
         occurrence = occurrences.get(content, 0)
         occurrences[content] = occurrence + 1
-        samples.append(Sample(sample_id(content, occurrence), number, values, source, draft))
+        samples.append(Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes))
 
     if decode:
         failures = _decode_failures(samples)
@@ -654,6 +687,9 @@ def load_values(sample: Sample) -> dict[str, Any]:
                 if name in sample.draft:
                     image.draft("RGB", sample.draft[name])  # DCT scaling: decoded reduced, never whole
                 out[name] = ImageOps.exif_transpose(image).convert("RGB")
+                if name in sample.draft:
+                    # The training size is the full image's (the resize units read this), not the draft's.
+                    out[name].info[FULL_SIZE_KEY] = sample.sizes[name]
         except Exception as err:  # a file that will not decode is the user's to fix
             reason = _one_line(f"{name} at {value} cannot be decoded ({err})")
             raise BadSampleError(

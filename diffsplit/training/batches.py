@@ -9,11 +9,42 @@ Positions are indices into the samples sorted by id (position i = i-th id), as i
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from diffsplit.training.rng import derive_seed
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause cyclic garbage collection while building millions of small containers.
+
+    Each batch of new lists or tuples triggers a collection pass over every live object, which at millions
+    of samples costs seconds; the lists and tuples of ints built here hold no reference cycles.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def pass_order(num_samples: int, seed: int, pass_index: int) -> torch.Tensor:
+    """Positions of samples sorted by id, in the order pass ``pass_index`` visits them (int64, shape (N,)).
+
+    The order depends only on the number of samples, the seed and the pass, never on loader position or
+    where the samples come from, so a run over the cache and a run over the metadata (both sorted by id)
+    visit samples in the same order.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, pass_index, "<all samples>", "shuffle"))
+    return torch.randperm(num_samples, generator=generator)
 
 
 def _as_groups(groups: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -22,7 +53,9 @@ def _as_groups(groups: Sequence[int] | np.ndarray) -> np.ndarray:
     if array.size == 0:
         return array.reshape(0).astype(np.int64)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"groups must be a 1-D sequence of integers, got shape {array.shape} ({array.dtype})")
+        raise ValueError(
+            f"groups must be a 1-D sequence of integers, got shape {array.shape} ({array.dtype})"
+        )
     return array
 
 
@@ -38,10 +71,6 @@ def pass_batches(
     With batch_size 1 the result is exactly ``[[p] for p in pass_order(...)]`` (today's order). Every
     position appears exactly once; members of a batch are in walk order.
     """
-    # Imported here, not at the top: loop.py imports this module, and a top-level import back into it
-    # would be circular.
-    from diffsplit.training.loop import pass_order
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     groups = _as_groups(groups)
@@ -52,8 +81,9 @@ def pass_batches(
     # The walk steps of each group, in walk order, groups one after another (a stable sort keeps the walk
     # order inside a group). Simulating the walk with a Python loop per sample would cost seconds at
     # millions of samples; the batches follow from this one sort instead.
-    walk = np.argsort(groups[order], kind="stable")  # sorted slot -> walk step
-    sorted_groups = groups[order][walk]
+    walk_groups = groups[order]  # walk step -> group
+    walk = np.argsort(walk_groups, kind="stable")  # sorted slot -> walk step
+    sorted_groups = walk_groups[walk]
     group_start = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     group_end = np.r_[group_start[1:], n]
     group_size = group_end - group_start
@@ -68,27 +98,37 @@ def pass_batches(
     key = np.where(full, walk[batch_end - 1], n + walk[batch_start])
     emit = np.argsort(key, kind="stable")
     positions = order[walk].tolist()  # sorted slot -> position
-    return [positions[a:b] for a, b in zip(batch_start[emit].tolist(), batch_end[emit].tolist(), strict=True)]
+    starts, ends = batch_start[emit].tolist(), batch_end[emit].tolist()
+    with _gc_paused():
+        return [positions[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
-def _usable(num_batches: int, num_processes: int) -> int:
-    """How many of a pass's batches are trained: the largest multiple of ``num_processes``."""
-    return num_batches - num_batches % num_processes
+def usable_batches(num_batches: int, num_processes: int, accumulation: int = 1) -> int:
+    """How many of a pass's batches are trained: the largest multiple of ``num_processes x accumulation``
+    (one optimiser step takes that many batches, over the processes and the accumulated micro-steps)."""
+    return num_batches - num_batches % (num_processes * accumulation)
 
 
-def rank_batches(batches: list[list[int]], rank: int, num_processes: int) -> list[list[int]]:
+def rank_batches(
+    batches: list[list[int]], rank: int, num_processes: int, accumulation: int = 1
+) -> list[list[int]]:
     """This rank's share of a pass: batches rank, rank + P, rank + 2P, ... of the first
-    ``len(batches) - len(batches) % P`` batches.
+    :func:`usable_batches` (``len(batches)`` less its remainder modulo ``P x A``).
 
-    The last ``len(batches) % P`` batches of the pass are left out of this pass on every rank (no sample is
-    duplicated to even out ranks, and every rank takes the same number of steps); since the order changes
-    every pass, different samples fall out each pass. With P == 1 nothing is left out.
+    The remainder rule, one for every way of reaching a global batch: the last batches of a pass that would
+    not fill a whole optimiser step of ``P x A`` batches are left out of this pass on every rank. No sample is
+    duplicated to even out ranks, every rank takes the same number of steps, every step averages the same
+    number of batches, and a run on P processes equals one on 1 process with P times the accumulation (the
+    same global batches); since the order changes every pass, different samples fall out each pass. With
+    ``P x A == 1`` nothing is left out.
     """
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    if num_processes < 1 or accumulation < 1:
+        raise ValueError(
+            f"num_processes and accumulation must be at least 1, got {num_processes}, {accumulation}"
+        )
     if not 0 <= rank < num_processes:
         raise ValueError(f"rank must be in [0, {num_processes}), got {rank}")
-    return batches[rank : _usable(len(batches), num_processes) : num_processes]
+    return batches[rank : usable_batches(len(batches), num_processes, accumulation) : num_processes]
 
 
 @dataclass(frozen=True)
@@ -115,15 +155,20 @@ def epoch_plan(
     num_passes: int,
     rank: int,
     num_processes: int,
+    accumulation: int = 1,
 ) -> BatchPlan:
-    """This rank's batches for passes ``first_pass .. first_pass + num_passes - 1``, pass after pass."""
+    """This rank's batches for passes ``first_pass .. first_pass + num_passes - 1``, pass after pass
+    (``accumulation``: gradient accumulation steps, for the remainder rule of :func:`rank_batches`)."""
     groups = _as_groups(groups)  # once, not per pass
     items: list[tuple[int, list[int]]] = []
     left_out = 0
     for pass_index in range(first_pass, first_pass + num_passes):
         batches = pass_batches(groups, batch_size, seed, pass_index)
-        items.extend((pass_index, batch) for batch in rank_batches(batches, rank, num_processes))
-        left_out += sum(len(batch) for batch in batches[_usable(len(batches), num_processes) :])
+        with _gc_paused():
+            share = rank_batches(batches, rank, num_processes, accumulation)
+            items.extend((pass_index, batch) for batch in share)
+        usable = usable_batches(len(batches), num_processes, accumulation)
+        left_out += sum(len(batch) for batch in batches[usable:])
     return BatchPlan(items, left_out)
 
 

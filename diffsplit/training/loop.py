@@ -1,9 +1,11 @@
 """The training loop, shared by unsplit training and stage 2.
 
-One loop, read top to bottom: for each pass over the data (``num_epochs x dataset_repeat`` of them), visit
-the samples in an order keyed by (seed, pass), build the step's starting values (raw dataset values when
-unsplit, cached values in stage 2), run the step's units, take the loss, step the optimiser. Every random
-draw is keyed by (seed, pass, sample id, unit), so the split and the unsplit run see the same numbers.
+One loop, read top to bottom: for each pass over the data (``num_epochs x dataset_repeat`` of them), form
+batches of one size group each in an order keyed by (seed, pass) (:mod:`diffsplit.training.batches`), load
+each sample's starting values (raw dataset values when unsplit, cached values in stage 2), run the
+per-sample units on each sample, collate, run the batched units (the denoiser) on the batch, take the loss
+(the mean of the samples' losses), step the optimiser. Every random draw is keyed by (seed, pass, sample id,
+unit), so the split and the unsplit run, and any batch size, see the same numbers for a sample.
 """
 
 from __future__ import annotations
@@ -17,88 +19,137 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import DataLoaderShard
 from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from diffsplit.config import TrainConfig
 from diffsplit.errors import DataError, StoppedElsewhere, UserError, load_or_error
 from diffsplit.families.base import UnitContext, unit_context
-from diffsplit.planner.graph import Unit, UnitGraph
+from diffsplit.planner.graph import GraphError, Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
+from diffsplit.training.batches import BatchSampler, epoch_plan, usable_batches
+from diffsplit.training.collate import collate
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
-from diffsplit.training.rng import derive_seed, keyed_generator
+from diffsplit.training.rng import keyed_generator
 from diffsplit.training.trainable import save_checkpoint
 
 
-def pass_order(num_samples: int, seed: int, pass_index: int) -> torch.Tensor:
-    """Positions of samples sorted by id, in the order pass ``pass_index`` visits them (int64, shape (N,)).
-
-    The order depends only on the number of samples, the seed and the pass, never on loader position or
-    where the samples come from, so a run over the cache and a run over the metadata (both sorted by id)
-    visit samples in the same order.
-    """
-    generator = torch.Generator().manual_seed(derive_seed(seed, pass_index, "<all samples>", "shuffle"))
-    return torch.randperm(num_samples, generator=generator)
-
-
 class StepDataset(torch.utils.data.Dataset):
-    """Map-style dataset over the (pass, sample) items of one epoch; workers load the starting values.
+    """Map-style dataset over (pass, sample) items; loader workers load the starting values.
 
-    Item ``i`` is position ``i % N`` of pass ``first_pass + i // N`` (``N`` samples), so one loader (and one
-    set of workers) serves all ``dataset_repeat`` passes of an epoch.
+    Index ``pass_index * N + position`` (N samples, what :class:`~diffsplit.training.batches.BatchSampler`
+    yields) is the sample at ``position`` in pass ``pass_index``.
 
     Args:
         sample_ids: stable id of each sample, sorted (a list, or a cache view that decodes ids on access:
             nothing proportional to the sample count is pickled to a worker beyond what this holds).
-        load: sample index -> the step's starting values (dataset values or cached tensors).
-        seed: the run's seed (keys the visiting order of each pass).
-        first_pass, num_passes: the passes this epoch covers.
+        load: sample position -> the step's starting values (dataset values or cached tensors).
     """
 
-    def __init__(
-        self,
-        sample_ids: Sequence[str],
-        load: Callable[[int], dict],
-        seed: int,
-        first_pass: int,
-        num_passes: int,
-    ):
-        self.sample_ids, self.load, self.seed = sample_ids, load, seed
-        self.first_pass, self.num_passes = first_pass, num_passes
-        self._orders: dict[int, torch.Tensor] = {}
+    def __init__(self, sample_ids: Sequence[str], load: Callable[[int], dict]):
+        self.sample_ids, self.load = sample_ids, load
 
     def __len__(self) -> int:
-        return len(self.sample_ids) * self.num_passes
+        return len(self.sample_ids)
 
-    def __getitem__(self, i: int) -> dict:
-        pass_index = self.first_pass + i // len(self.sample_ids)
-        if pass_index not in self._orders:
-            self._orders = {pass_index: pass_order(len(self.sample_ids), self.seed, pass_index)}
-        index = int(self._orders[pass_index][i % len(self.sample_ids)])
-        return {"id": self.sample_ids[index], "pass": pass_index, **load_or_error(self.load, index)}
+    def __getitem__(self, index: int) -> dict:
+        pass_index, position = divmod(index, len(self.sample_ids))
+        return {"id": self.sample_ids[position], "pass": pass_index, **load_or_error(self.load, position)}
 
 
-def _single(items: list[dict]) -> dict:
-    return items[0]
+def _as_list(items: list[dict]) -> list[dict]:
+    return items
 
 
 @dataclass
 class StepPlan:
-    """What each step runs: ``frozen_units`` under no_grad (static work), then ``units`` with grad, then
-    ``loss(*values of loss_reads)``."""
+    """What each step runs: per sample, ``frozen_units`` under no_grad (static work) then ``units`` with
+    grad; then the ``collated`` values of the batch (``collate`` rules by value name), ``batched_units`` on
+    the batch, and ``loss(*values of loss_reads)``."""
 
     graph: UnitGraph
     frozen_units: list[str]
     units: list[str]
     loss_reads: tuple[str, ...]
     loss: Callable[..., torch.Tensor]
+    batched_units: list[str] = field(default_factory=list)
+    collated: list[str] = field(default_factory=list)
+    collate: Mapping[str, Callable[[list[Any]], Any]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        graph: UnitGraph,
+        frozen_units: Sequence[str],
+        units: Sequence[str],
+        loss_reads: tuple[str, ...],
+        loss: Callable[..., torch.Tensor],
+        collate: Mapping[str, Callable[[list[Any]], Any]],
+    ) -> StepPlan:
+        """Split the step's units into per-sample ones and the batched ones (``Unit.batched``) after them.
+
+        Raises:
+            GraphError: a per-sample unit that reads a batched unit's output.
+        """
+        batched = [u for u in [*frozen_units, *units] if graph.unit(u).batched]
+        from_batch = {graph.key(v) for u in batched for v in graph.writes(u).values()}
+        for name in [*frozen_units, *units]:
+            if name in batched:
+                continue
+            for value, version in graph.reads(name).items():
+                if graph.key(version) in from_batch:
+                    raise GraphError(
+                        f"unit '{name}' runs per sample but reads '{value}', which a batched unit writes"
+                    )
+        needed = {graph.key(v) for u in batched for v in graph.reads(u).values()}
+        needed |= {graph.key(graph.final(n)) for n in loss_reads}
+        return cls(
+            graph,
+            [u for u in frozen_units if u not in batched],
+            [u for u in units if u not in batched],
+            loss_reads,
+            loss,
+            batched,
+            sorted(needed - from_batch),
+            dict(collate),
+        )
+
+
+def batch_loss(
+    step_plan: StepPlan,
+    batch: Sequence[Mapping[str, Any]],
+    context: Callable[..., UnitContext],
+    device: torch.device,
+) -> torch.Tensor:
+    """The loss of one batch: the per-sample units on each sample (its draws keyed by its id), then the
+    batched units on the collated batch, then ``step_plan.loss``.
+
+    Args:
+        batch: items ``{"id", "pass", "values"}`` (a sample's starting values by graph storage key).
+        context: ``context(unit, sample_id=..., pass_index=...)`` (sample id None for a batched unit).
+    """
+    graph = step_plan.graph
+    envs = []
+    for item in batch:
+        env = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item["values"].items()}
+        item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
+        with torch.no_grad():
+            graph.run(step_plan.frozen_units, env, item_context)
+        graph.run(step_plan.units, env, item_context)
+        envs.append(env)
+    env = collate(envs, step_plan.collated, step_plan.collate)
+    batch_context = functools.partial(context, sample_id=None, pass_index=batch[0]["pass"])
+    graph.run(step_plan.batched_units, env, batch_context)
+    return step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
 
 
 def tensorboard_available() -> bool:
@@ -135,18 +186,35 @@ def run_training(
     dtype: torch.dtype,
     specs: Mapping[str, ComponentSpec],
     skipped: Sequence[Mapping[str, Any]] = (),
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, last loss, seconds, files written).
 
-    ``specs`` are the family's component declarations (how each trained component is saved); ``skipped``
-    the rows ``--skip_bad_samples`` left out (recorded with the run's files). The output folder is written
-    at checkpoints only (:mod:`diffsplit.training.outputs`)."""
+    ``sample_ids`` are sorted; ``groups`` gives each sample's size group (an integer; samples of one group
+    may share a batch; None: one group). ``specs`` are the family's component declarations (how each trained
+    component is saved); ``skipped`` the rows ``--skip_bad_samples`` left out (recorded with the run's
+    files). The output folder is written at checkpoints only (:mod:`diffsplit.training.outputs`)."""
+    if groups is None:
+        groups = np.zeros(len(sample_ids), dtype=np.int64)
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
     if not params:
         raise UserError("no trainable parameters: check --lora_target_modules / --trainable_models")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     passes = config.num_epochs * config.dataset_repeat
-    steps_per_pass = math.ceil(len(sample_ids) / accelerator.num_processes)
+    # The number of batches of a pass does not depend on the pass: ceil(n / batch) for each group's n.
+    counts = np.bincount(np.unique(groups, return_inverse=True)[1]) if len(groups) else np.zeros(0, np.int64)
+    batches_per_pass = int(sum(math.ceil(int(n) / config.batch_size) for n in counts))
+    accumulation = config.gradient_accumulation_steps
+    # The remainder rule of rank_batches: what does not fill an optimiser step is left out of the pass.
+    steps_per_pass = usable_batches(batches_per_pass, accelerator.num_processes, accumulation) // (
+        accelerator.num_processes
+    )
+    if steps_per_pass == 0:
+        raise UserError(
+            f"{len(sample_ids)} samples make {batches_per_pass} batch(es) of --batch_size {config.batch_size}: "
+            f"fewer than one optimiser step of {accelerator.num_processes} process(es) x "
+            f"--gradient_accumulation_steps {accumulation}; lower one of them"
+        )
     total_updates = math.ceil(passes * steps_per_pass / config.gradient_accumulation_steps)
     if config.max_train_steps:
         total_updates = min(total_updates, config.max_train_steps)
@@ -181,10 +249,9 @@ def run_training(
         outputs.flush()
         return files
 
-    graph = step_plan.graph
     notes: Counter[str] = Counter()
 
-    def context(unit: Unit, sample_id: str, pass_index: int) -> UnitContext:
+    def context(unit: Unit, sample_id: str | None, pass_index: int) -> UnitContext:
         generator = (
             keyed_generator(config.seed, pass_index, sample_id, unit.name) if unit.stochastic else None
         )
@@ -209,33 +276,38 @@ def run_training(
         for epoch in epochs:
             if done:
                 break
-            dataset = StepDataset(
-                sample_ids, load, config.seed, epoch * config.dataset_repeat, config.dataset_repeat
+            plan = epoch_plan(
+                groups,
+                config.batch_size,
+                config.seed,
+                epoch * config.dataset_repeat,
+                config.dataset_repeat,
+                accelerator.process_index,
+                accelerator.num_processes,
+                accumulation,
             )
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=1,
-                shuffle=False,
-                collate_fn=_single,
+            if plan.left_out and epoch == start_epoch and accelerator.is_main_process:
+                print(
+                    f"notice: {plan.left_out} sample(s) of the epoch's passes are not trained: the last batches of "
+                    f"a pass that would not fill an optimiser step of {accelerator.num_processes} process(es) x "
+                    f"{accumulation} accumulation step(s) (no sample is repeated to fill it; each pass leaves out "
+                    "others)",
+                    file=sys.stderr,
+                )
+            skip = start_item if epoch == start_epoch else 0
+            # Built as accelerate prepares a loader (it tells gradient accumulation where the epoch ends), but
+            # on this rank's own batches: the plan is already sharded, without repeating samples.
+            loader = DataLoaderShard(
+                StepDataset(sample_ids, load),
+                batch_sampler=BatchSampler(plan, len(sample_ids), skip),
+                collate_fn=_as_list,
                 num_workers=config.dataset_num_workers,
                 persistent_workers=False,
             )
-            loader = accelerator.prepare_data_loader(loader, device_placement=False)
-            skip = start_item if epoch == start_epoch else 0
-            if skip:
-                loader = accelerator.skip_first_batches(loader, skip)
-            for item_index, item in enumerate(loader, start=skip):
-                _stop_if_any_failed(accelerator, item.get("error"))
+            for item_index, batch in enumerate(loader, start=skip):
+                _stop_if_any_failed(accelerator, next((i["error"] for i in batch if "error" in i), None))
                 with accelerator.accumulate(*wrapped.values()):
-                    env = {
-                        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                        for k, v in item["values"].items()
-                    }
-                    item_context = functools.partial(context, sample_id=item["id"], pass_index=item["pass"])
-                    with torch.no_grad():
-                        graph.run(step_plan.frozen_units, env, item_context)
-                    graph.run(step_plan.units, env, item_context)
-                    loss = step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
+                    loss = batch_loss(step_plan, batch, context, accelerator.device)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -20,7 +20,8 @@ import torch
 from diffsplit.errors import UserError
 from diffsplit.families.base import TaskUnits, UnitContext
 from diffsplit.planner.graph import Unit
-from diffsplit.storage.data import SizePolicy, image_to_tensor, resize_and_crop, target_size
+from diffsplit.storage.data import SizePolicy, full_size, image_to_tensor, resize_and_crop
+from diffsplit.storage.sizing import sizing_for
 
 TIMESTEP_WEIGHTINGS = ("bell", "none")
 """``--timestep_weighting`` values; see :func:`timestep_schedule`."""
@@ -175,8 +176,9 @@ def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Ten
     """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1].
 
     The size policy (``--max_pixels`` dynamic resolution, never upscaling; ``--height/--width`` fixed; sides
-    multiples of the policy's ``multiple``) is :func:`diffsplit.storage.data.target_size`; the policy's
-    default pixel budget when nothing is given. The unit declares ``max_pixels``, ``height``, ``width``.
+    multiples of the policy's ``multiple``) is :func:`diffsplit.storage.sizing.Sizing.size`; the policy's
+    default pixel budget when nothing is given; or the bucket ``--resolution_buckets`` assigns. The unit
+    declares ``max_pixels``, ``height``, ``width``, ``resolution_buckets``.
     """
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     tensors = []
@@ -192,11 +194,15 @@ def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Ten
 
 
 def image_size(image: Any, options: Any, policy: SizePolicy) -> tuple[int, int]:
-    """``(width, height)`` ``image`` trains at under the run's ``max_pixels`` / ``height`` / ``width``."""
-    max_pixels, height, width = options.max_pixels, options.height, options.width
-    if max_pixels is None and height is None and width is None:
-        max_pixels = policy.default_max_pixels
-    return target_size(image.width, image.height, max_pixels, height, width, multiple=policy.multiple)
+    """``(width, height)`` ``image`` trains at under the run's ``max_pixels`` / ``height`` / ``width`` /
+    ``resolution_buckets`` (:func:`~diffsplit.storage.sizing.sizing_for`), from its full size (a draft-decoded
+    JPEG is sized as the whole image, as the dataset check and the run's size groups size it)."""
+    sizing = sizing_for(options.max_pixels, options.height, options.width, options.resolution_buckets, policy)
+    width, height = full_size(image)
+    size = sizing.size(width, height)
+    if size is None:  # the dataset check reports such rows before any unit runs
+        raise ValueError(f"a {width}x{height} image fits no --resolution_buckets size without upscaling")
+    return size
 
 
 def one_per_batch(value: Any, name: str, unit: str) -> Any:
@@ -308,7 +314,7 @@ def resize_unit(fn: Any) -> Unit:
         name="resize_image",
         inputs=("image",),
         outputs=("pixels",),
-        options=("max_pixels", "height", "width"),
+        options=("max_pixels", "height", "width", "resolution_buckets"),
         fn=fn,
     )
 

@@ -21,6 +21,8 @@ class ImageOptions:
         max_pixels: ``--max_pixels``: larger images are scaled down to about this many pixels (None when a
             fixed ``--height/--width`` is given: the fixed size wins, so the budget means nothing).
         height, width: ``--height/--width``: a fixed training size.
+        resolution_buckets: ``--resolution_buckets``: ``auto`` or ``WxH,...``, the finite set of training
+            sizes images are sorted into (None: each image at its own size).
         latent_sample: ``--latent_sample``: ``"mode"`` trains on the VAE posterior's mode, ``"sample"`` draws
             from the posterior afresh every step.
         timestep_weighting: ``--timestep_weighting``: ``"bell"`` (DiffSynth-Studio's per-timestep loss
@@ -33,6 +35,7 @@ class ImageOptions:
     max_pixels: int | None = None
     height: int | None = None
     width: int | None = None
+    resolution_buckets: str | None = None
     latent_sample: str = "mode"
     timestep_weighting: str = "bell"
     rand_device: str = "cpu"

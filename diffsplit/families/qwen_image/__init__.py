@@ -9,6 +9,7 @@ encoder of transformers with its Qwen2 tokenizer, and ``FlowMatchEulerDiscreteSc
 """
 
 from diffsplit.families.base import Example, Family, TinyModel
+from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.qwen_image import distill, tiny, units
@@ -27,6 +28,8 @@ FAMILY = Family(
     batch_key=units.batch_key,
     constants=units.constants,
     scheduler_from_constants=scheduler_from_constants,
+    # A batch of prompts of different lengths, as the pipeline batches them.
+    collate={"prompt_embeds": pad_right, "prompt_embeds_mask": pad_right},
     tiny=TinyModel(tiny.build_tiny_qwen_image, tiny.SIZES),
     example=Example(
         model_id="Qwen/Qwen-Image",

@@ -362,6 +362,7 @@ def sft_units(options: Any) -> list[Unit]:
             inputs=("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask", "img_shapes"),
             outputs=("pred",),
             models=("dit",),
+            batched=True,
             fn=denoise,
         ),
     ]

@@ -240,7 +240,7 @@ def denoise(
     Args:
         noisy_latents: ``[B, c, h, w]``, ``h, w`` even (2x2 patches).
         timestep: ``[B]`` (or a scalar), ``sigma * 1000`` as the scheduler holds it.
-        prompt_embeds: ``[B, L, D]``.
+        prompt_embeds: ``[B, L, D]``, or a list of ``[L_i, D]`` (a batch of prompts of different lengths).
 
     The transformer gets ``x`` = a list of ``[c, 1, h, w]`` (one frame per image) in its dtype,
     ``t = (1000 - timestep) / 1000`` in float32 and ``cap_feats`` = a list of ``[L, D]``. Returns float32
@@ -252,7 +252,9 @@ def denoise(
     batch = noisy_latents.shape[0]
     x = list(noisy_latents.to(device=ctx.device, dtype=dtype).unsqueeze(2).unbind(dim=0))
     t = timestep.to(device=ctx.device, dtype=torch.float32).expand(batch)
-    cap_feats = list(prompt_embeds.to(device=ctx.device, dtype=dtype).unbind(dim=0))
+    # One tensor per sample: a batch of prompts of different lengths comes as a list (the family's collate).
+    per_sample = prompt_embeds if isinstance(prompt_embeds, list) else prompt_embeds.unbind(dim=0)
+    cap_feats = [p.to(device=ctx.device, dtype=dtype) for p in per_sample]
     out = dit(x, (1000 - t) / 1000, cap_feats, return_dict=False)[0]
     pred = torch.stack([o.float() for o in out], dim=0).squeeze(2)
     return {"pred": -pred}
@@ -289,6 +291,7 @@ def sft_units(options: Any) -> list[Unit]:
             inputs=("noisy_latents", "timestep", "prompt_embeds"),
             outputs=("pred",),
             models=("dit",),
+            batched=True,
             fn=denoise,
         ),
     ]

@@ -22,7 +22,15 @@ from tests.families.z_image.conftest import model_set
 
 SHORT = "a red circle"
 LONG = "a small blue square on a white background near the sea at night"
-ALL_OPTIONS = ("max_pixels", "height", "width", "latent_sample", "timestep_weighting", "rand_device")
+ALL_OPTIONS = (
+    "max_pixels",
+    "height",
+    "width",
+    "resolution_buckets",
+    "latent_sample",
+    "timestep_weighting",
+    "rand_device",
+)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_what_a_worker_is_sent_does_not_grow_with_the_samples(tmp_path: Path) ->
             writer.add(f"{i:032x}", i, {"x": torch.zeros(2)}, {})
         writer.close()
         view = CacheReader(folder).view()
-        dataset = StepDataset(view, view.load, seed=0, first_pass=0, num_passes=1)
+        dataset = StepDataset(view, view.load)
         sizes.append(len(pickle.dumps(dataset)))
         copy = pickle.loads(pickle.dumps(dataset))
         assert copy[0]["id"] == dataset[0]["id"]
@@ -104,8 +104,9 @@ def test_each_shard_is_hashed_once_per_run_across_workers_and_epochs(
     monkeypatch.setattr(reader_mod, "sha256_file", logged)
     view = CacheReader(tmp_path / "c").view()
     for epoch in range(2):  # a new loader, and new worker processes, for each epoch (as training does)
-        dataset = StepDataset(view, view.load, seed=0, first_pass=epoch, num_passes=1)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        dataset = StepDataset(view, view.load)
+        order = [epoch * len(view) + p for p in torch.randperm(len(view)).tolist()]  # pass `epoch`
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=2)
         assert sorted(item["id"] for item in loader) == sorted(sample(i)[0] for i in range(6))
     hashed = log.read_text().split()
     assert len(hashed) == len(set(hashed)) == 12, hashed  # 6 shards + 6 indexes, each once

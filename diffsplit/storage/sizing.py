@@ -1,0 +1,73 @@
+"""The training size of an image, from its full size: the size policy's own rule or aspect-ratio buckets.
+
+One function for every place that needs it: the dataset check (rows too small to train), the run's size
+groups (which samples may share a batch, known before any image is decoded) and the resize units (what
+the pixels become). They must agree, so each computes the size from the image's full, EXIF-oriented size
+(never from a JPEG decoded at reduced size), through :meth:`Sizing.size`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from diffsplit.storage.buckets import Bucket, assign_bucket, auto_buckets, parse_buckets
+from diffsplit.storage.data import SizePolicy, target_size
+
+AUTO = "auto"
+FLAG = "--resolution_buckets"
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How images are sized for training.
+
+    Attributes:
+        max_pixels, height, width: the resize flags (the fixed ``height x width`` wins when given).
+        buckets: the finite set of training sizes (``--resolution_buckets``), or None for each image at its
+            own size (the policy's rule: scaled down to ``max_pixels``, never up, sides floored to the multiple).
+        multiple: every side is a multiple of this.
+    """
+
+    max_pixels: int | None
+    height: int | None
+    width: int | None
+    buckets: tuple[Bucket, ...] | None
+    multiple: int
+
+    def size(self, width: int, height: int) -> tuple[int, int] | None:
+        """``(width, height)`` an image of ``width x height`` pixels trains at; None when it fits no bucket
+        without being upscaled (never for the policy's own rule, which never upscales either)."""
+        if self.buckets is not None:
+            return assign_bucket(width, height, self.buckets)
+        return target_size(width, height, self.max_pixels, self.height, self.width, multiple=self.multiple)
+
+
+@functools.lru_cache(maxsize=32)
+def sizing_for(
+    max_pixels: int | None,
+    height: int | None,
+    width: int | None,
+    resolution_buckets: str | None,
+    policy: SizePolicy,
+) -> Sizing:
+    """The run's :class:`Sizing` from its flags and the family's policy.
+
+    ``--resolution_buckets auto`` derives the buckets from the pixel budget: ``--height x --width`` when a
+    fixed size is given, else ``--max_pixels`` (the policy's default when neither is); a list is parsed and
+    checked against the policy's multiple and smallest side.
+
+    Raises:
+        UserError: a malformed ``--resolution_buckets`` (one line naming the flag and the item).
+    """
+    if max_pixels is None and height is None and width is None:
+        max_pixels = policy.default_max_pixels
+    buckets: tuple[Bucket, ...] | None = None
+    if resolution_buckets is not None:
+        if resolution_buckets.strip().lower() == AUTO:
+            budget = height * width if height is not None and width is not None else max_pixels
+            assert budget is not None
+            buckets = tuple(auto_buckets(budget, policy.multiple, policy.min_side))
+        else:
+            buckets = tuple(parse_buckets(resolution_buckets, policy.multiple, policy.min_side, flag=FLAG))
+    return Sizing(max_pixels, height, width, buckets, policy.multiple)
