@@ -332,6 +332,8 @@ def child_main(kind: str, argv: list[str]) -> None:
     if os.environ.get("BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     record = {"train": _child_train, "denoiser": _child_denoiser}[kind](argv)
+    if torch.cuda.is_available():
+        record["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     record.update(
         rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         torch=torch.__version__,
@@ -486,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--case",
-        choices=("dit", "text_layers"),
+        choices=("dit", "text_layers", "batches"),
         default="dit",
         help="dit: DiT LoRA, split vs unsplit (default); text_layers: DiT LoRA + LoRA on the text encoder's "
-        "last layers, unsplit vs unit-level vs layer-level split",
+        "last layers, unsplit vs unit-level vs layer-level split; batches: stage-2 samples/s and peak memory "
+        "at --batch_size 1, 2 and 4",
     )
     parser.add_argument(
         "--text_layers",
@@ -511,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--use_gradient_checkpointing", action="store_true", help="passed to every training run"
+    )
+    parser.add_argument(
+        "--torch_dtype", choices=("float32", "bfloat16"), default=None, help="--case batches: stage 2's dtype"
     )
     args = parser.parse_args(argv)
     if args.resolution < 16 or args.resolution % 16:
@@ -540,7 +546,65 @@ def main(argv: list[str] | None = None) -> int:
         **({"BENCH_THREADS": str(args.threads)} if args.threads else {}),
     }
     bench = Bench(args, command_line, started, model, dataset, warning, runs, env)
-    return text_layers_case(bench) if args.case == "text_layers" else dit_case(bench)
+    cases = {"dit": dit_case, "text_layers": text_layers_case, "batches": batches_case}
+    return cases[args.case](bench)
+
+
+BATCH_SIZES = (1, 2, 4)
+
+
+def batches_case(bench: Bench) -> int:
+    """Stage-2 samples/s and peak memory at ``--batch_size`` 1, 2 and 4 (DiT LoRA, one cache)."""
+    args, runs, raw, child = bench.args, bench.runs, bench.raw, bench.child
+    res, gc = args.resolution, args.use_gradient_checkpointing
+    lora = lora_args()
+    if args.samples < max(BATCH_SIZES):
+        sys.exit(f"error: --case batches needs --samples >= {max(BATCH_SIZES)}")
+    stage1 = child(
+        "stage1",
+        "train",
+        [
+            "--task", "sft:data_process", *raw, "--dataset_repeat", "1",
+            "--model_id_with_origin_paths", f"{TEXT_ENCODER},{VAE}",
+            *common_args(res, runs / "cache", lora),
+        ],
+    )  # fmt: skip
+    if stage1["rc"] != 0:
+        sys.exit(f"error: stage 1 failed: {stage1['error']} (log: {stage1['log']})")
+    workers = 0 if args.workers == "auto" else int(args.workers)
+    dtype = ["--torch_dtype", args.torch_dtype] if args.torch_dtype else []
+    rows = []
+    for batch in BATCH_SIZES:
+        record = child(
+            f"stage2-batch{batch}",
+            "train",
+            [
+                "--task", "sft:train", "--dataset_base_path", str(runs / "cache"),
+                "--model_id_with_origin_paths", DIT, *common_args(res, runs / f"out-batch{batch}", lora),
+                *training_args(args.steps, workers, gc), "--batch_size", str(batch), *dtype,
+            ],
+        )  # fmt: skip
+        if record["rc"] != 0:
+            print(f"warning: batch {batch} failed: {record['error']} (log: {record['log']})", file=sys.stderr)
+        t = step_time(record.get("marks", []))
+        cuda = record.get("cuda_peak_mib")
+        rows.append(
+            (
+                str(batch),
+                fmt(t, ".3f", " s"),
+                fmt(None if t is None else batch / t, ".2f"),
+                fmt(record.get("rss_mib"), ".0f", " MiB"),
+                fmt(cuda, ".0f", " MiB") if cuda is not None else "n/a (CPU)",
+            )
+        )
+    print(f"\n{bench.command_line}\n")
+    print(
+        f"{args.family} {args.size}, {res}x{res}, DiT LoRA rank 32, stage 2 from one cache, {workers} loader worker(s)"
+    )
+    print("| --batch_size | step time | samples/s | peak RSS | peak GPU memory |\n|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
 
 
 def dit_case(bench: Bench) -> int:
