@@ -103,6 +103,16 @@ def pass_batches(
         return [positions[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
+def batches_per_pass(groups: Sequence[int] | np.ndarray, batch_size: int) -> int:
+    """How many batches every pass has: ``ceil(n / batch_size)`` summed over the groups' sizes ``n`` (the
+    same for every pass, whatever the order)."""
+    groups = _as_groups(groups)
+    if not len(groups):
+        return 0
+    counts = np.unique(groups, return_counts=True)[1]
+    return int(((counts + batch_size - 1) // batch_size).sum())
+
+
 def usable_batches(num_batches: int, num_processes: int, accumulation: int = 1) -> int:
     """How many of a pass's batches are trained: the largest multiple of ``num_processes x accumulation``
     (one optimiser step takes that many batches, over the processes and the accumulated micro-steps)."""

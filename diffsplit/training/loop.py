@@ -36,7 +36,7 @@ from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.planner.graph import GraphError, Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
-from diffsplit.training.batches import BatchSampler, epoch_plan, usable_batches
+from diffsplit.training.batches import BatchSampler, batches_per_pass, epoch_plan, usable_batches
 from diffsplit.training.collate import collate
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
 from diffsplit.training.rng import keyed_generator
@@ -201,17 +201,15 @@ def run_training(
         raise UserError("no trainable parameters: check --lora_target_modules / --trainable_models")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     passes = config.num_epochs * config.dataset_repeat
-    # The number of batches of a pass does not depend on the pass: ceil(n / batch) for each group's n.
-    counts = np.bincount(np.unique(groups, return_inverse=True)[1]) if len(groups) else np.zeros(0, np.int64)
-    batches_per_pass = int(sum(math.ceil(int(n) / config.batch_size) for n in counts))
     accumulation = config.gradient_accumulation_steps
+    num_batches = batches_per_pass(groups, config.batch_size)
     # The remainder rule of rank_batches: what does not fill an optimiser step is left out of the pass.
-    steps_per_pass = usable_batches(batches_per_pass, accelerator.num_processes, accumulation) // (
+    steps_per_pass = usable_batches(num_batches, accelerator.num_processes, accumulation) // (
         accelerator.num_processes
     )
     if steps_per_pass == 0:
         raise UserError(
-            f"{len(sample_ids)} samples make {batches_per_pass} batch(es) of --batch_size {config.batch_size}: "
+            f"{len(sample_ids)} samples make {num_batches} batch(es) of --batch_size {config.batch_size}: "
             f"fewer than one optimiser step of {accelerator.num_processes} process(es) x "
             f"--gradient_accumulation_steps {accumulation}; lower one of them"
         )

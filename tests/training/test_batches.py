@@ -9,6 +9,7 @@ import torch
 from diffsplit.training.batches import (
     BatchPlan,
     BatchSampler,
+    batches_per_pass,
     epoch_plan,
     pass_batches,
     pass_order,
@@ -193,3 +194,11 @@ def test_plan_is_a_frozen_value():
     plan = BatchPlan([(0, [1, 2])], 0)
     with pytest.raises(AttributeError):
         plan.left_out = 3  # type: ignore[misc]
+
+
+def test_batches_per_pass_counts_every_pass():
+    groups = np.array([0, 1, 1, 2, 2, 2, 0, 1, 1])
+    for batch_size in (1, 2, 3, 5):
+        counts = {len(pass_batches(groups, batch_size, seed=4, pass_index=p)) for p in range(3)}
+        assert counts == {batches_per_pass(groups, batch_size)}
+    assert batches_per_pass(np.zeros(0, dtype=np.int64), 2) == 0
