@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "qwen-image": "diffsplit.families.qwen_image",
     "z-image": "diffsplit.families.z_image",
+    "flux2-klein": "diffsplit.families.flux2_klein",
 }
 """Family name -> the package whose ``FAMILY`` declares it (imported only when the family is used)."""
 

@@ -66,6 +66,9 @@ class ComponentSpec:
         lora_key_prefix: the saved-weights format of a LoRA on this component: one ``.safetensors`` file with
             keys ``<prefix><module>.lora_A.weight`` (the denoiser, read by diffusers and ComfyUI), or, when
             None, a peft adapter folder.
+        lora_alpha_keys: whether that file stores each module's ``.alpha`` (the scale ``alpha / rank``); when
+            False the scale is folded into ``lora_B`` instead (for loaders that refuse ``.alpha`` keys, such as
+            diffusers' FLUX.2 one): the same ``B @ A * scale`` either way.
     """
 
     name: str
@@ -77,6 +80,7 @@ class ComponentSpec:
     default_config: Mapping[str, Any] | None = None
     layers: LayerUse | None = None
     lora_key_prefix: str | None = None
+    lora_alpha_keys: bool = True
 
 
 def bind_components(entries: Sequence[ModelEntry], specs: Iterable[ComponentSpec]) -> list[ModelEntry]:

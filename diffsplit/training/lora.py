@@ -295,12 +295,14 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str])
 
 
 def lora_file_state(
-    model: torch.nn.Module, key_prefix: str, adapter_name: str = "default"
+    model: torch.nn.Module, key_prefix: str, adapter_name: str = "default", alpha_keys: bool = True
 ) -> dict[str, torch.Tensor]:
     """The pinned single-file LoRA key -> tensor map (CPU copies), as :func:`save_lora_file` writes it.
 
     ``alpha`` is stored as ``scaling * rank``, so ``alpha / rank`` is exactly the scale peft applied in
-    training (diffusers and ComfyUI both read it that way).
+    training (diffusers and ComfyUI both read it that way). Without ``alpha_keys`` the scale is folded into
+    ``lora_B`` (``B * scale``) and no ``.alpha`` key is written: a reader's default scale of 1 then gives the
+    same ``B @ A * scale``.
     """
     state: dict[str, torch.Tensor] = {}
     for path, layer in _lora_layers(model, adapter_name):
@@ -309,22 +311,29 @@ def lora_file_state(
         state[f"{key}.lora_A.weight"] = (
             layer.lora_A[adapter_name].weight.detach().to("cpu", copy=True).contiguous()
         )
-        state[f"{key}.lora_B.weight"] = (
-            layer.lora_B[adapter_name].weight.detach().to("cpu", copy=True).contiguous()
-        )
-        state[f"{key}.alpha"] = torch.tensor(float(layer.scaling[adapter_name]) * rank, dtype=torch.float32)
+        scale = float(layer.scaling[adapter_name])
+        b = layer.lora_B[adapter_name].weight.detach().to("cpu", copy=True)
+        if alpha_keys:
+            state[f"{key}.lora_B.weight"] = b.contiguous()
+            state[f"{key}.alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+        else:
+            state[f"{key}.lora_B.weight"] = (b.double() * scale).to(b.dtype).contiguous()
     return state
 
 
 def save_lora_file(
-    model: torch.nn.Module, path: str | os.PathLike[str], key_prefix: str, adapter_name: str = "default"
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    key_prefix: str,
+    adapter_name: str = "default",
+    alpha_keys: bool = True,
 ) -> None:
     """Write the LoRA in the pinned single-file format with ``key_prefix`` (see the module docstring).
 
     No diffusers ``lora_adapter_metadata`` is written on purpose: diffusers already folds ``alpha / rank``
     into the weights when it reads ``.alpha`` keys, and metadata carrying ``lora_alpha`` would apply it twice.
     """
-    state = lora_file_state(model, key_prefix, adapter_name)
+    state = lora_file_state(model, key_prefix, adapter_name, alpha_keys)
     if not state:
         raise ValueError("save_lora_file: the model has no LoRA adapter named " + repr(adapter_name))
     _atomic_save(state, path)

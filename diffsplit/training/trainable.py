@@ -116,7 +116,7 @@ def save_checkpoint(
         if name in config.lora_base_models:
             if prefix is not None:
                 path = out / f"{stem}.safetensors"
-                lora.save_lora_file(model, path, prefix)
+                lora.save_lora_file(model, path, prefix, alpha_keys=specs[name].lora_alpha_keys)
             else:
                 path = out / f"{stem}.{name}"
                 lora.save_peft_adapter(model, path)

@@ -154,17 +154,20 @@ class DecoderLayers(torch.nn.Module):
         hidden: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        taps: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Embed (from ``input_ids [B, T]``, a part starting at layer 0) or continue from ``hidden
         [B, T, D]`` and ``position_ids``; run the part's layers; apply the final norm when the part ends at
-        layer N. Returns ``(hidden [B, T, D], position_ids)``."""
+        layer N. Returns ``(hidden [B, T, D], position_ids)``; with ``taps`` (layer indices of this part)
+        also each tapped layer's output ``[B, T, D]`` by index (``hidden_states[i + 1]`` of transformers)."""
         adapter = self._adapter
         if input_ids is not None:
             hidden, position_ids = adapter.embed(self, input_ids, attention_mask)
-        hidden = adapter.run_layers(self, hidden, position_ids, attention_mask)
+        tapped: dict[int, torch.Tensor] = {}
+        hidden = adapter.run_layers(self, hidden, position_ids, attention_mask, taps=taps, tapped=tapped)
         if self.stop == self.num_layers:
             hidden = adapter.final_norm(self, hidden)
-        return hidden, position_ids
+        return (hidden, position_ids, tapped) if taps else (hidden, position_ids)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """What ``PreTrainedModel.gradient_checkpointing_enable`` does to the layers (non-reentrant by
@@ -283,8 +286,14 @@ class DecoderStack:
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        taps: Sequence[int] = (),
+        tapped: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the part's layers on ``hidden [B, T, D]`` with its position ids and ``attention_mask [B, T]``."""
+        """Run the part's layers on ``hidden [B, T, D]`` with its position ids and ``attention_mask [B, T]``;
+        the output of each layer in ``taps`` is put in ``tapped`` (a pipeline that stacks inner layers)."""
+        missing = [i for i in taps if str(i) not in part.stack.layers]
+        if missing:
+            raise ValueError(f"taps {missing} are not layers of the part [{part.start}, {part.stop})")
         # The rotary embedding takes [3, B, T] for multimodal positions, [B, T] otherwise.
         positions = position_ids.transpose(0, 1) if self.position_axes is not None else position_ids
         rotary = part.stack.rotary_emb(hidden, positions)
@@ -298,6 +307,8 @@ class DecoderStack:
                 hidden, attention_mask=masks[kind], position_embeddings=rotary, use_cache=False
             )
             hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
+            if index in taps and tapped is not None:
+                tapped[index] = hidden
         return hidden
 
     def final_norm(self, part: DecoderLayers, hidden: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,9 @@ def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[torch.Tensor, ...]:
+def _schedule(
+    config_json: str, image_seq_len: int, weighting: str, mu: float | None = None
+) -> tuple[torch.Tensor, ...]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     config = json.loads(config_json)
@@ -69,8 +71,8 @@ def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[tor
     steps = int(scheduler.config.num_train_timesteps)
     kwargs: dict[str, Any] = {}
     if scheduler.config.use_dynamic_shifting:
-        # The resolution-dependent shift the pipelines apply at inference, same defaults.
-        kwargs["mu"] = dynamic_shift(scheduler.config, image_seq_len)
+        # The resolution-dependent shift the pipelines apply at inference, same defaults; or the family's own.
+        kwargs["mu"] = dynamic_shift(scheduler.config, image_seq_len) if mu is None else mu
     scheduler.set_timesteps(steps, **kwargs)
     sigmas = scheduler.sigmas[:-1].clone()  # drop the terminal 0 the scheduler appends
     timesteps = scheduler.timesteps.clone()
@@ -88,7 +90,7 @@ def _schedule(config_json: str, image_seq_len: int, weighting: str) -> tuple[tor
 
 
 def timestep_schedule(
-    scheduler: Any, image_seq_len: int, weighting: str = "bell"
+    scheduler: Any, image_seq_len: int, weighting: str = "bell", mu: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training schedule for an image of ``image_seq_len`` latent tokens.
 
@@ -104,18 +106,20 @@ def timestep_schedule(
         scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict.
         image_seq_len: ``N``, the denoiser's image tokens (2x2 latent patches).
         weighting: ``"bell"`` or ``"none"``.
+        mu: the shift a dynamic-shifting config applies instead of ``calculate_shift(image_seq_len)`` (a
+            family whose training schedule is not its pipeline's inference one).
 
     Returns:
         ``(sigmas, timesteps, weights)``, each ``[num_train_timesteps]`` float32 on the CPU, sigmas from
         ~1 down; ``timesteps = sigmas * num_train_timesteps``.
     """
     config_json = json.dumps(scheduler_config(scheduler), sort_keys=True)
-    return _schedule(config_json, int(image_seq_len), weighting)
+    return _schedule(config_json, int(image_seq_len), weighting, mu)
 
 
 # -- units ------------------------------------------------------------------------------------------------
 def draw_timestep_noise(
-    ctx: UnitContext, latents: torch.Tensor, image_seq_len: int
+    ctx: UnitContext, latents: torch.Tensor, image_seq_len: int, mu: float | None = None
 ) -> dict[str, torch.Tensor]:
     """Draw a timestep per sample and the noise, from the keyed generator (a unit's body).
 
@@ -130,7 +134,7 @@ def draw_timestep_noise(
     from diffusers.utils.torch_utils import randn_tensor
 
     sigmas, timesteps, weights = timestep_schedule(
-        ctx.components["scheduler"], image_seq_len, ctx.options.timestep_weighting
+        ctx.components["scheduler"], image_seq_len, ctx.options.timestep_weighting, mu
     )
     generator = ctx.generator
     gen_device = generator.device if generator is not None else torch.device("cpu")

@@ -1,0 +1,51 @@
+"""FLUX.2-klein (4B and 9B, distilled and base): diffusers' ``Flux2Transformer2DModel`` and
+``AutoencoderKLFlux2``, the Qwen3 text encoder of transformers (three inner layers stacked) with its Qwen2
+tokenizer, and ``FlowMatchEulerDiscreteScheduler``.
+
+* :mod:`.components`: the repository layout, the default scheduler config, the saved LoRA's key prefix, the
+  text encoder's layer adapter and the layers its pipeline reads;
+* :mod:`.units`: the SFT units (preprocessing exactly as ``Flux2KleinPipeline``), batch key, constants;
+* :mod:`.tiny`: ``make-tiny flux2-klein`` (the base model when the output folder's name says ``base``).
+"""
+
+from pathlib import Path
+
+from diffsplit.families.base import Example, Family, TinyModel
+from diffsplit.families.common.flow_match import scheduler_from_constants, sft_task
+from diffsplit.families.common.options import ImageOptions
+from diffsplit.families.flux2_klein import tiny, units
+from diffsplit.families.flux2_klein.components import COMPONENTS
+
+
+def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """``make-tiny flux2-klein --output DIR``: the distilled model, or the base model when DIR's name has
+    ``base`` in it (``models/black-forest-labs/FLUX.2-klein-base-4B``), as the real repositories are named."""
+    variant = "base" if "base" in Path(output).name.lower() else "distilled"
+    return tiny.build_tiny_flux2_klein(output, seed=seed, size=size, variant=variant)
+
+
+BASE = "black-forest-labs/FLUX.2-klein-base-4B"
+
+FAMILY = Family(
+    name="flux2-klein",
+    components=COMPONENTS,
+    options=ImageOptions,
+    tasks={"sft": sft_task(units.sft_units)},
+    units_version="flux2-klein-units-1",
+    size_policy=units.SIZE_POLICY,
+    batch_key=units.batch_key,
+    constants=units.constants,
+    scheduler_from_constants=scheduler_from_constants,
+    tiny=TinyModel(build_tiny, tiny.SIZES),
+    example=Example(
+        model_id=BASE,
+        model_paths=(
+            f"{BASE}:transformer/*.safetensors,{BASE}:text_encoder/*.safetensors,"
+            f"{BASE}:vae/diffusion_pytorch_model.safetensors"
+        ),
+        lora_targets=(
+            "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,"
+            "to_qkv_mlp_proj,single_transformer_blocks.0.attn.to_out"
+        ),
+    ),
+)

@@ -1,0 +1,294 @@
+"""FLUX.2-klein as a family of units.
+
+The preprocessing reproduces what diffusers' ``Flux2KleinPipeline`` does at inference (its chat template
+without thinking, 512 padded tokens, the three stacked inner layers of Qwen3, the VAE latents patchified 2x2
+and normalised by the VAE's batch-norm statistics, the 4-axis position ids), so a model trained here sees
+at training time exactly the inputs ``Flux2KleinPipeline`` gives it at inference.
+
+One training step, in order (``B`` batch, ``h, w = H/16, W/16`` the patchified latent grid, ``C`` = 4 x the
+VAE's latent channels = 128, ``T`` = 512 tokens, ``D`` the text hidden size, taps at layers 8, 17, 26)::
+
+    resize_image      light        image                 -> pixels [B,3,H,W]
+    encode_image      vae          pixels                -> latent_mean, latent_std [B,C,h,w]
+    posterior_mode    light        latent_mean           -> latents [B,C,h,w]        (--latent_sample mode)
+    sample_posterior  stochastic   latent_mean, _std     -> latents [B,C,h,w]        (--latent_sample sample)
+    image_ids         light        latent_mean           -> image_ids [B,h*w,4]
+    tokenize          tokenizer    prompt                -> input_ids, attention_mask [B,T]
+    encode_prompt     text_encoder input_ids, mask       -> prompt_embeds [B,T,3D]
+    text_ids          light        prompt_embeds         -> text_ids [B,T,4]
+    timestep_noise    stochastic   latents               -> noise [B,C,h,w], sigma, timestep, loss_weight [B]
+                      (scheduler)
+    noisy_latents     light        latents, noise, sigma -> noisy_latents, target [B,C,h,w]
+    denoise           dit          noisy_latents, timestep, prompt_embeds, text_ids, image_ids -> pred [B,C,h,w]
+
+**Dead layers.** The pipeline stacks ``hidden_states`` 9, 18 and 27: the ``text_encoder`` component is built
+as the part ``[0, 27)`` (:class:`~diffsplit.planner.layers.LayerUse`); layers 27 on, the final norm and the LM
+head are never read from disk, built or run.
+
+**Latent space.** ``encode_image`` returns the posterior as the transformer sees it: the VAE's mode (the
+pipeline's ``sample_mode="argmax"``), patchified 2x2 into channels, then ``(x - running_mean) / sqrt(running_var
++ eps)`` of the VAE's batch norm (its statistics only; the layer never runs), so stage 2 never needs the VAE.
+``latent_std`` is the posterior's std through the same patchify and scale, so ``mean + std * eps`` is a
+normalised posterior sample.
+
+**Time.** The scheduler holds ``timestep = sigma * 1000``; the transformer is called with ``timestep / 1000``
+and ``guidance=None`` (the klein models have no guidance embedding) and predicts the velocity ``noise - x0``
+the Euler step integrates. Training draws from DiffSynth-Studio's FLUX.2 training schedule (the seed's
+framework): the scheduler's exponential shift with ``mu = 0.8`` at every resolution (:data:`TRAINING_MU`),
+not the pipeline's inference ``compute_empirical_mu``, which depends on the number of inference steps.
+
+**Padding.** Every prompt is padded to 512 tokens and all 512 embeddings reach the transformer (it takes no
+text mask), so prompts always stack: a batch needs no collate rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from diffsplit.families.base import UnitContext
+from diffsplit.families.common.flow_match import (
+    NOISY_LATENTS,
+    draw_timestep_noise,
+    encode_image_unit,
+    image_size,
+    latents_unit,
+    posterior_sample,
+    resize_images,
+    resize_unit,
+    scheduler_constants,
+    timestep_noise_unit,
+    tokenize_unit,
+)
+from diffsplit.families.common.prompts import note_truncated
+from diffsplit.families.flux2_klein.components import PROMPT_LAYERS
+from diffsplit.planner.graph import Unit
+from diffsplit.storage.data import SizePolicy
+
+SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
+"""Sides are multiples of 16 (the VAE downsamples by 8, the pipeline patchifies 2x2); 1024*1024 pixels when
+neither ``--max_pixels`` nor ``--height/--width`` is given."""
+
+TRAINING_MU = 0.8
+"""The exponential time shift of the training schedule (DiffSynth-Studio's FLUX.2 template)."""
+
+
+# -- the pipeline's own definitions -------------------------------------------------------------------------
+@functools.cache
+def max_sequence_length() -> int:
+    """The tokenizer length ``Flux2KleinPipeline.encode_prompt`` pads and truncates to (512), read from its
+    signature so it follows diffusers."""
+    from diffusers import Flux2KleinPipeline
+
+    return int(inspect.signature(Flux2KleinPipeline.encode_prompt).parameters["max_sequence_length"].default)
+
+
+def chat_text(tokenizer: Any, prompt: str) -> str:
+    """The prompt as ``Flux2KleinPipeline._get_qwen3_prompt_embeds`` wraps it: one user turn, the generation
+    prompt, ``enable_thinking=False``."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, c, 2h, 2w]`` -> ``[B, 4c, h, w]``: each 2x2 patch's values into channels, as the pipeline's
+    ``_patchify_latents`` orders them (channel-major, then the patch's row, then its column)."""
+    b, c, height, width = latents.shape
+    latents = latents.view(b, c, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return latents.reshape(b, c * 4, height // 2, width // 2)
+
+
+def batch_norm_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent batch-norm mean and std ``[1, 4c, 1, 1]`` (``sqrt(running_var + batch_norm_eps)``)."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        like.device, like.dtype
+    )
+    return mean, std
+
+
+def latent_ids(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> the image tokens' position ids ``[B, h*w, 4]``: ``(t, y, x, l) = (0, y, x, 0)`` in
+    row-major order, as the pipeline's ``_prepare_latent_ids``."""
+    b, _, height, width = latents.shape
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1))
+    return ids.unsqueeze(0).expand(b, -1, -1)
+
+
+def text_position_ids(prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """``[B, T, E]`` -> the text tokens' position ids ``[B, T, 4]``: ``(0, 0, 0, i)``, as ``_prepare_text_ids``."""
+    b, length, _ = prompt_embeds.shape
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length))
+    return ids.unsqueeze(0).expand(b, -1, -1)
+
+
+# -- unit functions -----------------------------------------------------------------------------------------
+def resize_image(ctx: UnitContext, image: Any) -> dict[str, Any]:
+    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1]."""
+    return {"pixels": resize_images(ctx, image, SIZE_POLICY)}
+
+
+def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pixels [B, 3, H, W]`` in [-1, 1] -> ``latent_mean``, ``latent_std`` ``[B, 4c, H/16, W/16]`` in the
+    transformer's latent space (see the module docstring), in the VAE's dtype."""
+    vae = ctx.components["vae"]
+    posterior = vae.encode(pixels.to(device=ctx.device, dtype=vae.dtype)).latent_dist
+    mode = patchify(posterior.mode())
+    mean, std = batch_norm_stats(vae, mode)
+    return {"latent_mean": (mode - mean) / std, "latent_std": patchify(posterior.std) / std}
+
+
+def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``--latent_sample mode``: ``latents`` = the normalised posterior mode, ``[B, C, h, w]``."""
+    return {"latents": latent_mean}
+
+
+def sample_posterior(
+    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``--latent_sample sample``: ``latents = mean + std * eps`` (keyed ``eps``), ``[B, C, h, w]``."""
+    return {"latents": posterior_sample(ctx, latent_mean, latent_std)}
+
+
+def image_ids(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The image tokens' position ids ``[B, h*w, 4]`` (:func:`latent_ids`)."""
+    return {"image_ids": latent_ids(latent_mean)}
+
+
+def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    """Prompt(s) -> ``input_ids``, ``attention_mask`` ``[B, T]`` (long; 1 = token, right padding to 512):
+    the pipeline's chat template (:func:`chat_text`) and tokenizer call."""
+    tokenizer = ctx.components["tokenizer"]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    note_truncated(ctx, tokenizer, texts, max_sequence_length())
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=max_sequence_length(), truncation=True, return_tensors="pt"
+    )
+    return {"input_ids": tokens.input_ids.long(), "attention_mask": tokens.attention_mask.long()}
+
+
+def stack_taps(tapped: Mapping[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The tapped layers' outputs ``[B, T, D]`` each -> ``prompt_embeds [B, T, 3D]`` in ``dtype``: stacked on a
+    new axis and each token's three vectors concatenated, as ``_get_qwen3_prompt_embeds``."""
+    out = torch.stack([tapped[i - 1] for i in PROMPT_LAYERS], dim=1).to(dtype)
+    b, taps, length, hidden = out.shape
+    return out.permute(0, 2, 1, 3).reshape(b, length, taps * hidden)
+
+
+def encode_prompt(
+    ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``input_ids, attention_mask [B, T]`` -> ``prompt_embeds [B, T, 3D]`` in the text encoder's dtype: the
+    outputs of layers 8, 17 and 26 (``hidden_states`` 9, 18, 27), run with the padding mask, every token kept."""
+    encoder = ctx.components["text_encoder"]
+    mask = attention_mask.to(ctx.device)
+    _, _, tapped = encoder(
+        input_ids=input_ids.to(ctx.device), attention_mask=mask, taps=[i - 1 for i in PROMPT_LAYERS]
+    )
+    return {"prompt_embeds": stack_taps(tapped, encoder.dtype)}
+
+
+def text_ids(ctx: UnitContext, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The text tokens' position ids ``[B, T, 4]`` (:func:`text_position_ids`)."""
+    return {"text_ids": text_position_ids(prompt_embeds)}
+
+
+def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A timestep per sample and the noise for ``latents [B, C, h, w]`` from the training schedule
+    (:data:`TRAINING_MU`: the same shift at every resolution)."""
+    return draw_timestep_noise(ctx, latents, latents.shape[-2] * latents.shape[-1], mu=TRAINING_MU)
+
+
+def denoise(
+    ctx: UnitContext,
+    noisy_latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    image_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The transformer call of ``Flux2KleinPipeline``'s denoising loop -> ``pred [B, C, h, w]`` (the velocity).
+
+    The latents go in as tokens ``[B, h*w, C]`` (the pipeline's ``_pack_latents``), the timestep as
+    ``timestep / 1000`` in the transformer's dtype, no guidance; the output tokens are laid back on the grid.
+    """
+    dit = ctx.components["dit"]
+    dtype = getattr(dit, "dtype", ctx.dtype)
+    b, channels, height, width = noisy_latents.shape
+    tokens = (
+        noisy_latents.to(device=ctx.device, dtype=dtype).reshape(b, channels, height * width).permute(0, 2, 1)
+    )
+    out = dit(
+        hidden_states=tokens,
+        timestep=timestep.to(device=ctx.device).expand(b).to(dtype) / 1000,
+        guidance=None,
+        encoder_hidden_states=prompt_embeds.to(device=ctx.device, dtype=dtype),
+        txt_ids=text_ids.to(ctx.device),
+        img_ids=image_ids.to(ctx.device),
+        return_dict=False,
+    )[0]
+    return {"pred": out[:, : height * width].permute(0, 2, 1).reshape(b, channels, height, width)}
+
+
+# -- the graph ----------------------------------------------------------------------------------------------
+RESIZE_IMAGE = resize_unit(resize_image)
+ENCODE_IMAGE = encode_image_unit(encode_image)
+IMAGE_IDS = Unit(name="image_ids", inputs=("latent_mean",), outputs=("image_ids",), fn=image_ids)
+TOKENIZE = tokenize_unit(tokenize)
+ENCODE_PROMPT = Unit(
+    name="encode_prompt",
+    inputs=("input_ids", "attention_mask"),
+    outputs=("prompt_embeds",),
+    models=("text_encoder",),
+    fn=encode_prompt,
+)
+TEXT_IDS = Unit(name="text_ids", inputs=("prompt_embeds",), outputs=("text_ids",), fn=text_ids)
+
+
+def sft_units(options: Any) -> list[Unit]:
+    """The units of one SFT step, in execution order (see the module docstring)."""
+    return [
+        RESIZE_IMAGE,
+        ENCODE_IMAGE,
+        latents_unit(options, posterior_mode, sample_posterior),
+        IMAGE_IDS,
+        TOKENIZE,
+        ENCODE_PROMPT,
+        TEXT_IDS,
+        timestep_noise_unit(timestep_noise),
+        NOISY_LATENTS,
+        Unit(
+            name="denoise",
+            inputs=("noisy_latents", "timestep", "prompt_embeds", "text_ids", "image_ids"),
+            outputs=("pred",),
+            models=("dit",),
+            batched=True,
+            fn=denoise,
+        ),
+    ]
+
+
+def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
+    """Samples with equal keys can share a stage-1 batch: the image's target size (prompts are always 512
+    tokens)."""
+    return (image_size(values["image"], options, SIZE_POLICY),)
+
+
+def constants(components: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able facts of the frozen components, for stage 2 and the cache fingerprint: the latent space the
+    cache holds (its batch-norm statistics are applied by the units) and the scheduler config."""
+    vae = components["vae"]
+    return {
+        "latent_channels": int(vae.config.latent_channels),
+        "batch_norm_eps": float(vae.config.batch_norm_eps),
+        **scheduler_constants(components["scheduler"]),
+    }
