@@ -36,6 +36,7 @@ from diffsplit.storage.resolve import (
     _download,
     file_identity,
     relative,
+    resolve_tokenizer_path,
 )
 
 if TYPE_CHECKING:
@@ -367,10 +368,7 @@ class ModelSet(Mapping[str, Any]):
         name = name or self._first_tokenizer()
         folder = self._spec[name].folder
         if self.tokenizer_path is not None and name == self._first_tokenizer():
-            path = Path(self.tokenizer_path)
-            if not path.is_dir():
-                raise UserError(f"{TOKENIZER_FLAG}: folder '{path}' does not exist")
-            return path
+            return resolve_tokenizer_path(str(self.tokenizer_path), self.download)
         roots = self._roots()
         if not roots:
             raise UserError(f"model '{name}' is needed but no model is given; pass {TOKENIZER_FLAG}")

@@ -310,3 +310,26 @@ def test_identity_of_components_is_relative_and_loads_nothing() -> None:
     assert "tokenizer/tokenizer.json" in ident["tokenizer"]
     assert list(ident["scheduler"]) == ["scheduler/scheduler_config.json"]
     assert models_.constructed == []
+
+
+def test_tokenizer_path_in_the_seed_trainers_model_id_form(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tokenizer_path "<model_id>:<folder>/"`` finds the folder under the model base path, downloading
+    only that folder when it is missing (offline: one line naming the flag and where it looked)."""
+    from diffsplit.storage.resolve import resolve_tokenizer_path
+
+    assert resolve_tokenizer_path("Qwen/Qwen-Image:tokenizer/") == base / "Qwen" / "Qwen-Image" / "tokenizer"
+    calls: list[dict] = []
+
+    def offline(**kwargs: object) -> str:
+        calls.append(kwargs)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(models, "snapshot_download", offline)
+    with pytest.raises(UserError) as info:
+        resolve_tokenizer_path("owner/other:tokenizer/")
+    assert calls and calls[0]["allow_patterns"] == ["tokenizer/*"] and calls[0]["repo_id"] == "owner/other"
+    assert "--tokenizer_path" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match="--tokenizer_path: folder 'nope' does not exist"):
+        resolve_tokenizer_path("nope")

@@ -67,3 +67,88 @@ def test_split_equals_unsplit_for_a_dit_lora_and_stage2_builds_no_frozen_model(
     unsplit = load_file(tmp_path / "unsplit" / "epoch-0.safetensors")
     assert unsplit and all(k.startswith("diffusion_model.") for k in unsplit)
     assert_close_weights(unsplit, load_file(tmp_path / "split" / "epoch-0.safetensors"))
+
+
+# -- the seed-style commands, as written --------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[3]
+KLEIN = "black-forest-labs/FLUX.2-klein-4B"
+KLEIN_BASE = "black-forest-labs/FLUX.2-klein-base-4B"
+SEED_TARGETS = (
+    "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,to_qkv_mlp_proj,"
+    "single_transformer_blocks.0.attn.to_out"
+)
+SHORTER = ("--dataset_repeat", "2", "--num_epochs", "1", "--lora_rank", "4")  # later flags win
+
+
+@pytest.fixture(scope="module")
+def seed_root(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh folder with both tiny repositories, written by the issue's make-tiny commands as written."""
+    import os
+
+    root = tmp_path_factory.mktemp("klein_seed")
+    shutil.copytree(workspace / "data", root / "data")
+    here = Path.cwd()
+    os.chdir(root)
+    try:
+        for repo in (KLEIN, KLEIN_BASE):
+            assert cli.main(["make-tiny", "flux2-klein", "--output", f"models/{repo}"]) == 0
+    finally:
+        os.chdir(here)
+    return root
+
+
+def _accelerate_env(root: Path, home: Path) -> dict[str, str]:
+    import sys
+
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(home)}
+    env.update(PYTHONPATH=str(REPO), DIFFSPLIT_HASH_CACHE=str(root / "hashes.json"), ACCELERATE_USE_CPU="1")
+    return env
+
+
+def test_make_tiny_writes_both_repositories(seed_root: Path) -> None:
+    distilled = json.loads((seed_root / "models" / KLEIN / "model_index.json").read_text())
+    base = json.loads((seed_root / "models" / KLEIN_BASE / "model_index.json").read_text())
+    assert distilled["_class_name"] == base["_class_name"] == "Flux2KleinPipeline"
+    assert distilled.get("is_distilled") is True and not base.get("is_distilled", False)
+    for repo in (KLEIN, KLEIN_BASE):
+        for folder in ("transformer", "text_encoder", "vae", "tokenizer", "scheduler"):
+            assert (seed_root / "models" / repo / folder).is_dir(), (repo, folder)
+
+
+@pytest.mark.slow
+def test_the_seed_style_command_runs_under_accelerate(seed_root: Path, tmp_path: Path) -> None:
+    """The issue's unsplit command as written (later flags shorten it), then its split script."""
+    import subprocess
+
+    root = tmp_path / "fresh"
+    shutil.copytree(seed_root, root)
+    command = [
+        shutil.which("accelerate") or "accelerate", "launch", str(REPO / "examples/flux2/model_training/train.py"),
+        "--dataset_base_path", "data/example_image_dataset",
+        "--dataset_metadata_path", "data/example_image_dataset/metadata.csv", "--max_pixels", "1048576",
+        "--dataset_repeat", "50",
+        "--model_id_with_origin_paths",
+        f"{KLEIN}:text_encoder/*.safetensors,{KLEIN_BASE}:transformer/*.safetensors,"
+        f"{KLEIN}:vae/diffusion_pytorch_model.safetensors",
+        "--tokenizer_path", f"{KLEIN}:tokenizer/", "--learning_rate", "1e-4", "--num_epochs", "5",
+        "--remove_prefix_in_ckpt", "pipe.dit.", "--output_path", "./models/train/FLUX.2-klein-base-4B_lora",
+        "--lora_base_model", "dit", "--lora_target_modules", SEED_TARGETS, "--lora_rank", "32",
+        "--use_gradient_checkpointing", *SHORTER,
+    ]  # fmt: skip
+    env = _accelerate_env(root, tmp_path)
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(root / "models/train/FLUX.2-klein-base-4B_lora/epoch-0.safetensors")
+    assert weights and all(k.startswith("diffusion_model.") and not k.endswith(".alpha") for k in weights)
+
+    script = REPO / "examples/flux2/model_training/special/split_training/FLUX.2-klein-base-4B_lora.sh"
+    split = tmp_path / "split"  # its stage 2 writes the same output folder as the unsplit command
+    shutil.copytree(seed_root, split)
+    (split / "examples").symlink_to(REPO / "examples")  # the script runs from a repository root
+    result = subprocess.run(["bash", str(script), *SHORTER], cwd=split, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((split / "models/train/FLUX.2-klein-base-4B_lora_cache/manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["identity"]["family"] == "flux2-klein"
+    trained = load_file(split / "models/train/FLUX.2-klein-base-4B_lora/epoch-0.safetensors")
+    assert trained.keys() == weights.keys()
