@@ -15,6 +15,9 @@ VAE's latent channels = 128, ``T`` = 512 tokens, ``D`` the text hidden size, tap
     image_ids         light        latent_mean           -> image_ids [B,h*w,4]
     tokenize          tokenizer    prompt                -> input_ids, attention_mask [B,T]
     encode_prompt     text_encoder input_ids, mask       -> prompt_embeds [B,T,3D]
+      when the text encoder's layers from c on train (layer-level split):
+      encode_prompt[0:c]    text_encoder[0:c]    input_ids, mask -> text_hidden [B,T,D], text_tap_<t> (taps t < c)
+      encode_prompt[c:27]   text_encoder[c:27]   text_hidden, mask, text_tap_<t> -> prompt_embeds [B,T,3D]
     text_ids          light        prompt_embeds         -> text_ids [B,T,4]
     timestep_noise    stochastic   latents               -> noise [B,C,h,w], sigma, timestep, loss_weight [B]
                       (scheduler)
@@ -65,8 +68,9 @@ from diffsplit.families.common.flow_match import (
     tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
-from diffsplit.families.flux2_klein.components import PROMPT_LAYERS
+from diffsplit.families.flux2_klein.components import PROMPT_LAYERS, TEXT_ENCODER
 from diffsplit.planner.graph import Unit
+from diffsplit.planner.layers import part_name
 from diffsplit.storage.data import SizePolicy
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
@@ -197,6 +201,78 @@ def encode_prompt(
     return {"prompt_embeds": stack_taps(tapped, encoder.dtype)}
 
 
+def tap_name(layer: int) -> str:
+    """The value a layer-level split caches for the tapped layer ``layer`` that lies before the cut."""
+    return f"text_tap_{layer}"
+
+
+def encode_prompt_prefix(
+    ctx: UnitContext,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    model: str,
+    taps: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """The part ``model`` (``"text_encoder[0:c]"``): ``text_hidden [B, T, D]``, the input of layer ``c``, and
+    the outputs of the tapped layers before ``c`` (``text_tap_<layer>``)."""
+    mask = attention_mask.to(ctx.device)
+    out = ctx.components[model](input_ids=input_ids.to(ctx.device), attention_mask=mask, taps=taps)
+    values = {"text_hidden": out[0]}
+    if taps:
+        values.update({tap_name(layer): out[2][layer] for layer in taps})
+    return values
+
+
+def encode_prompt_suffix(
+    ctx: UnitContext,
+    text_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    model: str,
+    taps: Sequence[int],
+    **cached: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The part ``model`` (``"text_encoder[c:27]"``) from the cached state at the cut: runs its layers, taps
+    the later ones (``taps``), and stacks them with the cached earlier taps into ``prompt_embeds [B, T, 3D]``
+    exactly as :func:`encode_prompt` does on the whole encoder."""
+    part = ctx.components[model]
+    mask = attention_mask.to(ctx.device)
+    hidden = text_hidden.to(ctx.device)
+    positions = TEXT_ENCODER.positions(hidden.shape[0], hidden.shape[1], ctx.device)
+    # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
+    _, _, tapped = part(hidden=hidden, position_ids=positions, attention_mask=mask, taps=taps)
+    tapped = {
+        **{int(name.rsplit("_", 1)[1]): value.to(ctx.device) for name, value in cached.items()},
+        **tapped,
+    }
+    return {"prompt_embeds": stack_taps(tapped, part.dtype)}
+
+
+def split_encode_prompt(cut: int, stop: int) -> tuple[Unit, Unit]:
+    """``encode_prompt`` cut at layer ``cut`` of the ``stop`` (27) layers it reads: the prefix caches the input
+    of layer ``cut`` and the tapped layers before it; the suffix runs the rest and taps the later ones."""
+    prefix_model = part_name("text_encoder", 0, cut)
+    suffix_model = part_name("text_encoder", cut, stop)
+    layers = [i - 1 for i in PROMPT_LAYERS]
+    before, after = [t for t in layers if t < cut], [t for t in layers if t >= cut]
+    prefix = Unit(
+        name=f"encode_prompt[0:{cut}]",
+        inputs=("input_ids", "attention_mask"),
+        outputs=("text_hidden", *(tap_name(t) for t in before)),
+        models=(prefix_model,),
+        fn=functools.partial(encode_prompt_prefix, model=prefix_model, taps=before),
+    )
+    suffix = Unit(
+        name=f"encode_prompt[{cut}:{stop}]",
+        inputs=("text_hidden", "attention_mask", *(tap_name(t) for t in before)),
+        outputs=("prompt_embeds",),
+        models=(suffix_model,),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model, taps=after),
+    )
+    return prefix, suffix
+
+
 def text_ids(ctx: UnitContext, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
     """The text tokens' position ids ``[B, T, 4]`` (:func:`text_position_ids`)."""
     return {"text_ids": text_position_ids(prompt_embeds)}
@@ -250,6 +326,7 @@ ENCODE_PROMPT = Unit(
     outputs=("prompt_embeds",),
     models=("text_encoder",),
     fn=encode_prompt,
+    split_at=split_encode_prompt,
 )
 TEXT_IDS = Unit(name="text_ids", inputs=("prompt_embeds",), outputs=("text_ids",), fn=text_ids)
 

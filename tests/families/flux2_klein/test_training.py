@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from diffsplit.families.flux2_klein import FAMILY
 from tests.conftest import train_args
-from tests.test_entrypoints import _replace, assert_close_weights
+from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
 
 MODEL_ID = FAMILY.example.model_id
 DIT = f"{MODEL_ID}:transformer/*.safetensors"
@@ -67,6 +67,48 @@ def test_split_equals_unsplit_for_a_dit_lora_and_stage2_builds_no_frozen_model(
     unsplit = load_file(tmp_path / "unsplit" / "epoch-0.safetensors")
     assert unsplit and all(k.startswith("diffusion_model.") for k in unsplit)
     assert_close_weights(unsplit, load_file(tmp_path / "split" / "epoch-0.safetensors"))
+
+
+AFTER_A_TAP = r"re:layers\.(2[0-6])\.self_attn\.(q|k|v|o)_proj"  # layers 20-26: taps 8, 17 lie before
+
+
+def test_automatic_mode_with_a_text_encoder_lora_after_a_tap_equals_unsplit(
+    in_klein: Path, tmp_path: Path, tensor_reads: list[str]
+) -> None:
+    extra = ("--lora_base_model", "dit,text_encoder", "--lora_target_modules",
+             f"dit=to_q,to_k;text_encoder={AFTER_A_TAP}")  # fmt: skip
+    assert cli.main(["train", *klein_args(tmp_path / "unsplit", *extra)]) == 0
+    tensor_reads.clear()  # only the automatic run's reads
+    assert (
+        cli.main(["train", *klein_args(tmp_path / "auto", *extra, "--cache_dir", str(tmp_path / "caches"))])
+        == 0
+    )
+    (folder,) = (tmp_path / "caches").iterdir()
+    plan = json.loads((folder / "manifest.json").read_text())["identity"]["plan"]
+    assert "encode_prompt[0:20]" in plan["stage1"] and "encode_prompt[20:27]" in plan["stage2"]
+    assert {"text_hidden", "text_tap_8", "text_tap_17"} <= set(plan["cached"]) and "input_ids" not in plan[
+        "cached"
+    ]
+    # Stage 1 read layers 0-19, stage 2 layers 20-26; layer 27, the final norm and the head never.
+    layers = {int(k.split(".")[1]) for k in tensor_reads if k.startswith("layers.")}
+    assert layers == set(range(27)) and not any(k.startswith(("norm", "lm_head")) for k in tensor_reads)
+    assert_close_weights(
+        load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
+        load_file(tmp_path / "auto" / "epoch-0.safetensors"),
+    )
+    unsplit, split = (read_adapter(tmp_path / name / "epoch-0.text_encoder") for name in ("unsplit", "auto"))
+    assert_close_weights(unsplit, split)
+
+
+def test_a_target_on_a_dead_layer_is_one_line(
+    in_klein: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = _replace(klein_args(tmp_path / "out"), "--lora_base_model", "text_encoder")
+    args = _replace(args, "--lora_target_modules", r"re:layers\.27\..*_proj")
+    assert cli.main(["train", *args]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "layer 27" in lines[0] and "can never affect the output" in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 # -- the seed-style commands, as written --------------------------------------------------------------------

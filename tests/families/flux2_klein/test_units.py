@@ -141,3 +141,31 @@ def test_the_saved_dit_lora_fuses_in_diffusers_as_base_plus_scaled_ba(
             torch.testing.assert_close(weight, base[key] + (alpha / rank) * b @ a, atol=1e-6, rtol=0)
         else:
             assert torch.equal(weight, base[key]), key
+
+
+# -- the layer-level split with taps ------------------------------------------------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("cut", [1, 8, 9, 18, 26])
+def test_prefix_then_suffix_equals_the_whole_encoder_bitwise(
+    klein_model: Path, models: Any, cut: int
+) -> None:
+    """The cut's cached state (the input of layer c and the taps before c) and the suffix's later taps stack
+    into exactly the whole encoder's prompt embeddings, on either side of each tap."""
+    from diffsplit.families.flux2_klein.components import TEXT_ENCODER
+
+    ctx = _ctx(models)
+    tokens = units.tokenize(ctx, list(PROMPTS))
+    whole = units.encode_prompt(ctx, **tokens)["prompt_embeds"]
+    files = sorted((klein_model / "text_encoder").glob("*.safetensors"))
+    parts = {
+        name: TEXT_ENCODER.build(
+            klein_model / "text_encoder", files, start, stop, dtype=torch.float32, device="cpu"
+        )
+        for name, start, stop in ((f"text_encoder[0:{cut}]", 0, cut), (f"text_encoder[{cut}:27]", cut, 27))
+    }
+    prefix, suffix = units.split_encode_prompt(cut, 27)
+    part_ctx = unit_context(suffix, parts, ImageOptions(), None, torch.device("cpu"), torch.float32)
+    state = prefix.fn(part_ctx, **tokens)
+    assert set(state) == {"text_hidden", *(f"text_tap_{t}" for t in (8, 17, 26) if t < cut)}
+    split = suffix.fn(part_ctx, attention_mask=tokens["attention_mask"], **state)["prompt_embeds"]
+    assert torch.equal(split, whole)
