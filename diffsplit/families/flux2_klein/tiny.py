@@ -47,13 +47,12 @@ as layers 28-36 are in the real model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
+from diffsplit.families.common.tiny_qwen3 import add_legacy_rope_theta, train_qwen3_tokenizer, write_json
 from diffsplit.families.common.tiny_repo import reshard, staged_repository
-from diffsplit.families.common.tiny_tokenizer import train_qwen2_tokenizer
 
 SIZES = ("tiny",)
 VARIANTS = ("distilled", "base")
@@ -110,31 +109,6 @@ TEXT_ENCODER_SHARDS = 2
 
 _TRANSFORMER_SEED_OFFSET = {"distilled": 0, "base": 1}
 """Added to the seed for the transformer only, so the two variants' transformers differ as the real ones do."""
-
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
-    "{%- else %}"
-    "{%- set content = message['content'] %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
-"""The part of Qwen3's chat template that text-only system/user/assistant conversations reach.
-
-For these messages it renders what the real template does, in particular the pipeline's call
-``apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-enable_thinking=False)`` -> ``"<|im_start|>user\\n" + p + "<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n
-</think>\\n\\n"``. Tools and ``reasoning_content`` are not reproduced. (The same text as Z-Image's tiny
-template: a family imports no other family, so it is repeated here.)
-"""
 
 _TEMPLATE_WORDS = "system\nuser\nassistant\n\n"
 """The words of the chat template, each made one token by the tiny BPE, as in the real vocabulary; with
@@ -224,35 +198,6 @@ def _set_batch_norm_statistics(vae: Any) -> None:
         bn.running_var.copy_(torch.rand_like(bn.running_var) * 1.5 + 0.5)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _add_legacy_rope_theta(config_path: Path) -> None:
-    # transformers 5 writes ``rope_parameters``; 4.x (and the real config) read a top-level ``rope_theta``.
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    params = config.get("rope_parameters") or {}
-    config.setdefault("rope_theta", params.get("rope_theta", 1000000.0))
-    _write_json(config_path, config)
-
-
-def _train_tokenizer(directory: Path) -> Any:
-    """Qwen3's tokenizer, tiny: Qwen2 BPE, ``<think>``/``</think>``, the chat template, eos ``<|im_end|>``."""
-    from transformers import AutoTokenizer
-
-    train_qwen2_tokenizer(
-        directory, _TEMPLATE_WORDS, extra_tokens=("<think>", "</think>"), chat_template=QWEN3_CHAT_TEMPLATE
-    )
-    # Qwen3's tokenizer ends a turn with <|im_end|> and pads with <|endoftext|> (the pipeline pads to 512).
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["eos_token"] = "<|im_end|>"
-    config["pad_token"] = "<|endoftext|>"
-    _write_json(config_path, config)
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
 def build_tiny_flux2_klein(
     output: str | Path, seed: int = 0, size: str = "tiny", variant: str = "distilled"
 ) -> Path:
@@ -276,7 +221,7 @@ def build_tiny_flux2_klein(
     if variant not in VARIANTS:
         raise UserError(f"--variant: unknown variant '{variant}' (choose one of: {', '.join(VARIANTS)})")
     with staged_repository(output, size, SIZES) as staging:
-        tokenizer = _train_tokenizer(staging / "tokenizer")
+        tokenizer = train_qwen3_tokenizer(staging / "tokenizer", _TEMPLATE_WORDS)
         text_config = _text_encoder_config(tokenizer)
         vae_config = _vae_config()
         transformer_config = _transformer_config(
@@ -293,8 +238,8 @@ def build_tiny_flux2_klein(
             text_encoder = Qwen3ForCausalLM(text_config)
         transformer.save_pretrained(str(staging / "transformer"), safe_serialization=True)  # one file
         reshard(text_encoder, staging / "text_encoder", "model*.safetensors", TEXT_ENCODER_SHARDS)
-        _add_legacy_rope_theta(staging / "text_encoder" / "config.json")
+        add_legacy_rope_theta(staging / "text_encoder" / "config.json")
         vae.save_pretrained(str(staging / "vae"), safe_serialization=True)  # one file, as the real VAE
-        _write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        _write_json(staging / "model_index.json", MODEL_INDEX[variant])
+        write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+        write_json(staging / "model_index.json", MODEL_INDEX[variant])
     return Path(output)

@@ -37,12 +37,11 @@ bounds the caption length plus one (captions are padded to multiples of 32 and t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from diffsplit.families.common.tiny_qwen3 import add_legacy_rope_theta, train_qwen3_tokenizer, write_json
 from diffsplit.families.common.tiny_repo import reshard, staged_repository
-from diffsplit.families.common.tiny_tokenizer import train_qwen2_tokenizer
 from diffsplit.families.z_image.components import SCHEDULER_CONFIG
 
 SIZES = ("tiny", "proportioned")
@@ -65,31 +64,6 @@ VAE_SHIFT_FACTOR = 0.1159
 TRANSFORMER_SHARDS = 3
 TEXT_ENCODER_SHARDS = 3
 """File counts of the real repository (``...-0000k-of-00003``); a tiny model may get fewer (whole tensors)."""
-
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
-    "{%- else %}"
-    "{%- set content = message['content'] %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
-"""The part of Qwen3's chat template that text-only system/user/assistant conversations reach.
-
-For these messages it renders exactly what the real template does, in particular ZImagePipeline's call
-``apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-enable_thinking=True)`` -> ``"<|im_start|>user\\n" + p + "<|im_end|>\\n<|im_start|>assistant\\n"``
-(``enable_thinking=False`` appends ``"<think>\\n\\n</think>\\n\\n"``). Earlier assistant turns lose their
-``<think>`` part as in the real template; tools and ``reasoning_content`` are not reproduced.
-"""
 
 _TEMPLATE_WORDS = "system\nuser\nassistant\n"
 """The words of the chat template, each made one token by the tiny BPE (as in the real vocabulary)."""
@@ -181,35 +155,6 @@ def _vae_config(size: str) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _add_legacy_rope_theta(config_path: Path) -> None:
-    # transformers 5 writes ``rope_parameters``; 4.x (and the real config) read a top-level ``rope_theta``.
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    params = config.get("rope_parameters") or {}
-    config.setdefault("rope_theta", params.get("rope_theta", 1000000.0))
-    _write_json(config_path, config)
-
-
-def _train_tokenizer(directory: Path) -> Any:
-    """Qwen3's tokenizer, tiny: Qwen2 BPE, ``<think>``/``</think>``, the chat template, eos ``<|im_end|>``."""
-    from transformers import AutoTokenizer
-
-    train_qwen2_tokenizer(
-        directory, _TEMPLATE_WORDS, extra_tokens=("<think>", "</think>"), chat_template=QWEN3_CHAT_TEMPLATE
-    )
-    # Qwen3's tokenizer ends a turn with <|im_end|> and pads with <|endoftext|> (the pipeline pads to 512).
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["eos_token"] = "<|im_end|>"
-    config["pad_token"] = "<|endoftext|>"
-    _write_json(config_path, config)
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
 def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight Z-Image in the real repository layout to ``output`` and return its path.
 
@@ -227,7 +172,7 @@ def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") ->
     from transformers import Qwen3ForCausalLM
 
     with staged_repository(output, size, SIZES) as staging:
-        tokenizer = _train_tokenizer(staging / "tokenizer")
+        tokenizer = train_qwen3_tokenizer(staging / "tokenizer", _TEMPLATE_WORDS)
         text_config = _text_encoder_config(size, tokenizer)
         with torch.random.fork_rng(devices=[]):
             # Re-seeded before each component, so each one's weights depend on the seed alone.
@@ -241,8 +186,8 @@ def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") ->
             transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", TRANSFORMER_SHARDS
         )
         reshard(text_encoder, staging / "text_encoder", "model*.safetensors", TEXT_ENCODER_SHARDS)
-        _add_legacy_rope_theta(staging / "text_encoder" / "config.json")
+        add_legacy_rope_theta(staging / "text_encoder" / "config.json")
         vae.save_pretrained(str(staging / "vae"), safe_serialization=True)  # one file, as the real VAE
-        _write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        _write_json(staging / "model_index.json", MODEL_INDEX)
+        write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+        write_json(staging / "model_index.json", MODEL_INDEX)
     return Path(output)
