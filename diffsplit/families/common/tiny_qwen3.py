@@ -63,3 +63,23 @@ def train_qwen3_tokenizer(directory: Path, template_words: str) -> Any:
     config["pad_token"] = "<|endoftext|>"
     write_json(config_path, config)
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+def qwen3_config(tokenizer: Any, shape: dict[str, int]) -> Any:
+    """A ``Qwen3ForCausalLM`` config of ``shape`` (hidden size, layers, heads, ...) around ``tokenizer``: the
+    real checkpoints' other settings (tied embeddings, rotary base, special token ids)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        **shape,
+        # Room for every token id, rounded up as real checkpoints pad their embedding tables.
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-06,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        max_window_layers=shape["num_hidden_layers"],
+        architectures=["Qwen3ForCausalLM"],
+    )

@@ -51,7 +51,12 @@ from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
-from diffsplit.families.common.tiny_qwen3 import add_legacy_rope_theta, train_qwen3_tokenizer, write_json
+from diffsplit.families.common.tiny_qwen3 import (
+    add_legacy_rope_theta,
+    qwen3_config,
+    train_qwen3_tokenizer,
+    write_json,
+)
 from diffsplit.families.common.tiny_repo import reshard, staged_repository
 
 SIZES = ("tiny",)
@@ -139,7 +144,6 @@ def _transformer_config(joint_attention_dim: int, latent_channels: int) -> dict[
 
 
 def _text_encoder_config(tokenizer: Any) -> Any:
-    from transformers import Qwen3Config
 
     # heads x head_dim == hidden and intermediate ~2.7 x hidden, as in Qwen3-4B (20 x 128 = 2560, 6912).
     shape = {
@@ -150,19 +154,7 @@ def _text_encoder_config(tokenizer: Any) -> Any:
         "num_key_value_heads": 2,
         "head_dim": 8,
     }
-    return Qwen3Config(
-        **shape,
-        # Room for every token id, rounded up as real checkpoints pad their embedding tables.
-        vocab_size=(len(tokenizer) + 63) // 64 * 64,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-06,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        max_window_layers=shape["num_hidden_layers"],
-        architectures=["Qwen3ForCausalLM"],
-    )
+    return qwen3_config(tokenizer, shape)
 
 
 def _vae_config() -> dict[str, Any]:

@@ -40,7 +40,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffsplit.families.common.tiny_qwen3 import add_legacy_rope_theta, train_qwen3_tokenizer, write_json
+from diffsplit.families.common.tiny_qwen3 import (
+    add_legacy_rope_theta,
+    qwen3_config,
+    train_qwen3_tokenizer,
+    write_json,
+)
 from diffsplit.families.common.tiny_repo import reshard, staged_repository
 from diffsplit.families.z_image.components import SCHEDULER_CONFIG
 
@@ -92,7 +97,6 @@ def _transformer_config(size: str, cap_feat_dim: int) -> dict[str, Any]:
 
 
 def _text_encoder_config(size: str, tokenizer: Any) -> Any:
-    from transformers import Qwen3Config
 
     if size == "tiny":
         # 4 layers: the encoder is cut between layers, and the pipeline reads hidden_states[-2], so the last
@@ -115,19 +119,7 @@ def _text_encoder_config(size: str, tokenizer: Any) -> Any:
             "num_key_value_heads": 1,
             "head_dim": 128,
         }
-    return Qwen3Config(
-        **shape,
-        # Room for every token id, rounded up as real checkpoints pad their embedding tables.
-        vocab_size=(len(tokenizer) + 63) // 64 * 64,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-06,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        max_window_layers=shape["num_hidden_layers"],
-        architectures=["Qwen3ForCausalLM"],
-    )
+    return qwen3_config(tokenizer, shape)
 
 
 def _vae_config(size: str) -> dict[str, Any]:
