@@ -270,7 +270,11 @@ def student_steps(num_inference_steps: Any, cfg_scale: Any) -> int:
 
 
 def inference_timesteps(
-    scheduler: Any, sigmas: Sequence[float], image_seq_len: int, device: torch.device | str = "cpu"
+    scheduler: Any,
+    sigmas: Sequence[float],
+    image_seq_len: int,
+    device: torch.device | str = "cpu",
+    mu: float | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """A private scheduler set up as the pipelines set up their own: ``retrieve_timesteps(scheduler, k,
     device, sigmas=sigmas, mu=calculate_shift(image_seq_len, ...))`` then ``set_begin_index(0)``.
@@ -279,6 +283,7 @@ def inference_timesteps(
         scheduler: a ``FlowMatchEulerDiscreteScheduler`` or its config dict (never mutated: a copy is made).
         sigmas: the pipeline's ``k`` sigmas, exactly as it computes them (its float type matters).
         image_seq_len: ``N``, the denoiser's image tokens (the shift is ignored without dynamic shifting).
+        mu: the shift the family's pipeline passes instead of ``calculate_shift(image_seq_len)``.
 
     Returns:
         ``(scheduler, timesteps)``: the private scheduler (ready for ``step``) and its ``[k]`` timesteps.
@@ -298,7 +303,7 @@ def inference_timesteps(
     k = len(sigmas)
     with np.errstate(divide="ignore", invalid="ignore"):  # a non-finite schedule is refused just below
         timesteps, _ = retrieve_timesteps(
-            private, k, device, sigmas=sigmas, mu=dynamic_shift(config, image_seq_len)
+            private, k, device, sigmas=sigmas, mu=dynamic_shift(config, image_seq_len) if mu is None else mu
         )
     if not bool(torch.isfinite(private.sigmas).all()):
         # E.g. k = 1 with a shift_terminal: the stretch to the terminal value divides 0 by 0.

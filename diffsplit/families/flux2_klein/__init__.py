@@ -5,15 +5,16 @@ tokenizer, and ``FlowMatchEulerDiscreteScheduler``.
 * :mod:`.components`: the repository layout, the default scheduler config, the saved LoRA's key prefix, the
   text encoder's layer adapter and the layers its pipeline reads;
 * :mod:`.units`: the SFT units (preprocessing exactly as ``Flux2KleinPipeline``), batch key, constants;
+* :mod:`.distill`: the direct-distillation units (a seeded, differentiable rollout);
 * :mod:`.tiny`: ``make-tiny flux2-klein`` (the base model when the output folder's name says ``base``).
 """
 
 from pathlib import Path
 
 from diffsplit.families.base import Example, Family, TinyModel
-from diffsplit.families.common.flow_match import scheduler_from_constants, sft_task
+from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.flux2_klein import tiny, units
+from diffsplit.families.flux2_klein import distill, tiny, units
 from diffsplit.families.flux2_klein.components import COMPONENTS
 
 
@@ -30,7 +31,10 @@ FAMILY = Family(
     name="flux2-klein",
     components=COMPONENTS,
     options=ImageOptions,
-    tasks={"sft": sft_task(units.sft_units)},
+    tasks={
+        "sft": sft_task(units.sft_units),
+        "direct_distill": direct_distill_task(distill.distill_units),
+    },
     units_version="flux2-klein-units-1",
     size_policy=units.SIZE_POLICY,
     batch_key=units.batch_key,

@@ -4,6 +4,7 @@ loaded from it, and the components diffsplit loads from it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from diffsplit.families.flux2_klein import FAMILY
+
+MODEL_ID = FAMILY.example.model_id
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +31,22 @@ def klein_pipe(klein_model: Path) -> Any:
     pipeline = Flux2KleinPipeline.from_pretrained(str(klein_model))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def klein_workspace(klein_model: Path, workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("klein_workspace")
+    shutil.copytree(klein_model, root / "models" / MODEL_ID)
+    shutil.copytree(workspace / "data", root / "data")
+    return root
+
+
+@pytest.fixture
+def in_klein(klein_workspace: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.chdir(klein_workspace)
+    monkeypatch.setenv("DIFFSPLIT_MODEL_BASE_PATH", str(klein_workspace / "models"))
+    monkeypatch.setenv("DIFFSPLIT_HASH_CACHE", str(tmp_path / "hashes.json"))
+    return klein_workspace
 
 
 def model_set(model: Path, *folders: str) -> Any:

@@ -20,22 +20,6 @@ DIT = f"{MODEL_ID}:transformer/*.safetensors"
 FROZEN = f"{MODEL_ID}:text_encoder/*.safetensors,{MODEL_ID}:vae/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def klein_workspace(klein_model: Path, workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("klein_workspace")
-    shutil.copytree(klein_model, root / "models" / MODEL_ID)
-    shutil.copytree(workspace / "data", root / "data")
-    return root
-
-
-@pytest.fixture
-def in_klein(klein_workspace: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.chdir(klein_workspace)
-    monkeypatch.setenv("DIFFSPLIT_MODEL_BASE_PATH", str(klein_workspace / "models"))
-    monkeypatch.setenv("DIFFSPLIT_HASH_CACHE", str(tmp_path / "hashes.json"))
-    return klein_workspace
-
-
 def klein_args(output: Path | str, *extra: str, models: str = FAMILY.example.model_paths) -> list[str]:
     args = train_args(output, *extra, models=models, targets=FAMILY.example.lora_targets)
     return _replace(args, "--dataset_repeat", "3")
