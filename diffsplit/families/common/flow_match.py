@@ -229,6 +229,36 @@ def seeds_of(seed: int | str | Sequence[int]) -> list[int]:
     return [int(seed)] if isinstance(seed, (int, str)) else [int(s) for s in seed]
 
 
+def seeded_noise(
+    ctx: UnitContext, seed: int | str | Sequence[int], shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """``randn_tensor((B, *shape))`` in ``dtype`` with one ``torch.Generator(rand_device).manual_seed(s)`` per
+    sample, as a pipeline given a list of generators draws its starting noise; drawn on the generators' device
+    (so the numbers never depend on where the unit runs), then moved to ``ctx.device``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    seeds = seeds_of(seed)
+    generators = seeded_generators(seeds, ctx.options.rand_device)
+    full = (len(seeds), *(int(v) for v in shape))
+    return randn_tensor(full, generator=generators, device=generators[0].device, dtype=dtype).to(ctx.device)
+
+
+def target_latents(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher image's latents: the posterior mode in the denoiser's latent space, ``[B, ...]``."""
+    return {"target_latents": latent_mean}
+
+
+def latent_shape(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, list[int]]:
+    """``latent_mean [B, *S]`` -> ``latent_shape`` ``S`` (plain ints): what the seeded noise needs."""
+    return {"latent_shape": [int(v) for v in latent_mean.shape[1:]]}
+
+
+TARGET_LATENTS = Unit(
+    name="target_latents", inputs=("latent_mean",), outputs=("target_latents",), fn=target_latents
+)
+LATENT_SHAPE = Unit(name="latent_shape", inputs=("latent_mean",), outputs=("latent_shape",), fn=latent_shape)
+
+
 # -- direct distillation: the teacher's resolution and the student's schedule -----------------------------
 def teacher_pixels(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Tensor:
     """:func:`resize_images` refusing any resize: ``pixels [B, 3, H, W]`` at the teacher image's own size.

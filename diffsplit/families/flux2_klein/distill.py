@@ -34,12 +34,13 @@ import torch
 
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
+    LATENT_SHAPE,
+    TARGET_LATENTS,
     inference_timesteps,
     initial_noise_unit,
     require_mode_latents,
     resize_unit,
-    seeded_generators,
-    seeds_of,
+    seeded_noise,
     student_steps,
     teacher_pixels,
 )
@@ -60,29 +61,12 @@ def resize_teacher_image(ctx: UnitContext, image: Any) -> dict[str, torch.Tensor
     return {"pixels": teacher_pixels(ctx, image, SIZE_POLICY)}
 
 
-def target_latents(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher image's latents: the normalised, patchified posterior mode, ``[B, C, h, w]``."""
-    return {"target_latents": latent_mean}
-
-
-def latent_shape(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, list[int]]:
-    """``latent_mean [B, C, h, w]`` -> ``latent_shape`` ``[C, h, w]`` (plain ints): what the noise needs."""
-    return {"latent_shape": [int(v) for v in latent_mean.shape[1:]]}
-
-
 def initial_noise(
     ctx: UnitContext, seed: int | Sequence[int], latent_shape: Sequence[int]
 ) -> dict[str, torch.Tensor]:
-    """The noise ``Flux2KleinPipeline.prepare_latents`` starts from for ``seed``: ``noise [B, C, h, w]``, drawn
-    with ``randn_tensor`` from ``torch.Generator(rand_device).manual_seed(seed)`` (one per sample) in the
-    prompt embeddings' dtype (the compute dtype), as the pipeline draws it. Deterministic."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    seeds = seeds_of(seed)
-    generators = seeded_generators(seeds, ctx.options.rand_device)
-    shape = (len(seeds), *(int(v) for v in latent_shape))
-    noise = randn_tensor(shape, generator=generators, device=generators[0].device, dtype=ctx.dtype)
-    return {"noise": noise.to(ctx.device)}
+    """The noise ``Flux2KleinPipeline.prepare_latents`` starts from for ``seed``: ``noise [B, C, h, w]`` drawn
+    in the prompt embeddings' dtype (the compute dtype), as the pipeline draws it. Deterministic."""
+    return {"noise": seeded_noise(ctx, seed, latent_shape, ctx.dtype)}
 
 
 def klein_timesteps(
@@ -129,8 +113,8 @@ def distill_units(options: Any) -> list[Unit]:
     return [
         resize_unit(resize_teacher_image),
         ENCODE_IMAGE,
-        Unit(name="target_latents", inputs=("latent_mean",), outputs=("target_latents",), fn=target_latents),
-        Unit(name="latent_shape", inputs=("latent_mean",), outputs=("latent_shape",), fn=latent_shape),
+        TARGET_LATENTS,
+        LATENT_SHAPE,
         IMAGE_IDS,
         TOKENIZE,
         ENCODE_PROMPT,

@@ -50,8 +50,7 @@ from diffsplit.families.common.flow_match import (
     initial_noise_unit,
     require_mode_latents,
     resize_unit,
-    seeded_generators,
-    seeds_of,
+    seeded_noise,
     student_steps,
     teacher_pixels,
 )
@@ -101,18 +100,10 @@ def initial_noise(
         latent_shape: ``[z, h, w]`` from :func:`latent_shape`.
     """
     from diffusers import QwenImagePipeline
-    from diffusers.utils.torch_utils import randn_tensor
 
-    seeds = seeds_of(seed)
     z, h, w = (int(v) for v in latent_shape)
-    generators = seeded_generators(seeds, ctx.options.rand_device)
-    batch = len(seeds)
-    # Drawn on the generators' device (so the numbers never depend on where the unit runs), then moved.
-    noise = randn_tensor(
-        (batch, 1, z, h, w), generator=generators, device=generators[0].device, dtype=ctx.dtype
-    )
-    noise = QwenImagePipeline._pack_latents(noise, batch, z, h, w)
-    return {"noise": noise.to(ctx.device)}
+    noise = seeded_noise(ctx, seed, (1, z, h, w), ctx.dtype)
+    return {"noise": QwenImagePipeline._pack_latents(noise, noise.shape[0], z, h, w)}
 
 
 def qwen_timesteps(

@@ -33,12 +33,13 @@ import torch
 
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import (
+    LATENT_SHAPE,
+    TARGET_LATENTS,
     inference_timesteps,
     initial_noise_unit,
     require_mode_latents,
     resize_unit,
-    seeded_generators,
-    seeds_of,
+    seeded_noise,
     student_steps,
     teacher_pixels,
 )
@@ -51,33 +52,14 @@ def resize_teacher_image(ctx: UnitContext, image: Any) -> dict[str, torch.Tensor
     return {"pixels": teacher_pixels(ctx, image, SIZE_POLICY)}
 
 
-def target_latents(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher image's latents: the normalised posterior mode, ``[B, c, h, w]``."""
-    return {"target_latents": latent_mean}
-
-
-def latent_shape(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, list[int]]:
-    """``latent_mean [B, c, h, w]`` -> ``latent_shape`` ``[c, h, w]`` (plain ints): what the noise needs."""
-    return {"latent_shape": [int(v) for v in latent_mean.shape[1:]]}
-
-
 def initial_noise(
     ctx: UnitContext, seed: int | Sequence[int], latent_shape: Sequence[int]
 ) -> dict[str, torch.Tensor]:
-    """The noise ``ZImagePipeline`` starts from for ``seed`` at this resolution: ``noise [B, c, h, w]``.
-
-    As ``ZImagePipeline.prepare_latents`` with ``generator=torch.Generator(rand_device).manual_seed(seed)``
-    (one generator per sample of a batch): ``randn_tensor((B, c, h, w))`` in float32 (the pipeline draws
-    float32 whatever the model's dtype). Deterministic: stage 1 and stage 2 make the same tensor.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    seeds = seeds_of(seed)
-    generators = seeded_generators(seeds, ctx.options.rand_device)
-    shape = (len(seeds), *(int(v) for v in latent_shape))
-    # Drawn on the generators' device (so the numbers never depend on where the unit runs), then moved.
-    noise = randn_tensor(shape, generator=generators, device=generators[0].device, dtype=torch.float32)
-    return {"noise": noise.to(ctx.device)}
+    """The noise ``ZImagePipeline`` starts from for ``seed`` at this resolution: ``noise [B, c, h, w]``, as
+    ``ZImagePipeline.prepare_latents`` with ``generator=torch.Generator(rand_device).manual_seed(seed)`` (one
+    generator per sample of a batch) draws it: float32, whatever the model's dtype. Deterministic: stage 1 and
+    stage 2 make the same tensor."""
+    return {"noise": seeded_noise(ctx, seed, latent_shape, torch.float32)}
 
 
 def z_image_timesteps(
@@ -120,8 +102,8 @@ def distill_units(options: Any) -> list[Unit]:
     return [
         resize_unit(resize_teacher_image),
         ENCODE_IMAGE,
-        Unit(name="target_latents", inputs=("latent_mean",), outputs=("target_latents",), fn=target_latents),
-        Unit(name="latent_shape", inputs=("latent_mean",), outputs=("latent_shape",), fn=latent_shape),
+        TARGET_LATENTS,
+        LATENT_SHAPE,
         TOKENIZE,
         ENCODE_PROMPT,
         initial_noise_unit(initial_noise),
