@@ -12,7 +12,6 @@ Only the components the plan's stages run are ever constructed.
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -30,6 +29,7 @@ from diffsplit.run import MODEL_FLAG, Run, process_state
 from diffsplit.storage import cache, data
 from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.cache.check import group_histogram
+from diffsplit.storage.cache.identity import canonical
 from diffsplit.storage.models import SCHEDULER
 from diffsplit.training.loop import ComponentOverlay, StepPlan, make_accelerator, run_training
 from diffsplit.training.outputs import check_output_folder
@@ -89,7 +89,7 @@ def train_unsplit(run: Run) -> dict[str, Any]:
         return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
 
     step_plan = _step_plan(run, plan, frozen_units=plan.stage1)
-    groups = _group_numbers([s.group for s in samples])
+    groups, _ = _group_numbers([s.group for s in samples])
     return _train(run, accelerator, step_plan, run.models, trained, [s.id for s in samples], load, groups)
 
 
@@ -262,7 +262,7 @@ def plan_text(run: Run) -> str:
     projected = per_sample * len(samples)
     shapes = f"{len(groups)} distinct shape(s) among {len(examined)} rows examined, {len(common)} probed"
     keys = [s.group for s in samples]
-    histogram = group_histogram(_group_numbers(keys), _group_keys(keys))
+    histogram = group_histogram(*_group_numbers(keys))
     return (
         plan.explain()
         + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
@@ -295,20 +295,19 @@ def _step_plan(run: Run, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
     )
 
 
-def _group_numbers(keys: list[Any]) -> np.ndarray:
-    """Size-group keys (JSON values) -> integers, equal keys equal (the batch plan compares nothing else)."""
+def _group_numbers(keys: list[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Size-group keys (JSON values) -> an integer per sample, equal keys equal (the batch plan compares
+    nothing else), and the distinct keys in the order they are numbered."""
     numbers: dict[str, int] = {}
-    return np.array(
-        [numbers.setdefault(json.dumps(k, sort_keys=True), len(numbers)) for k in keys], dtype=np.int64
-    )
-
-
-def _group_keys(keys: list[Any]) -> list[Any]:
-    """The distinct keys in the order :func:`_group_numbers` numbers them."""
-    seen: dict[str, Any] = {}
-    for key in keys:
-        seen.setdefault(json.dumps(key, sort_keys=True), key)
-    return list(seen.values())
+    distinct: list[Any] = []
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        text = canonical(key)
+        if text not in numbers:
+            numbers[text] = len(distinct)
+            distinct.append(key)
+        out[i] = numbers[text]
+    return out, distinct
 
 
 def _train(run: Run, accelerator, step_plan, components, trained, ids, load, groups) -> dict[str, Any]:

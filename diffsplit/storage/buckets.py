@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 
 from diffsplit.errors import UserError
@@ -140,7 +139,7 @@ def parse_buckets(
     return buckets
 
 
-# -- assignment and reporting -------------------------------------------------------------------------------
+# -- assignment --------------------------------------------------------------------------------------------
 def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket | None:
     """The bucket an image of ``width x height`` pixels trains at.
 
@@ -173,26 +172,3 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket 
         if best_key is None or key < best_key:
             best, best_key = (bw, bh), key
     return best
-
-
-def bucket_histogram(sizes: Iterable[Bucket]) -> list[tuple[Bucket, int]]:
-    """Count samples per bucket: ``(bucket, count)`` pairs, most samples first, ties by area (largest
-    first), then width (smallest first)."""
-    counts = Counter(sizes)
-    return sorted(counts.items(), key=lambda pair: (-pair[1], -pair[0][0] * pair[0][1], pair[0][0]))
-
-
-def format_histogram(histogram: Sequence[tuple[Bucket, int]], limit: int = 12) -> str:
-    """One log line: ``'1024x1024: 40, 832x1216: 12, ... (+3 more buckets)'``.
-
-    The first ``limit`` pairs are listed in the given order; the rest are only counted, so a run with
-    hundreds of buckets still prints one readable line.
-    """
-    if not histogram:
-        return "(no samples)"
-    shown = ", ".join(f"{format_bucket(bucket)}: {count}" for bucket, count in histogram[: max(limit, 0)])
-    hidden = len(histogram) - min(len(histogram), max(limit, 0))
-    if not hidden:
-        return shown
-    more = f"(+{hidden} more bucket{'s' if hidden > 1 else ''})"
-    return f"{shown} {more}" if shown else more

@@ -66,10 +66,6 @@ class StepDataset(torch.utils.data.Dataset):
         return {"id": self.sample_ids[position], "pass": pass_index, **load_or_error(self.load, position)}
 
 
-def _as_list(items: list[dict]) -> list[dict]:
-    return items
-
-
 @dataclass
 class StepPlan:
     """What each step runs: per sample, ``frozen_units`` under no_grad (static work) then ``units`` with
@@ -298,7 +294,7 @@ def run_training(
             loader = DataLoaderShard(
                 StepDataset(sample_ids, load),
                 batch_sampler=BatchSampler(plan, len(sample_ids), skip),
-                collate_fn=_as_list,
+                collate_fn=list,  # the items as they are: collated after the per-sample units
                 num_workers=config.dataset_num_workers,
                 persistent_workers=False,
             )

@@ -1,4 +1,4 @@
-"""Tests for diffsplit.storage.buckets: the automatic bucket set, parsing the flag, assignment, histograms."""
+"""Tests for diffsplit.storage.buckets: the automatic bucket set, parsing the flag, assignment."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from diffsplit.errors import UserError
 from diffsplit.storage.buckets import (
     assign_bucket,
     auto_buckets,
-    bucket_histogram,
-    format_histogram,
     parse_buckets,
 )
 
@@ -177,29 +175,3 @@ def test_small_images_find_a_smaller_level_of_auto_buckets(mega: list[tuple[int,
         assert bw * bh >= 0.4 * width * height
     assert assign_bucket(20, 2000, mega) == (16, 64)  # the narrowest bucket, at the widest allowed aspect
     assert assign_bucket(10, 2000, mega) is None  # narrower than min_side
-
-
-# -- histograms --------------------------------------------------------------------------------------------
-def test_bucket_histogram_orders_by_count_then_area_then_width() -> None:
-    sizes = [(512, 512)] * 3 + [(832, 1216)] * 2 + [(1216, 832)] * 2 + [(1024, 1024)] * 2 + [(64, 64)]
-    assert bucket_histogram(sizes) == [
-        ((512, 512), 3),
-        ((1024, 1024), 2),
-        ((832, 1216), 2),
-        ((1216, 832), 2),
-        ((64, 64), 1),
-    ]
-    assert bucket_histogram(iter(sizes)) == bucket_histogram(sizes[::-1])
-    assert bucket_histogram([]) == []
-
-
-def test_format_histogram_lists_the_first_buckets_and_counts_the_rest() -> None:
-    histogram = bucket_histogram([(1024, 1024)] * 40 + [(832, 1216)] * 12 + [(512, 512)] * 2 + [(64, 64)])
-    assert format_histogram(histogram) == "1024x1024: 40, 832x1216: 12, 512x512: 2, 64x64: 1"
-    assert format_histogram(histogram, limit=2) == "1024x1024: 40, 832x1216: 12 (+2 more buckets)"
-    assert format_histogram(histogram, limit=3) == "1024x1024: 40, 832x1216: 12, 512x512: 2 (+1 more bucket)"
-    assert format_histogram(histogram, limit=4) == format_histogram(histogram)
-    assert format_histogram([]) == "(no samples)"
-    many = bucket_histogram([(16 * (i + 1), 16) for i in range(20)])
-    line = format_histogram(many)
-    assert line.count(": 1") == 12 and line.endswith("(+8 more buckets)") and "\n" not in line

@@ -312,7 +312,7 @@ def denoise(
         img_ids=image_ids.to(ctx.device),
         return_dict=False,
     )[0]
-    return {"pred": out[:, : height * width].permute(0, 2, 1).reshape(b, channels, height, width)}
+    return {"pred": out.permute(0, 2, 1).reshape(b, channels, height, width)}
 
 
 # -- the graph ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from diffsplit.errors import UserError
 from diffsplit.storage.cache import table
 from diffsplit.storage.cache.identity import canonical, fingerprint
-from diffsplit.storage.cache.index import FORMAT_VERSION, MalformedIndex, parse_index, sample_problem
+from diffsplit.storage.cache.index import FORMAT_VERSION, sample_problem
 from diffsplit.storage.cache.layout import (
     MANIFEST,
     SHARDS,
@@ -28,7 +28,7 @@ from diffsplit.storage.cache.layout import (
     read_index,
     read_manifest,
     root_leftovers,
-    size_problem,
+    shard_problem,
 )  # fmt: skip
 from diffsplit.storage.cache.reader import open_tables
 from diffsplit.storage.files import sha256_file
@@ -114,31 +114,16 @@ def _rows_by_shard(samples: np.ndarray, num_shards: int) -> list[np.ndarray]:
 
 
 def _shard_problems(folder: Path, entry: table.ShardEntry, quick: bool, rows: np.ndarray | None) -> list[str]:
-    """One shard against its shards-table row: sizes; unless ``quick``, checksums, header and lines."""
-    shard = folder / SHARDS / f"{entry.name}.safetensors"
-    index_path = folder / SHARDS / f"{entry.name}.json"
-    files = (
-        ("shard", shard, entry.bytes, entry.sha256),
-        ("shard index", index_path, entry.index_bytes, entry.index_sha256),
-    )
-    for what, path, size, _ in files:
-        if (problem := size_problem(what, path, size)) is not None:
-            return [problem]
-    if quick:
-        return []
-    for what, path, _, digest in files:
-        if sha256_file(path) != digest:
-            return [f"{what} {path} is corrupt: checksum mismatch"]
-    try:
-        index = parse_index(index_path.read_bytes())
-    except MalformedIndex as err:
-        return [f"shard index {index_path} is malformed ({err})"]
-    if bad := [p for s in index.samples if (p := sample_problem(s)) is not None]:
-        return [f"shard index {index_path} is malformed: {bad[0]}"]
-    if (problem := header_problem(shard, index.samples)) is not None:
+    """One shard against its shards-table row (:func:`.layout.shard_problem`) and, given the table's ``rows``
+    for it, each row against its sample's line in the index."""
+    problem, index = shard_problem(folder, entry, quick)
+    if problem is not None:
         return [problem]
+    if index is None or rows is None:
+        return []
+    index_path = folder / SHARDS / f"{entry.name}.json"
     lines = {span: sample["id"] for span, sample in zip(index.spans, index.samples, strict=True)}
-    for row in rows if rows is not None else ():
+    for row in rows:
         sample_id = bytes(row["id"]).decode("utf-8")
         if lines.get((int(row["offset"]), int(row["length"]))) != sample_id:
             return [f"the samples table does not point at sample {sample_id}'s line in {index_path}"]

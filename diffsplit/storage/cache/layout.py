@@ -12,8 +12,8 @@ from typing import Any
 
 from diffsplit.errors import UserError
 from diffsplit.storage.cache.index import MalformedIndex, ShardIndex, parse_index, sample_problem
-from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE
-from diffsplit.storage.files import atomic_write
+from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE, ShardEntry
+from diffsplit.storage.files import atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -203,6 +203,46 @@ def size_problem(what: str, path: Path, size: int) -> str | None:
     return f"{what} {path} is corrupt: {actual} bytes, expected {size}" + (
         " (truncated?)" if actual < size else ""
     )
+
+
+def shard_problem(
+    folder: Path, entry: ShardEntry, quick: bool = False
+) -> tuple[str | None, ShardIndex | None]:
+    """One shard and its index against their shards-table row: both files' sizes; unless ``quick``, their
+    sha256, the index's layout and entries, and the shard's header against the index.
+
+    Returns:
+        ``(problem, index)``: the first problem as one line (None when intact) and, when everything was
+        checked and is intact, the parsed index.
+    """
+    shard = folder / SHARDS / f"{entry.name}.safetensors"
+    index_path = folder / SHARDS / f"{entry.name}.json"
+    files = (
+        ("shard", shard, entry.bytes, entry.sha256),
+        ("shard index", index_path, entry.index_bytes, entry.index_sha256),
+    )
+    for what, path, size, _ in files:
+        if (problem := size_problem(what, path, size)) is not None:
+            return problem, None
+    if quick:
+        return None, None
+    for what, path, _, digest in files:
+        try:
+            if sha256_file(path) != digest:
+                return f"{what} {path} is corrupt: checksum mismatch", None
+        except OSError as err:
+            return f"{what} {path} is unreadable ({err.strerror})", None
+    try:
+        index = parse_index(index_path.read_bytes())
+    except (OSError, MalformedIndex) as err:
+        return f"shard index {index_path} is malformed ({err})", None
+    if bad := [p for s in index.samples if (p := sample_problem(s)) is not None]:
+        return f"shard index {index_path} is malformed: {bad[0]}", None
+    # The index may have been written wrong while its checksum was taken right: its ids, dtypes, shapes and
+    # byte ranges must be the shard's own (reading the header costs nothing next to the hash).
+    if (problem := header_problem(shard, index.samples)) is not None:
+        return problem, None
+    return None, index
 
 
 # safetensors' dtype names (F32, BF16, ...) as torch's.

@@ -25,9 +25,8 @@ import torch
 from diffsplit.errors import DataError, UserError
 from diffsplit.storage.cache import table
 from diffsplit.storage.cache.identity import fingerprint
-from diffsplit.storage.cache.index import FORMAT_VERSION, MalformedIndex, parse_index, sample_problem
-from diffsplit.storage.cache.layout import RECOMPUTE_HINT, SHARDS, header_problem, read_manifest, size_problem
-from diffsplit.storage.files import sha256_file
+from diffsplit.storage.cache.index import FORMAT_VERSION, sample_problem
+from diffsplit.storage.cache.layout import RECOMPUTE_HINT, SHARDS, read_manifest, shard_problem
 
 _OPEN_SHARDS = 64
 """Shards whose two file descriptors (tensors, index) a reader keeps open per process: opening one costs
@@ -245,32 +244,11 @@ class CacheReader:
         return fds
 
     def _verify(self, number: int, error: type[UserError]) -> None:
-        """Check shard ``number``'s and its index's sizes and sha256 against the shards table, and the shard's
-        header against its index (``error`` says how a mismatch is raised: found up front by every process
-        alike, or while training by one)."""
-        entry = table.shard_entry(self._shards, number)
-        files = (
-            ("shard", self._path(number), entry.bytes, entry.sha256),
-            ("shard index", self._path(number, ".json"), entry.index_bytes, entry.index_sha256),
-        )
-        for what, path, size, digest in files:
-            if (problem := size_problem(what, path, size)) is not None:
-                raise error(f"{problem}; {RECOMPUTE_HINT}")
-            try:
-                hashed = sha256_file(path)
-            except OSError as err:
-                raise error(f"{what} {path} is unreadable ({err.strerror}); {RECOMPUTE_HINT}") from None
-            if hashed != digest:
-                raise error(f"{what} {path} is corrupt: checksum mismatch; {RECOMPUTE_HINT}")
-        try:
-            samples = parse_index(self._path(number, ".json").read_bytes()).samples
-        except (OSError, MalformedIndex) as err:
-            raise error(
-                f"shard index {self._path(number, '.json')} is unreadable ({err}); {RECOMPUTE_HINT}"
-            ) from None
-        # The index may have been written wrong while its checksum was taken right: its ids, dtypes, shapes
-        # and byte ranges must be the shard's own (reading the header costs nothing next to the hash).
-        if (problem := header_problem(self._path(number), samples)) is not None:
+        """Check shard ``number`` and its index against the shards table (:func:`.layout.shard_problem`;
+        ``error`` says how a mismatch is raised: found up front by every process alike, or while training by
+        one), then record it as verified for every process of the run."""
+        problem, _ = shard_problem(self.folder, table.shard_entry(self._shards, number))
+        if problem is not None:
             raise error(f"{problem}; {RECOMPUTE_HINT}")
         self._verified[number >> 3] |= 1 << (number & 7)
 
@@ -287,13 +265,9 @@ class CacheReader:
         """Stat every shard and index against the shards table (no hashing: milliseconds per thousand
         shards), so a lost or cut file stops a run before its first step; UserError naming the first."""
         for number in range(len(self._shards)):
-            entry = table.shard_entry(self._shards, number)
-            for what, path, size in (
-                ("shard", self._path(number), entry.bytes),
-                ("shard index", self._path(number, ".json"), entry.index_bytes),
-            ):
-                if (problem := size_problem(what, path, size)) is not None:
-                    raise UserError(f"{problem}; {RECOMPUTE_HINT}")
+            problem, _ = shard_problem(self.folder, table.shard_entry(self._shards, number), quick=True)
+            if problem is not None:
+                raise UserError(f"{problem}; {RECOMPUTE_HINT}")
 
     def verify_all(self, limit_bytes: int) -> bool:
         """Verify every shard now when shards and indexes total at most ``limit_bytes`` (a few seconds of

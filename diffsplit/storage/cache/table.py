@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from diffsplit.storage.cache.identity import canonical
 from diffsplit.storage.files import sha256_file
 
 SAMPLES_TABLE = "table-samples.bin"
@@ -98,7 +99,7 @@ class TableParts:
         self.offsets += [offset for offset, _ in spans]
         self.lengths += [length for _, length in spans]
         for key in groups:
-            text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+            text = canonical(key)
             self.groups.append(self.group_keys.setdefault(text, len(self.group_keys)))
 
 

@@ -16,7 +16,7 @@ from diffsplit import cli
 from diffsplit.errors import UserError
 from diffsplit.storage import cache
 from diffsplit.storage.cache import CacheReader, CacheWriter, verify
-from diffsplit.storage.cache import reader as reader_mod
+from diffsplit.storage.cache import layout as layout_mod
 from diffsplit.storage.cache.index import encode_index, parse_index
 from diffsplit.storage.cache.table import samples_dtype
 from diffsplit.training.loop import StepDataset
@@ -94,14 +94,14 @@ def test_each_shard_is_hashed_once_per_run_across_workers_and_epochs(
 ) -> None:
     write(tmp_path / "c", range(6), shard_samples=1)
     log = tmp_path / "hashed.log"
-    real = reader_mod.sha256_file
+    real = layout_mod.sha256_file
 
     def logged(path, *args):  # appended from whichever process hashes (workers are forked)
         with open(log, "a") as handle:
             handle.write(f"{Path(path).name}\n")
         return real(path, *args)
 
-    monkeypatch.setattr(reader_mod, "sha256_file", logged)
+    monkeypatch.setattr(layout_mod, "sha256_file", logged)  # where every shard check hashes
     view = CacheReader(tmp_path / "c").view()
     for epoch in range(2):  # a new loader, and new worker processes, for each epoch (as training does)
         dataset = StepDataset(view, view.load)
@@ -121,6 +121,7 @@ def test_quick_verify_hashes_nothing_and_finds_sizes(tmp_path: Path, monkeypatch
     shard.write_bytes(bytes(data))
     with monkeypatch.context() as patch:
         patch.setattr("diffsplit.storage.cache.check.sha256_file", lambda *a: pytest.fail("hashed"))
+        patch.setattr("diffsplit.storage.cache.layout.sha256_file", lambda *a: pytest.fail("hashed"))
         patch.setattr(
             "diffsplit.storage.cache.table.sha256_file",
             lambda *a: pytest.fail("hashed"),
