@@ -268,7 +268,7 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     dtype, task = run.dtype, run.task
     torch.manual_seed(config.seed)
     reader = cache.CacheReader(config.dataset_base_path)
-    plan = run.split_plan(reader.identity.get("value_bytes"))
+    plan = run.split_plan(reader.identity.get("value_bytes"), absent=reader.identity.get("stage1_absent", []))
     scheduler = run.family.scheduler_from_constants(reader.identity["constants"])
 
     # the model set, with the scheduler from the cache's constants (as stage 2)

@@ -110,7 +110,13 @@ def _stage1(run: Run, folder: Path, samples: list[data.Sample]) -> tuple[SplitPl
     if constants is None:
         constants = run.family.constants(models)
     plan = run.split_plan(sizes)
-    identity.update(plan=plan.to_dict(), value_bytes=sizes, constants=constants, values=_value_specs(plan))
+    identity.update(
+        plan=plan.to_dict(),
+        value_bytes=sizes,
+        constants=constants,
+        values=_value_specs(plan),
+        stage1_absent=run.stage1_absent(),
+    )
     summary = write_cache(
         folder,
         identity,
@@ -160,7 +166,8 @@ def _check_cache(run: Run, reader: cache.CacheReader, where: str) -> SplitPlan:
     }
     # What the plan is made from first: a cache of another task may lack sizes this plan needs.
     cache.check_identity(identity, expected, list(expected), where)
-    plan = run.split_plan(identity.get("value_bytes"))
+    # Stage 1's own models decide what it could split off (a frozen input projection), not this run's.
+    plan = run.split_plan(identity.get("value_bytes"), absent=identity.get("stage1_absent", []))
     expected.update(
         trainable_models=sorted(plan.trainable_models),
         trained_parts=dict(sorted(plan.trained_parts.items())),

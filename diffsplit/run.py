@@ -25,6 +25,7 @@ from diffsplit.families import detect_family
 from diffsplit.families.base import Family, RecordedOptions, TaskUnits, options_from_config
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter, parse_trainable
+from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.storage import data
 from diffsplit.storage.models import ComponentSpec, ModelSet, bind_components
@@ -49,6 +50,9 @@ class Run:
         models: the components the run may load, lazily.
         trained: the components with trainable parameters (LoRA bases and fully trained models).
         cuts: component -> where its layers can be cut (the layer-level split).
+        frozen_modules: the input modules of trained models that nothing trains (``"dit.context_embedder"``):
+            the planner may split them off (:mod:`diffsplit.planner.modules`); None: no unit is split
+            (``--no_layer_split``, or no unit declares an input module).
         step_units: the units of one training step (the family's graph for this task and these options).
         graph_options: the options the family's graph builder read (they shape the graph).
         plan: the split plan without value sizes (every static unit in stage 1), layer cuts applied.
@@ -66,6 +70,7 @@ class Run:
     cuts: dict[str, LayerCut]
     step_units: list[Unit] = field(repr=False)
     graph_options: frozenset[str]
+    frozen_modules: frozenset[str] | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @functools.cached_property
@@ -111,16 +116,25 @@ class Run:
         task_units = family.tasks[task.name]
         step_units = task_units.units(recorded)
         cuts = layer_cuts(config, family, models, trained)
+        frozen = input_modules(config, models, trained, step_units)
         return cls(
             config, task, family, task_units, options, device, dtype, models, trained, cuts, step_units,
-            frozenset(recorded.read),
+            frozenset(recorded.read), frozen,
         )  # fmt: skip
 
     # -- plans ------------------------------------------------------------------------------------------
-    def split_plan(self, value_bytes: dict[str, int] | None = None, *, layer_split: bool = True) -> SplitPlan:
+    def split_plan(
+        self,
+        value_bytes: dict[str, int] | None = None,
+        *,
+        layer_split: bool = True,
+        absent: list[str] | None = None,
+    ) -> SplitPlan:
         """The plan of this run; with ``value_bytes`` (probed sizes), light units may move to stage 2.
 
-        ``layer_split=False`` plans without the layer-level split (unsplit training runs whole models).
+        ``layer_split=False`` plans without the layer-level and input-module splits (unsplit training runs
+        whole models). ``absent``: the model components stage 1 lacks (default: those this run lacks);
+        stage 2 passes what its cache's stage 1 lacked.
         """
         plan = plan_split(
             self.step_units,
@@ -130,9 +144,16 @@ class Run:
             value_bytes=value_bytes,
             components=self.family.component_names,
             layer_cuts=self.cuts if layer_split else None,
+            frozen_modules=self.frozen_modules if layer_split else None,
+            absent=(self.stage1_absent() if absent is None else absent) if layer_split else (),
         )
         plan.layer_notes.extend(dead_layer_notes(self.family, self.models))
         return plan
+
+    def stage1_absent(self) -> list[str]:
+        """The family's model components this run was not given: a stage 1 without one cannot split off its
+        input module (:mod:`diffsplit.planner.modules`)."""
+        return [name for name in self.family.model_components if name not in self.models]
 
     @property
     def specs(self) -> dict[str, ComponentSpec]:
@@ -330,6 +351,33 @@ def layer_cuts(
                 trainable += [x for x in live if adapter.layer_of(x) in entry]
         cuts[component] = find_cut(component, trainable, adapter.layer_of, n, used)
     return cuts
+
+
+def input_modules(
+    config: TrainConfig, models: ModelSet, trained: list[str], units: list[Unit]
+) -> frozenset[str] | None:
+    """The input modules of the step's units (``Unit.split_input``) that nothing trains: not in a fully
+    trained component and not under a LoRA target (peft's matcher on the component's module names, from its
+    config on the meta device; on the module's own name when this run lacks the component). A run without
+    ``--lora_target_modules`` (a stage 1) takes them as frozen. None under ``--no_layer_split``, which keeps
+    every model whole."""
+    if config.no_layer_split or not any(u.split_input is not None for u in units):
+        return None
+    full = [e for e in config.full_trainable_models if isinstance(parse_trainable(e), str)]
+    targets = (
+        lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+        if config.lora_base_models and config.lora_target_modules.strip()
+        else {}
+    )
+    split_modules = [u.split_input.module for u in units if u.split_input is not None]
+
+    def wrapped(component: str) -> list[str]:
+        if component not in targets:
+            return []
+        names = models.module_names(component) if component in models else split_modules
+        return lora.matching_modules(names, targets[component])
+
+    return frozenset(frozen_input_modules(units, trained, full, wrapped))
 
 
 def _dead(adapter: Any, name: str, num_layers: int, used: int) -> bool:

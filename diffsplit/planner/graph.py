@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffsplit.planner.modules import is_module_part
+
 DATASET = "<dataset>"
 """Producer name used for values the dataset provides (version 0)."""
 
@@ -65,6 +67,10 @@ class Unit:
             running layers ``[0, cut)`` and the suffix layers ``[cut, n)``, where ``n`` is the number of
             layers the unit reads. The planner uses it for the layer-level split (see
             :mod:`diffsplit.planner.layers`).
+        split_input: for a unit that runs one component whose first operation on an input is a module that
+            may be frozen (a denoiser's text projection): the module and how to split the unit into the
+            projection and the rest (:class:`diffsplit.planner.modules.InputSplit`). The planner applies it
+            when the module is frozen.
     """
 
     name: str
@@ -76,6 +82,7 @@ class Unit:
     batched: bool = False
     fn: Callable[..., Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
     split_at: Callable[[int, int], tuple[Unit, Unit]] | None = field(default=None, compare=False, repr=False)
+    split_input: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -95,6 +102,12 @@ class Unit:
     def light(self) -> bool:
         """True when the unit runs no component."""
         return not self.models
+
+    @property
+    def movable(self) -> bool:
+        """True when the planner may run it in either stage: it runs no component (light), or only modules
+        split off a component that stage 2 loads anyway (:mod:`diffsplit.planner.modules`)."""
+        return all(is_module_part(m) for m in self.models)
 
 
 @dataclass(frozen=True)

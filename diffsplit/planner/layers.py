@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from diffsplit.planner.modules import parse_module_part
+
 _PART = re.compile(r"^(?P<component>[A-Za-z_]\w*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 _LAYER_RANGE = re.compile(r"^(?P<component>[A-Za-z_]\w*)\.layers\.(?P<first>\d+)(?:-(?P<last>\d+))?$")
 
@@ -50,9 +52,13 @@ def parse_part(name: str) -> tuple[str, int, int] | None:
 
 
 def component_of(name: str) -> str:
-    """The component a model name refers to: ``"text_encoder[24:28]"`` -> ``"text_encoder"``."""
+    """The component a model name refers to: ``"text_encoder[24:28]"`` -> ``"text_encoder"``; a module part
+    (``"dit.context_embedder"``, ``"dit-context_embedder"``, :mod:`diffsplit.planner.modules`) -> ``"dit"``."""
     part = parse_part(name)
-    return name if part is None else part[0]
+    if part is not None:
+        return part[0]
+    module = parse_module_part(name)
+    return name if module is None else module[0]
 
 
 # -- --trainable_models ---------------------------------------------------------------------------------

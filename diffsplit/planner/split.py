@@ -22,6 +22,9 @@ Read this file top to bottom; it is the whole algorithm.
    Of all minimum cuts we take the one with the smallest stage 2 (nodes that can still reach the sink in
    the residual graph), so a light unit stays in stage 1 unless moving it strictly saves bytes. Without
    sizes nothing is moved.
+
+   A frozen unit that runs only a *module part* (a projection split off a trained model by rule 4b) is
+   movable like a light unit: stage 2 loads its component anyway.
 4. **Layer-level split** (before all of the above). A trainable *layered* component (a text encoder) whose
    trainable parameters start at layer ``c > 0`` is cut there: the unit running it is replaced by the
    prefix and suffix units its family supplies (``Unit.split_at``), the prefix running the frozen layers
@@ -30,6 +33,12 @@ Read this file top to bottom; it is the whole algorithm.
    static) and the suffix in stage 2, so the cache holds the hidden state at the cut. Where the cut comes
    from (module names, plain data) is :mod:`diffsplit.planner.layers`; without an adapter, or with trainable
    parameters at layer 0, the unit stays whole (the unit-level split) and ``explain()`` says why.
+
+   **4b. Input-module split.** A unit whose component applies a frozen module to an input first (the
+   denoiser's text projection; ``Unit.split_input``, :mod:`diffsplit.planner.modules`) is replaced by the
+   projection, on ``"<component>.<module>"``, and the rest, on ``"<component>-<module>"``, when the caller
+   lists the module as frozen and stage 1 has the component. Rule 3 then caches whichever of the
+   projection's input and output is smaller.
 5. **The cache** holds exactly the value versions that stage 2 (or the loss) reads and that stage 1 or the
    dataset produces. Everything else stage 1 makes is *dropped*.
 
@@ -48,6 +57,7 @@ import networkx as nx
 
 from diffsplit.planner.graph import DATASET, GraphError, Unit, UnitGraph, Version
 from diffsplit.planner.layers import LayerCut, part_name
+from diffsplit.planner.modules import module_part, without_part
 
 STAGE1, STAGE2 = 1, 2
 _SOURCE, _SINK = "<stage 1>", "<stage 2>"
@@ -80,6 +90,7 @@ class SplitPlan:
         trainable_models: components with trainable parameters, as the user named them.
         trained_parts: component -> the part that trains in stage 2, for each component cut at a layer.
         layer_notes: one line per layered unit of a trainable component: where it was cut, or why not.
+        input_notes: one line per unit with an input module that was not split off, saying why.
     """
 
     stage1: list[str]
@@ -94,6 +105,7 @@ class SplitPlan:
     graph: UnitGraph = field(repr=False)
     trained_parts: dict[str, str] = field(default_factory=dict)
     layer_notes: list[str] = field(default_factory=list)
+    input_notes: list[str] = field(default_factory=list)
 
     @property
     def cache_bytes(self) -> int | None:
@@ -119,9 +131,10 @@ class SplitPlan:
             stage = "1" if unit.name in self.stage1 else "2"
             rows.append((unit.name, stage, ",".join(unit.models) or "-", self.reasons[unit.name]))
         lines = _table(rows)
-        if self.layer_notes:
+        if self.layer_notes or self.input_notes:
             lines.append("")
             lines.extend(f"layer split: {note}" for note in self.layer_notes)
+            lines.extend(f"input split: {note}" for note in self.input_notes)
         lines.append("")
         lines.append(f"stage 1 loads: {', '.join(self.stage1_models) or 'nothing'}")
         lines.append(f"stage 2 loads: {', '.join(self.stage2_models) or 'nothing'}")
@@ -150,6 +163,8 @@ def plan_split(
     value_bytes: Mapping[str, int] | None = None,
     components: Iterable[str] | None = None,
     layer_cuts: Mapping[str, LayerCut] | None = None,
+    frozen_modules: Iterable[str] | None = None,
+    absent: Iterable[str] = (),
 ) -> SplitPlan:
     """Split ``units`` into stage 1 (run once, cached) and stage 2 (run every step).
 
@@ -164,6 +179,10 @@ def plan_split(
         components: the pipeline's component names, for validation.
         layer_cuts: component -> where its layers may be cut (:func:`diffsplit.planner.layers.find_cut`); None
             or absent components mean no layer-level split (rule 4).
+        frozen_modules: module parts (``"dit.context_embedder"``) that no trainable parameter reaches: the
+            units whose ``split_input`` names one are split (rule 4b); None: no unit is split.
+        absent: components stage 1 cannot load (not given to it): their input modules are not split off
+            (rule 4b), so the cache is the same whatever stage 2 trains.
 
     Raises:
         GraphError: invalid graph, or an unknown trainable model / loss read.
@@ -175,6 +194,13 @@ def plan_split(
             if model not in components:
                 raise GraphError(f"trainable model '{model}' is not a component of the pipeline")
     units, trained_parts, layer_reasons, layer_notes = _cut_layers(units, trainable, layer_cuts or {})
+    input_parts: dict[str, str] = {}
+    input_notes: list[str] = []
+    if frozen_modules is not None:
+        units, input_parts, input_notes = _split_inputs(units, set(frozen_modules), set(absent))
+    for component, part in input_parts.items():
+        if component in trainable:
+            trained_parts.setdefault(component, part)
     if components is not None:
         components = components + [m for u in units for m in u.models if m not in components]
     graph = UnitGraph(units, dataset_values, components)
@@ -183,7 +209,7 @@ def plan_split(
     dynamic, reasons = _dynamic_units(graph, set(trainable) | set(trained_parts.values()))
     reasons.update(layer_reasons)
     placement = {u.name: (STAGE2 if u.name in dynamic else STAGE1) for u in graph.units}
-    light = [u.name for u in graph.units if u.name not in dynamic and u.light]
+    light = [u.name for u in graph.units if u.name not in dynamic and u.movable]
     savings: dict[str, int] = {}
     if value_bytes is not None and light:
         sizes = _version_sizes(graph, value_bytes, dynamic, loss_versions)
@@ -199,8 +225,13 @@ def plan_split(
     for unit in graph.units:
         if unit.name in reasons:
             continue
-        if unit.models:
-            reasons[unit.name] = "frozen: runs " + ", ".join(f"'{m}'" for m in unit.models)
+        runs = ", ".join(f"'{m}'" for m in unit.models)
+        if unit.models and unit.movable and value_bytes is not None:
+            reasons[unit.name] = _movable_reason(
+                graph, unit.name, placement, runs, dynamic, loss_versions, sizes
+            )
+        elif unit.models:
+            reasons[unit.name] = "frozen: runs " + runs
         elif placement[unit.name] == STAGE2:
             reasons[unit.name] = f"light, recomputed: saves {savings[unit.name]} bytes"
         elif value_bytes is None:
@@ -209,8 +240,69 @@ def plan_split(
             reasons[unit.name] = "light, kept: recomputing it would not shrink the cache"
 
     plan = _assemble(graph, placement, reasons, trainable, loss_versions, value_bytes)
-    plan.trained_parts, plan.layer_notes = trained_parts, layer_notes
+    plan.trained_parts, plan.layer_notes, plan.input_notes = trained_parts, layer_notes, input_notes
     return plan
+
+
+def _movable_reason(
+    graph: UnitGraph,
+    name: str,
+    placement: Mapping[str, int],
+    runs: str,
+    dynamic: set[str],
+    loss_versions: list[Version],
+    sizes: Mapping[Version, int],
+) -> str:
+    """Why a frozen movable unit runs where it does, with the bytes the other stage would cost."""
+    stage2 = {u for u, stage in placement.items() if stage == STAGE2}
+    here = _cut_bytes(graph, stage2, loss_versions, sizes)
+    if placement[name] == STAGE2:
+        other = _cut_bytes(
+            graph, _min_cut_stage2(graph, dynamic, {name}, loss_versions, sizes), loss_versions, sizes
+        )
+        return f"frozen {runs}, run in stage 2: caching its input instead of its output saves {other - here} bytes"
+    moved = _min_cut_stage2(graph, dynamic | {name}, set(), loss_versions, sizes)
+    other = _cut_bytes(graph, moved, loss_versions, sizes)
+    return (
+        f"frozen {runs}, run in stage 1: caching its output instead of its input saves {other - here} bytes"
+    )
+
+
+# -- step 4b: the input-module split --------------------------------------------------------------------------
+def _split_inputs(
+    units: Sequence[Unit], frozen_modules: set[str], absent: set[str]
+) -> tuple[list[Unit], dict[str, str], list[str]]:
+    """Replace each unit whose ``split_input`` module is frozen by its projection and rest units.
+
+    Returns the new unit list, component -> the part the rest runs (``"dit-context_embedder"``), and the
+    notes for ``explain()``.
+    """
+    out: list[Unit] = []
+    parts: dict[str, str] = {}
+    notes: list[str] = []
+    for unit in units:
+        split = unit.split_input
+        if split is None or not unit.models:
+            out.append(unit)
+            continue
+        component = unit.models[0]
+        alone = module_part(component, split.module)
+        if alone not in frozen_modules:
+            notes.append(f"'{alone}' trains, so '{unit.name}' applies it in stage 2")
+            out.append(unit)
+            continue
+        if component in absent:
+            notes.append(
+                f"'{alone}' is frozen but stage 1 was not given '{component}': '{unit.name}' applies it in "
+                "stage 2 (give stage 1 the component to let the cache hold its output when that is smaller)"
+            )
+            out.append(unit)
+            continue
+        rest_part = without_part(component, split.module)
+        project, rest = split.split(alone, rest_part)
+        out += [project, rest]
+        parts[component] = rest_part
+    return out, parts, notes
 
 
 # -- step 4 (done first): the layer-level split -------------------------------------------------------
@@ -316,7 +408,7 @@ def _min_cut_stage2(
         g.add_node(unit.name)
         if unit.name in dynamic:
             g.add_edge(unit.name, _SINK)  # no capacity attribute = infinite
-        elif unit.models or unit.name in pinned_stage1:
+        elif not unit.movable or unit.name in pinned_stage1:
             g.add_edge(_SOURCE, unit.name)
     loss_readers = {v: True for v in loss_versions}
     for version in graph.versions():

@@ -10,7 +10,9 @@ folders a user named (:mod:`diffsplit.storage.resolve`) as those components.
 included). Stage 2 therefore never constructs the frozen models it does not run; ``ModelSet.constructed``
 records what was built so tests can check that. The trainer never creates random weights: a component not
 named by the user is an error, not a fresh model. A layered component whose pipeline reads an inner layer
-(:class:`~diffsplit.planner.layers.LayerUse`) is built without its dead layers.
+(:class:`~diffsplit.planner.layers.LayerUse`) is built without its dead layers. A module part
+(``"dit.context_embedder"``, :mod:`diffsplit.planner.modules`) is built alone from the component's files; its
+remainder (``"dit-context_embedder"``) is the component with the module replaced by the identity.
 
 This module knows no family: everything family-specific arrives as :class:`ComponentSpec` values. It imports
 diffusers and transformers only when a component is loaded.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffsplit.errors import UserError
 from diffsplit.planner.layers import LayerUse, component_of, parse_part
+from diffsplit.planner.modules import parse_module_part
 from diffsplit.storage.resolve import (
     SPECS_FLAG,
     TOKENIZER_FLAG,
@@ -275,7 +278,7 @@ class ModelSet(Mapping[str, Any]):
             pass
 
     def _dtype(self, name: str) -> torch.dtype | None:
-        return self.dtypes.get(name, self.dtype)
+        return self.dtypes.get(component_of(name), self.dtype)
 
     def num_layers(self, name: str) -> int:
         """``N`` of a layered component (from its config on the meta device: nothing loads)."""
@@ -289,10 +292,17 @@ class ModelSet(Mapping[str, Any]):
         assert spec.layers is not None, f"'{name}' is not a layered component"
         return spec.layers.used(self.num_layers(name))
 
+    def module_names(self, name: str) -> list[str]:
+        """Every module name of a model component (built from its config on the meta device: nothing loads)."""
+        return [n for n, _ in _meta_model(self.entry(name)).named_modules() if n]
+
     def _construct(self, name: str) -> Any:
         part = parse_part(name)
         if part is not None:
             return self._construct_part(*part)
+        module = parse_module_part(name)
+        if module is not None:
+            return self._construct_module(*module)
         spec = self._spec[name]
         if spec.kind == TOKENIZER:
             import transformers
@@ -331,6 +341,41 @@ class ModelSet(Mapping[str, Any]):
         return spec.layers.adapter.build(
             entry.folder, entry.files, start, stop, dtype=self._dtype(component), device=None
         )
+
+    def _construct_module(self, component: str, module: str, alone: bool) -> Any:
+        """The module ``module`` of ``component`` alone (``alone``), read from the component's checkpoint files
+        and nothing else; or the component with that module replaced by the identity."""
+        import torch
+
+        if not alone:
+            model = self._construct(component)
+            parent, _, leaf = module.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
+            return model
+        entry = self._by_component[component]
+        skeleton = _meta_model(entry)
+        try:
+            sub = skeleton.get_submodule(module)
+        except AttributeError:
+            raise UserError(f"{entry.source}: {entry.class_name} has no module '{module}'") from None
+        sub = sub.to_empty(device="cpu")
+        prefix = module + "."
+        state = _read_tensors(entry.files, lambda key: key.startswith(prefix))
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+        missing = sorted(set(sub.state_dict()) - set(state))
+        if missing or len(state) != len(sub.state_dict()):
+            raise UserError(
+                f"{entry.source}: the checkpoint files lack {prefix}{missing[0] if missing else '?'} "
+                f"of the module '{module}'"
+            )
+        unsaved = [n for n, _ in sub.named_buffers() if n not in state]
+        if unsaved:  # a non-persistent buffer would hold garbage after to_empty
+            raise UserError(
+                f"{entry.class_name}.{module} has buffers its checkpoint does not hold: {unsaved}"
+            )
+        sub.load_state_dict(state, strict=True)
+        dtype = self._dtype(component)
+        return sub if dtype is None else sub.to(dtype)
 
     def _construct_scheduler(self, spec: ComponentSpec) -> Any:
         import diffusers
@@ -409,7 +454,7 @@ class ModelSet(Mapping[str, Any]):
         out: dict[str, dict[str, str]] = {}
         for name in names:
             self.require(name)
-            if parse_part(name) is not None:
+            if component_of(name) != name:
                 # A part is defined by its component's files (and its name, which is the key here).
                 out[name] = self.identity([component_of(name)])[component_of(name)]
                 continue
@@ -433,3 +478,33 @@ class ModelSet(Mapping[str, Any]):
                 relative(Path(path), base.resolve()): digest for path, digest in sorted(hashes.items())
             }
         return out
+
+
+def _meta_model(entry: ModelEntry) -> Any:
+    """``entry``'s model class built from its config on the meta device: module names and shapes, no memory."""
+    from accelerate import init_empty_weights
+
+    if entry.library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, entry.class_name)
+        with init_empty_weights():
+            return cls.from_config(cls.load_config(str(entry.folder)))
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(entry.folder))
+    with init_empty_weights():
+        return getattr(transformers, entry.class_name)._from_config(config)
+
+
+def _read_tensors(files: Iterable[Path], wanted: Any) -> dict[str, Any]:
+    """The tensors whose keys ``wanted(key)`` selects, read from safetensors ``files`` (only those bytes)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if wanted(key):
+                    out[key] = handle.get_tensor(key)
+    return out

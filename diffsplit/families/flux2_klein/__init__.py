@@ -35,7 +35,7 @@ FAMILY = Family(
         "sft": sft_task(units.sft_units),
         "direct_distill": direct_distill_task(distill.distill_units),
     },
-    units_version="flux2-klein-units-1",
+    units_version="flux2-klein-units-2",
     size_policy=units.SIZE_POLICY,
     batch_key=units.batch_key,
     constants=units.constants,

@@ -16,9 +16,8 @@ One step, in order (``C`` = 128 patchified latent channels, ``h, w = H/16, W/16`
     image_ids        light        latent_mean       -> image_ids [B,h*w,4]
     tokenize         tokenizer    prompt            -> input_ids, attention_mask [B,T]
     encode_prompt    text_encoder input_ids, mask   -> prompt_embeds [B,T,3D]
-    text_ids         light        prompt_embeds     -> text_ids [B,T,4]
     initial_noise    light        seed, latent_shape -> noise [B,C,h,w]
-    student_rollout  dit,         noise, prompt_embeds, text_ids, image_ids, num_inference_steps, cfg_scale
+    student_rollout  dit,         noise, prompt_embeds, image_ids, num_inference_steps, cfg_scale
                      scheduler                      -> student_latents [B,C,h,w]
 
 The student runs without classifier-free guidance (``cfg_scale`` 1), as the distilled klein model samples.
@@ -49,7 +48,6 @@ from diffsplit.families.flux2_klein.units import (
     ENCODE_PROMPT,
     IMAGE_IDS,
     SIZE_POLICY,
-    TEXT_IDS,
     TOKENIZE,
     denoise,
 )
@@ -87,7 +85,6 @@ def student_rollout(
     ctx: UnitContext,
     noise: torch.Tensor,
     prompt_embeds: torch.Tensor,
-    text_ids: torch.Tensor,
     image_ids: torch.Tensor,
     num_inference_steps: int | Sequence[int],
     cfg_scale: float | Sequence[float],
@@ -102,7 +99,7 @@ def student_rollout(
     latents = noise.to(ctx.device)
     for t in timesteps:
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        pred = denoise(ctx, latents, timestep, prompt_embeds, text_ids, image_ids)["pred"]
+        pred = denoise(ctx, latents, timestep, prompt_embeds, image_ids)["pred"]
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
     return {"student_latents": latents}
 
@@ -118,11 +115,10 @@ def distill_units(options: Any) -> list[Unit]:
         IMAGE_IDS,
         TOKENIZE,
         ENCODE_PROMPT,
-        TEXT_IDS,
         initial_noise_unit(initial_noise),
         Unit(
             name="student_rollout",
-            inputs=("noise", "prompt_embeds", "text_ids", "image_ids", "num_inference_steps", "cfg_scale"),
+            inputs=("noise", "prompt_embeds", "image_ids", "num_inference_steps", "cfg_scale"),
             outputs=("student_latents",),
             models=("dit", "scheduler"),
             fn=student_rollout,

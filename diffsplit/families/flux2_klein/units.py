@@ -18,11 +18,13 @@ VAE's latent channels = 128, ``T`` = 512 tokens, ``D`` the text hidden size, tap
       when the text encoder's layers from c on train (layer-level split):
       encode_prompt[0:c]    text_encoder[0:c]    input_ids, mask -> text_hidden [B,T,D], text_tap_<t> (taps t < c)
       encode_prompt[c:27]   text_encoder[c:27]   text_hidden, mask, text_tap_<t> -> prompt_embeds [B,T,3D]
-    text_ids          light        prompt_embeds         -> text_ids [B,T,4]
     timestep_noise    stochastic   latents               -> noise [B,C,h,w], sigma, timestep, loss_weight [B]
                       (scheduler)
     noisy_latents     light        latents, noise, sigma -> noisy_latents, target [B,C,h,w]
-    denoise           dit          noisy_latents, timestep, prompt_embeds, text_ids, image_ids -> pred [B,C,h,w]
+    denoise           dit          noisy_latents, timestep, prompt_embeds, image_ids -> pred [B,C,h,w]
+      when the transformer's text projection (context_embedder) is frozen (input-module split):
+      project_prompt  dit.context_embedder  prompt_embeds  -> prompt_projected [B,T,W]
+      denoise         dit-context_embedder  noisy_latents, timestep, prompt_projected, image_ids -> pred
 
 **Dead layers.** The pipeline stacks ``hidden_states`` 9, 18 and 27: the ``text_encoder`` component is built
 as the part ``[0, 27)`` (:class:`~diffsplit.planner.layers.LayerUse`); layers 27 on, the final norm and the LM
@@ -39,6 +41,13 @@ and ``guidance=None`` (the klein models have no guidance embedding) and predicts
 the Euler step integrates. Training draws from DiffSynth-Studio's FLUX.2 training schedule (the seed's
 framework): the scheduler's exponential shift with ``mu = 0.8`` at every resolution (:data:`TRAINING_MU`),
 not the pipeline's inference ``compute_empirical_mu``, which depends on the number of inference steps.
+
+**Where to cut.** The transformer's first operation on the text is ``context_embedder``, a frozen linear map
+from ``3D`` to its width ``W`` (3 x 2560 -> 3072 on the 4B model). When no LoRA target reaches it, it is a
+unit of its own (:mod:`diffsplit.planner.modules`) and the planner caches its output when that is smaller
+(3 MiB instead of 7.5 MiB per sample on the 4B model), provided stage 1 is given the transformer's files;
+otherwise the cache holds the stacked embedding and the denoiser projects it every step. The text tokens'
+position ids ``(0, 0, 0, i)`` depend only on ``T``, so the denoiser makes them (nothing is cached for them).
 
 **Padding.** Every prompt is padded to 512 tokens and all 512 embeddings reach the transformer (it takes no
 text mask), so prompts always stack: a batch needs no collate rule.
@@ -71,6 +80,7 @@ from diffsplit.families.common.prompts import note_truncated
 from diffsplit.families.flux2_klein.components import PROMPT_LAYERS, TEXT_ENCODER
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import part_name
+from diffsplit.planner.modules import InputSplit
 from diffsplit.storage.data import SizePolicy
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
@@ -273,11 +283,6 @@ def split_encode_prompt(cut: int, stop: int) -> tuple[Unit, Unit]:
     return prefix, suffix
 
 
-def text_ids(ctx: UnitContext, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The text tokens' position ids ``[B, T, 4]`` (:func:`text_position_ids`)."""
-    return {"text_ids": text_position_ids(prompt_embeds)}
-
-
 def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
     """A timestep per sample and the noise for ``latents [B, C, h, w]`` from the training schedule
     (:data:`TRAINING_MU`: the same shift at every resolution)."""
@@ -288,16 +293,20 @@ def denoise(
     ctx: UnitContext,
     noisy_latents: torch.Tensor,
     timestep: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    text_ids: torch.Tensor,
+    prompt: torch.Tensor,
     image_ids: torch.Tensor,
+    *,
+    model: str = "dit",
 ) -> dict[str, torch.Tensor]:
     """The transformer call of ``Flux2KleinPipeline``'s denoising loop -> ``pred [B, C, h, w]`` (the velocity).
 
-    The latents go in as tokens ``[B, h*w, C]`` (the pipeline's ``_pack_latents``), the timestep as
-    ``timestep / 1000`` in the transformer's dtype, no guidance; the output tokens are laid back on the grid.
+    ``prompt`` is ``prompt_embeds [B, T, 3D]`` for the whole transformer, or ``prompt_projected [B, T, W]`` for
+    ``"dit-context_embedder"`` (whose text projection is the identity). The latents go in as tokens
+    ``[B, h*w, C]`` (the pipeline's ``_pack_latents``), the timestep as ``timestep / 1000`` in the
+    transformer's dtype, the text ids as ``_prepare_text_ids`` makes them, no guidance; the output tokens are
+    laid back on the grid.
     """
-    dit = ctx.components["dit"]
+    dit = ctx.components[model]
     dtype = getattr(dit, "dtype", ctx.dtype)
     b, channels, height, width = noisy_latents.shape
     tokens = (
@@ -307,12 +316,54 @@ def denoise(
         hidden_states=tokens,
         timestep=timestep.to(device=ctx.device).expand(b).to(dtype) / 1000,
         guidance=None,
-        encoder_hidden_states=prompt_embeds.to(device=ctx.device, dtype=dtype),
-        txt_ids=text_ids.to(ctx.device),
+        encoder_hidden_states=prompt.to(device=ctx.device, dtype=dtype),
+        txt_ids=text_position_ids(prompt).to(ctx.device),
         img_ids=image_ids.to(ctx.device),
         return_dict=False,
     )[0]
     return {"pred": out.permute(0, 2, 1).reshape(b, channels, height, width)}
+
+
+def project_prompt(ctx: UnitContext, prompt_embeds: torch.Tensor, *, model: str) -> dict[str, torch.Tensor]:
+    """``prompt_embeds [B, T, 3D]`` -> ``prompt_projected [B, T, W]``: the transformer's ``context_embedder``
+    (the module part ``model``) on the embedding cast to its dtype, as the transformer's forward applies it."""
+    projection = ctx.components[model]
+    weight = next(projection.parameters())
+    return {"prompt_projected": projection(prompt_embeds.to(device=ctx.device, dtype=weight.dtype))}
+
+
+def split_denoise(alone: str, rest: str) -> tuple[Unit, Unit]:
+    """``denoise`` with its frozen text projection split off: the projection on the module part ``alone``
+    (``"dit.context_embedder"``), the rest on ``rest`` (``"dit-context_embedder"``)."""
+    project = Unit(
+        name="project_prompt",
+        inputs=("prompt_embeds",),
+        outputs=("prompt_projected",),
+        models=(alone,),
+        fn=functools.partial(project_prompt, model=alone),
+    )
+    return project, _denoise_unit("prompt_projected", rest)
+
+
+def _denoise_unit(prompt: str, model: str) -> Unit:
+    def run(
+        ctx: UnitContext,
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image_ids: torch.Tensor,
+        **values: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return denoise(ctx, noisy_latents, timestep, values[prompt], image_ids, model=model)
+
+    return Unit(
+        name="denoise",
+        inputs=("noisy_latents", "timestep", prompt, "image_ids"),
+        outputs=("pred",),
+        models=(model,),
+        batched=True,
+        fn=run,
+        split_input=InputSplit("context_embedder", split_denoise) if model == "dit" else None,
+    )
 
 
 # -- the graph ----------------------------------------------------------------------------------------------
@@ -328,7 +379,7 @@ ENCODE_PROMPT = Unit(
     fn=encode_prompt,
     split_at=split_encode_prompt,
 )
-TEXT_IDS = Unit(name="text_ids", inputs=("prompt_embeds",), outputs=("text_ids",), fn=text_ids)
+DENOISE = _denoise_unit("prompt_embeds", "dit")
 
 
 def sft_units(options: Any) -> list[Unit]:
@@ -340,17 +391,9 @@ def sft_units(options: Any) -> list[Unit]:
         IMAGE_IDS,
         TOKENIZE,
         ENCODE_PROMPT,
-        TEXT_IDS,
         timestep_noise_unit(timestep_noise),
         NOISY_LATENTS,
-        Unit(
-            name="denoise",
-            inputs=("noisy_latents", "timestep", "prompt_embeds", "text_ids", "image_ids"),
-            outputs=("pred",),
-            models=("dit",),
-            batched=True,
-            fn=denoise,
-        ),
+        DENOISE,
     ]
 
 

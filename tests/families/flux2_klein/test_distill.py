@@ -38,7 +38,7 @@ def test_the_student_starts_from_the_pipelines_noise_and_samples_as_it_does(
 
     embeds = units.encode_prompt(ctx, **units.tokenize(ctx, PROMPT))["prompt_embeds"]
     student = distill.student_rollout(
-        ctx, noise[:1], embeds, units.text_position_ids(embeds), units.latent_ids(noise[:1]), 3, 1.0
+        ctx, noise[:1], embeds, units.latent_ids(noise[:1]), 3, 1.0
     )["student_latents"]
     reference = klein_pipe(
         prompt=PROMPT,

@@ -1,5 +1,6 @@
 """FLUX.2-klein end to end on the tiny model: split equals unsplit for a DiT LoRA (stage 2 builds no frozen
-model), and the saved LoRA is in the format Flux2KleinPipeline loads."""
+model; given the transformer, stage 1 caches its text projection's output), and the saved LoRA is in the
+format Flux2KleinPipeline loads."""
 
 from __future__ import annotations
 
@@ -43,14 +44,24 @@ def test_split_equals_unsplit_for_a_dit_lora_and_stage2_builds_no_frozen_model(
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"stage 2 constructed {type(self).__name__}")
 
-    monkeypatch.setattr(diffusers.AutoencoderKLFlux2, "__init__", refuse)
-    monkeypatch.setattr(transformers.Qwen3Model, "__init__", refuse)
     stage2 = _replace(klein_args(tmp_path / "split", "--task", "sft:train", "--seed", "3", models=DIT),
                       "--dataset_base_path", str(tmp_path / "cache"))  # fmt: skip
-    assert cli.main(["train", *_replace(stage2, "--dataset_metadata_path", None)]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(diffusers.AutoencoderKLFlux2, "__init__", refuse)
+        patch.setattr(transformers.Qwen3Model, "__init__", refuse)
+        assert cli.main(["train", *_replace(stage2, "--dataset_metadata_path", None)]) == 0
     unsplit = load_file(tmp_path / "unsplit" / "epoch-0.safetensors")
     assert unsplit and all(k.startswith("diffusion_model.") for k in unsplit)
     assert_close_weights(unsplit, load_file(tmp_path / "split" / "epoch-0.safetensors"))
+
+    # Given the transformer, stage 1 runs its frozen text projection and caches the narrower output.
+    auto = klein_args(tmp_path / "auto", "--seed", "3", "--cache_dir", str(tmp_path / "caches"))
+    assert cli.main(["train", *auto]) == 0
+    (folder,) = (tmp_path / "caches").iterdir()
+    plan = json.loads((folder / "manifest.json").read_text())["identity"]["plan"]
+    assert "project_prompt" in plan["stage1"] and "prompt_projected" in plan["cached"]
+    assert "prompt_embeds" not in plan["cached"]
+    assert_close_weights(unsplit, load_file(tmp_path / "auto" / "epoch-0.safetensors"))
 
 
 AFTER_A_TAP = r"re:layers\.(2[0-6])\.self_attn\.(q|k|v|o)_proj"  # layers 20-26: taps 8, 17 lie before

@@ -72,7 +72,6 @@ def test_one_denoising_step_equals_the_pipelines(klein_pipe: Any, models: Any):
         noise,
         timestep,
         prompt_embeds,
-        units.text_position_ids(prompt_embeds),
         units.latent_ids(noise),
     )["pred"]
     # The pipeline's call: packed tokens, its own position ids, timestep / 1000, no guidance.
@@ -88,6 +87,29 @@ def test_one_denoising_step_equals_the_pipelines(klein_pipe: Any, models: Any):
         return_dict=False,
     )[0]
     assert torch.equal(ours, reference.permute(0, 2, 1).reshape(1, 128, 4, 4))
+
+
+@torch.no_grad()
+def test_the_split_off_text_projection_then_the_rest_equals_the_whole_denoiser_bitwise(models: Any):
+    """The input-module split: ``dit.context_embedder`` alone (read from the transformer's files) and the
+    transformer with it replaced by the identity compute exactly what the whole transformer computes."""
+    ctx = _ctx(models)
+    embeds = units.encode_prompt(ctx, **units.tokenize(ctx, PROMPTS[1]))["prompt_embeds"]
+    noise = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(4))
+    timestep, ids = torch.tensor([412.0]), units.latent_ids(noise)
+    whole = units.denoise(ctx, noise, timestep, embeds, ids)["pred"]
+
+    project, rest = units.split_denoise("dit.context_embedder", "dit-context_embedder")
+    assert project.models == ("dit.context_embedder",) and rest.models == ("dit-context_embedder",)
+    projected = project.fn(ctx, prompt_embeds=embeds)["prompt_projected"]
+    pred = rest.fn(ctx, noisy_latents=noise, timestep=timestep, image_ids=ids, prompt_projected=projected)
+    assert torch.equal(pred["pred"], whole)
+
+    dit, alone = models["dit"], models["dit.context_embedder"]
+    assert type(alone) is type(dit.context_embedder) and torch.equal(alone.weight, dit.context_embedder.weight)
+    assert projected.shape[-1] == dit.context_embedder.out_features < embeds.shape[-1]
+    assert isinstance(models["dit-context_embedder"].context_embedder, torch.nn.Identity)
+    assert models["dit-context_embedder"] is not dit  # the whole transformer is left as it was
 
 
 # -- the saved LoRA in diffusers ----------------------------------------------------------------------------
