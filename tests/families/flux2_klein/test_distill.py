@@ -37,9 +37,9 @@ def test_the_student_starts_from_the_pipelines_noise_and_samples_as_it_does(
     assert torch.equal(noise.reshape(2, 128, -1).permute(0, 2, 1), expected)  # the pipeline packs its tokens
 
     embeds = units.encode_prompt(ctx, **units.tokenize(ctx, PROMPT))["prompt_embeds"]
-    student = distill.student_rollout(
-        ctx, noise[:1], embeds, units.latent_ids(noise[:1]), 3, 1.0
-    )["student_latents"]
+    student = distill.student_rollout(ctx, noise[:1], embeds, units.latent_ids(noise[:1]), 3, 1.0)[
+        "student_latents"
+    ]
     reference = klein_pipe(
         prompt=PROMPT,
         height=SIZE,

@@ -106,7 +106,9 @@ def test_the_split_off_text_projection_then_the_rest_equals_the_whole_denoiser_b
     assert torch.equal(pred["pred"], whole)
 
     dit, alone = models["dit"], models["dit.context_embedder"]
-    assert type(alone) is type(dit.context_embedder) and torch.equal(alone.weight, dit.context_embedder.weight)
+    assert type(alone) is type(dit.context_embedder) and torch.equal(
+        alone.weight, dit.context_embedder.weight
+    )
     assert projected.shape[-1] == dit.context_embedder.out_features < embeds.shape[-1]
     assert isinstance(models["dit-context_embedder"].context_embedder, torch.nn.Identity)
     assert models["dit-context_embedder"] is not dit  # the whole transformer is left as it was
