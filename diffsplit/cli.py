@@ -57,16 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", default=None, help="tiny (default) or proportioned (benchmarks)")
 
-    example = sub.add_parser("make-example-dataset", help="write a few small images and metadata.csv")
+    example = sub.add_parser(
+        "make-example-dataset", help="write a few small images and their metadata (.csv, or .json for edit)"
+    )
     example.add_argument("--output", required=True)
     example.add_argument("--num_images", type=int, default=4)
     example.add_argument("--max_size", type=int, default=128)
     example.add_argument("--seed", type=int, default=0)
     example.add_argument(
         "--kind",
-        choices=("sft", "distill"),
+        choices=("sft", "distill", "edit"),
         default="sft",
-        help="distill: teacher images made by --model's own pipeline, with seed and steps",
+        help="distill: teacher images made by --model's own pipeline, with seed and steps; edit: an "
+        "image-editing set (targets, reference images under refs/, one or two per row, and instructions) "
+        "in metadata.json, for --data_file_keys image,edit_image",
     )
     example.add_argument("--model", help="--kind distill: the model folder whose pipeline draws the images")
     example.add_argument("--size", type=int, default=64, help="--kind distill: image side in pixels")
@@ -110,7 +114,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote a random-weight {size} {family.name} to {path}")
         return 0
     if args.command == "make-example-dataset":
-        from diffsplit.example_data import make_distill_dataset, make_example_dataset
+        from diffsplit.example_data import make_distill_dataset, make_edit_dataset, make_example_dataset
 
         if args.kind == "distill":
             if not args.model:
@@ -121,6 +125,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 args.output, args.model, n=args.num_images, size=args.size,
                 num_inference_steps=args.teacher_steps, seed=args.seed,
             )  # fmt: skip
+        elif args.kind == "edit":
+            path = make_edit_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
+            print(f"wrote {args.num_images} target images, their references and metadata.json to {path}")
+            return 0
         else:
             path = make_example_dataset(
                 args.output, n=args.num_images, max_size=args.max_size, seed=args.seed

@@ -26,9 +26,11 @@ class TrainConfig:
     dataset_base_path: str | None = None
     dataset_metadata_path: str | None = None
     data_file_keys: str = "image"
+    extra_inputs: str | None = None
     dataset_repeat: int = 1
     dataset_num_workers: int = 0
     max_pixels: int | None = 1024 * 1024
+    edit_image_max_pixels: int | None = None
     resolution_buckets: str | None = None
     height: int | None = None
     width: int | None = None
@@ -38,9 +40,11 @@ class TrainConfig:
     model_id_with_origin_paths: str | None = None
     model_paths: str | None = None
     tokenizer_path: str | None = None
+    processor_path: str | None = None
     torch_dtype: str | None = None
     latent_sample: str = "mode"
     timestep_weighting: str = "bell"
+    zero_cond_t: bool = False
     # direct distillation
     num_inference_steps: int | None = None
     cfg_scale: float | None = None
@@ -94,6 +98,12 @@ class TrainConfig:
     @property
     def full_trainable_models(self) -> list[str]:
         return [m.strip() for m in (self.trainable_models or "").split(",") if m.strip()]
+
+    @property
+    def extra_input_names(self) -> tuple[str, ...]:
+        """``--extra_inputs`` as column names: ``"edit_image, mask"`` -> ``("edit_image", "mask")``; empty
+        when not given."""
+        return tuple(m.strip() for m in (self.extra_inputs or "").split(",") if m.strip())
 
     @property
     def trained_components(self) -> list[str]:
@@ -154,6 +164,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data_file_keys", default=d.data_file_keys, help="comma-separated columns holding file paths"
     )
+    g.add_argument(
+        "--extra_inputs",
+        help="comma-separated dataset columns passed to the model as extra inputs, e.g. edit_image (the "
+        "reference images of an editing model)",
+    )
     g.add_argument("--dataset_repeat", type=_positive(int), default=d.dataset_repeat)
     g.add_argument(
         "--dataset_num_workers",
@@ -163,6 +178,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max_pixels", type=_positive(int), default=d.max_pixels, help="larger images are scaled down"
+    )
+    g.add_argument(
+        "--edit_image_max_pixels",
+        type=_positive(int),
+        help="reference images (--extra_inputs edit_image) are encoded at about this many pixels (default: what "
+        "the model's pipeline uses, 1024*1024); smaller saves memory and time but departs from inference",
     )
     g.add_argument("--height", type=_positive(int), help="fixed height (with --width), multiple of 16")
     g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
@@ -187,6 +208,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model_paths", help="JSON list of local files: '[\"path/a.safetensors\", ...]'")
     g.add_argument("--tokenizer_path", help="tokenizer folder (default: <model_id>/tokenizer)")
     g.add_argument(
+        "--processor_path",
+        help="image processor folder of a model that reads reference images, a folder or <model_id>:processor/ "
+        "(default: the processor/ folder of the first given repository that has one)",
+    )
+    g.add_argument(
         "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
     )
     g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
@@ -195,6 +221,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("bell", "none"),
         default=d.timestep_weighting,
         help="per-timestep loss weight: bell (DiffSynth-Studio's, mean 1) or none",
+    )
+    g.add_argument(
+        "--zero_cond_t",
+        action="store_true",
+        help="reference-image tokens at timestep zero (the seed trainer's flag); must agree with the transformer's config",
     )
     g = parser.add_argument_group("direct distillation")
     g.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from diffsplit.config import TrainConfig
 
@@ -17,26 +18,42 @@ from diffsplit.config import TrainConfig
 def run_demo(workdir: str, steps: int | None = None, family: str | None = None) -> int:
     """Build (once) and train; ``family`` defaults to the first registered one. Returns the exit status."""
     from diffsplit import entrypoints
-    from diffsplit.example_data import make_example_dataset
+    from diffsplit.example_data import make_edit_dataset, make_example_dataset
     from diffsplit.families import family_names, get_family
 
     spec = get_family(family or family_names()[0])
     work = Path(workdir)
     models = work / "models"
-    model_dir = models / spec.example.model_id
-    data_dir = work / "data" / "example_image_dataset"
-    if not (model_dir / "model_index.json").is_file():
-        spec.tiny.build(model_dir, seed=0, size=spec.tiny.sizes[0])
-        print(f"built a tiny random-weight {spec.name} at {model_dir}")
-    if not (data_dir / "metadata.csv").is_file():
-        make_example_dataset(data_dir)
+    # The family's own repository, and any other family's its example command takes components from (an
+    # editing model's example reads the text-to-image repository's text encoder and VAE, as the seed does).
+    for other in [spec, *(get_family(n) for n in family_names() if n != spec.name)]:
+        model_dir = models / other.example.model_id
+        if other is spec or f"{other.example.model_id}:" in spec.example.model_paths:
+            if not (model_dir / "model_index.json").is_file():
+                other.tiny.build(model_dir, seed=0, size=other.tiny.sizes[0])
+                print(f"built a tiny random-weight {other.name} at {model_dir}")
+    editing = spec.requires_extra_inputs
+    data_dir = work / "data" / ("edit" if editing else "example_image_dataset")
+    metadata = data_dir / ("metadata.json" if editing else "metadata.csv")
+    if not metadata.is_file():
+        (make_edit_dataset if editing else make_example_dataset)(data_dir)
         print(f"wrote an example dataset at {data_dir}")
     os.environ["DIFFSPLIT_MODEL_BASE_PATH"] = str(models)
     name = spec.example.model_id.rsplit("/", 1)[-1]
+    references: dict[str, Any] = {}
+    if editing:
+        inputs = ",".join(spec.extra_inputs)
+        # References at about 128x128 px, not the pipeline's 1024x1024: a demo on a CPU in seconds.
+        references = {
+            "data_file_keys": f"image,{inputs}",
+            "extra_inputs": inputs,
+            "edit_image_max_pixels": 128 * 128,
+        }
     config = TrainConfig(
         task="sft",
         dataset_base_path=str(data_dir),
-        dataset_metadata_path=str(data_dir / "metadata.csv"),
+        dataset_metadata_path=str(metadata),
+        **references,
         max_pixels=128 * 128,
         dataset_repeat=10,
         model_id_with_origin_paths=spec.example.model_paths,

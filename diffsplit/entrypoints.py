@@ -130,7 +130,7 @@ def _stage1(run: Run, folder: Path, samples: list[data.Sample]) -> tuple[SplitPl
         num_workers=config.dataset_num_workers,
         shard_samples=config.cache_shard_size,
         batch_size=config.data_process_batch_size,
-        batch_key=run.family.batch_key,
+        batch_key=run.family.batch_key if run.family.stage1_batches(run.options) else None,
         rank=state.process_index,
         world_size=state.num_processes,
         barrier=_long_barrier(state),

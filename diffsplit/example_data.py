@@ -1,5 +1,6 @@
 """Example datasets for the demo, the tests and a first run: images of coloured shapes with their prompts,
-and teacher images for direct distillation drawn by a model's own diffusers pipeline.
+an image-editing set (targets, reference images and instructions), and teacher images for direct
+distillation drawn by a model's own diffusers pipeline.
 
 Nothing here downloads; ``make-example-dataset`` writes these.
 """
@@ -7,13 +8,18 @@ Nothing here downloads; ``make-example-dataset`` writes these.
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffsplit.errors import UserError
 from diffsplit.families import family_of_repository
 from diffsplit.families.common.tiny_tokenizer import COLOURS as _COLOURS
 from diffsplit.families.common.tiny_tokenizer import SHAPES as _SHAPES
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
 
@@ -25,8 +31,6 @@ def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, se
     are deterministic given ``seed``, and prompts are distinct. Existing files of the same names are
     overwritten. Returns ``output``.
     """
-    from PIL import Image, ImageDraw
-
     if n < 1:
         raise UserError(f"--n: need at least one image, got {n}")
     if max_size < 16:
@@ -36,34 +40,17 @@ def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, se
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        w, h = _EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)]
-        scale = min(1.0, max_size / max(w, h))
-        w, h = max(16, int(w * scale)), max(16, int(h * scale))
+        w, h = _fit(_EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)], max_size)
         # Distinct (background, colour, shape) per index: prompts differ even when n exceeds the lists.
         bg = _COLOURS[i % len(_COLOURS)]
         fg = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
         if fg == bg:
             fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
         shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
-        image = Image.new("RGB", (w, h), _rgb(bg))
-        draw = ImageDraw.Draw(image)
         cx, cy = rng.randint(w // 4, 3 * w // 4), rng.randint(h // 4, 3 * h // 4)
         r = rng.randint(min(w, h) // 6, min(w, h) // 3)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape in ("circle", "ring", "ellipse"):
-            draw.ellipse(
-                box, fill=None if shape == "ring" else _rgb(fg), outline=_rgb(fg), width=max(2, r // 4)
-            )
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_rgb(fg))
-        elif shape == "star":
-            draw.regular_polygon((cx, cy, r), n_sides=5, rotation=rng.randint(0, 71), fill=_rgb(fg))
-        elif shape == "stripe":
-            draw.rectangle((0, cy - r // 3, w, cy + r // 3), fill=_rgb(fg))
-        else:
-            draw.rectangle(
-                box if shape == "square" else (cx - r, cy - r // 2, cx + r, cy + r // 2), fill=_rgb(fg)
-            )
+        rotation = rng.randint(0, 71) if shape == "star" else 0
+        image = _draw_shape((w, h), bg, fg, shape, (cx, cy, r), rotation)
         name = f"image_{i + 1}.png"
         image.save(output / name)
         count = f" number {i + 1}" if n > len(_COLOURS) else ""
@@ -73,6 +60,63 @@ def make_example_dataset(output: str | Path, n: int = 4, max_size: int = 128, se
         writer = csv.writer(f)
         writer.writerow(("image", "prompt"))
         writer.writerows(rows)
+    return output
+
+
+_EDIT_REF_SIZES = ((96, 128), (128, 80), (80, 80), (128, 112))  # (width, height) of first references
+_EDIT_SECOND_REF_SIZES = ((96, 64), (64, 112))  # second references: other aspects, no side under 64
+# (FLUX.2-klein's pipeline refuses a reference with a side under 64 px)
+
+
+def make_edit_dataset(output: str | Path, n: int = 4, max_size: int = 128, seed: int = 0) -> Path:
+    """Write an image-editing dataset: ``n`` targets, their reference images and ``metadata.json``.
+
+    Row ``i`` (from 1) has a reference ``refs/ref_<i>_a.png`` (a coloured shape on a background) and a target
+    ``image_<i>.png``, the same shape at the same relative place recoloured, the edit its prompt asks for
+    (``"make the red circle blue"``). Every second row also has ``refs/ref_<i>_b.png``, a swatch of a
+    second shape in the new colour, and its prompt points at it; its ``edit_image`` is then a list of two
+    paths. ``metadata.json`` is a list of ``{"image", "edit_image", "prompt"}`` objects; load it with
+    ``data_file_keys="image,edit_image"``. References have sizes and aspect ratios other than their
+    target's; the longest side of every image is at most ``max_size``. Content is deterministic given
+    ``seed``; prompts are distinct. Existing files of the same names are overwritten. Returns ``output``.
+    """
+    if n < 1:
+        raise UserError(f"--n: need at least one image, got {n}")
+    if max_size < 16:
+        raise UserError(f"--max_size: images need at least 16 px, got {max_size}")
+    output = Path(output)
+    (output / "refs").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows: list[dict[str, object]] = []
+    for i in range(n):
+        number = i + 1
+        before = _COLOURS[i % len(_COLOURS)]
+        after = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
+        if after == before:
+            after = _COLOURS[(_COLOURS.index(before) + 1) % len(_COLOURS)]
+        bg = next(c for c in ("white", "grey", "black", "yellow") if c not in (before, after))
+        shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
+        # One geometry relative to each image's size, so the target is the reference with the shape recoloured.
+        place = (rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.2, 0.3))
+        rotation = rng.randint(0, 71) if shape == "star" else 0
+        target = f"image_{number}.png"
+        size = _fit(_EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)], max_size)
+        _draw_placed(size, bg, after, shape, place, rotation).save(output / target)
+        first = f"refs/ref_{number}_a.png"
+        size = _fit(_EDIT_REF_SIZES[i % len(_EDIT_REF_SIZES)], max_size)
+        _draw_placed(size, bg, before, shape, place, rotation).save(output / first)
+        count = f" (edit {number})" if n > len(_COLOURS) else ""
+        prompt = f"make the {before} {shape} {after}{count}"
+        edit_image: str | list[str] = first
+        if number % 2 == 0:
+            second = f"refs/ref_{number}_b.png"
+            swatch = _SHAPES[(_SHAPES.index(shape) + 1) % len(_SHAPES)]
+            size = _fit(_EDIT_SECOND_REF_SIZES[(i // 2) % len(_EDIT_SECOND_REF_SIZES)], max_size)
+            _draw_placed(size, bg, after, swatch, place, rotation).save(output / second)
+            edit_image = [first, second]
+            prompt = f"make the {before} {shape} the colour of the {swatch} in the second image{count}"
+        rows.append({"image": target, "edit_image": edit_image, "prompt": prompt})
+    (output / "metadata.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return output
 
 
@@ -160,6 +204,50 @@ def make_distill_dataset(
         writer.writerow(("image", "prompt", "seed", "num_inference_steps"))
         writer.writerows(rows)
     return output
+
+
+def _fit(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """``size`` scaled down so its longest side is at most ``max_size``, each side at least 16 px."""
+    w, h = size
+    scale = min(1.0, max_size / max(w, h))
+    return max(16, int(w * scale)), max(16, int(h * scale))
+
+
+def _draw_shape(
+    size: tuple[int, int], bg: str, fg: str, shape: str, geometry: tuple[int, int, int], rotation: int = 0
+) -> Image.Image:
+    """An RGB image of ``size`` in colour ``bg`` with ``shape`` in colour ``fg`` centred at ``(cx, cy)`` of
+    radius ``r`` (``geometry``); a star is turned by ``rotation`` degrees."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    cx, cy, r = geometry
+    image = Image.new("RGB", (w, h), _rgb(bg))
+    draw = ImageDraw.Draw(image)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape in ("circle", "ring", "ellipse"):
+        draw.ellipse(box, fill=None if shape == "ring" else _rgb(fg), outline=_rgb(fg), width=max(2, r // 4))
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_rgb(fg))
+    elif shape == "star":
+        draw.regular_polygon((cx, cy, r), n_sides=5, rotation=rotation, fill=_rgb(fg))
+    elif shape == "stripe":
+        draw.rectangle((0, cy - r // 3, w, cy + r // 3), fill=_rgb(fg))
+    else:
+        draw.rectangle(
+            box if shape == "square" else (cx - r, cy - r // 2, cx + r, cy + r // 2), fill=_rgb(fg)
+        )
+    return image
+
+
+def _draw_placed(
+    size: tuple[int, int], bg: str, fg: str, shape: str, place: tuple[float, float, float], rotation: int
+) -> Image.Image:
+    """:func:`_draw_shape` with the centre and radius given as fractions of the width, height and shorter
+    side (``place``), so images of different sizes show the shape at the same relative place."""
+    w, h = size
+    fx, fy, fr = place
+    return _draw_shape(size, bg, fg, shape, (int(fx * w), int(fy * h), max(2, int(fr * min(w, h)))), rotation)
 
 
 def _rgb(name: str) -> tuple[int, int, int]:

@@ -34,6 +34,10 @@ def value_size(value: Any) -> int:
         return value.width * value.height * len(value.getbands())
     if isinstance(value, str):
         return len(value.encode())
+    if isinstance(value, (list, tuple)) and any(
+        isinstance(v, torch.Tensor) or hasattr(v, "mode") for v in value
+    ):
+        return sum(value_size(v) for v in value)  # reference images: a list per sample
     return len(json.dumps(value, default=str))
 
 

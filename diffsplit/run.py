@@ -90,7 +90,8 @@ class Run:
             device = process_state().device
         dtype = resolve_dtype(config, device)
         entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
-        family = detect_family(entries, config.family)
+        family = detect_family(entries, config.family, config.extra_input_names)
+        _check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
         if task.name not in family.tasks:
             raise UserError(
                 f"--task {config.task}: the {family.name} family supports {', '.join(family.tasks)}"
@@ -99,6 +100,7 @@ class Run:
             bind_components(entries, family.components),
             family.components,
             tokenizer_path=config.tokenizer_path,
+            folders={"processor": config.processor_path} if config.processor_path else {},
             device=device,
             dtype=dtype,
             flags=used_flags(config.model_id_with_origin_paths, config.model_paths),
@@ -114,9 +116,13 @@ class Run:
         options = options_from_config(family.options, config)
         recorded = RecordedOptions(options)
         task_units = family.tasks[task.name]
+        if task.stage != "train":  # stage 2 reads the cache, not the raw data
+            _check_file_keys(config, family, task_units)
         step_units = task_units.units(recorded)
         cuts = layer_cuts(config, family, models, trained)
         frozen = input_modules(config, models, trained, step_units)
+        if family.check_models is not None:
+            family.check_models(options, models)
         return cls(
             config, task, family, task_units, options, device, dtype, models, trained, cuts, step_units,
             frozenset(recorded.read), frozen,
@@ -201,8 +207,20 @@ class Run:
         """The sample's size group: the training size ``[width, height]`` of each of its images, in column
         order. Samples of one group can share a batch (their tensors stack); known from the images' headers
         before anything is decoded, and stored with the sample in the cache."""
-        sizing = self.sizing
-        return [list(sizing.size(*sample.sizes[name]) or (0, 0)) for name in sorted(sample.sizes)]
+        sizing, family = self.sizing, self.family
+        group = []
+        for name in sorted(sample.sizes):
+            column = name.split("[", 1)[0]  # a list column's images are "<column>[i]"
+            if column in family.extra_inputs and family.reference_size is not None:
+                try:
+                    group.append(list(family.reference_size(*sample.sizes[name], self.options)))
+                except ValueError as err:
+                    value = sample.values[column]
+                    path = value[int(name[len(column) + 1 : -1])] if isinstance(value, tuple) else value
+                    raise ValueError(f"{column} at {path}: {' '.join(str(err).split())}") from None
+            else:
+                group.append(list(sizing.size(*sample.sizes[name]) or (0, 0)))
+        return group
 
     def load_dataset(self) -> list[data.Sample]:
         """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
@@ -215,7 +233,7 @@ class Run:
             config.dataset_base_path,
             config.dataset_metadata_path,
             data_file_keys=data.parse_data_file_keys(config.data_file_keys),
-            required=self.task.required_columns,
+            required=self.task.required_columns + config.extra_input_names,
             max_pixels=config.max_pixels,
             height=config.height,
             width=config.width,
@@ -225,8 +243,17 @@ class Run:
             max_image_pixels=image_pixel_limit(config, self.family.size_policy),
             resolution_buckets=config.resolution_buckets,
         )
-        for sample in samples:
-            sample.group = self.size_group(sample)
+        for sample in list(samples):
+            try:
+                sample.group = self.size_group(sample)
+            except (
+                ValueError
+            ) as err:  # a reference image the family's pipeline refuses (too small, too narrow)
+                reason = f"{err}; the model's pipeline refuses such a reference image"
+                if not config.skip_bad_samples:
+                    raise UserError(f"{sample.source} row {sample.row}: {reason}") from None
+                samples.remove(sample)
+                skipped.append({"row": sample.row, "path": sample.source, "reason": reason})
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
@@ -242,6 +269,44 @@ class Run:
             target = Path(config.output_path) / data.SKIPPED_FILE
             print(data.skipped_summary(skipped, target), file=sys.stderr)
         return samples
+
+
+def _check_file_keys(config: TrainConfig, family: Family, task_units: TaskUnits) -> None:
+    """Every ``--data_file_keys`` column is read: a reference column without ``--extra_inputs`` would be
+    loaded and silently ignored (a text-to-image model trained on an editing dataset)."""
+    given = set(config.extra_input_names)
+    read = {v for v in task_units.dataset_values if v not in family.extra_inputs or v in given}
+    for name in data.parse_data_file_keys(config.data_file_keys):
+        if name not in read:
+            hint = (
+                f"; to train on reference images give --extra_inputs {name}" if name == "edit_image" else ""
+            )
+            raise UserError(
+                f"--data_file_keys names '{name}', which the {family.name} family does not read in this run "
+                f"(it reads: {', '.join(sorted(read))}){hint}"
+            )
+
+
+def _check_extra_inputs(config: TrainConfig, family: Family, reads_raw_data: bool) -> None:
+    """``--extra_inputs`` names only inputs the family reads, every one an image column of
+    ``--data_file_keys`` (where the raw data is read), and a family that needs them gets them."""
+    given = config.extra_input_names
+    for name in given:
+        if name not in family.extra_inputs:
+            reads = ", ".join(family.extra_inputs) or "none"
+            raise UserError(
+                f"--extra_inputs {name}: the {family.name} family reads no such input (it reads: {reads})"
+            )
+        if reads_raw_data and name not in data.parse_data_file_keys(config.data_file_keys):
+            raise UserError(
+                f"--extra_inputs {name}: add it to --data_file_keys (its cells are image paths), "
+                f'e.g. --data_file_keys "image,{name}"'
+            )
+    if family.requires_extra_inputs and not given:
+        raise UserError(
+            f"the {family.name} family trains on reference images: give --extra_inputs "
+            f'"{",".join(family.extra_inputs)}" and list the column in --data_file_keys'
+        )
 
 
 DEFAULT_IMAGE_PIXEL_FLOOR = 32 * 1024 * 1024

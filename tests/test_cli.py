@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -133,6 +134,36 @@ def test_nothing_to_train_is_refused(in_workspace, tmp_path, capsys):
     del args[i : i + 2]
     assert cli.main(["train", *args]) == 2
     assert "nothing to train" in capsys.readouterr().err
+
+
+def test_edit_flags_reach_the_config(tmp_path: Path):
+    from diffsplit.config import config_from_args
+
+    def config(*extra: str):
+        argv = ["train", *train_args(tmp_path / "out", *extra)]
+        return config_from_args(cli.build_parser().parse_args(argv), argv)
+
+    plain = config()
+    assert plain.extra_inputs is None and plain.extra_input_names == () and plain.zero_cond_t is False
+    edit = config("--extra_inputs", " edit_image, mask ,", "--zero_cond_t")
+    assert edit.extra_input_names == ("edit_image", "mask") and edit.zero_cond_t is True
+    assert set(edit.given) >= {"extra_inputs", "zero_cond_t"}
+
+
+def test_make_example_dataset_edit(tmp_path: Path, capsys):
+    out = tmp_path / "edit"
+    assert (
+        cli.main(["make-example-dataset", "--kind", "edit", "--output", str(out), "--num_images", "3"]) == 0
+    )
+    assert "metadata.json" in capsys.readouterr().out
+    rows = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert [row["edit_image"] for row in rows] == [
+        "refs/ref_1_a.png",
+        ["refs/ref_2_a.png", "refs/ref_2_b.png"],
+        "refs/ref_3_a.png",
+    ]
+    assert all((out / row["image"]).is_file() for row in rows)
+    assert not (out / "metadata.csv").exists()
 
 
 @pytest.mark.slow

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
-from diffsplit.example_data import make_example_dataset
+from diffsplit.example_data import make_edit_dataset, make_example_dataset
+from diffsplit.storage.data import load_samples, load_values
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -37,3 +39,51 @@ def test_example_dataset(tmp_path: Path) -> None:
     with open(many / "metadata.csv", newline="") as f:
         prompts = [r["prompt"] for r in csv.DictReader(f)]
     assert len(set(prompts)) == 30
+
+
+def test_edit_dataset(tmp_path: Path) -> None:
+    root = make_edit_dataset(tmp_path / "edit", seed=0)
+    rows = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
+    assert len(rows) == 4 and all(set(row) == {"image", "edit_image", "prompt"} for row in rows)
+    assert [row["image"] for row in rows] == [f"image_{i}.png" for i in range(1, 5)]
+    assert rows[0]["edit_image"] == "refs/ref_1_a.png"
+    assert rows[1]["edit_image"] == ["refs/ref_2_a.png", "refs/ref_2_b.png"]
+    assert len({row["prompt"] for row in rows}) == 4 and all(
+        row["prompt"].startswith("make the") for row in rows
+    )
+    samples, skipped = load_samples(
+        root,
+        root / "metadata.json",
+        data_file_keys="image,edit_image",
+        required=("image", "edit_image", "prompt"),
+    )
+    assert skipped == [] and len(samples) == 4
+    assert (
+        sum(isinstance(s.values["edit_image"], tuple) and len(s.values["edit_image"]) == 2 for s in samples)
+        >= 1
+    )
+    ref_sizes = []
+    for sample in samples:
+        values = load_values(sample)
+        refs = values["edit_image"] if isinstance(values["edit_image"], list) else [values["edit_image"]]
+        ref_sizes.extend(ref.size for ref in refs)
+        assert values["image"].size != refs[0].size  # references are not the target's size
+        assert all(max(image.size) <= 128 for image in [values["image"], *refs])
+        # The target is the first reference with the shape recoloured: same background, another shape colour.
+        target, first = values["image"], refs[0]
+        assert target.getpixel((0, 0)) == first.getpixel((0, 0))
+        assert _shape_colour(target) != _shape_colour(first)
+    assert len(set(ref_sizes)) >= 4  # varied sizes and aspect ratios
+    again = make_edit_dataset(tmp_path / "again", seed=0)
+    assert _digests(again) == _digests(root)
+    assert _digests(make_edit_dataset(tmp_path / "other", seed=1)) != _digests(root)
+    many = make_edit_dataset(tmp_path / "many", n=30, max_size=48)
+    prompts = [row["prompt"] for row in json.loads((many / "metadata.json").read_text(encoding="utf-8"))]
+    assert len(set(prompts)) == 30
+    assert load_samples(many, many / "metadata.json", data_file_keys="image,edit_image")[1] == []
+
+
+def _shape_colour(image) -> tuple[int, int, int]:
+    """The most common colour other than the background (the corner pixel's)."""
+    counts = sorted(image.getcolors(maxcolors=1 << 16), reverse=True)
+    return next(colour for _, colour in counts if colour != image.getpixel((0, 0)))

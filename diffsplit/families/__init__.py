@@ -22,8 +22,14 @@ REGISTRY: dict[str, str] = {
     "qwen-image": "diffsplit.families.qwen_image",
     "z-image": "diffsplit.families.z_image",
     "flux2-klein": "diffsplit.families.flux2_klein",
+    "qwen-image-edit": "diffsplit.families.qwen_image_edit",
 }
 """Family name -> the package whose ``FAMILY`` declares it (imported only when the family is used)."""
+
+EXTENDS: dict[str, str] = {"qwen-image-edit": "qwen-image"}
+"""Family -> the family it extends: an editing model built on a text-to-image model's components (same
+transformer class, text encoder and VAE) reuses that family's units and tiny builder and may import its
+package. Never the reverse, and no other family imports another."""
 
 
 def family_names() -> list[str]:
@@ -42,8 +48,13 @@ def get_family(name: str) -> Family:
     return importlib.import_module(REGISTRY[name]).FAMILY
 
 
-def detect_family(entries: Sequence[ModelEntry], override: str | None = None) -> Family:
+def detect_family(
+    entries: Sequence[ModelEntry], override: str | None = None, extra_inputs: Sequence[str] = ()
+) -> Family:
     """The family whose model components the resolved ``entries`` are (``override``: ``--family``).
+
+    Where the classes fit several families, ``extra_inputs`` (``--extra_inputs``) decides: a family that
+    requires extra inputs (an editing model) when they are given, the others when not.
 
     Raises:
         UserError: no registered family has every entry's class (naming the classes), or several do and no
@@ -54,7 +65,9 @@ def detect_family(entries: Sequence[ModelEntry], override: str | None = None) ->
     if not entries:
         raise UserError("no models: give --model_id_with_origin_paths or --model_paths")
     named = ", ".join(f"'{e.folder.name}/' ({', '.join(e.class_names)})" for e in entries)
-    return _the_one_fitting([e.class_names for e in entries], f"the model folders {named}")
+    return _the_one_fitting(
+        [e.class_names for e in entries], f"the model folders {named}", tuple(extra_inputs)
+    )
 
 
 def family_of_repository(folder: str | Path) -> Family:
@@ -78,10 +91,17 @@ def family_of_repository(folder: str | Path) -> Family:
     return _the_one_fitting([(c,) for c in sorted(named & known)], f"the repository '{folder}'")
 
 
-def _the_one_fitting(class_sets: Sequence[tuple[str, ...]], what: str) -> Family:
-    """The registered family that has a component of each class set's classes."""
+def _the_one_fitting(
+    class_sets: Sequence[tuple[str, ...]], what: str, extra_inputs: tuple[str, ...] = ()
+) -> Family:
+    """The registered family that has a component of each class set's classes (and, among several, the one
+    the extra inputs select)."""
     families = [get_family(name) for name in REGISTRY]
     fits = [f for f in families if all(set(classes) & f.model_classes for classes in class_sets)]
+    if len(fits) > 1:
+        given = set(extra_inputs)
+        chosen = [f for f in fits if f.requires_extra_inputs == bool(given) and given <= set(f.extra_inputs)]
+        fits = chosen or fits
     if len(fits) == 1:
         return fits[0]
     if not fits:

@@ -198,6 +198,21 @@ class Family:
         collate: value name -> how the per-sample values of a training batch become the batch value a batched
             unit reads (:mod:`diffsplit.families.common.collate`), for values of different lengths (prompt
             embeddings and masks). Other values stack when their shapes agree or pass when equal.
+        extra_inputs: dataset columns besides the task's that the family's units may read (``--extra_inputs``,
+            e.g. ``("edit_image",)`` for reference images); they are image columns (listed in
+            ``--data_file_keys``).
+        requires_extra_inputs: True for a family that only makes sense with them (an editing model whose
+            classes are also a text-to-image family's): it is chosen only when ``--extra_inputs`` names them,
+            and the text-to-image family only when it does not.
+        stage1_batches: ``options -> bool``: False when the stage-1 units take one sample at a time (a
+            sample's list of reference images does not batch): ``--data_process_batch_size`` then has no
+            effect. ``batch_key`` still groups samples by shape for ``diffsplit plan``'s probes.
+        check_models: ``(options, models)`` -> None, raising a one-line ``UserError`` when the options and
+            the models' configs disagree (read before any work; e.g. ``--zero_cond_t`` against the
+            transformer's config).
+        reference_size: ``(width, height, options) -> (width, height)``: the size an extra input's image is
+            encoded at (its own rule, not the training size policy); it enters the sample's size group, so a
+            training batch holds references of one shape.
     """
 
     name: str
@@ -212,6 +227,11 @@ class Family:
     tiny: TinyModel
     example: Example
     collate: Mapping[str, Callable[[list[Any]], Any]] = field(default_factory=dict)
+    extra_inputs: tuple[str, ...] = ()
+    requires_extra_inputs: bool = False
+    stage1_batches: Callable[[Any], bool] = field(default=lambda options: True)
+    check_models: Callable[[Any, Any], None] | None = None
+    reference_size: Callable[[int, int, Any], tuple[int, int]] | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

@@ -78,16 +78,23 @@ class Sample:
         id: stable content id (:func:`sample_id`), e.g. ``"3f1c...e9"`` or ``"3f1c...e9-1"`` for the second
             identical row.
         row: the row number in its source (from 1), for messages.
-        values: column -> value. File columns hold the resolved :class:`~pathlib.Path` (open them with
-            :func:`load_values`); other columns hold their text as ``str`` (numbers in JSON included: a
-            later step casts columns such as ``seed``).
+        values: column -> value. A file column holds the resolved :class:`~pathlib.Path`, or, when its cell
+            is a list of paths (a JSON array, or a CSV cell holding one as text, e.g. reference images for
+            editing), a ``tuple[Path, ...]`` in the list's order (open them with :func:`load_values`);
+            other columns hold their text as ``str`` (numbers in JSON included: a later step casts columns
+            such as ``seed``).
         source: the metadata file (or image folder) the row came from, for messages.
-        draft: file column -> the size a JPEG larger than the image-size limit is decoded at (PIL's DCT
-            scaling: never the full image), at least twice the training size on each side.
-        sizes: file column -> the image's full size ``(width, height)``, EXIF orientation applied (what its
+        draft: file key -> the size a JPEG larger than the image-size limit is decoded at (PIL's DCT
+            scaling: never the full image): at least twice the training size on each side for a sized
+            column (``load_samples``' ``sized_keys``), twice the policy's default side for another.
+        sizes: file key -> the image's full size ``(width, height)``, EXIF orientation applied (what its
             training size is computed from, never the reduced size of a draft decode).
         group: the sample's size group (a JSON-able key, set by the run: the training sizes of its images);
             training batches hold samples of one group, and the cache stores it per sample.
+
+    A file key (of ``draft`` and ``sizes``) is the column name for a single path (``"image"``) and
+    ``f"{name}[{i}]"`` for element ``i`` (from 0) of a list column (``"edit_image[0]"``,
+    ``"edit_image[1]"``); :func:`file_entries` lists them.
     """
 
     id: str
@@ -220,25 +227,51 @@ def file_digest(path: str | Path) -> bytes:
     return bytes.fromhex(sha256_file(path))
 
 
-def content_hash(values: Mapping[str, Any], digests: Mapping[str, bytes] | None = None) -> str:
+def content_hash(
+    values: Mapping[str, Any], digests: Mapping[str, bytes | Sequence[bytes]] | None = None
+) -> str:
     """The content part of a sample id: 32 hex chars of a sha256 over the row's columns in sorted order.
 
     A file column contributes the sha256 of its file's bytes (``digests[column]``, or computed from the
-    path), a text column its UTF-8 text. Each column is framed with its name, kind and length so no two
-    different rows can hash the same stream (``"ab" + "c"`` vs ``"a" + "bc"``). The file's name never
-    enters: renaming or moving a file keeps its id.
+    path); a list-of-files column (a ``tuple`` of paths) the count and each file's sha256 in order
+    (``digests[column]`` a sequence of them, or computed), so ``[a, b]`` and ``[b, a]`` differ; a text
+    column its UTF-8 text. Each column is framed with its name, kind and length (and each digest of a list
+    with its length) so no two different rows can hash the same stream (``"ab" + "c"`` vs ``"a" + "bc"``).
+    The file's name never enters: renaming or moving a file keeps its id.
     """
     hasher = hashlib.sha256(b"diffsplit-sample-v1\x00")
     for name in sorted(values):
         value = values[name]
+        given = (digests or {}).get(name)
         if isinstance(value, Path):
-            kind, payload = b"F", (digests or {}).get(name) or file_digest(value)
+            assert given is None or isinstance(given, bytes)
+            kind, payload = b"F", given or file_digest(value)
+        elif _is_file_list(value):
+            listed = list(given) if given is not None else [file_digest(p) for p in value]
+            payload = len(listed).to_bytes(8, "little")
+            payload += b"".join(len(d).to_bytes(8, "little") + d for d in listed)
+            kind = b"L"
         else:
             kind, payload = b"T", str(value).encode("utf-8")
         key = name.encode("utf-8")
         hasher.update(len(key).to_bytes(8, "little") + key + kind + len(payload).to_bytes(8, "little"))
         hasher.update(payload)
     return hasher.hexdigest()[:ID_CHARS]
+
+
+def _is_file_list(value: Any) -> bool:
+    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Path) for p in value)
+
+
+def file_entries(name: str, value: Any) -> list[tuple[str, Path]]:
+    """``(key, path)`` for each file a column value holds: ``[(name, path)]`` for a single path,
+    ``[(f"{name}[{i}]", path_i), ...]`` for a list column (a tuple of paths), ``[]`` for a text value. The
+    keys are those of :attr:`Sample.sizes` and :attr:`Sample.draft`."""
+    if isinstance(value, Path):
+        return [(name, value)]
+    if _is_file_list(value):
+        return [(f"{name}[{i}]", path) for i, path in enumerate(value)]
+    return []
 
 
 def sample_id(content: str, occurrence: int) -> str:
@@ -436,6 +469,100 @@ def _image_header(path: Path) -> tuple[int, int, str]:
         return width, height, str(image.format or "")
 
 
+def _file_list(number: int, where: Path, name: str, text: str) -> list[str] | None:
+    """The paths of a list cell (stripped text starting with ``[``: a JSON list of non-empty strings), or
+    None for a single path; raises :class:`_BadRow` for a malformed, empty or non-string list."""
+    text = text.strip()
+    if not text.startswith("["):
+        return None
+    rule = "a cell starting with '[' is read as a JSON list of paths"
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _BadRow(
+            number, where, f"column '{name}' holds a malformed JSON list {text!r} ({err.msg}; {rule})"
+        ) from None
+    if not items:  # text starting with "[" that parses is a list
+        raise _BadRow(number, where, f"column '{name}' holds an empty list: give at least one path")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise _BadRow(
+                number,
+                where,
+                f"column '{name}' element {i} is {json.dumps(item, ensure_ascii=False)}: "
+                "expected a non-empty path string",
+            )
+    return [item.strip() for item in items]
+
+
+def _check_file(
+    number: int,
+    name: str,
+    rel: str,
+    base: Path,
+    sized: bool,
+    sizing: Any,
+    policy: SizePolicy,
+    max_image_pixels: int | None,
+) -> tuple[Path, tuple[int, int], tuple[int, int] | None]:
+    """Validate one file of column ``name`` (``rel``, relative to ``base``); return its path, its full size
+    and its draft size (None unless it is an oversized JPEG); raises :class:`_BadRow`.
+
+    A ``sized`` file (the training target) must also survive the resize policy (a bucket it fits, at least
+    ``min_side`` px a side); any other (a reference image) is only checked to exist, read and respect
+    ``max_image_pixels``: it is not trained at the target's size, so the target's size rules do not apply.
+    """
+    path = base / rel
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "not found"
+        raise _BadRow(number, path, f"{name} '{rel}' {problem} at {path}")
+    try:
+        width, height, kind = _image_header(path)
+    except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
+        # PIL's "cannot identify image file '<path>'" repeats the path the message already names.
+        detail = "unknown format or corrupt header" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise _BadRow(
+            number, path, f"{name} '{rel}' at {path} is not a readable image ({_one_line(detail)})"
+        ) from None
+    # A JPEG above max_image_pixels is decoded at a reduced size of at least ``side`` on the longer axis. A
+    # reference image has no training size here (its family sizes it later, to at most about the policy's
+    # default pixel budget): twice the side of that budget's square.
+    side = 2 * int(math.sqrt(policy.default_max_pixels))
+    if sized:
+        trained = sizing.size(width, height)
+        if trained is None:
+            smallest = min(sizing.buckets, key=lambda b: b[0] * b[1])
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{rel}' at {path} is {width}x{height} px, smaller than every "
+                f"--resolution_buckets size it could be cropped to (the smallest is {smallest[0]}x{smallest[1]}); "
+                "images are never upscaled",
+            )
+        tw, th = trained
+        if tw < policy.min_side or th < policy.min_side:
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{rel}' at {path} is {width}x{height} px, which the resize policy makes "
+                f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
+            )
+        side = 2 * max(tw, th)  # twice the training size
+    draft = None
+    if max_image_pixels and width * height > max_image_pixels:
+        if kind != "JPEG":
+            raise _BadRow(
+                number,
+                path,
+                f"{name} '{rel}' at {path} is {width}x{height} px ({width * height / 1e6:.0f} MP), "
+                f"above --max_image_pixels {max_image_pixels}: a {kind or 'non-JPEG'} image is decoded at "
+                "full size; downscale the file, save it as JPEG, or raise --max_image_pixels",
+            )
+        # The decoder's axes are the file's (before EXIF orientation): ``side`` bounds both.
+        draft = (min(width, side), min(height, side))
+    return path, (width, height), draft
+
+
 def _check_row(
     number: int,
     columns: Mapping[str, str | None],
@@ -446,10 +573,11 @@ def _check_row(
     sizing: Any,
     policy: SizePolicy,
     max_image_pixels: int | None,
+    sized_keys: Sequence[str] = (FOLDER_IMAGE_KEY,),
 ) -> tuple[dict[str, Any], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
-    """Validate one row; return its values (file columns resolved to paths), the draft sizes of its
-    oversized JPEGs (:attr:`Sample.draft`) and its images' sizes (:attr:`Sample.sizes`); raises
-    :class:`_BadRow`."""
+    """Validate one row; return its values (file columns resolved to a path, or a tuple of paths for a list
+    cell), the draft sizes of its oversized JPEGs (:attr:`Sample.draft`) and its images' sizes
+    (:attr:`Sample.sizes`), keyed as :func:`file_entries` does; raises :class:`_BadRow`."""
     where = metadata if metadata is not None else base
     draft: dict[str, tuple[int, int]] = {}
     sizes: dict[str, tuple[int, int]] = {}
@@ -471,54 +599,19 @@ def _check_row(
         if name not in file_keys:
             values[name] = text
             continue
-        path = base / text.strip()
-        if not path.is_file():
-            problem = "is a folder" if path.is_dir() else "not found"
-            raise _BadRow(number, path, f"{name} '{text.strip()}' {problem} at {path}")
-        try:
-            width, height, kind = _image_header(path)
-        except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
-            # PIL's "cannot identify image file '<path>'" repeats the path the message already names.
-            detail = (
-                "unknown format or corrupt header" if isinstance(err, UnidentifiedImageError) else str(err)
+        listed = _file_list(number, where, name, text)
+        sized = name in sized_keys
+        paths = []
+        for i, rel in enumerate(listed if listed is not None else [text.strip()]):
+            key = name if listed is None else f"{name}[{i}]"
+            path, size, reduced = _check_file(
+                number, name, rel, base, sized, sizing, policy, max_image_pixels
             )
-            raise _BadRow(
-                number,
-                path,
-                f"{name} '{text.strip()}' at {path} is not a readable image ({_one_line(detail)})",
-            ) from None
-        trained = sizing.size(width, height)
-        if trained is None:
-            smallest = min(sizing.buckets, key=lambda b: b[0] * b[1])
-            raise _BadRow(
-                number,
-                path,
-                f"{name} '{text.strip()}' at {path} is {width}x{height} px, smaller than every "
-                f"--resolution_buckets size it could be cropped to (the smallest is {smallest[0]}x{smallest[1]}); "
-                "images are never upscaled",
-            )
-        tw, th = trained
-        if tw < policy.min_side or th < policy.min_side:
-            raise _BadRow(
-                number,
-                path,
-                f"{name} '{text.strip()}' at {path} is {width}x{height} px, which the resize policy makes "
-                f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
-            )
-        if max_image_pixels and width * height > max_image_pixels:
-            if kind != "JPEG":
-                raise _BadRow(
-                    number,
-                    path,
-                    f"{name} '{text.strip()}' at {path} is {width}x{height} px ({width * height / 1e6:.0f} MP), "
-                    f"above --max_image_pixels {max_image_pixels}: a {kind or 'non-JPEG'} image is decoded at "
-                    "full size; downscale the file, save it as JPEG, or raise --max_image_pixels",
-                )
-            # The decoder's axes are the file's (before EXIF orientation): ask for twice the longer side.
-            side = 2 * max(tw, th)
-            draft[name] = (min(width, side), min(height, side))
-        sizes[name] = (width, height)
-        values[name] = path
+            sizes[key] = size
+            if reduced is not None:
+                draft[key] = reduced
+            paths.append(path)
+        values[name] = paths[0] if listed is None else tuple(paths)
     return values, draft, sizes
 
 
@@ -535,6 +628,7 @@ def load_samples(
     decode: bool = False,
     max_image_pixels: int | None = None,
     resolution_buckets: str | None = None,
+    sized_keys: Sequence[str] = (FOLDER_IMAGE_KEY,),
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -543,6 +637,8 @@ def load_samples(
             is the folder of images with same-name ``.txt`` captions.
         metadata_path: ``--dataset_metadata_path`` (.csv, .json or .jsonl), or None.
         data_file_keys: ``--data_file_keys``: columns holding image paths (comma-separated or a sequence).
+            A cell may hold one path or a list of them (a JSON array; in a CSV, a cell holding one as text,
+            e.g. ``["a.png","b.png"]``): each listed file is checked as a single one is.
         required: columns every row must have with a non-empty value (the family's dataset values).
         max_pixels, height, width: the resize flags (:func:`target_size`); rows whose images they would make
             smaller than the policy's ``min_side`` are bad rows.
@@ -554,6 +650,9 @@ def load_samples(
             reduced (:attr:`Sample.draft`), any other is a bad row. None: no limit.
         resolution_buckets: ``--resolution_buckets`` (``auto`` or ``WxH,...``): rows whose images fit no
             bucket without upscaling are bad rows.
+        sized_keys: the file columns trained at the resize policy's size (the target, ``image``): only
+            their images must fit a bucket and keep ``min_side``. Other file columns (reference images,
+            e.g. ``edit_image``) are checked to exist, read and respect ``max_image_pixels`` only.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -613,17 +712,24 @@ def load_samples(
             if isinstance(row, str):
                 raise _BadRow(number, at, row)
             values, draft, sizes = _check_row(
-                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels
+                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels, sized_keys
             )
         except _BadRow as bad:
             if not skip_bad_samples:
                 raise UserError(_one_line(f"{source} row {bad.row}: {bad.reason}")) from None
             skipped.append({"row": bad.row, "path": bad.path, "reason": _one_line(bad.reason)})
             continue
-        for value in values.values():
-            if isinstance(value, Path) and value not in digests:
-                digests[value] = file_digest(value)
-        content = content_hash(values, {k: digests[v] for k, v in values.items() if isinstance(v, Path)})
+        known: dict[str, bytes | tuple[bytes, ...]] = {}
+        for name, value in values.items():
+            entries = file_entries(name, value)
+            for _, path in entries:
+                if path not in digests:
+                    digests[path] = file_digest(path)
+            if isinstance(value, Path):
+                known[name] = digests[value]
+            elif entries:
+                known[name] = tuple(digests[path] for _, path in entries)
+        content = content_hash(values, known)
         occurrence = occurrences.get(content, 0)
         occurrences[content] = occurrence + 1
         samples.append(Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes))
@@ -651,15 +757,16 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
     from concurrent.futures import ThreadPoolExecutor
 
     def check(index: int) -> tuple[int, Path, str] | None:
-        for name, value in samples[index].values.items():
-            if isinstance(value, Path):
+        sample = samples[index]
+        for name, value in sample.values.items():
+            for key, path in file_entries(name, value):
                 try:
-                    with Image.open(value) as image:
-                        if name in samples[index].draft:
-                            image.draft("RGB", samples[index].draft[name])
+                    with Image.open(path) as image:
+                        if key in sample.draft:
+                            image.draft("RGB", sample.draft[key])
                         image.load()
                 except Exception as err:  # any failure to decode a user's file is a bad row
-                    return index, value, _one_line(f"{name} at {value} cannot be decoded ({err})")
+                    return index, path, _one_line(f"{name} at {path} cannot be decoded ({err})")
         return None
 
     # PIL releases the GIL while it decodes, so threads overlap the reads and the decoding.
@@ -669,9 +776,11 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
 
 
 def load_values(sample: Sample) -> dict[str, Any]:
-    """The sample's values with each file column opened as an RGB PIL image (EXIF orientation applied).
+    """The sample's values with each file column opened as an RGB PIL image (EXIF orientation applied), a
+    list column (a tuple of paths) as a ``list`` of them in order.
 
     Alpha is dropped by ``convert("RGB")``, as diffusers' ``load_image`` does. Text columns pass through.
+    An image decoded reduced (:attr:`Sample.draft`) carries its full size in ``info[FULL_SIZE_KEY]``.
 
     Raises:
         BadSampleError: naming the row and path when an image whose header parsed fails to decode (a
@@ -679,23 +788,31 @@ def load_values(sample: Sample) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, value in sample.values.items():
-        if not isinstance(value, Path):
+        entries = file_entries(name, value)
+        if not entries:
             out[name] = value
             continue
-        try:
-            with Image.open(value) as image:
-                if name in sample.draft:
-                    image.draft("RGB", sample.draft[name])  # DCT scaling: decoded reduced, never whole
-                out[name] = ImageOps.exif_transpose(image).convert("RGB")
-                if name in sample.draft:
-                    # The training size is the full image's (the resize units read this), not the draft's.
-                    out[name].info[FULL_SIZE_KEY] = sample.sizes[name]
-        except Exception as err:  # a file that will not decode is the user's to fix
-            reason = _one_line(f"{name} at {value} cannot be decoded ({err})")
-            raise BadSampleError(
-                f"{sample.source} row {sample.row}: {reason}", sample.row, value, reason
-            ) from None
+        images = [_open_image(sample, name, key, path) for key, path in entries]
+        out[name] = images[0] if isinstance(value, Path) else images
     return out
+
+
+def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image:
+    """One file of ``sample`` (column ``name``, file key ``key``) as an RGB PIL image; see :func:`load_values`."""
+    try:
+        with Image.open(path) as image:
+            if key in sample.draft:
+                image.draft("RGB", sample.draft[key])  # DCT scaling: decoded reduced, never whole
+            out = ImageOps.exif_transpose(image).convert("RGB")
+            if key in sample.draft:
+                # The training size is the full image's (the resize units read this), not the draft's.
+                out.info[FULL_SIZE_KEY] = sample.sizes[key]
+            return out
+    except Exception as err:  # a file that will not decode is the user's to fix
+        reason = _one_line(f"{name} at {path} cannot be decoded ({err})")
+        raise BadSampleError(
+            f"{sample.source} row {sample.row}: {reason}", sample.row, path, reason
+        ) from None
 
 
 # -- reporting skipped rows ------------------------------------------------------------------------------

@@ -150,6 +150,8 @@ class ModelSet(Mapping[str, Any]):
     Args:
         entries: model entries bound to components (:func:`bind_components`); at most one per component.
         specs: the family's components, in pipeline order.
+        folders: tokenizer-kind component -> its folder as a flag gave it (``--processor_path``: a folder or
+            ``<model_id>:<folder>/``), instead of the repositories' own.
         tokenizer_path: ``--tokenizer_path``: the (first) tokenizer's folder; default
             ``<root>/<its folder>`` of the first entry whose repository has one (downloaded from the first
             entry's model id when none does).
@@ -166,6 +168,7 @@ class ModelSet(Mapping[str, Any]):
     entries: Sequence[ModelEntry]
     specs: Sequence[ComponentSpec]
     tokenizer_path: str | Path | None = None
+    folders: Mapping[str, str] = field(default_factory=dict)
     dtype: torch.dtype | None = None
     dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     device: torch.device | str | None = None
@@ -414,6 +417,8 @@ class ModelSet(Mapping[str, Any]):
         folder = self._spec[name].folder
         if self.tokenizer_path is not None and name == self._first_tokenizer():
             return resolve_tokenizer_path(str(self.tokenizer_path), self.download)
+        if name in self.folders:
+            return resolve_tokenizer_path(str(self.folders[name]), self.download, flag=f"--{name}_path")
         roots = self._roots()
         if not roots:
             raise UserError(f"model '{name}' is needed but no model is given; pass {TOKENIZER_FLAG}")

@@ -291,7 +291,7 @@ def resolve_spec(spec: ModelSpec, base: str | Path | None = None, download: bool
     return _entry(folder, files, root, f"{SPECS_FLAG} entry '{spec}'", spec.model_id)
 
 
-def resolve_tokenizer_path(text: str, download: bool = True) -> Path:
+def resolve_tokenizer_path(text: str, download: bool = True, flag: str = TOKENIZER_FLAG) -> Path:
     """``--tokenizer_path``: a local folder, or the seed trainer's ``<model_id>:<folder>/`` form (e.g.
     ``black-forest-labs/FLUX.2-klein-4B:tokenizer/``), found under ``<base>/<model_id>/<folder>`` and
     downloaded there from the Hub when missing.
@@ -305,16 +305,14 @@ def resolve_tokenizer_path(text: str, download: bool = True) -> Path:
     model_id, sep, folder = text.partition(":")
     folder = folder.strip().strip("/")
     if not sep or not _MODEL_ID.match(model_id.strip()) or not folder or ".." in PurePosixPath(folder).parts:
-        raise UserError(
-            f"{TOKENIZER_FLAG}: folder '{path}' does not exist (nor is it '<model_id>:<folder>/')"
-        )
+        raise UserError(f"{flag}: folder '{path}' does not exist (nor is it '<model_id>:<folder>/')")
     root = model_base_path() / model_id.strip()
     if not (root / folder).is_dir():
         if not download:
-            raise UserError(f"{TOKENIZER_FLAG}: no folder '{root / folder}'")
-        _download(model_id.strip(), [f"{folder}/*"], root, f"{TOKENIZER_FLAG} '{text}': tokenizer files")
+            raise UserError(f"{flag}: no folder '{root / folder}'")
+        _download(model_id.strip(), [f"{folder}/*"], root, f"{flag} '{text}': its files")
         if not (root / folder).is_dir():
-            raise UserError(f"{TOKENIZER_FLAG}: the repository '{model_id}' has no folder '{folder}/'")
+            raise UserError(f"{flag}: the repository '{model_id}' has no folder '{folder}/'")
     return root / folder
 
 

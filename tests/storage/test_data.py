@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffsplit.errors import UserError
+from diffsplit.errors import BadSampleError, UserError
 from diffsplit.storage.data import (
+    FULL_SIZE_KEY,
     Sample,
+    SizePolicy,
+    content_hash,
     image_to_tensor,
     load_samples,
     load_values,
@@ -38,14 +43,16 @@ def _rows() -> list[dict[str, str]]:
     ]
 
 
-def _write(path: Path, rows: list[dict[str, str]]) -> Path:
-    """Write ``rows`` as csv, json or jsonl according to ``path``'s extension."""
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` as csv, json or jsonl according to ``path``'s extension (in a CSV, a list value is
+    written as its JSON text, as a user writes a list cell)."""
     if path.suffix == ".csv":
         columns = list(dict.fromkeys(k for row in rows for k in row))
+        cells = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows]
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, columns)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(cells)
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows), encoding="utf-8")
     else:
@@ -146,6 +153,196 @@ def test_extra_file_keys(data: Path) -> None:
     assert load_values(samples[0])["edit_image"].getpixel((0, 0)) == (0, 255, 0)
     message = _error(data, data / "m.csv", data_file_keys="image,imgae")
     assert "--data_file_keys" in message and "imgae" in message
+
+
+# -- list-valued file columns (reference images) ------------------------------------------------------------
+EDIT_KEYS = "image,edit_image"
+
+
+def _edit_rows() -> list[dict[str, Any]]:
+    return [
+        {"image": "a.png", "edit_image": ["b.png", "c.png"], "prompt": "two references"},
+        {"image": "b.png", "edit_image": "d.png", "prompt": "one reference"},
+        {"image": "c.png", "edit_image": ["d.png"], "prompt": "a list of one"},
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_list_file_column_in_each_format(data: Path, suffix: str) -> None:
+    metadata = _write(data / f"m{suffix}", _edit_rows())
+    if suffix == ".csv":
+        assert '"[""b.png"", ""c.png""]"' in metadata.read_text()  # the cell holds the list as JSON text
+    samples, skipped = load_samples(data, metadata, data_file_keys=EDIT_KEYS)
+    assert skipped == []
+    two, one, single_list = samples
+    assert two.values["edit_image"] == (data / "b.png", data / "c.png")
+    assert one.values["edit_image"] == data / "d.png"  # a single path stays a Path
+    assert single_list.values["edit_image"] == (data / "d.png",)
+    assert two.values["image"] == data / "a.png"
+    assert sorted(two.sizes) == ["edit_image[0]", "edit_image[1]", "image"]
+    assert sorted(one.sizes) == ["edit_image", "image"]
+    assert two.sizes["edit_image[1]"] == (32, 24)
+    loaded = load_values(two)
+    refs = loaded["edit_image"]
+    assert isinstance(refs, list) and [im.mode for im in refs] == ["RGB", "RGB"]
+    assert [im.getpixel((0, 0)) for im in refs] == [COLORS["b.png"], COLORS["c.png"]]
+    assert loaded["image"].getpixel((0, 0)) == COLORS["a.png"]
+    assert [im.getpixel((0, 0)) for im in load_values(single_list)["edit_image"]] == [COLORS["d.png"]]
+    assert load_values(one)["edit_image"].getpixel((0, 0)) == COLORS["d.png"]
+    # The id is computed from the files either way, and the same in every format.
+    assert two.id == content_hash(two.values)
+    json_ids = _ids(load_samples(data, _write(data / "same.json", _edit_rows()), data_file_keys=EDIT_KEYS)[0])
+    assert _ids(samples) == json_ids
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_bad_reference_names_row_and_file(data: Path, suffix: str) -> None:
+    (data / "refs").mkdir()
+    (data / "refs" / "corrupt.png").write_bytes(b"definitely not a png")
+    rows = _edit_rows()
+    rows[1]["edit_image"] = ["b.png", "refs/nope.png"]
+    metadata = _write(data / f"m{suffix}", rows)
+    message = _error(data, metadata, data_file_keys=EDIT_KEYS)
+    assert (
+        message == f"{metadata} row 2: edit_image 'refs/nope.png' not found at {data / 'refs' / 'nope.png'}"
+    )
+    rows[1]["edit_image"] = ["refs/corrupt.png", "b.png"]
+    metadata = _write(data / f"m{suffix}", rows)
+    message = _error(data, metadata, data_file_keys=EDIT_KEYS)
+    assert message.startswith(
+        f"{metadata} row 2: edit_image 'refs/corrupt.png' at {data / 'refs' / 'corrupt.png'}"
+    )
+    assert "not a readable image" in message
+    samples, skipped = load_samples(data, metadata, data_file_keys=EDIT_KEYS, skip_bad_samples=True)
+    assert [s.row for s in samples] == [1, 3]
+    assert [(r["row"], r["path"]) for r in skipped] == [(2, str(data / "refs" / "corrupt.png"))]
+    assert "edit_image 'refs/corrupt.png'" in skipped[0]["reason"]
+
+
+def test_truncated_reference_is_found_on_load_and_by_decode(data: Path) -> None:
+    _image(data / "t.png", size=(64, 64))
+    (data / "t.png").write_bytes(
+        (data / "t.png").read_bytes()[:-40]
+    )  # the header survives, the body does not
+    rows = _edit_rows()
+    rows[0]["edit_image"] = ["b.png", "t.png"]
+    metadata = _write(data / "m.jsonl", rows)
+    samples, _ = load_samples(data, metadata, data_file_keys=EDIT_KEYS)
+    with pytest.raises(BadSampleError) as info:
+        load_values(samples[0])
+    assert str(info.value).startswith(f"{metadata} row 1: edit_image at {data / 't.png'} cannot be decoded")
+    assert info.value.row == 1 and info.value.path == str(data / "t.png")
+    message = _error(data, metadata, data_file_keys=EDIT_KEYS, decode=True)
+    assert message.startswith(f"{metadata} row 1: edit_image at {data / 't.png'} cannot be decoded")
+    samples, skipped = load_samples(
+        data, metadata, data_file_keys=EDIT_KEYS, decode=True, skip_bad_samples=True
+    )
+    assert [s.row for s in samples] == [2, 3]
+    assert [(r["row"], r["path"]) for r in skipped] == [(1, str(data / "t.png"))]
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ('["b.png", "c.png"', "column 'edit_image' holds a malformed JSON list"),
+        ("[b.png]", "column 'edit_image' holds a malformed JSON list"),
+        ("[]", "column 'edit_image' holds an empty list"),
+        ('["b.png", 3]', "column 'edit_image' element 1 is 3: expected a non-empty path string"),
+        ('["b.png", " "]', "column 'edit_image' element 1 is \" \": expected a non-empty path string"),
+        ('[["b.png"]]', "column 'edit_image' element 0 is"),
+    ],
+)
+def test_malformed_list_cell_is_one_line(data: Path, cell: str, expected: str) -> None:
+    rows: list[dict[str, Any]] = [{"image": "a.png", "edit_image": "b.png", "prompt": "p"} for _ in range(3)]
+    rows[1]["edit_image"] = cell
+    metadata = _write(data / "m.csv", rows)
+    message = _error(data, metadata, data_file_keys=EDIT_KEYS)
+    assert message.startswith(f"{metadata} row 2: {expected}"), message
+    samples, skipped = load_samples(data, metadata, data_file_keys=EDIT_KEYS, skip_bad_samples=True)
+    assert (
+        [s.row for s in samples] == [1, 3] and skipped[0]["row"] == 2 and skipped[0]["path"] == str(metadata)
+    )
+    # A list in a column that holds no files stays its text.
+    rows[1] = {"image": "a.png", "edit_image": "b.png", "prompt": cell}
+    samples, _ = load_samples(data, _write(data / "t.csv", rows), data_file_keys=EDIT_KEYS)
+    assert samples[1].values["prompt"] == cell
+
+
+def _old_content_hash(values: dict[str, Any]) -> str:
+    """The id framing before list columns existed: file columns ``F`` + sha256, text columns ``T`` + UTF-8."""
+    hasher = hashlib.sha256(b"diffsplit-sample-v1\x00")
+    for name in sorted(values):
+        value = values[name]
+        if isinstance(value, Path):
+            kind, payload = b"F", hashlib.sha256(value.read_bytes()).digest()
+        else:
+            kind, payload = b"T", str(value).encode("utf-8")
+        key = name.encode("utf-8")
+        hasher.update(len(key).to_bytes(8, "little") + key + kind + len(payload).to_bytes(8, "little"))
+        hasher.update(payload)
+    return hasher.hexdigest()[:32]
+
+
+def test_list_column_ids(data: Path) -> None:
+    (data / "b_copy.png").write_bytes((data / "b.png").read_bytes())
+    rows: list[dict[str, Any]] = [
+        {"image": "a.png", "edit_image": "b.png", "prompt": "p"},
+        {"image": "a.png", "edit_image": ["b.png", "c.png"], "prompt": "p"},
+        {"image": "a.png", "edit_image": ["c.png", "b.png"], "prompt": "p"},
+        {"image": "a.png", "edit_image": ["b.png"], "prompt": "p"},
+        {"image": "a.png", "edit_image": ["b.png", "c.png", "d.png"], "prompt": "p"},
+    ]
+    samples, _ = load_samples(data, _write(data / "m.json", rows), data_file_keys=EDIT_KEYS)
+    ids = _ids(samples)
+    # A single-path row keeps the id it had before list columns existed.
+    assert ids[0] == _old_content_hash({"image": data / "a.png", "edit_image": data / "b.png", "prompt": "p"})
+    plain, _ = load_samples(data, _write(data / "p.csv", _rows()))
+    assert _ids(plain) == [_old_content_hash(s.values) for s in plain]
+    assert ids[1] != ids[2]  # the order of the references counts
+    assert len(set(ids)) == 5 and all("-" not in i for i in ids)  # a list of one is not the single path
+    assert [content_hash(s.values) for s in samples] == ids  # the digests load_samples passes agree
+    # Renaming a reference keeps the id.
+    renamed = [{"image": "a.png", "edit_image": ["c.png", "b_copy.png"], "prompt": "p"}]
+    assert _ids(load_samples(data, _write(data / "r.json", renamed), data_file_keys=EDIT_KEYS)[0]) == [ids[2]]
+
+
+def test_references_are_not_sized(data: Path) -> None:
+    _image(data / "tiny.png", size=(8, 6))  # below min_side 16: no training size
+    rows: list[dict[str, Any]] = [{"image": "a.png", "edit_image": ["tiny.png", "b.png"], "prompt": "p"}]
+    samples, _ = load_samples(data, _write(data / "ref.json", rows), data_file_keys=EDIT_KEYS)
+    assert samples[0].sizes["edit_image[0]"] == (8, 6)
+    buckets = load_samples(
+        data, data / "ref.json", data_file_keys=EDIT_KEYS, resolution_buckets="32x16", max_pixels=32 * 16
+    )[0]
+    assert buckets[0].values["edit_image"][0] == data / "tiny.png"
+    # The same file as the training target is rejected, as is a reference that the caller says is sized.
+    rows = [{"image": "tiny.png", "edit_image": ["a.png"], "prompt": "p"}]
+    message = _error(data, _write(data / "target.json", rows), data_file_keys=EDIT_KEYS)
+    assert "row 1: image 'tiny.png'" in message and "too small to encode" in message
+    message = _error(data, data / "ref.json", data_file_keys=EDIT_KEYS, sized_keys=("image", "edit_image"))
+    assert "row 1: edit_image 'tiny.png'" in message and "too small to encode" in message
+
+
+def test_oversized_references(data: Path) -> None:
+    Image.new("RGB", (800, 600), (200, 10, 10)).save(data / "big.jpg", quality=90)
+    _image(data / "big.png", size=(80, 60))
+    policy = SizePolicy(default_max_pixels=64 * 64)  # a reference is drafted at >= 2 x 64 px a side
+    rows: list[dict[str, Any]] = [{"image": "a.png", "edit_image": ["b.png", "big.jpg"], "prompt": "p"}]
+    metadata = _write(data / "m.json", rows)
+    samples, _ = load_samples(
+        data, metadata, data_file_keys=EDIT_KEYS, policy=policy, max_image_pixels=4000, max_pixels=1000
+    )
+    sample = samples[0]
+    assert sample.draft == {"edit_image[1]": (128, 128)}  # its own rule, not the target's 1000 px budget
+    assert sample.sizes["edit_image[1]"] == (800, 600)
+    refs = load_values(sample)["edit_image"]
+    assert refs[1].size == (200, 150) and refs[1].info[FULL_SIZE_KEY] == (800, 600)  # decoded at 1/4
+    assert refs[1].getpixel((100, 75))[0] > 150 and FULL_SIZE_KEY not in refs[0].info
+    # Any other oversized format is still a bad row naming the file.
+    rows[0]["edit_image"] = ["b.png", "big.png"]
+    message = _error(data, _write(data / "m.json", rows), data_file_keys=EDIT_KEYS, max_image_pixels=4000)
+    assert f"row 1: edit_image 'big.png' at {data / 'big.png'} is 80x60 px" in message
+    assert "--max_image_pixels 4000" in message
 
 
 def test_caption_folder(tmp_path: Path) -> None:

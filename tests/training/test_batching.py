@@ -4,6 +4,7 @@ its loss alone (the padding and the masks are the pipeline's), and the batch's l
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir()
     with open(folder / "metadata.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "prompt"])
+        writer.writerow(["image", "prompt", "edit_image"])
         for i, prompt in enumerate(PROMPTS):
             Image.new("RGB", (48 + 16 * i, 40), (40 * i, 90, 200)).save(folder / f"{i}.png")
-            writer.writerow([f"{i}.png", prompt])
+            Image.new("RGB", (72, 64), (200, 40 * i, 90)).save(
+                folder / f"ref{i}.png"
+            )  # an editing model's reference
+            writer.writerow([f"{i}.png", prompt, f"ref{i}.png"])
     return root
 
 
@@ -67,9 +71,14 @@ def test_each_samples_loss_in_a_batch_equals_its_loss_alone(
         max_pixels=4096,
         batch_size=2,
     )
+    if family.requires_extra_inputs:  # an editing model: each sample has a reference image, encoded small
+        config = dataclasses.replace(
+            config, data_file_keys="image,edit_image", extra_inputs="edit_image", edit_image_max_pixels=4096
+        )
     run = Run.resolve(config, device=CPU)
+    assert run.family is family
     samples = sorted(run.load_dataset(), key=lambda s: s.id)
-    assert [s.group for s in samples] == [[[32, 32]], [[32, 32]]]
+    assert samples[0].group == samples[1].group and [32, 32] in samples[0].group
     plan = run.split_plan(layer_split=False)
     trained = prepare_trainable(config, run.models, run.specs, plan.trained_parts)
     generator = torch.Generator().manual_seed(0)

@@ -9,13 +9,22 @@ tokenizer, and ``FlowMatchEulerDiscreteScheduler``.
 * :mod:`.tiny`: ``make-tiny flux2-klein`` (the base model when the output folder's name says ``base``).
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffsplit.families.base import Example, Family, TinyModel
-from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
+from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
+from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.flux2_klein import distill, tiny, units
+from diffsplit.families.flux2_klein import distill, references, tiny, units
 from diffsplit.families.flux2_klein.components import COMPONENTS
+
+
+@dataclass(frozen=True)
+class KleinOptions(ImageOptions):
+    """The image options and ``--extra_inputs`` (``edit_image``: train with reference images)."""
+
+    extra_inputs: str | None = None
+    edit_image_max_pixels: int | None = None
 
 
 def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
@@ -30,12 +39,18 @@ BASE = "black-forest-labs/FLUX.2-klein-base-4B"
 FAMILY = Family(
     name="flux2-klein",
     components=COMPONENTS,
-    options=ImageOptions,
+    options=KleinOptions,
     tasks={
-        "sft": sft_task(units.sft_units),
+        "sft": TaskUnits(
+            units.sft_units, ("image", "prompt", units.REFERENCE_INPUT), ("pred", "target", "loss_weight")
+        ),
         "direct_distill": direct_distill_task(distill.distill_units),
     },
     units_version="flux2-klein-units-2",
+    extra_inputs=(units.REFERENCE_INPUT,),
+    # A sample's list of reference images does not batch in stage 1.
+    stage1_batches=lambda options: not units.with_references(options),
+    reference_size=references.reference_size,
     size_policy=units.SIZE_POLICY,
     batch_key=units.batch_key,
     constants=units.constants,

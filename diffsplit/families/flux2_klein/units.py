@@ -87,6 +87,9 @@ SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 102
 """Sides are multiples of 16 (the VAE downsamples by 8, the pipeline patchifies 2x2); 1024*1024 pixels when
 neither ``--max_pixels`` nor ``--height/--width`` is given."""
 
+REFERENCE_INPUT = "edit_image"
+"""The dataset column of reference images (``--extra_inputs edit_image``)."""
+
 TRAINING_MU = 0.8
 """The exponential time shift of the training schedule (DiffSynth-Studio's FLUX.2 template)."""
 
@@ -382,8 +385,29 @@ ENCODE_PROMPT = Unit(
 DENOISE = _denoise_unit("prompt_embeds", "dit")
 
 
+def with_references(options: Any) -> bool:
+    """``--extra_inputs`` names ``edit_image``: each sample has reference images (image editing)."""
+    given = [name.strip() for name in (options.extra_inputs or "").split(",")]
+    return REFERENCE_INPUT in given
+
+
 def sft_units(options: Any) -> list[Unit]:
-    """The units of one SFT step, in execution order (see the module docstring)."""
+    """The units of one SFT step, in execution order (see the module docstring); with reference images
+    (:func:`with_references`), the units of :mod:`~diffsplit.families.flux2_klein.references` encode them and
+    the denoiser reads them."""
+    if with_references(options):
+        from diffsplit.families.flux2_klein import references
+
+        return [
+            *_target_units(options),
+            references.ENCODE_REFERENCES,
+            references.REFERENCE_IDS,
+            references.DENOISE_WITH_REFERENCES,
+        ]
+    return [*_target_units(options), DENOISE]
+
+
+def _target_units(options: Any) -> list[Unit]:
     return [
         RESIZE_IMAGE,
         ENCODE_IMAGE,
@@ -393,14 +417,20 @@ def sft_units(options: Any) -> list[Unit]:
         ENCODE_PROMPT,
         timestep_noise_unit(timestep_noise),
         NOISY_LATENTS,
-        DENOISE,
     ]
 
 
 def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
-    """Samples with equal keys can share a stage-1 batch: the image's target size (prompts are always 512
-    tokens)."""
-    return (image_size(values["image"], options, SIZE_POLICY),)
+    """Samples with equal keys cache values of equal shapes: the image's target size (prompts are always 512
+    tokens) and each reference image's size."""
+    from diffsplit.families.flux2_klein.references import reference_size
+
+    images = values.get(REFERENCE_INPUT, [])
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return (
+        image_size(values["image"], options, SIZE_POLICY),
+        tuple(reference_size(*i.size, options) for i in images),
+    )
 
 
 def constants(components: Mapping[str, Any]) -> dict[str, Any]:

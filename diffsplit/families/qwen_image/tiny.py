@@ -24,6 +24,15 @@ Two sizes:
 * ``proportioned``: transformer 4 layers x 512 (head_dim 128, the real rope axes), text encoder 4 layers x
   512, VAE base_dim 4 with the real z_dim 16 and 8x downscale, so the cost ratios between text encoder, VAE
   and transformer are roughly the real model's (for benchmarks).
+
+As on the Hub, where ``Qwen/Qwen-Image`` and ``Qwen/Qwen-Image-Edit-*`` hold the same Qwen2.5-VL text
+encoder, tokenizer and VAE, :func:`build_shared_components` builds those three for both this builder and the
+Qwen-Image-Edit one (:mod:`diffsplit.families.qwen_image_edit.tiny`): for the same ``seed`` and size their
+``tokenizer/``, ``text_encoder/`` and ``vae/`` folders are byte-identical, so a command may take the text
+encoder and VAE from one repository and the tokenizer and processor from the other. The tokenizer is trained
+on both pipelines' templates (Qwen-Image's system prefix is 34 tokens, the edit template's 64, as with the
+real tokenizer); the tiny text encoder has the edit model's vision tower (patch 14, temporal patch 2, merge
+2: the real values), which the edit pipeline runs on its reference images.
 """
 
 from __future__ import annotations
@@ -56,14 +65,62 @@ _TEMPLATE_WORDS = (
 )
 
 
+def _edit_template_words() -> str:
+    """The words of ``QwenImageEditPlusPipeline``'s prompt template (whose 64-token system prefix it drops)
+    and of its reference-image placeholders (``Picture 1: ...``).
+
+    The template is set in the pipeline's ``__init__``, so it is read from a component-less instance.
+    """
+    from diffusers import QwenImageEditPlusPipeline
+
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
+    return pipe.prompt_template_encode.replace("{}", "\nPicture 1: Picture 2: ")
+
+
 def _train_tokenizer(directory: Path) -> Any:
-    """The tiny Qwen2 tokenizer of Qwen-Image (see :mod:`diffsplit.families.common.tiny_tokenizer`)."""
+    """The tiny Qwen2 tokenizer shared by Qwen-Image and Qwen-Image-Edit (see
+    :mod:`diffsplit.families.common.tiny_tokenizer`), trained on both pipelines' templates: every word of
+    either becomes one token, as in the real vocabulary, so Qwen-Image's system prefix encodes to exactly
+    34 tokens and the edit template's to exactly 64."""
     from diffsplit.families.common.tiny_tokenizer import train_qwen2_tokenizer
 
-    return train_qwen2_tokenizer(directory, _TEMPLATE_WORDS)
+    return train_qwen2_tokenizer(directory, _TEMPLATE_WORDS + _edit_template_words())
+
+
+def _vision_config(size: str, text_hidden: int) -> dict[str, Any]:
+    if size == "tiny":
+        # The tower the edit pipeline runs on its reference images: 2 blocks x 16 (2 heads, MLP 32; block 0
+        # window attention, block 1 full attention, as the real tower alternates them) with the real
+        # patch_size 14, temporal_patch_size 2 and spatial_merge_size 2.
+        return {
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "in_channels": 3,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "out_hidden_size": text_hidden,
+        }
+    # Text-to-image never runs the vision tower; the benchmark size keeps it minimal.
+    return {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_heads": 2,
+        "out_hidden_size": text_hidden,
+        "fullatt_block_indexes": [0],
+    }
 
 
 def _text_encoder_config(size: str, tokenizer: Any) -> Any:
+    """The ``Qwen2_5_VLConfig`` of the text encoder of ``size``, its special-token ids those of ``tokenizer``
+    (the shared one of :func:`_train_tokenizer`)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -102,18 +159,9 @@ def _text_encoder_config(size: str, tokenizer: Any) -> Any:
         pad_token_id=ids["<|endoftext|>"],
         max_position_embeddings=32768,
     )
-    # The vision tower is never run by text-to-image; keep it minimal in both sizes.
-    vision = {
-        "depth": 1,
-        "hidden_size": 16,
-        "intermediate_size": 16,
-        "num_heads": 2,
-        "out_hidden_size": text["hidden_size"],
-        "fullatt_block_indexes": [0],
-    }
     return Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=vision,
+        vision_config=_vision_config(size, text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -180,41 +228,66 @@ def _add_rope_scaling_spelling(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def build_shared_components(staging: Path, size: str, seed: int) -> tuple[Any, Any, Any]:
+    """The tokenizer, text encoder and VAE that Qwen-Image and Qwen-Image-Edit share (see module doc).
+
+    Args:
+        staging: the repository folder being written; the tokenizer is trained into ``staging/tokenizer``.
+        size: ``"tiny"`` or ``"proportioned"``.
+        seed: the text encoder's and the VAE's weights are those of ``torch.manual_seed(seed)`` (re-seeded
+            before each, in a forked RNG: the caller's RNG state is untouched); the VAE's
+            latents_mean/latents_std come from ``random.Random(seed)``.
+
+    Returns:
+        ``(tokenizer, text_encoder, vae)``: a ``Qwen2Tokenizer``, a ``Qwen2_5_VLForConditionalGeneration``
+        and an ``AutoencoderKLQwenImage``, for the pipeline to save.
+    """
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _train_tokenizer(staging / "tokenizer")
+    text_config = _text_encoder_config(size, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        # Re-seeded before each component, as diffusers' tests do, so each one's weights depend on the seed
+        # alone and not on the order or size of the others (nor on which repository is being built).
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(**_vae_kwargs(size, random.Random(seed)))
+        torch.manual_seed(seed)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    return tokenizer, text_encoder, vae
+
+
+def save_shared_components(staging: Path, text_encoder: Any) -> None:
+    """After ``pipe.save_pretrained(staging)``: the text encoder resharded as the real repositories shard
+    it (the VAE stays one file: the seed names it) and its config written with both rope spellings."""
+    reshard(text_encoder, staging / "text_encoder", "model*.safetensors", shards=2)
+    _add_rope_scaling_spelling(staging / "text_encoder" / "config.json")
+
+
 def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight Qwen-Image in the real repository layout to ``output`` and return its path.
 
     Args:
         output: a new or empty folder.
         seed: seeds every random weight (``torch.manual_seed(seed)`` before each component) and the VAE's
-            latents_mean/latents_std. The caller's global RNG state is left untouched.
+            latents_mean/latents_std. The caller's global RNG state is left untouched. The tokenizer, text
+            encoder and VAE are those of the tiny Qwen-Image-Edit of the same seed (file for file).
         size: ``"tiny"`` or ``"proportioned"`` (see the module docstring).
 
     Raises:
         UserError: unknown ``size``, or ``output`` exists and is not empty.
     """
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
     with staged_repository(output, size, SIZES) as staging:
-        tokenizer = _train_tokenizer(staging / "tokenizer")
-        text_config = _text_encoder_config(size, tokenizer)
+        tokenizer, text_encoder, vae = build_shared_components(staging, size, seed)
         with torch.random.fork_rng(devices=[]):
-            # Re-seed before each component, as diffusers' tests do, so each one's weights depend on the seed
-            # alone and not on the order or size of the others.
             torch.manual_seed(seed)
             transformer = QwenImageTransformer2DModel(
-                **_transformer_kwargs(size, text_config.text_config.hidden_size)
+                **_transformer_kwargs(size, text_encoder.config.text_config.hidden_size)
             )
-            torch.manual_seed(seed)
-            vae = AutoencoderKLQwenImage(**_vae_kwargs(size, random.Random(seed)))
-            torch.manual_seed(seed)
-            text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         pipe = QwenImagePipeline(
             scheduler=scheduler,
@@ -226,6 +299,5 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
         pipe.save_pretrained(str(staging))
         # The real repository shards the transformer and the text encoder; the VAE stays one file.
         reshard(transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", shards=3)
-        reshard(text_encoder, staging / "text_encoder", "model*.safetensors", shards=2)
-        _add_rope_scaling_spelling(staging / "text_encoder" / "config.json")
+        save_shared_components(staging, text_encoder)
     return Path(output)

@@ -189,3 +189,52 @@ def test_the_seed_style_command_runs_under_accelerate(seed_root: Path, tmp_path:
     assert manifest["status"] == "complete" and manifest["identity"]["family"] == "flux2-klein"
     trained = load_file(split / "models/train/FLUX.2-klein-base-4B_lora/epoch-0.safetensors")
     assert trained.keys() == weights.keys()
+
+
+# -- reference images (image editing) -------------------------------------------------------------------------
+def edit_args(output: Path | str, data: Path, *extra: str) -> list[str]:
+    args = klein_args(output, "--data_file_keys", "image,edit_image", "--extra_inputs", "edit_image", *extra)
+    args = _replace(args, "--dataset_base_path", str(data))
+    return _replace(args, "--dataset_metadata_path", str(data / "metadata.json"))
+
+
+def test_reference_images_split_equals_unsplit_in_batches_of_two(in_klein: Path, tmp_path: Path) -> None:
+    """One and two reference images per sample (the example edit dataset), ``--batch_size 2``: the cache holds
+    the references' latents and shapes (their ids are remade in stage 2) and training equals unsplit."""
+    from diffsplit.example_data import make_edit_dataset
+
+    data = make_edit_dataset(tmp_path / "edit")
+    extra = ("--seed", "5", "--batch_size", "2", "--dataset_repeat", "2")
+    assert cli.main(["train", *edit_args(tmp_path / "unsplit", data, *extra)]) == 0
+    auto = edit_args(tmp_path / "auto", data, *extra, "--cache_dir", str(tmp_path / "caches"))
+    assert cli.main(["train", *auto]) == 0
+    (folder,) = (tmp_path / "caches").iterdir()
+    plan = json.loads((folder / "manifest.json").read_text())["identity"]["plan"]
+    assert {"reference_latents", "reference_shapes"} <= set(plan["cached"]) and "reference_ids" in plan[
+        "stage2"
+    ]
+    assert_close_weights(
+        load_file(tmp_path / "unsplit" / "epoch-0.safetensors"),
+        load_file(tmp_path / "auto" / "epoch-0.safetensors"),
+    )
+
+
+def test_a_reference_the_pipeline_refuses_is_one_line_naming_row_and_file(
+    in_klein: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from PIL import Image
+
+    from diffsplit.example_data import make_edit_dataset
+
+    data = make_edit_dataset(tmp_path / "edit")
+    rows = json.loads((data / "metadata.json").read_text())
+    Image.new("RGB", (40, 90)).save(data / "refs" / "narrow.png")  # a side under the pipeline's 64 px
+    rows[2]["edit_image"] = [rows[2]["edit_image"], "refs/narrow.png"]
+    (data / "metadata.json").write_text(json.dumps(rows))
+    assert cli.main(["train", *edit_args(tmp_path / "out", data)]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "row 3" in lines[0] and "narrow.png" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["train", *edit_args(tmp_path / "out", data, "--skip_bad_samples")]) == 0
+    skipped = json.loads((tmp_path / "out" / "skipped_samples.json").read_text())
+    assert [r["row"] for r in skipped] == [3]

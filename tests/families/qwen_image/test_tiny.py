@@ -85,11 +85,22 @@ def test_configs_are_consistent(tiny: Path) -> None:
     # Both spellings of the multimodal rope split: transformers 5.x and 4.x.
     tc = text["text_config"]
     assert tc["rope_parameters"]["mrope_section"] == tc["rope_scaling"]["mrope_section"] == [1, 1, 2]
+    # The vision tower is the one Qwen-Image-Edit runs (the two repositories share the text encoder).
+    vision = text["vision_config"]
+    assert (vision["patch_size"], vision["temporal_patch_size"], vision["spatial_merge_size"]) == (14, 2, 2)
+    assert vision["out_hidden_size"] == tc["hidden_size"]
+    assert vision["depth"] == 2 and vision["fullatt_block_indexes"] == [1]
 
 
 def test_tokenizer_contract(tiny: Path) -> None:
+    from diffusers import QwenImageEditPlusPipeline
     from transformers import AutoTokenizer, Qwen2Tokenizer
 
+    edit = QwenImageEditPlusPipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
+    edit_prefix = edit.prompt_template_encode.split("{}")[0]
+    edit_drop = edit.prompt_template_encode_start_idx
     text = json.loads((tiny / "text_encoder" / "config.json").read_text())
     for tokenizer in (
         AutoTokenizer.from_pretrained(tiny / "tokenizer"),
@@ -97,6 +108,9 @@ def test_tokenizer_contract(tiny: Path) -> None:
     ):
         # QwenImagePipeline drops exactly this many leading hidden states: the system prefix.
         assert len(tokenizer(QWEN_IMAGE_TEMPLATE_PREFIX).input_ids) == QWEN_IMAGE_TEMPLATE_DROP == 34
+        # The same tokenizer serves Qwen-Image-Edit, whose pipeline drops its template's 64-token prefix.
+        assert len(tokenizer(edit_prefix).input_ids) == edit_drop == 64
+        assert text["vision_end_token_id"] == tokenizer.convert_tokens_to_ids("<|vision_end|>")
         assert tokenizer.pad_token == "<|endoftext|>"
         assert len(tokenizer) <= text["text_config"]["vocab_size"]
         ids = tokenizer.convert_tokens_to_ids
@@ -152,7 +166,16 @@ def test_proportioned_configs(tiny: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    text = _text_encoder_config("proportioned", tokenizer).text_config
+    config = _text_encoder_config("proportioned", tokenizer)
+    text = config.text_config
+    # A minimal vision tower (text-to-image never runs it), but the shared tokenizer's token ids.
+    assert config.vision_config.depth == 1 and config.vision_config.out_hidden_size == text.hidden_size
+    ids = tokenizer.convert_tokens_to_ids
+    assert (config.image_token_id, config.vision_start_token_id) == (
+        ids("<|image_pad|>"),
+        ids("<|vision_start|>"),
+    )
+    assert (text.eos_token_id, text.pad_token_id) == (ids("<|im_end|>"), tokenizer.pad_token_id)
     dit = _transformer_kwargs("proportioned", text.hidden_size)
     vae = _vae_kwargs("proportioned", random.Random(0))
     assert (text.num_hidden_layers, text.hidden_size) == (4, 512)
