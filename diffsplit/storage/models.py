@@ -73,6 +73,9 @@ class ComponentSpec:
         lora_alpha_keys: whether that file stores each module's ``.alpha`` (the scale ``alpha / rank``); when
             False the scale is folded into ``lora_B`` instead (for loaders that refuse ``.alpha`` keys, such as
             diffusers' FLUX.2 one): the same ``B @ A * scale`` either way.
+        checkpoint_aliases: ``(module prefix, checkpoint prefix)`` pairs for a module part
+            (``"text_encoder.model.visual"``) whose keys the files store under another spelling
+            (``("model.visual.", "visual.")``: transformers 5 renames Qwen2.5-VL's keys when it loads them).
     """
 
     name: str
@@ -85,6 +88,7 @@ class ComponentSpec:
     layers: LayerUse | None = None
     lora_key_prefix: str | None = None
     lora_alpha_keys: bool = True
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
 
 
 def bind_components(entries: Sequence[ModelEntry], specs: Iterable[ComponentSpec]) -> list[ModelEntry]:
@@ -355,30 +359,34 @@ class ModelSet(Mapping[str, Any]):
             parent, _, leaf = module.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
             return model
-        entry = self._by_component[component]
-        skeleton = _meta_model(entry)
+        entry, spec = self._by_component[component], self._spec[component]
+        skeleton = _meta_model(entry)  # parameters on the meta device, buffers real (init_empty_weights)
         try:
             sub = skeleton.get_submodule(module)
         except AttributeError:
             raise UserError(f"{entry.source}: {entry.class_name} has no module '{module}'") from None
-        sub = sub.to_empty(device="cpu")
         prefix = module + "."
-        state = _read_tensors(entry.files, lambda key: key.startswith(prefix))
-        state = {key[len(prefix) :]: value for key, value in state.items()}
-        missing = sorted(set(sub.state_dict()) - set(state))
-        if missing or len(state) != len(sub.state_dict()):
+        # The checkpoint may spell the module's keys another way ("visual." for "model.visual.").
+        stored = next(
+            (ckpt + prefix[len(mod) :] for mod, ckpt in spec.checkpoint_aliases if prefix.startswith(mod)),
+            prefix,
+        )
+        state = _read_tensors(entry.files, lambda key: key.startswith(stored))
+        state = {key[len(stored) :]: value for key, value in state.items()}
+        expected = set(sub.state_dict())
+        missing = sorted(expected - set(state))
+        if missing or set(state) - expected:
             raise UserError(
-                f"{entry.source}: the checkpoint files lack {prefix}{missing[0] if missing else '?'} "
-                f"of the module '{module}'"
+                f"{entry.source}: the checkpoint files do not hold the module '{module}' as {entry.class_name} "
+                f"has it (missing {stored}{missing[0] if missing else '?'})"
             )
-        unsaved = [n for n, _ in sub.named_buffers() if n not in state]
-        if unsaved:  # a non-persistent buffer would hold garbage after to_empty
-            raise UserError(
-                f"{entry.class_name}.{module} has buffers its checkpoint does not hold: {unsaved}"
-            )
-        sub.load_state_dict(state, strict=True)
         dtype = self._dtype(component)
-        return sub if dtype is None else sub.to(dtype)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        # assign=True puts the loaded tensors in place of the meta parameters; buffers the checkpoint does not
+        # hold (rotary frequencies) keep the values the skeleton computed.
+        sub.load_state_dict(state, strict=True, assign=True)
+        return sub.requires_grad_(False)  # a module part is frozen preprocessing
 
     def _construct_scheduler(self, spec: ComponentSpec) -> Any:
         import diffusers

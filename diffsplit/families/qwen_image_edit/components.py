@@ -9,6 +9,8 @@ repository has both), and downloaded from its model id when none has.
 
 from __future__ import annotations
 
+import dataclasses
+
 from diffsplit.families.qwen_image.components import COMPONENTS as QWEN_IMAGE
 from diffsplit.storage.models import TOKENIZER, ComponentSpec
 
@@ -19,4 +21,15 @@ PROCESSOR = ComponentSpec(
 (``Qwen2VLImageProcessorPil`` in transformers 5; the default one needs torchvision); the tokenizer part of the
 folder is the same as ``tokenizer/``."""
 
-COMPONENTS = (*QWEN_IMAGE[:1], PROCESSOR, *QWEN_IMAGE[1:])
+VISION = "model.visual"
+"""The vision tower's module path in ``Qwen2_5_VLForConditionalGeneration`` (stored as ``visual.*``): the
+layer-level split runs it alone in stage 1 as the module part ``"text_encoder.model.visual"``."""
+
+
+def _with_vision_alias(spec: ComponentSpec) -> ComponentSpec:
+    if spec.name != "text_encoder":
+        return spec
+    return dataclasses.replace(spec, checkpoint_aliases=((VISION + ".", "visual."),))
+
+
+COMPONENTS = tuple(_with_vision_alias(s) for s in (*QWEN_IMAGE[:1], PROCESSOR, *QWEN_IMAGE[1:]))

@@ -45,6 +45,7 @@ from diffsplit.errors import UserError
 from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import NOISY_LATENTS, image_size, latents_unit, timestep_noise_unit
 from diffsplit.families.qwen_image import units as qwen
+from diffsplit.families.qwen_image.text_encoder import ADAPTER
 from diffsplit.families.qwen_image_edit import processor as vl
 from diffsplit.planner.graph import Unit
 
@@ -132,6 +133,90 @@ def encode_prompt(
     return {"prompt_embeds": embeds, "prompt_embeds_mask": embeds_mask}
 
 
+# The layer-level split of encode_prompt with images (a text-encoder LoRA on the last layers): the prefix runs
+# the vision tower alone (the module part "text_encoder.model.visual"), merges its features into the token
+# embeddings at the image tokens, and runs the frozen layers [0, c) once in stage 1; the suffix is Qwen-Image's
+# (layers [c, N), the final norm) with the edit template's post-processing. The positions are plain aranges on
+# the three rotary axes, as transformers gives them when the call carries no mm_token_type_ids (the pipeline's
+# call does not), so they are what the text-only split caches.
+VISION_PART = "text_encoder.model.visual"
+
+
+def image_features(
+    ctx: UnitContext, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """``Qwen2_5_VLModel.get_image_features`` on the vision tower alone: ``[n_image_tokens, D]``."""
+    visual = ctx.components[VISION_PART]
+    grid = image_grid_thw.to(ctx.device)
+    out = visual(pixel_values.to(device=ctx.device, dtype=visual.dtype), grid_thw=grid)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def encode_prompt_prefix(
+    ctx: UnitContext,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    *,
+    model: str,
+) -> dict[str, torch.Tensor]:
+    """Token ids and the references' patches -> ``text_hidden [1, T, D]`` (the input of the cut layer, image
+    tokens included) and ``text_position_ids [1, 3, T]``, on the part ``model`` (``"text_encoder[0:c]"``)."""
+    part = ctx.components[model]
+    ids = input_ids.to(ctx.device)
+    mask = attention_mask.to(ctx.device)
+    embeds = part.stack.embed_tokens(ids)
+    features = image_features(ctx, pixel_values, image_grid_thw).to(embeds.device, embeds.dtype)
+    # get_placeholder_mask: the image tokens of the full model's config take the features, in order.
+    placeholders = (ids == part.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(placeholders, features)
+    positions = ADAPTER.positions(ids.shape[0], ids.shape[1], ctx.device)
+    hidden, positions = part(hidden=embeds, position_ids=positions, attention_mask=mask)
+    return {"text_hidden": hidden, "text_position_ids": positions}
+
+
+def encode_prompt_suffix(
+    ctx: UnitContext,
+    text_hidden: torch.Tensor,
+    text_position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    model: str,
+) -> dict[str, torch.Tensor]:
+    """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`, on
+    the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm)."""
+    part = ctx.components[model]
+    mask = attention_mask.to(ctx.device)
+    hidden, _ = part(
+        hidden=text_hidden.to(ctx.device), position_ids=text_position_ids.to(ctx.device), attention_mask=mask
+    )
+    embeds, embeds_mask = vl.prompt_embeds_from_hidden(hidden, mask, getattr(part, "module", part).dtype)
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": embeds_mask}
+
+
+def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
+    """``encode_prompt`` cut at layer ``cut``: the prefix (vision tower + layers ``[0, cut)``) and the suffix."""
+    from diffsplit.planner.layers import part_name
+
+    prefix_model, suffix_model = part_name("text_encoder", 0, cut), part_name("text_encoder", cut, num_layers)
+    prefix = Unit(
+        name=f"encode_prompt[0:{cut}]",
+        inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"),
+        outputs=("text_hidden", "text_position_ids"),
+        models=(VISION_PART, prefix_model),
+        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
+    )
+    suffix = Unit(
+        name=f"encode_prompt[{cut}:{num_layers}]",
+        inputs=("text_hidden", "text_position_ids", "attention_mask"),
+        outputs=("prompt_embeds", "prompt_embeds_mask"),
+        models=(suffix_model,),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+    )
+    return prefix, suffix
+
+
 def encode_references(ctx: UnitContext, reference_pixels: Sequence[torch.Tensor]) -> dict[str, Any]:
     """Each reference through the VAE (posterior mode, normalised as ``_encode_vae_image``), packed 2x2 and
     concatenated in order: ``reference_latents [1, R, 4z]``; ``reference_shapes`` ``[[1, h_i/2, w_i/2], ...]``."""
@@ -199,6 +284,7 @@ ENCODE_PROMPT = Unit(
     outputs=("prompt_embeds", "prompt_embeds_mask"),
     models=("text_encoder",),
     fn=encode_prompt,
+    split_at=split_encode_prompt,
 )
 ENCODE_REFERENCES = Unit(
     name="encode_references",

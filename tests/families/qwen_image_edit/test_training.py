@@ -16,6 +16,7 @@ from tests.conftest import train_args
 from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
 
 EDIT = "Qwen/Qwen-Image-Edit-2509"
+EDIT_2511 = "Qwen/Qwen-Image-Edit-2511"
 MODELS = (
     f"{EDIT}:transformer/diffusion_pytorch_model*.safetensors,{EDIT}:text_encoder/model*.safetensors,"
     f"{EDIT}:vae/diffusion_pytorch_model.safetensors"
@@ -23,12 +24,14 @@ MODELS = (
 
 
 @pytest.fixture
-def in_edit(edit_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder with the tiny 2509 model under ``models/`` and the example edit dataset under ``data/edit``."""
+def in_edit(edit_model: Path, edit_model_2511: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with the tiny 2509 and 2511 models under ``models/`` and the example edit dataset under
+    ``data/edit``."""
     from diffsplit.example_data import make_edit_dataset
 
     (tmp_path / "models" / "Qwen").mkdir(parents=True)
     (tmp_path / "models" / EDIT).symlink_to(edit_model, target_is_directory=True)
+    (tmp_path / "models" / EDIT_2511).symlink_to(edit_model_2511, target_is_directory=True)
     make_edit_dataset(tmp_path / "data" / "edit")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DIFFSPLIT_MODEL_BASE_PATH", str(tmp_path / "models"))
@@ -60,11 +63,18 @@ def test_dit_lora_split_equals_unsplit_with_one_and_two_references_in_batches_of
     )
 
 
-def test_text_encoder_lora_on_the_last_layer_split_equals_unsplit(in_edit: Path) -> None:
+def test_text_encoder_lora_on_the_last_layer_is_cut_there_and_split_equals_unsplit(in_edit: Path) -> None:
     extra = ("--lora_base_model", "dit,text_encoder", "--lora_target_modules",
              r"dit=to_q,to_k;text_encoder=re:.*layers\.3\.self_attn\.(q|k|v|o)_proj", "--seed", "2")  # fmt: skip
     assert cli.main(["train", *edit_args("unsplit", *extra)]) == 0
     assert cli.main(["train", *edit_args("auto", *extra, "--cache_dir", "caches")]) == 0
+    (folder,) = (in_edit / "caches").iterdir()
+    plan = json.loads((folder / "manifest.json").read_text())["identity"]["plan"]
+    # Cut at layer 3 of 4: the vision tower and layers 0-2 ran once; stage 2 runs layer 3 from the cached state.
+    assert "encode_prompt[0:3]" in plan["stage1"] and "encode_prompt[3:4]" in plan["stage2"]
+    assert {"text_hidden", "text_position_ids"} <= set(plan["cached"]) and "pixel_values" not in plan[
+        "cached"
+    ]
     assert_close_weights(
         load_file(in_edit / "unsplit/epoch-0.safetensors"), load_file(in_edit / "auto/epoch-0.safetensors")
     )
@@ -79,6 +89,15 @@ def test_zero_cond_t_must_agree_with_the_transformers_config(
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "--zero_cond_t" in lines[0] and "zero_cond_t false" in lines[0], lines
     assert not (in_edit / "out").exists()
+    # 2511 with --zero_cond_t trains (its transformer modulates the reference tokens at timestep zero); 2511
+    # without it is refused the same way.
+    args_2511 = _replace(
+        edit_args("out_2511"), "--model_id_with_origin_paths", MODELS.replace(EDIT, EDIT_2511)
+    )
+    assert cli.main(["train", *args_2511]) == 2
+    assert "zero_cond_t true" in capsys.readouterr().err
+    assert cli.main(["train", *args_2511, "--zero_cond_t"]) == 0
+    assert load_file(in_edit / "out_2511/epoch-0.safetensors")
     # Without --extra_inputs the same models are Qwen-Image's; the edit dataset's references are then refused.
     args = [a for a in edit_args("out") if a not in ("--extra_inputs", "edit_image")]
     assert cli.main(["train", *args]) == 2

@@ -112,3 +112,24 @@ def test_one_denoising_step_equals_the_pipelines(
         return_dict=False,
     )[0][:, : noisy.size(1)]
     assert ours.shape == noisy.shape and torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("cut", [1, 3])
+@torch.no_grad()
+def test_the_layer_level_split_with_images_equals_the_whole_encoder_bitwise(
+    edit_model: Path, reference_images: list[Any], cut: int
+) -> None:
+    """The prefix runs the vision tower alone (``text_encoder.model.visual``, read from the files' ``visual.*``
+    keys) and layers ``[0, cut)``; the suffix the rest: the same prompt embeddings as the whole encoder."""
+    models = model_set(edit_model)
+    ctx = _ctx(models)
+    values = units.reference_images(ctx, reference_images)
+    values.update(units.tokenize(ctx, PROMPT, values["condition_images"]))
+    inputs = {k: values[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    whole = units.encode_prompt(ctx, **inputs)
+    prefix, suffix = units.split_encode_prompt(cut, 4)
+    assert prefix.models == ("text_encoder.model.visual", f"text_encoder[0:{cut}]")
+    cached = prefix.fn(ctx, **inputs)
+    out = suffix.fn(ctx, attention_mask=inputs["attention_mask"], **cached)
+    assert torch.equal(out["prompt_embeds"], whole["prompt_embeds"])
+    assert torch.equal(out["prompt_embeds_mask"], whole["prompt_embeds_mask"])
