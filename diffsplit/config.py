@@ -75,6 +75,8 @@ class TrainConfig:
     remove_prefix_in_ckpt: str | None = None
     save_steps: int | None = None
     save_state_steps: int | None = None
+    validation_metadata_path: str | None = None
+    validation_every_n_steps: int | None = None
     resume_from_state: str | None = None
     enable_tensorboard_log: bool = False
     # split training
@@ -284,6 +286,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--save_steps", type=_positive(int), help="save step-{n}.safetensors every n steps")
     g.add_argument("--save_state_steps", type=_positive(int), help="save a resumable state every n steps")
+    g.add_argument(
+        "--validation_metadata_path",
+        help="validation rows (same formats as the training metadata, files relative to --dataset_base_path); "
+        "stage 1 caches them beside the training cache",
+    )
+    g.add_argument(
+        "--validation_every_n_steps",
+        type=_positive(int),
+        help="the mean loss over the validation rows every n steps (fixed timesteps and noise per row), in "
+        "validation_loss.csv and tensorboard",
+    )
     g.add_argument("--resume_from_state", help="resume exactly from a state folder")
     g.add_argument("--enable_tensorboard_log", action="store_true")
     g = parser.add_argument_group("split training")

@@ -31,7 +31,7 @@ from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.cache.check import group_histogram
 from diffsplit.storage.cache.identity import canonical
 from diffsplit.storage.models import SCHEDULER
-from diffsplit.training.loop import ComponentOverlay, StepPlan, make_accelerator, run_training
+from diffsplit.training.loop import ComponentOverlay, StepPlan, Validation, make_accelerator, run_training
 from diffsplit.training.outputs import check_output_folder
 from diffsplit.training.trainable import prepare_trainable
 
@@ -90,19 +90,43 @@ def train_unsplit(run: Run) -> dict[str, Any]:
 
     step_plan = _step_plan(run, plan, frozen_units=plan.stage1)
     groups, _ = _group_numbers([s.group for s in samples])
-    return _train(run, accelerator, step_plan, run.models, trained, [s.id for s in samples], load, groups)
+    validation = None
+    if run.config.validation_every_n_steps:
+        rows = _validation_rows(run)
+
+        def load_row(index: int) -> dict:
+            values = data.load_values(rows[index])
+            return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
+
+        validation = Validation([s.id for s in rows], load_row, run.config.validation_every_n_steps)
+    ids = [s.id for s in samples]
+    return _train(run, accelerator, step_plan, run.models, trained, ids, load, groups, validation)
+
+
+def _validation_rows(run: Run) -> list[data.Sample]:
+    """The validation rows of a run that evaluates (``--validation_every_n_steps``)."""
+    if not run.config.validation_metadata_path:
+        raise UserError("--validation_every_n_steps needs --validation_metadata_path (the rows to evaluate)")
+    return run.load_validation()
+
+
+VALIDATION_DIR = cache.VALIDATION
+"""The validation rows' cache, inside the training cache's folder (same format, same plan)."""
 
 
 # -- stage 1 ------------------------------------------------------------------------------------------------
-def _stage1(run: Run, folder: Path, samples: list[data.Sample]) -> tuple[SplitPlan, dict[str, Any]]:
-    """Plan with probed sizes, then encode the samples the cache at ``folder`` lacks (all ranks share it)."""
+def _stage1(
+    run: Run, folder: Path, samples: list[data.Sample], sizes: dict[str, int] | None = None
+) -> tuple[SplitPlan, dict[str, Any]]:
+    """Plan with probed sizes (``sizes`` when given: the validation cache plans as its training cache), then
+    encode the samples the cache at ``folder`` lacks (all ranks share it)."""
     config, models = run.config, run.models
     state = process_state()
     models.require(run.plan.stage1_models, flag=MODEL_FLAG)
     identity = run.identity()
     previous = existing_identity(folder)
     reuse = not config.overwrite_cache and all(previous.get(k) == v for k, v in identity.items())
-    sizes = previous.get("value_bytes") if reuse else None
+    sizes = sizes or (previous.get("value_bytes") if reuse else None)
     if sizes is None:
         probe = min(samples, key=lambda s: s.id)
         sizes = probe_sizes(run.plan, models, run.options, probe, run.device, run.dtype)
@@ -145,9 +169,14 @@ def _value_specs(plan: SplitPlan) -> dict[str, Any]:
 
 
 def data_process(run: Run) -> dict[str, Any]:
-    """``--task <task>:data_process``: stage 1 into ``--output_path``."""
+    """``--task <task>:data_process``: stage 1 into ``--output_path`` (the validation rows into its
+    ``validation/`` folder)."""
     samples = run.load_dataset()
+    rows = run.load_validation()
     plan, summary = _stage1(run, Path(run.config.output_path), samples)
+    if rows:
+        folder = Path(run.config.output_path)
+        _stage1(run, folder / VALIDATION_DIR, rows, sizes=existing_identity(folder)["value_bytes"])
     print(
         f"cache at {run.config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}"
     )
@@ -177,8 +206,11 @@ def _check_cache(run: Run, reader: cache.CacheReader, where: str) -> SplitPlan:
     return plan
 
 
-def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None) -> dict[str, Any]:
-    """Stage 2: train from the cache at ``folder`` (only the samples ``sample_ids`` when given)."""
+def train_from_cache(
+    run: Run, folder: Path, sample_ids: list[str] | None = None, validation_ids: list[str] | None = None
+) -> dict[str, Any]:
+    """Stage 2: train from the cache at ``folder`` (only the samples ``sample_ids`` when given); with
+    ``--validation_every_n_steps``, evaluate the rows of its ``validation/`` cache (``validation_ids``)."""
     accelerator = make_accelerator(run.config)
     torch.manual_seed(run.config.seed)
     reader = cache.CacheReader(folder)
@@ -203,7 +235,24 @@ def train_from_cache(run: Run, folder: Path, sample_ids: list[str] | None = None
     except KeyError as err:  # automatic mode just wrote them all; only a hand-edited cache lacks one
         raise UserError(f"cache at {folder} lacks sample {err.args[0]}; rerun stage 1") from None
     step_plan = _step_plan(run, plan, frozen_units=[])
-    return _train(run, accelerator, step_plan, components, trained, view, view.load, view.groups())
+    validation = None
+    if run.config.validation_every_n_steps:
+        rows = folder / VALIDATION_DIR
+        if not (rows / cache.MANIFEST).is_file():
+            raise UserError(
+                f"--validation_every_n_steps: the cache at {folder} holds no validation rows; run stage 1 with "
+                "--validation_metadata_path"
+            )
+        rows_reader = cache.CacheReader(rows)
+        _check_cache(run, rows_reader, str(rows))
+        rows_reader.verify_tables()
+        rows_reader.check_sizes()
+        rows_reader.verify_all(VERIFY_UP_FRONT_BYTES)
+        rows_view = rows_reader.view(validation_ids)
+        validation = Validation(rows_view, rows_view.load, run.config.validation_every_n_steps)
+    return _train(
+        run, accelerator, step_plan, components, trained, view, view.load, view.groups(), validation
+    )
 
 
 # -- automatic ----------------------------------------------------------------------------------------------
@@ -216,12 +265,17 @@ def train_auto(run: Run) -> dict[str, Any]:
     folder = Path(run.config.cache_dir) / key
     started = time.perf_counter()
     _, summary1 = _stage1(run, folder, samples)
+    rows = _validation_rows(run) if run.config.validation_every_n_steps else run.load_validation()
+    if rows:
+        _stage1(run, folder / VALIDATION_DIR, rows, sizes=existing_identity(folder)["value_bytes"])
     stage1_seconds = time.perf_counter() - started
     stage1_rss = _peak_rss_mib()
     for name in base.stage1_models:
         if name not in base.stage2_models:
             run.models.release(name)
-    summary = train_from_cache(run, folder, sample_ids=sorted(s.id for s in samples))
+    summary = train_from_cache(
+        run, folder, sample_ids=sorted(s.id for s in samples), validation_ids=[s.id for s in rows] or None
+    )
     summary.update(
         cache_folder=folder,
         stage1=summary1,
@@ -270,12 +324,20 @@ def plan_text(run: Run) -> str:
     shapes = f"{len(groups)} distinct shape(s) among {len(examined)} rows examined, {len(common)} probed"
     keys = [s.group for s in samples]
     histogram = group_histogram(*_group_numbers(keys))
+    rows = run.load_validation()
+    validation = (
+        f"\nvalidation rows: {len(rows)}, about {per_sample * len(rows)} bytes more in the cache's "
+        f"{VALIDATION_DIR}/ folder"
+        if rows
+        else ""
+    )
     return (
         plan.explain()
         + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
         + f"{projected} bytes ({projected / 2**20:.1f} MiB) plus shard indexes"
         + f"\nsize groups (samples per training size): {histogram}"
         + f" (batches of up to {run.config.batch_size} hold one group)"
+        + validation
     )
 
 
@@ -317,7 +379,9 @@ def _group_numbers(keys: list[Any]) -> tuple[np.ndarray, list[Any]]:
     return out, distinct
 
 
-def _train(run: Run, accelerator, step_plan, components, trained, ids, load, groups) -> dict[str, Any]:
+def _train(
+    run: Run, accelerator, step_plan, components, trained, ids, load, groups, validation=None
+) -> dict[str, Any]:
     config = run.config
     summary = run_training(
         config,
@@ -332,6 +396,7 @@ def _train(run: Run, accelerator, step_plan, components, trained, ids, load, gro
         run.specs,
         skipped=run.skipped,
         groups=groups,
+        validation=validation,
     )
     if accelerator.is_main_process:
         print(

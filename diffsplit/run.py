@@ -222,7 +222,20 @@ class Run:
                 group.append(list(sizing.size(*sample.sizes[name]) or (0, 0)))
         return group
 
-    def load_dataset(self) -> list[data.Sample]:
+    def load_validation(self) -> list[data.Sample]:
+        """The rows of ``--validation_metadata_path`` (files relative to ``--dataset_base_path``), checked as
+        the training rows are, sorted by id; [] when none is given."""
+        config = self.config
+        if not config.validation_metadata_path:
+            return []
+        saved = self.skipped
+        samples = self.load_dataset(config.validation_metadata_path, quiet=True)
+        if self.skipped:
+            print(f"notice: {len(self.skipped)} bad validation row(s) left out", file=sys.stderr)
+        self.skipped = saved
+        return sorted(samples, key=lambda s: s.id)
+
+    def load_dataset(self, metadata_path: str | None = None, quiet: bool = False) -> list[data.Sample]:
         """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
         ``--skip_bad_samples`` every image is decoded once, so no bad row is met later); the rows left out
         are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
@@ -231,7 +244,7 @@ class Run:
             raise UserError("--dataset_base_path is required")
         samples, skipped = data.load_samples(
             config.dataset_base_path,
-            config.dataset_metadata_path,
+            metadata_path or config.dataset_metadata_path,
             data_file_keys=data.parse_data_file_keys(config.data_file_keys),
             required=self.task.required_columns + config.extra_input_names,
             max_pixels=config.max_pixels,
@@ -265,7 +278,7 @@ class Run:
                 f"{outside[0][1]}); they are read as given",
                 file=sys.stderr,
             )
-        if config.skip_bad_samples:
+        if config.skip_bad_samples and not quiet:
             target = Path(config.output_path) / data.SKIPPED_FILE
             print(data.skipped_summary(skipped, target), file=sys.stderr)
         return samples

@@ -148,6 +148,37 @@ def batch_loss(
     return step_plan.loss(*(env[graph.key(graph.final(n))] for n in step_plan.loss_reads))
 
 
+VALIDATION_PASS = -1
+"""The pass index of the validation rows' draws: keyed by (seed, -1, sample id, unit), so every evaluation (and
+the split and the unsplit run) sees the same timesteps and noise for a row."""
+
+
+@dataclass
+class Validation:
+    """The validation rows: their ids (sorted) and ``load(position)`` -> a row's starting values (raw values
+    unsplit, cached ones in stage 2), and how often to evaluate."""
+
+    sample_ids: Sequence[str]
+    load: Callable[[int], dict]
+    every_n_steps: int
+
+
+def validation_loss(
+    step_plan: StepPlan, validation: Validation, context: Callable[..., UnitContext], device: torch.device
+) -> float:
+    """The mean loss over the validation rows, one at a time, without gradients, at fixed draws
+    (:data:`VALIDATION_PASS`)."""
+    total = 0.0
+    with torch.no_grad():
+        for position, sample_id in enumerate(validation.sample_ids):
+            values = load_or_error(validation.load, position)
+            if "error" in values:
+                raise DataError(values["error"])
+            item = {"id": sample_id, "pass": VALIDATION_PASS, **values}
+            total += float(batch_loss(step_plan, [item], context, device).item())
+    return total / len(validation.sample_ids)
+
+
 def tensorboard_available() -> bool:
     import importlib.util
 
@@ -183,6 +214,7 @@ def run_training(
     specs: Mapping[str, ComponentSpec],
     skipped: Sequence[Mapping[str, Any]] = (),
     groups: np.ndarray | None = None,
+    validation: Validation | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, last loss, seconds, files written).
 
@@ -253,6 +285,28 @@ def run_training(
         notes_now = notes if pass_index == 0 else None
         return unit_context(unit, step_components, options, generator, accelerator.device, dtype, notes_now)
 
+    # Validation runs on the main process on the unwrapped models (a DDP wrapper's forward would wait for the
+    # other processes).
+    validation_components = ComponentOverlay(components, trained)
+
+    def validation_context(unit: Unit, sample_id: str | None, pass_index: int) -> UnitContext:
+        generator = (
+            keyed_generator(config.seed, pass_index, sample_id, unit.name) if unit.stochastic else None
+        )
+        return unit_context(unit, validation_components, options, generator, accelerator.device, dtype)
+
+    validation_cost: list[float] = []
+
+    def validate(step: int, epoch: int) -> None:
+        if validation is None or not accelerator.is_main_process:
+            return
+        began = time.perf_counter()
+        value = validation_loss(step_plan, validation, validation_context, accelerator.device)
+        validation_cost.append(time.perf_counter() - began)
+        outputs.validation_loss(step, epoch, value)
+        if tensorboard_on(config):
+            accelerator.log({"validation_loss": value}, step=step)
+
     written: list[Path] = []
     last_loss = float("nan")
     started = time.perf_counter()
@@ -318,6 +372,8 @@ def run_training(
                 outputs.loss(step, epoch, last_loss, scheduler.get_last_lr()[0])
                 if tensorboard_on(config):
                     accelerator.log({"loss": last_loss}, step=step)
+                if validation is not None and step % validation.every_n_steps == 0:
+                    validate(step, epoch)
                 if config.save_steps and step % config.save_steps == 0:
                     written += checkpoint(f"step-{step}")
                 if config.save_state_steps and step % config.save_state_steps == 0:
@@ -332,6 +388,12 @@ def run_training(
     if accelerator.is_main_process:
         for message, count in sorted(notes.items()):
             print(f"notice: {count} {message}", file=sys.stderr)
+        if validation_cost:
+            print(
+                f"validation: {len(validation_cost)} evaluation(s) of {len(validation.sample_ids)} row(s), "
+                f"{sum(validation_cost) / len(validation_cost):.2f}s each, {sum(validation_cost):.1f}s in all",
+                file=sys.stderr,
+            )
     accelerator.wait_for_everyone()
     if tensorboard_on(config):
         accelerator.end_training()

@@ -5,6 +5,7 @@ What a run writes (main process only)::
 
     <output>/training_args.json      the run's flags
     <output>/loss.csv                one row per step (step, epoch, loss, lr)
+    <output>/validation_loss.csv     with --validation_every_n_steps: one row per evaluation (step, epoch, loss)
     <output>/skipped_samples.json    with --skip_bad_samples: the rows left out
     <output>/epoch-<i>.safetensors   checkpoints (and step-<n>.*, <stem>.<component>/ adapter folders)
     <output>/state-<n>/              resumable states (--save_state_steps)
@@ -36,6 +37,7 @@ from diffsplit.storage.files import atomic_write
 
 ARGS_FILE = "training_args.json"
 LOSS_FILE = "loss.csv"
+VALIDATION_FILE = "validation_loss.csv"
 STATE_FILE = "diffsplit_state.json"
 """The file inside a ``state-<n>/`` folder that says where training resumes."""
 
@@ -45,7 +47,8 @@ _RUN_FILE = re.compile(r"^(?:(?:epoch|step)-\d+(?:\.[A-Za-z_]\w*)?(?:\.safetenso
 # Flags that change how a run goes, not what it trains: two runs differing only in these are the same run.
 _HOW_NOT_WHAT = frozenset(
     """output_path dataset_num_workers enable_tensorboard_log resume_from_state save_steps save_state_steps
-    overwrite_output overwrite_cache cache_dir data_process_batch_size cache_shard_size""".split()
+    overwrite_output overwrite_cache cache_dir data_process_batch_size cache_shard_size validation_metadata_path
+    validation_every_n_steps""".split()
 )
 
 
@@ -98,8 +101,12 @@ def _other_run(folder: Path, config: TrainConfig) -> str:
     except (OSError, ValueError):
         return f"an unreadable {ARGS_FILE}"
     ours = config.to_json()
+    # A flag an older diffsplit did not have was at what is now its default.
+    defaults = TrainConfig().to_json()
     differing = sorted(
-        k for k in set(theirs) | set(ours) if k not in _HOW_NOT_WHAT and theirs.get(k) != ours.get(k)
+        k
+        for k in set(theirs) | set(ours)
+        if k not in _HOW_NOT_WHAT and theirs.get(k, defaults.get(k)) != ours.get(k)
     )
     if not differing:
         return ""
@@ -145,9 +152,13 @@ class RunOutputs:
         self.folder = Path(config.output_path)
         self.rows: list[tuple[int, int, str, str]] = []
         self.skipped: list[dict[str, Any]] = []
+        self.validation: list[tuple[int, int, str]] = []
         self._begun = False
         if resume_step is not None:
             self.rows = [r for r in _read_loss(self.folder / LOSS_FILE) if r[0] <= resume_step]
+            self.validation = [
+                (r[0], r[1], r[2]) for r in _read_loss(self.folder / VALIDATION_FILE) if r[0] <= resume_step
+            ]
 
     def begin(self) -> None:
         """Before the run's first file: create the folder; with ``--overwrite_output`` remove the earlier
@@ -158,11 +169,19 @@ class RunOutputs:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.config.overwrite_output and not self.config.resume_from_state:
             for entry in list(self.folder.iterdir()):
-                if _RUN_FILE.match(entry.name) or entry.name in (ARGS_FILE, LOSS_FILE, SKIPPED_FILE):
+                if _RUN_FILE.match(entry.name) or entry.name in (
+                    ARGS_FILE,
+                    LOSS_FILE,
+                    VALIDATION_FILE,
+                    SKIPPED_FILE,
+                ):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def loss(self, step: int, epoch: int, loss: float, lr: float) -> None:
         self.rows.append((step, epoch, f"{loss:.8g}", f"{lr:.8g}"))
+
+    def validation_loss(self, step: int, epoch: int, loss: float) -> None:
+        self.validation.append((step, epoch, f"{loss:.8g}"))
 
     def skip(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Rows left out (``--skip_bad_samples``), for ``skipped_samples.json``."""
@@ -179,6 +198,12 @@ class RunOutputs:
         writer.writerow(["step", "epoch", "loss", "lr"])
         writer.writerows(self.rows)
         atomic_write(self.folder / LOSS_FILE, text.getvalue())
+        if self.config.validation_every_n_steps:
+            text = io.StringIO(newline="")
+            writer = csv.writer(text)
+            writer.writerow(["step", "epoch", "validation_loss"])
+            writer.writerows(self.validation)
+            atomic_write(self.folder / VALIDATION_FILE, text.getvalue())
         if self.config.skip_bad_samples:
             atomic_write(
                 self.folder / SKIPPED_FILE, json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n"
@@ -198,7 +223,8 @@ def _read_loss(path: Path) -> list[tuple[int, int, str, str]]:
         rows = []
         for row in csv.DictReader(handle):
             try:
-                rows.append((int(row["step"]), int(row["epoch"]), row["loss"], row["lr"]))
+                loss = row["loss"] if "loss" in row else row["validation_loss"]
+                rows.append((int(row["step"]), int(row["epoch"]), loss, row.get("lr", "")))
             except (KeyError, TypeError, ValueError):
                 continue  # a damaged row of an earlier run is not carried over
     return rows

@@ -44,7 +44,12 @@ from typing import Any
 import torch
 
 from diffsplit.families.base import UnitContext
-from diffsplit.families.flux2_klein.units import batch_norm_stats, patchify, project_prompt, text_position_ids
+from diffsplit.families.flux2_klein.units import (
+    batch_norm_stats,
+    patchify,
+    project_prompt_unit,
+    text_position_ids,
+)
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.modules import InputSplit
 
@@ -199,14 +204,7 @@ def split_denoise_with_references(alone: str, rest: str) -> tuple[Unit, Unit]:
     """:data:`DENOISE_WITH_REFERENCES` with its frozen text projection split off, as
     :func:`~diffsplit.families.flux2_klein.units.split_denoise`: ``project_prompt`` on ``alone``
     (``"dit.context_embedder"``), the rest on ``rest`` (``"dit-context_embedder"``)."""
-    project = Unit(
-        name="project_prompt",
-        inputs=("prompt_embeds",),
-        outputs=("prompt_projected",),
-        models=(alone,),
-        fn=functools.partial(project_prompt, model=alone),
-    )
-    return project, denoise_with_references_unit("prompt_projected", rest)
+    return project_prompt_unit(alone), denoise_with_references_unit("prompt_projected", rest)
 
 
 def denoise_with_references_unit(prompt: str = "prompt_embeds", model: str = "dit") -> Unit:

@@ -335,17 +335,21 @@ def project_prompt(ctx: UnitContext, prompt_embeds: torch.Tensor, *, model: str)
     return {"prompt_projected": projection(prompt_embeds.to(device=ctx.device, dtype=weight.dtype))}
 
 
-def split_denoise(alone: str, rest: str) -> tuple[Unit, Unit]:
-    """``denoise`` with its frozen text projection split off: the projection on the module part ``alone``
-    (``"dit.context_embedder"``), the rest on ``rest`` (``"dit-context_embedder"``)."""
-    project = Unit(
+def project_prompt_unit(alone: str) -> Unit:
+    """``project_prompt`` on the module part ``alone`` (``"dit.context_embedder"``)."""
+    return Unit(
         name="project_prompt",
         inputs=("prompt_embeds",),
         outputs=("prompt_projected",),
         models=(alone,),
         fn=functools.partial(project_prompt, model=alone),
     )
-    return project, _denoise_unit("prompt_projected", rest)
+
+
+def split_denoise(alone: str, rest: str) -> tuple[Unit, Unit]:
+    """``denoise`` with its frozen text projection split off: the projection on the module part ``alone``
+    (``"dit.context_embedder"``), the rest on ``rest`` (``"dit-context_embedder"``)."""
+    return project_prompt_unit(alone), _denoise_unit("prompt_projected", rest)
 
 
 def _denoise_unit(prompt: str, model: str) -> Unit:

@@ -38,7 +38,7 @@ are :mod:`diffsplit.families.common.flow_match`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -252,9 +252,11 @@ def encode_prompt_suffix(
     attention_mask: torch.Tensor,
     *,
     model: str,
+    tokens: Callable[[torch.Tensor, torch.Tensor, torch.dtype], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`,
-    on the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm)."""
+    on the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm); ``tokens`` is the
+    pipeline's post-processing of the last hidden state (:func:`prompt_tokens` by default)."""
     part = ctx.components[model]
     attention_mask = attention_mask.to(ctx.device)
     # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
@@ -263,7 +265,7 @@ def encode_prompt_suffix(
         position_ids=text_position_ids.to(ctx.device),
         attention_mask=attention_mask,
     )
-    return prompt_tokens(hidden, attention_mask, getattr(part, "module", part).dtype)
+    return (tokens or prompt_tokens)(hidden, attention_mask, getattr(part, "module", part).dtype)
 
 
 def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:

@@ -129,8 +129,7 @@ def encode_prompt(
         image_grid_thw=image_grid_thw.to(ctx.device),
         output_hidden_states=True,
     ).hidden_states[-1]
-    embeds, embeds_mask = vl.prompt_embeds_from_hidden(hidden, mask, encoder.dtype)
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": embeds_mask}
+    return prompt_tokens(hidden, mask, encoder.dtype)
 
 
 # The layer-level split of encode_prompt with images (a text-encoder LoRA on the last layers): the prefix runs
@@ -176,22 +175,11 @@ def encode_prompt_prefix(
     return {"text_hidden": hidden, "text_position_ids": positions}
 
 
-def encode_prompt_suffix(
-    ctx: UnitContext,
-    text_hidden: torch.Tensor,
-    text_position_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    model: str,
+def prompt_tokens(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`, on
-    the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm)."""
-    part = ctx.components[model]
-    mask = attention_mask.to(ctx.device)
-    hidden, _ = part(
-        hidden=text_hidden.to(ctx.device), position_ids=text_position_ids.to(ctx.device), attention_mask=mask
-    )
-    embeds, embeds_mask = vl.prompt_embeds_from_hidden(hidden, mask, getattr(part, "module", part).dtype)
+    """The edit pipeline's post-processing of the last hidden state (the 64 template tokens dropped)."""
+    embeds, embeds_mask = vl.prompt_embeds_from_hidden(hidden, attention_mask, dtype)
     return {"prompt_embeds": embeds, "prompt_embeds_mask": embeds_mask}
 
 
@@ -212,7 +200,7 @@ def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
         inputs=("text_hidden", "text_position_ids", "attention_mask"),
         outputs=("prompt_embeds", "prompt_embeds_mask"),
         models=(suffix_model,),
-        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+        fn=functools.partial(qwen.encode_prompt_suffix, model=suffix_model, tokens=prompt_tokens),
     )
     return prefix, suffix
 
