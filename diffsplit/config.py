@@ -76,6 +76,14 @@ class TrainConfig:
     save_steps: int | None = None
     save_state_steps: int | None = None
     validation_metadata_path: str | None = None
+    sample_prompts: str | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    sample_steps: int = 20
+    sample_guidance_scale: float = 4.0
+    sample_width: int = 1024
+    sample_height: int = 1024
     validation_every_n_steps: int | None = None
     resume_from_state: str | None = None
     enable_tensorboard_log: bool = False
@@ -286,6 +294,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--save_steps", type=_positive(int), help="save step-{n}.safetensors every n steps")
     g.add_argument("--save_state_steps", type=_positive(int), help="save a resumable state every n steps")
+    g.add_argument(
+        "--sample_prompts",
+        help="a file of sample prompts, one per line, options --w --h --s --d --l --n (sd-scripts style); "
+        "stage 1 encodes them beside the cache",
+    )
+    g.add_argument(
+        "--sample_every_n_steps", type=_positive(int), help="render the sample prompts every n steps"
+    )
+    g.add_argument(
+        "--sample_every_n_epochs", type=_positive(int), help="render the sample prompts every n epochs"
+    )
+    g.add_argument("--sample_at_first", action="store_true", help="render the sample prompts before training")
+    g.add_argument("--sample_steps", type=_positive(int), default=d.sample_steps, help="sampling steps (--s)")
+    g.add_argument(
+        "--sample_guidance_scale", type=float, default=d.sample_guidance_scale, help="guidance scale (--l)"
+    )
+    g.add_argument("--sample_width", type=_positive(int), default=d.sample_width, help="sample width (--w)")
+    g.add_argument(
+        "--sample_height", type=_positive(int), default=d.sample_height, help="sample height (--h)"
+    )
     g.add_argument(
         "--validation_metadata_path",
         help="validation rows (same formats as the training metadata, files relative to --dataset_base_path); "

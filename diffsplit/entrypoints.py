@@ -23,6 +23,7 @@ import torch
 
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
+from diffsplit.families.base import unit_context
 from diffsplit.planner.split import SplitPlan
 from diffsplit.precompute import existing_identity, probe_sizes, write_cache
 from diffsplit.run import MODEL_FLAG, Run, process_state
@@ -31,7 +32,15 @@ from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.cache.check import group_histogram
 from diffsplit.storage.cache.identity import canonical
 from diffsplit.storage.models import SCHEDULER
-from diffsplit.training.loop import ComponentOverlay, StepPlan, Validation, make_accelerator, run_training
+from diffsplit.training import sampling as samples_
+from diffsplit.training.loop import (
+    ComponentOverlay,
+    Sampling,
+    StepPlan,
+    Validation,
+    make_accelerator,
+    run_training,
+)
 from diffsplit.training.outputs import check_output_folder
 from diffsplit.training.trainable import prepare_trainable
 
@@ -100,7 +109,8 @@ def train_unsplit(run: Run) -> dict[str, Any]:
 
         validation = Validation([s.id for s in rows], load_row, run.config.validation_every_n_steps)
     ids = [s.id for s in samples]
-    return _train(run, accelerator, step_plan, run.models, trained, ids, load, groups, validation)
+    sampling = _sampling(run, plan, None)
+    return _train(run, accelerator, step_plan, run.models, trained, ids, load, groups, validation, sampling)
 
 
 def _validation_rows(run: Run) -> list[data.Sample]:
@@ -108,6 +118,89 @@ def _validation_rows(run: Run) -> list[data.Sample]:
     if not run.config.validation_metadata_path:
         raise UserError("--validation_every_n_steps needs --validation_metadata_path (the rows to evaluate)")
     return run.load_validation()
+
+
+SAMPLES_DIR = cache.SAMPLES
+"""The sample prompts' stored embeddings, inside the training cache's folder."""
+
+
+def _sample_prompts(run: Run) -> list[samples_.SamplePrompt]:
+    config = run.config
+    if not config.sample_prompts:
+        return []
+    if run.family.sample is None:
+        raise UserError(f"--sample_prompts: sample images are not built for the {run.family.name} family yet")
+    defaults = {
+        "width": config.sample_width,
+        "height": config.sample_height,
+        "steps": config.sample_steps,
+        "seed": config.seed,
+        "guidance": config.sample_guidance_scale,
+    }
+    return samples_.parse_sample_prompts(config.sample_prompts, defaults)
+
+
+def _encode_sample_prompts(run: Run, plan: SplitPlan, texts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The prompt-only units of the plan (all frozen, in stage 1) on each text."""
+    units = samples_.prompt_units(plan.graph)
+    trained = [u for u in units if u not in plan.stage1]
+    if trained:
+        raise UserError(
+            f"--sample_prompts: '{trained[0]}' trains in this run; sample images with a trained text encoder are "
+            "not built yet"
+        )
+    assert run.family.sample is not None
+    return samples_.encode_texts(
+        plan.graph,
+        units,
+        texts,
+        run.family.sample.reads,
+        lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype),
+    )
+
+
+def _store_sample_prompts(run: Run, folder: Path) -> None:
+    """Stage 1: encode the sample prompts (and negative prompts) the cache's ``samples/`` lacks."""
+    prompts = _sample_prompts(run)
+    if not prompts or not process_state().is_main_process:
+        return
+    texts = [t for p in prompts for t in (p.prompt, p.negative)]
+    missing = [
+        t
+        for t in dict.fromkeys(texts)
+        if not (folder / SAMPLES_DIR / f"{samples_.text_key(t)}.safetensors").is_file()
+    ]
+    if missing:
+        samples_.store_texts(folder / SAMPLES_DIR, _encode_sample_prompts(run, run.plan, missing))
+
+
+def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None:
+    """The run's sample rendering: prompts encoded now (unsplit) or read from the cache's ``samples/``."""
+    config = run.config
+    prompts = _sample_prompts(run)
+    if not prompts:
+        return None
+    if not (config.sample_every_n_steps or config.sample_every_n_epochs or config.sample_at_first):
+        raise UserError(
+            "--sample_prompts needs --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first"
+        )
+    spec = run.family.sample
+    assert spec is not None
+    run.models.require(spec.decoder, flag=MODEL_FLAG)
+    texts = [t for p in prompts for t in (p.prompt, p.negative)]
+    if folder is None:
+        encoded = _encode_sample_prompts(run, plan, texts)
+    else:
+        hint = f"run stage 1 with --sample_prompts {config.sample_prompts}"
+        encoded = samples_.load_texts(folder / SAMPLES_DIR, texts, hint)
+
+    def render(components: Any) -> list[tuple[str, Any]]:
+        return [
+            (f"{p.index:02d}", spec.render(components, encoded[p.prompt], encoded[p.negative], p))
+            for p in prompts
+        ]
+
+    return Sampling(render, config.sample_every_n_steps, config.sample_every_n_epochs, config.sample_at_first)
 
 
 VALIDATION_DIR = cache.VALIDATION
@@ -174,9 +267,10 @@ def data_process(run: Run) -> dict[str, Any]:
     samples = run.load_dataset()
     rows = run.load_validation()
     plan, summary = _stage1(run, Path(run.config.output_path), samples)
+    folder = Path(run.config.output_path)
     if rows:
-        folder = Path(run.config.output_path)
         _stage1(run, folder / VALIDATION_DIR, rows, sizes=existing_identity(folder)["value_bytes"])
+    _store_sample_prompts(run, folder)
     print(
         f"cache at {run.config.output_path}: {len(samples)} samples, plan stage 2 = {', '.join(plan.stage2)}"
     )
@@ -250,8 +344,9 @@ def train_from_cache(
         rows_reader.verify_all(VERIFY_UP_FRONT_BYTES)
         rows_view = rows_reader.view(validation_ids)
         validation = Validation(rows_view, rows_view.load, run.config.validation_every_n_steps)
+    sampling = _sampling(run, plan, folder)
     return _train(
-        run, accelerator, step_plan, components, trained, view, view.load, view.groups(), validation
+        run, accelerator, step_plan, components, trained, view, view.load, view.groups(), validation, sampling
     )
 
 
@@ -268,6 +363,7 @@ def train_auto(run: Run) -> dict[str, Any]:
     rows = _validation_rows(run) if run.config.validation_every_n_steps else run.load_validation()
     if rows:
         _stage1(run, folder / VALIDATION_DIR, rows, sizes=existing_identity(folder)["value_bytes"])
+    _store_sample_prompts(run, folder)
     stage1_seconds = time.perf_counter() - started
     stage1_rss = _peak_rss_mib()
     for name in base.stage1_models:
@@ -331,6 +427,14 @@ def plan_text(run: Run) -> str:
         if rows
         else ""
     )
+    prompts = _sample_prompts(run)
+    if prompts and run.family.sample is not None:
+        texts = len({t for p in prompts for t in (p.prompt, p.negative)})
+        each = sum(sizes.get(name, 0) for name in run.family.sample.reads)
+        validation += (
+            f"\nsample prompts: {texts} text(s), about {each * texts} bytes in the cache's {SAMPLES_DIR}/ folder; "
+            f"stage 2 also loads '{run.family.sample.decoder}' to decode them"
+        )
     return (
         plan.explain()
         + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
@@ -380,7 +484,7 @@ def _group_numbers(keys: list[Any]) -> tuple[np.ndarray, list[Any]]:
 
 
 def _train(
-    run: Run, accelerator, step_plan, components, trained, ids, load, groups, validation=None
+    run: Run, accelerator, step_plan, components, trained, ids, load, groups, validation=None, sampling=None
 ) -> dict[str, Any]:
     config = run.config
     summary = run_training(
@@ -397,6 +501,7 @@ def _train(
         skipped=run.skipped,
         groups=groups,
         validation=validation,
+        sampling=sampling,
     )
     if accelerator.is_main_process:
         print(

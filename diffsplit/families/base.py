@@ -176,6 +176,23 @@ class Example:
     teacher_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a family renders sample images during training (``--sample_prompts``).
+
+    Attributes:
+        reads: the values of a prompt rendering reads (``prompt_embeds``, ...): what the prompt-only units
+            compute from it, stored by stage 1.
+        decoder: the VAE part stage 2 builds for decoding (``"vae-encoder"``: the VAE without its encoder).
+        render: ``(components, embeds, negative embeds, sample prompt) -> PIL image``: the family's diffusers
+            pipeline on the trained transformer, ``prompt_embeds=`` passed in.
+    """
+
+    reads: tuple[str, ...]
+    decoder: str
+    render: Callable[..., Any]
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     """A model family: everything model-specific, declared once.
@@ -210,6 +227,7 @@ class Family:
         check_models: ``(options, models)`` -> None, raising a one-line ``UserError`` when the options and
             the models' configs disagree (read before any work; e.g. ``--zero_cond_t`` against the
             transformer's config).
+        sample: how it renders sample images during training (:class:`SampleSpec`); None: not built yet.
         reference_size: ``(width, height, options) -> (width, height)``: the size an extra input's image is
             encoded at (its own rule, not the training size policy); it enters the sample's size group, so a
             training batch holds references of one shape.
@@ -232,6 +250,7 @@ class Family:
     stage1_batches: Callable[[Any], bool] = field(default=lambda options: True)
     check_models: Callable[[Any, Any], None] | None = None
     reference_size: Callable[[int, int, Any], tuple[int, int]] | None = None
+    sample: SampleSpec | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

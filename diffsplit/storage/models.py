@@ -350,15 +350,11 @@ class ModelSet(Mapping[str, Any]):
         )
 
     def _construct_module(self, component: str, module: str, alone: bool) -> Any:
-        """The module ``module`` of ``component`` alone (``alone``), read from the component's checkpoint files
-        and nothing else; or the component with that module replaced by the identity."""
+        """The module ``module`` of ``component`` alone (``alone``), or the component with that module replaced
+        by the identity; either read from the component's checkpoint files, the other part's weights never
+        read (the component is built on the meta device, then only its part's tensors are loaded)."""
         import torch
 
-        if not alone:
-            model = self._construct(component)
-            parent, _, leaf = module.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
-            return model
         entry, spec = self._by_component[component], self._spec[component]
         skeleton = _meta_model(entry)  # parameters on the meta device, buffers real (init_empty_weights)
         try:
@@ -371,22 +367,32 @@ class ModelSet(Mapping[str, Any]):
             (ckpt + prefix[len(mod) :] for mod, ckpt in spec.checkpoint_aliases if prefix.startswith(mod)),
             prefix,
         )
-        state = _read_tensors(entry.files, lambda key: key.startswith(stored))
-        state = {key[len(stored) :]: value for key, value in state.items()}
-        expected = set(sub.state_dict())
+        if alone:
+            target = sub
+            state = _read_tensors(entry.files, lambda key: key.startswith(stored))
+            state = {key[len(stored) :]: value for key, value in state.items()}
+        else:
+            parent, _, leaf = module.rpartition(".")
+            setattr(skeleton.get_submodule(parent) if parent else skeleton, leaf, torch.nn.Identity())
+            target = skeleton
+            state = _read_tensors(entry.files, lambda key: not key.startswith(stored))
+        expected = set(target.state_dict())
         missing = sorted(expected - set(state))
         if missing or set(state) - expected:
+            extra = sorted(set(state) - expected)
             raise UserError(
-                f"{entry.source}: the checkpoint files do not hold the module '{module}' as {entry.class_name} "
-                f"has it (missing {stored}{missing[0] if missing else '?'})"
+                f"{entry.source}: the checkpoint files do not hold {'the module' if alone else 'the rest of'} "
+                f"'{module}' as {entry.class_name} has it (missing {missing[:1]}, unexpected {extra[:1]})"
             )
         dtype = self._dtype(component)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # assign=True puts the loaded tensors in place of the meta parameters; buffers the checkpoint does not
         # hold (rotary frequencies) keep the values the skeleton computed.
-        sub.load_state_dict(state, strict=True, assign=True)
-        return sub.requires_grad_(False)  # a module part is frozen preprocessing
+        target.load_state_dict(state, strict=True, assign=True)
+        if alone:
+            return target.requires_grad_(False)  # a module part is frozen preprocessing
+        return target.eval()
 
     def _construct_scheduler(self, spec: ComponentSpec) -> Any:
         import diffusers

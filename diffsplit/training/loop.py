@@ -163,6 +163,18 @@ class Validation:
     every_n_steps: int
 
 
+@dataclass
+class Sampling:
+    """Sample images during training: ``render(components) -> [(name suffix, PIL image), ...]`` with the
+    trained models as they are, and when (``at_first``, every ``every_n_steps`` steps, every
+    ``every_n_epochs`` epochs)."""
+
+    render: Callable[[Any], list[tuple[str, Any]]]
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_first: bool = False
+
+
 def validation_loss(
     step_plan: StepPlan, validation: Validation, context: Callable[..., UnitContext], device: torch.device
 ) -> float:
@@ -215,6 +227,7 @@ def run_training(
     skipped: Sequence[Mapping[str, Any]] = (),
     groups: np.ndarray | None = None,
     validation: Validation | None = None,
+    sampling: Sampling | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, last loss, seconds, files written).
 
@@ -307,6 +320,25 @@ def run_training(
         if tensorboard_on(config):
             accelerator.log({"validation_loss": value}, step=step)
 
+    sampling_cost: list[float] = []
+
+    def render(step: int, epoch: int) -> None:
+        if sampling is None or not accelerator.is_main_process:
+            return
+        import io
+
+        began = time.perf_counter()
+        with torch.no_grad():
+            images = sampling.render(validation_components)
+        sampling_cost.append(time.perf_counter() - began)
+        for suffix, image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            outputs.sample(f"step-{step:06d}_epoch-{epoch}_{suffix}", buffer.getvalue())
+        if tensorboard_on(config):
+            tracker = accelerator.get_tracker("tensorboard")
+            tracker.log_images({f"sample_{s}": np.asarray(i)[None] for s, i in images}, step=step)
+
     written: list[Path] = []
     last_loss = float("nan")
     started = time.perf_counter()
@@ -319,6 +351,8 @@ def run_training(
         unit="step",
     )
     done = step >= total_updates
+    if sampling is not None and sampling.at_first and step == 0:
+        render(0, 0)
     try:
         epochs = range(start_epoch, config.num_epochs)
         for epoch in epochs:
@@ -374,6 +408,8 @@ def run_training(
                     accelerator.log({"loss": last_loss}, step=step)
                 if validation is not None and step % validation.every_n_steps == 0:
                     validate(step, epoch)
+                if sampling is not None and sampling.every_n_steps and step % sampling.every_n_steps == 0:
+                    render(step, epoch)
                 if config.save_steps and step % config.save_steps == 0:
                     written += checkpoint(f"step-{step}")
                 if config.save_state_steps and step % config.save_state_steps == 0:
@@ -381,6 +417,12 @@ def run_training(
                 if step >= total_updates:
                     done = True
                     break
+            if (
+                sampling is not None
+                and sampling.every_n_epochs
+                and (epoch + 1) % sampling.every_n_epochs == 0
+            ):
+                render(step, epoch)
             written += checkpoint(f"epoch-{epoch}")
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
@@ -388,6 +430,12 @@ def run_training(
     if accelerator.is_main_process:
         for message, count in sorted(notes.items()):
             print(f"notice: {count} {message}", file=sys.stderr)
+        if sampling_cost:
+            print(
+                f"sampling: {len(sampling_cost)} rendering(s), {sum(sampling_cost) / len(sampling_cost):.2f}s each, "
+                f"{sum(sampling_cost):.1f}s in all",
+                file=sys.stderr,
+            )
         if validation_cost:
             print(
                 f"validation: {len(validation_cost)} evaluation(s) of {len(validation.sample_ids)} row(s), "

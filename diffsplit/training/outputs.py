@@ -48,7 +48,8 @@ _RUN_FILE = re.compile(r"^(?:(?:epoch|step)-\d+(?:\.[A-Za-z_]\w*)?(?:\.safetenso
 _HOW_NOT_WHAT = frozenset(
     """output_path dataset_num_workers enable_tensorboard_log resume_from_state save_steps save_state_steps
     overwrite_output overwrite_cache cache_dir data_process_batch_size cache_shard_size validation_metadata_path
-    validation_every_n_steps""".split()
+    validation_every_n_steps sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first
+    sample_steps sample_guidance_scale sample_width sample_height""".split()
 )
 
 
@@ -153,6 +154,7 @@ class RunOutputs:
         self.rows: list[tuple[int, int, str, str]] = []
         self.skipped: list[dict[str, Any]] = []
         self.validation: list[tuple[int, int, str]] = []
+        self.samples: dict[str, bytes] = {}  # samples/<name>.png, written at the next flush
         self._begun = False
         if resume_step is not None:
             self.rows = [r for r in _read_loss(self.folder / LOSS_FILE) if r[0] <= resume_step]
@@ -174,11 +176,16 @@ class RunOutputs:
                     LOSS_FILE,
                     VALIDATION_FILE,
                     SKIPPED_FILE,
+                    "samples",
                 ):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def loss(self, step: int, epoch: int, loss: float, lr: float) -> None:
         self.rows.append((step, epoch, f"{loss:.8g}", f"{lr:.8g}"))
+
+    def sample(self, name: str, png: bytes) -> None:
+        """A rendered sample image (PNG bytes), written as ``samples/<name>.png`` at the next flush."""
+        self.samples[name] = png
 
     def validation_loss(self, step: int, epoch: int, loss: float) -> None:
         self.validation.append((step, epoch, f"{loss:.8g}"))
@@ -198,6 +205,11 @@ class RunOutputs:
         writer.writerow(["step", "epoch", "loss", "lr"])
         writer.writerows(self.rows)
         atomic_write(self.folder / LOSS_FILE, text.getvalue())
+        if self.samples:
+            (self.folder / "samples").mkdir(exist_ok=True)
+            for name, png in self.samples.items():
+                atomic_write(self.folder / "samples" / f"{name}.png", png)
+            self.samples.clear()
         if self.config.validation_every_n_steps:
             text = io.StringIO(newline="")
             writer = csv.writer(text)

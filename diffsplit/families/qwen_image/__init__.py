@@ -12,7 +12,7 @@ from diffsplit.families.base import Example, Family, TinyModel
 from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.qwen_image import distill, tiny, units
+from diffsplit.families.qwen_image import distill, sampling, tiny, units
 from diffsplit.families.qwen_image.components import COMPONENTS
 
 FAMILY = Family(
@@ -31,6 +31,7 @@ FAMILY = Family(
     # A batch of prompts of different lengths, as the pipeline batches them.
     collate={"prompt_embeds": pad_right, "prompt_embeds_mask": pad_right},
     tiny=TinyModel(tiny.build_tiny_qwen_image, tiny.SIZES),
+    sample=sampling.SAMPLE,
     example=Example(
         model_id="Qwen/Qwen-Image",
         model_paths=(

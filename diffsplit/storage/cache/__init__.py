@@ -28,13 +28,13 @@ whether an existing folder may be resumed, and :func:`check_identity` explains a
 from diffsplit.storage.cache.check import inspect, status, verify
 from diffsplit.storage.cache.identity import check_identity, fingerprint
 from diffsplit.storage.cache.index import FORMAT_VERSION
-from diffsplit.storage.cache.layout import LOCK, MANIFEST, SHARDS, SKIPPED, VALIDATION, caches_in
+from diffsplit.storage.cache.layout import LOCK, MANIFEST, SAMPLES, SHARDS, SKIPPED, VALIDATION, caches_in
 from diffsplit.storage.cache.reader import CacheReader, CacheView
 from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE
 from diffsplit.storage.cache.writer import CacheWriter, check_cache_folder, writer_lock
 
 __all__ = [
-    "FORMAT_VERSION", "LOCK", "MANIFEST", "VALIDATION", "SAMPLES_TABLE", "SHARDS", "SHARDS_TABLE", "SKIPPED", "CacheReader",
+    "FORMAT_VERSION", "LOCK", "MANIFEST", "SAMPLES", "VALIDATION", "SAMPLES_TABLE", "SHARDS", "SHARDS_TABLE", "SKIPPED", "CacheReader",
     "CacheView", "CacheWriter", "caches_in", "check_cache_folder", "check_identity", "fingerprint", "inspect",
     "status", "verify", "writer_lock",
 ]  # fmt: skip

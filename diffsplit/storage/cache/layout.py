@@ -21,6 +21,8 @@ LOCK = ".lock"
 """The writers' lock file (an OS file lock, released when its process ends, however it ends)."""
 SKIPPED = "skipped_samples.json"
 VALIDATION = "validation"
+SAMPLES = "samples"
+"""The sample prompts' stored embeddings (``--sample_prompts``), one safetensors file per text."""
 """A nested cache of the same format holding the validation rows (``--validation_metadata_path``), made with
 the same plan."""
 """The rows stage 1 left out (``--skip_bad_samples``): part of the cache's folder, not of its data."""
@@ -100,7 +102,7 @@ def foreign_entries(folder: Path) -> list[str]:
     owned = (MANIFEST, LOCK, SKIPPED, SKIPPED_TMP, SAMPLES_TABLE, SHARDS_TABLE)
     foreign = []
     for entry in os.scandir(folder):
-        if entry.name == VALIDATION and entry.is_dir():
+        if entry.name in (VALIDATION, SAMPLES) and entry.is_dir():
             continue
         if entry.name == SHARDS and entry.is_dir():
             foreign += [f"{SHARDS}/{name}" for name in Listing(folder).unknown]

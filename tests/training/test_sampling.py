@@ -1,0 +1,117 @@
+"""Sample images during training (Qwen-Image): the prompts file, images at the requested steps and sizes,
+equal to what ``QwenImagePipeline`` renders from the saved LoRA, and a stage 2 that reads neither the text
+encoder's nor the VAE encoder's weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffsplit import cli
+from diffsplit.errors import UserError
+from diffsplit.training.sampling import parse_sample_prompts
+from tests.conftest import train_args
+from tests.test_entrypoints import _replace
+
+DEFAULTS = {"width": 1024, "height": 1024, "steps": 20, "seed": 0, "guidance": 4.0}
+PROMPTS = 'a red circle --w 64 --h 48 --s 3 --d 7 --l 2.5 --n "blurry"\n# a comment\n\na blue square --s 2\n'
+
+
+def test_the_prompts_file(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text(PROMPTS)
+    first, second = parse_sample_prompts(path, DEFAULTS)
+    assert (first.prompt, first.width, first.height, first.steps, first.seed, first.guidance, first.negative) == (
+        "a red circle", 64, 48, 3, 7, 2.5, "blurry")  # fmt: skip
+    assert (second.prompt, second.steps, second.width, second.negative, second.index) == (
+        "a blue square",
+        2,
+        1024,
+        "",
+        1,
+    )
+    path.write_text("a cat --q 3\n")
+    with pytest.raises(UserError, match=r"line 1: unknown option '--q'"):
+        parse_sample_prompts(path, DEFAULTS)
+    path.write_text("a cat --s many\n")
+    with pytest.raises(UserError, match="--s needs a number"):
+        parse_sample_prompts(path, DEFAULTS)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
+    in_workspace: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 48 --s 3 --d 7 --l 2.5\n")
+    extra = (
+        "--seed",
+        "2",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_steps",
+        "4",
+        "--sample_at_first",
+    )
+    assert cli.main(["train", *train_args(tmp_path / "unsplit", *extra)]) == 0  # 8 steps
+    names = sorted(p.name for p in (tmp_path / "unsplit" / "samples").iterdir())
+    assert names == [f"step-{s:06d}_epoch-0_00.png" for s in (0, 4, 8)]
+    final = _pixels(tmp_path / "unsplit" / "samples" / names[-1])
+    assert final.shape == (48, 64, 3)
+    assert (
+        np.abs(final - _pixels(tmp_path / "unsplit" / "samples" / names[0])).max() > 0
+    )  # the LoRA changed it
+
+    # The pipeline with its own text encoder, the LoRA saved at step 8 loaded (scale 1: alpha = rank).
+    import torch
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(in_workspace / "models/Qwen/Qwen-Image"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "unsplit" / "epoch-0.safetensors"))
+    image = pipe(prompt="a red circle", negative_prompt="", true_cfg_scale=2.5, height=48, width=64,
+                 num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(7)).images[0]  # fmt: skip
+    assert np.abs(np.asarray(image, dtype=np.int16) - final).max() <= 1
+
+    # Two stages: stage 1 stores the prompts' embeddings; stage 2 renders from them with the VAE's decoder
+    # only (no text encoder or VAE encoder weight is read), and the images equal the unsplit run's.
+    stage1 = _replace(
+        train_args(tmp_path / "cache", *extra, "--task", "sft:data_process"), "--dataset_repeat", "1"
+    )
+    assert cli.main(["train", *stage1]) == 0
+    assert len(list((tmp_path / "cache" / "samples").iterdir())) == 2  # the prompt and the empty negative
+    from diffsplit.storage import models as storage_models
+
+    reads: list[str] = []
+    original = storage_models._read_tensors
+
+    def spy(files, wanted):
+        out = original(files, wanted)
+        reads.extend(f"{Path(next(iter(files))).parent.name}/{k}" for k in out)
+        return out
+
+    stage2 = train_args(tmp_path / "split", *extra, "--task", "sft:train")
+    stage2 = _replace(
+        _replace(stage2, "--dataset_base_path", str(tmp_path / "cache")), "--dataset_metadata_path", None
+    )
+    models = "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors,Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
+    import transformers
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("stage 2 built the text encoder")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage_models, "_read_tensors", spy)
+        patch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "__init__", refuse)
+        assert cli.main(["train", *_replace(stage2, "--model_id_with_origin_paths", models)]) == 0
+    vae_reads = [k for k in reads if k.startswith("vae/")]
+    # The decoder, its post_quant_conv (and the encoder's 1x1 quant_conv, which the part keeps); no encoder.
+    assert vae_reads and not any(k.startswith("vae/encoder.") for k in vae_reads), vae_reads
+    split = _pixels(tmp_path / "split" / "samples" / names[-1])
+    assert np.abs(split - final).max() <= 1
