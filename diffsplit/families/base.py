@@ -186,11 +186,14 @@ class SampleSpec:
         decoder: the VAE part stage 2 builds for decoding (``"vae-encoder"``: the VAE without its encoder).
         render: ``(components, embeds, negative embeds, sample prompt) -> PIL image``: the family's diffusers
             pipeline on the trained transformer, ``prompt_embeds=`` passed in.
+        guidance: ``sample prompt -> {argument: value}``: how ``--l`` (and the negative prompt) reach the
+            pipeline's call (``true_cfg_scale`` for Qwen-Image, ``guidance_scale`` for others).
     """
 
     reads: tuple[str, ...]
     decoder: str
     render: Callable[..., Any]
+    guidance: Callable[[Any], dict[str, Any]]
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.flux2_klein import distill, references, tiny, units
+from diffsplit.families.flux2_klein import distill, references, sampling, tiny, units
 from diffsplit.families.flux2_klein.components import COMPONENTS
 
 
@@ -56,6 +56,7 @@ FAMILY = Family(
     constants=units.constants,
     scheduler_from_constants=scheduler_from_constants,
     tiny=TinyModel(build_tiny, tiny.SIZES),
+    sample=sampling.SAMPLE,
     example=Example(
         model_id=BASE,
         model_paths=(

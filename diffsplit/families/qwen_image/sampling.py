@@ -16,6 +16,11 @@ DECODER = "vae-encoder"
 """The VAE without its encoder (:mod:`diffsplit.planner.modules`): all that decoding needs."""
 
 
+def guidance(prompt: Any) -> dict[str, Any]:
+    """The pipeline's guidance argument for a sample prompt's ``--l``."""
+    return {"true_cfg_scale": prompt.guidance}
+
+
 def render(
     components: Mapping[str, Any],
     embeds: Mapping[str, torch.Tensor],
@@ -40,13 +45,15 @@ def render(
         prompt_embeds_mask=embeds["prompt_embeds_mask"].to(device),
         negative_prompt_embeds=negative["prompt_embeds"].to(device),
         negative_prompt_embeds_mask=negative["prompt_embeds_mask"].to(device),
-        true_cfg_scale=prompt.guidance,
         height=prompt.height,
         width=prompt.width,
         num_inference_steps=prompt.steps,
         generator=torch.Generator("cpu").manual_seed(prompt.seed),
         output_type="pil",
+        **guidance(prompt),
     ).images[0]
 
 
-SAMPLE = SampleSpec(reads=("prompt_embeds", "prompt_embeds_mask"), decoder=DECODER, render=render)
+SAMPLE = SampleSpec(
+    reads=("prompt_embeds", "prompt_embeds_mask"), decoder=DECODER, render=render, guidance=guidance
+)

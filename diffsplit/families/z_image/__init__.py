@@ -12,7 +12,7 @@ from diffsplit.families.base import Example, Family, TinyModel
 from diffsplit.families.common.collate import per_sample_list
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.z_image import distill, tiny, units
+from diffsplit.families.z_image import distill, sampling, tiny, units
 from diffsplit.families.z_image.components import COMPONENTS
 
 FAMILY = Family(
@@ -31,6 +31,7 @@ FAMILY = Family(
     # A batch of prompts of different lengths, as the pipeline batches them.
     collate={"prompt_embeds": per_sample_list},
     tiny=TinyModel(tiny.build_tiny_z_image, tiny.SIZES),
+    sample=sampling.SAMPLE,
     example=Example(
         model_id="Tongyi-MAI/Z-Image-Turbo",
         model_paths=(
