@@ -140,42 +140,38 @@ def _sample_prompts(run: Run) -> list[samples_.SamplePrompt]:
     return samples_.parse_sample_prompts(config.sample_prompts, defaults)
 
 
-def _encode_sample_prompts(run: Run, plan: SplitPlan, texts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The prompt-only units of the plan (all frozen, in stage 1) on each text."""
-    units = samples_.prompt_units(plan.graph)
-    trained = [u for u in units if u not in plan.stage1]
-    if trained:
-        raise UserError(
-            f"--sample_prompts: '{trained[0]}' trains in this run; sample images with a trained text encoder are "
-            "not built yet"
-        )
+def _prompt_split(run: Run, plan: SplitPlan) -> samples_.PromptSplit:
+    """Which prompt-only units of ``plan`` run once (its stage 1) and which at each rendering (the trained)."""
     assert run.family.sample is not None
-    return samples_.encode_texts(
-        plan.graph,
-        units,
-        texts,
-        run.family.sample.reads,
-        lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype),
-    )
+    return samples_.split_prompt_units(plan.graph, set(plan.stage1), run.family.sample.reads)
+
+
+def _frozen_context(run: Run) -> Any:
+    return lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype)
 
 
 def _store_sample_prompts(run: Run, folder: Path) -> None:
-    """Stage 1: encode the sample prompts (and negative prompts) the cache's ``samples/`` lacks."""
+    """Stage 1: run the frozen prompt-only units on the sample prompts (and negative prompts) the cache's
+    ``samples/`` lacks, and store what rendering needs of them."""
     prompts = _sample_prompts(run)
     if not prompts or not process_state().is_main_process:
         return
     texts = [t for p in prompts for t in (p.prompt, p.negative)]
+    target = folder / SAMPLES_DIR
     missing = [
-        t
-        for t in dict.fromkeys(texts)
-        if not (folder / SAMPLES_DIR / f"{samples_.text_key(t)}.safetensors").is_file()
+        t for t in dict.fromkeys(texts) if not (target / f"{samples_.text_key(t)}.safetensors").is_file()
     ]
     if missing:
-        samples_.store_texts(folder / SAMPLES_DIR, _encode_sample_prompts(run, run.plan, missing))
+        split = _prompt_split(run, run.plan)
+        encoded = samples_.encode_texts(
+            run.plan.graph, split.first, missing, split.stored, _frozen_context(run)
+        )
+        samples_.store_texts(target, encoded)
 
 
 def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None:
-    """The run's sample rendering: prompts encoded now (unsplit) or read from the cache's ``samples/``."""
+    """The run's sample rendering: the frozen prompt units' values computed now (unsplit) or read from the
+    cache's ``samples/``; the trained ones (a trained text encoder) run at each rendering."""
     config = run.config
     prompts = _sample_prompts(run)
     if not prompts:
@@ -188,13 +184,16 @@ def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None
     assert spec is not None
     run.models.require(spec.decoder, flag=MODEL_FLAG)
     texts = [t for p in prompts for t in (p.prompt, p.negative)]
+    split = _prompt_split(run, plan)
     if folder is None:
-        encoded = _encode_sample_prompts(run, plan, texts)
+        stored = samples_.encode_texts(plan.graph, split.first, texts, split.stored, _frozen_context(run))
     else:
         hint = f"run stage 1 with --sample_prompts {config.sample_prompts}"
-        encoded = samples_.load_texts(folder / SAMPLES_DIR, texts, hint)
+        stored = samples_.load_texts(folder / SAMPLES_DIR, texts, hint)
 
     def render(components: Any) -> list[tuple[str, Any]]:
+        context = lambda unit: unit_context(unit, components, run.options, None, run.device, run.dtype)  # noqa: E731
+        encoded = samples_.finish_texts(plan.graph, split, stored, spec.reads, context)
         return [
             (f"{p.index:02d}", spec.render(components, encoded[p.prompt], encoded[p.negative], p))
             for p in prompts

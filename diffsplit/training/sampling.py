@@ -120,6 +120,47 @@ def prompt_units(graph: UnitGraph) -> list[str]:
     return chosen
 
 
+@dataclass(frozen=True)
+class PromptSplit:
+    """The prompt-only units of a plan: ``first`` run once per text (stage 1, or at the start of an unsplit
+    run), storing the values ``stored`` (graph keys); ``second`` run at every rendering on the stored values,
+    with the trained models as they are (a trained text encoder, or its trained layers after a layer split)."""
+
+    first: list[str]
+    second: list[str]
+    stored: list[str]
+
+
+def split_prompt_units(graph: UnitGraph, frozen: set[str], reads: Sequence[str]) -> PromptSplit:
+    """Split the prompt-only units of ``graph`` into those in ``frozen`` and the rest; ``stored`` is what the
+    rest read from the first (and the final versions of ``reads`` the first already make)."""
+    units = prompt_units(graph)
+    first = [u for u in units if u in frozen]
+    second = [u for u in units if u not in frozen]
+    made = {graph.key(v) for u in first for v in graph.writes(u).values()}
+    made.add(graph.dataset_key("prompt"))
+    stored = {graph.key(v) for u in second for v in graph.reads(u).values() if graph.key(v) in made}
+    stored |= {graph.key(graph.final(name)) for name in reads if graph.key(graph.final(name)) in made}
+    return PromptSplit(first, second, sorted(stored))
+
+
+def finish_texts(
+    graph: UnitGraph,
+    split: PromptSplit,
+    stored: Mapping[str, Mapping[str, torch.Tensor]],
+    reads: Sequence[str],
+    context: Callable[[Any], Any],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each text's ``reads`` from its stored values: ``split.second`` run on them (under no_grad)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for text, values in stored.items():
+        env: dict[str, Any] = dict(values)
+        with torch.no_grad():
+            graph.run(split.second, env, context)
+        out[text] = {name: env[graph.key(graph.final(name))] for name in reads}
+    return out
+
+
 def encode_texts(
     graph: UnitGraph,
     units: Sequence[str],
@@ -127,15 +168,19 @@ def encode_texts(
     keep: Sequence[str],
     context: Callable[[Any], Any],
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Run ``units`` on each distinct text (as the value ``prompt``); return text -> the ``keep`` values
-    (CPU tensors), under no_grad."""
+    """Run ``units`` on each distinct text (as the value ``prompt``); return text -> the ``keep`` values (graph
+    keys; tensors to the CPU), under no_grad."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for text in dict.fromkeys(texts):
         env: dict[str, Any] = {graph.dataset_key("prompt"): text}
         with torch.no_grad():
             graph.run(list(units), env, context)
-        out[text] = {name: env[graph.key(graph.final(name))].detach().to("cpu") for name in keep}
+        out[text] = {key: _to_cpu(env[key]) for key in keep}
     return out
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
 
 
 def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

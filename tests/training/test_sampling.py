@@ -172,3 +172,32 @@ def test_each_familys_sample_equals_its_pipeline_from_the_saved_lora(
     auto = [*args, "--cache_dir", str(tmp_path / "caches"), "--output_path", str(tmp_path / "auto")]
     assert cli.main(["train", *auto]) == 0
     assert np.abs(_pixels(tmp_path / "auto" / "samples" / last.name) - trained).max() <= 1
+
+
+def test_a_trained_text_encoder_renders_with_its_trained_layers(in_workspace: Path, tmp_path: Path) -> None:
+    """A text-encoder LoRA on the last layer: stage 1 stores the hidden state at the cut for each sample
+    prompt, and every rendering runs the trained layer on it; the split run's images equal the unsplit run's,
+    which encodes the prompts with the whole trained encoder."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 48 --s 3 --d 7 --l 2.5\n")
+    extra = ("--seed", "2", "--sample_prompts", str(prompts), "--sample_every_n_steps", "4",
+             "--lora_base_model", "dit,text_encoder", "--lora_target_modules",
+             r"dit=to_q,to_k;text_encoder=re:.*layers\.3\.self_attn\.(q|k|v|o)_proj")  # fmt: skip
+    assert cli.main(["train", *train_args(tmp_path / "unsplit", *extra)]) == 0
+    auto = train_args(tmp_path / "auto", *extra, "--cache_dir", str(tmp_path / "caches"))
+    assert cli.main(["train", *auto]) == 0
+    (folder,) = (tmp_path / "caches").iterdir()
+    from safetensors import safe_open
+
+    (stored,) = [
+        p for p in (folder / "samples").iterdir() if "" != safe_open(str(p), "pt").metadata()["text"]
+    ]
+    assert "text_hidden" in safe_open(str(stored), "pt").keys()  # the state at the cut, not the embeddings
+    for name in ("step-000004_epoch-0_00.png", "step-000008_epoch-0_00.png"):
+        assert (
+            np.abs(
+                _pixels(tmp_path / "auto" / "samples" / name)
+                - _pixels(tmp_path / "unsplit" / "samples" / name)
+            ).max()
+            <= 1
+        )
