@@ -130,6 +130,11 @@ def _sample_prompts(run: Run) -> list[samples_.SamplePrompt]:
         return []
     if run.family.sample is None:
         raise UserError(f"--sample_prompts: sample images are not built for the {run.family.name} family yet")
+    if config.extra_input_names:
+        raise UserError(
+            f"--sample_prompts: sample images with reference images (--extra_inputs {config.extra_inputs}) are not "
+            "built yet"
+        )
     defaults = {
         "width": config.sample_width,
         "height": config.sample_height,
