@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
@@ -128,12 +129,13 @@ def _sample_prompts(run: Run) -> list[samples_.SamplePrompt]:
     config = run.config
     if not config.sample_prompts:
         return []
-    if run.family.sample is None:
+    spec = run.family.sample
+    if spec is None:
         raise UserError(f"--sample_prompts: sample images are not built for the {run.family.name} family yet")
-    if config.extra_input_names:
+    if config.extra_input_names and spec.references is None:
         raise UserError(
             f"--sample_prompts: sample images with reference images (--extra_inputs {config.extra_inputs}) are not "
-            "built yet"
+            f"built for the {run.family.name} family yet"
         )
     defaults = {
         "width": config.sample_width,
@@ -142,36 +144,68 @@ def _sample_prompts(run: Run) -> list[samples_.SamplePrompt]:
         "seed": config.seed,
         "guidance": config.sample_guidance_scale,
     }
-    return samples_.parse_sample_prompts(config.sample_prompts, defaults)
+    prompts = samples_.parse_sample_prompts(config.sample_prompts, defaults)
+    editing = bool(config.extra_input_names)
+    for p in prompts:
+        if editing != bool(p.images):
+            need = (
+                "needs reference images (--i a.png[,b.png])" if editing else "has --i but this run has none"
+            )
+            raise UserError(f"--sample_prompts {config.sample_prompts}: prompt {p.index + 1} {need}")
+    return prompts
+
+
+def _conditions(prompts: list[samples_.SamplePrompt]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each prompt's and negative prompt's key (text and reference images) -> (text, images)."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for p in prompts:
+        for text in (p.prompt, p.negative):
+            out[samples_.condition(text, p.images)] = (text, p.images)
+    return out
 
 
 def _prompt_split(run: Run, plan: SplitPlan) -> samples_.PromptSplit:
     """Which prompt-only units of ``plan`` run once (its stage 1) and which at each rendering (the trained)."""
     assert run.family.sample is not None
-    return samples_.split_prompt_units(plan.graph, set(plan.stage1), run.family.sample.reads)
+    inputs = ("prompt", *run.config.extra_input_names)
+    return samples_.split_prompt_units(plan.graph, set(plan.stage1), run.family.sample.reads, inputs)
 
 
 def _frozen_context(run: Run) -> Any:
     return lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype)
 
 
+def _encode_conditions(
+    run: Run, plan: SplitPlan, conditions: dict[str, tuple[str, tuple[str, ...]]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    spec = run.family.sample
+    assert spec is not None
+    split = _prompt_split(run, plan)
+    image_input = run.config.extra_input_names[0] if run.config.extra_input_names else None
+    references = None
+    if spec.references is not None and image_input is not None:
+        references = lambda images: spec.references(run.models, images)  # noqa: E731
+    return samples_.encode_texts(
+        plan.graph, split.first, conditions, split.stored, _frozen_context(run), image_input, references
+    )
+
+
 def _store_sample_prompts(run: Run, folder: Path) -> None:
-    """Stage 1: run the frozen prompt-only units on the sample prompts (and negative prompts) the cache's
+    """Stage 1: run the frozen prompt units on the sample prompts (and negative prompts) the cache's
     ``samples/`` lacks, and store what rendering needs of them."""
     prompts = _sample_prompts(run)
     if not prompts or not process_state().is_main_process:
         return
-    texts = [t for p in prompts for t in (p.prompt, p.negative)]
     target = folder / SAMPLES_DIR
-    missing = [
-        t for t in dict.fromkeys(texts) if not (target / f"{samples_.text_key(t)}.safetensors").is_file()
-    ]
+    missing = {
+        key: value
+        for key, value in _conditions(prompts).items()
+        if not (target / f"{samples_.text_key(key)}.safetensors").is_file()
+    }
     if missing:
-        split = _prompt_split(run, run.plan)
-        encoded = samples_.encode_texts(
-            run.plan.graph, split.first, missing, split.stored, _frozen_context(run)
-        )
-        samples_.store_texts(target, encoded)
+        # The plan stage 2 will make (with the cache's sizes), so what is stored is what it reads.
+        plan = run.split_plan(existing_identity(folder).get("value_bytes"))
+        samples_.store_texts(target, _encode_conditions(run, plan, missing))
 
 
 def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None:
@@ -188,21 +222,33 @@ def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None
     spec = run.family.sample
     assert spec is not None
     run.models.require(spec.decoder, flag=MODEL_FLAG)
-    texts = [t for p in prompts for t in (p.prompt, p.negative)]
+    conditions = _conditions(prompts)
     split = _prompt_split(run, plan)
     if folder is None:
-        stored = samples_.encode_texts(plan.graph, split.first, texts, split.stored, _frozen_context(run))
+        stored = _encode_conditions(run, plan, conditions)
     else:
         hint = f"run stage 1 with --sample_prompts {config.sample_prompts}"
-        stored = samples_.load_texts(folder / SAMPLES_DIR, texts, hint)
+        stored = samples_.load_texts(folder / SAMPLES_DIR, list(conditions), hint)
 
     def render(components: Any) -> list[tuple[str, Any]]:
         context = lambda unit: unit_context(unit, components, run.options, None, run.device, run.dtype)  # noqa: E731
         encoded = samples_.finish_texts(plan.graph, split, stored, spec.reads, context)
-        return [
-            (f"{p.index:02d}", spec.render(components, encoded[p.prompt], encoded[p.negative], p))
-            for p in prompts
-        ]
+        images = []
+        for p in prompts:
+            positive, negative = (
+                samples_.condition(p.prompt, p.images),
+                samples_.condition(p.negative, p.images),
+            )
+            extra: dict[str, Any] = {}
+            if p.images:
+                extra["images"] = [ImageOps.exif_transpose(Image.open(i)).convert("RGB") for i in p.images]
+                extra["references"] = [
+                    stored[positive][f"reference_latent_{i}"] for i in range(len(p.images))
+                ]
+            images.append(
+                (f"{p.index:02d}", spec.render(components, encoded[positive], encoded[negative], p, **extra))
+            )
+        return images
 
     return Sampling(render, config.sample_every_n_steps, config.sample_every_n_epochs, config.sample_at_first)
 

@@ -188,12 +188,16 @@ class SampleSpec:
             pipeline on the trained transformer, ``prompt_embeds=`` passed in.
         guidance: ``sample prompt -> {argument: value}``: how ``--l`` (and the negative prompt) reach the
             pipeline's call (``true_cfg_scale`` for Qwen-Image, ``guidance_scale`` for others).
+        references: for an editing model, ``(components, PIL images) -> [latents]``: each reference image as
+            the pipeline's ``_encode_vae_image`` returns it (stage 1, with the VAE's encoder); ``render`` then
+            gets ``images=`` and ``references=`` and hands the pipeline the stored latents instead of encoding.
     """
 
     reads: tuple[str, ...]
     decoder: str
     render: Callable[..., Any]
     guidance: Callable[[Any], dict[str, Any]]
+    references: Callable[[Any, list[Any]], list[Any]] | None = None
 
 
 @dataclass(frozen=True, eq=False)

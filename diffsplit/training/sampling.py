@@ -38,6 +38,7 @@ OPTIONS = {
     "--d": "seed",
     "--l": "guidance",
     "--n": "negative",
+    "--i": "images",
 }
 
 
@@ -53,6 +54,7 @@ class SamplePrompt:
     steps: int
     seed: int
     guidance: float
+    images: tuple[str, ...] = ()
 
 
 def parse_sample_prompts(path: str | Path, defaults: Mapping[str, Any]) -> list[SamplePrompt]:
@@ -75,7 +77,7 @@ def parse_sample_prompts(path: str | Path, defaults: Mapping[str, Any]) -> list[
             continue
         where = f"--sample_prompts {path} line {number}"
         head, *rest = (" " + text).split(" --")
-        values: dict[str, Any] = dict(defaults, negative="")
+        values: dict[str, Any] = dict(defaults, negative="", images=())
         for option in rest:
             name, _, value = option.partition(" ")
             key = OPTIONS.get(f"--{name}")
@@ -85,6 +87,17 @@ def parse_sample_prompts(path: str | Path, defaults: Mapping[str, Any]) -> list[
             value = value.strip()
             if key == "negative":
                 values[key] = shlex.split(value)[0] if value.startswith(('"', "'")) and value else value
+                continue
+            if key == "images":  # reference images of an editing model, relative to the prompts file
+                images = tuple(
+                    str((path.parent / v.strip()).resolve()) for v in value.split(",") if v.strip()
+                )
+                missing = [i for i in images if not Path(i).is_file()]
+                if not images or missing:
+                    raise UserError(
+                        f"{where}: --i names no image file ({missing[0] if missing else value!r})"
+                    )
+                values[key] = images
                 continue
             try:
                 values[key] = float(value) if key == "guidance" else int(value)
@@ -102,15 +115,26 @@ def parse_sample_prompts(path: str | Path, defaults: Mapping[str, Any]) -> list[
     return prompts
 
 
+def condition(text: str, images: Sequence[str] = ()) -> str:
+    """What a sample's stored values are keyed by: the text, and the reference images' bytes when it has any."""
+    if not images:
+        return text
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(Path(image).read_bytes())
+    return f"{text}\x00{digest.hexdigest()[:32]}"
+
+
 def text_key(text: str) -> str:
-    """The file name stem of a text's stored embeddings: its sha256, 32 hex characters."""
+    """The file name stem of a condition's stored values: its sha256, 32 hex characters."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def prompt_units(graph: UnitGraph) -> list[str]:
-    """The units of ``graph`` (in order) that compute from the prompt alone: what encoding a sample prompt
-    runs (tokenize, the text encoder; not the image or noise units)."""
-    known = {"prompt"}
+def prompt_units(graph: UnitGraph, inputs: Sequence[str] = ("prompt",)) -> list[str]:
+    """The units of ``graph`` (in order) that compute from the prompt (and the reference images ``inputs``
+    names) alone: what encoding a sample prompt runs (tokenize, the text encoder; not the target image's or
+    the noise's units)."""
+    known = set(inputs)
     chosen = []
     for unit in graph.units:
         if unit.stochastic or not unit.inputs or not set(unit.inputs) <= known:
@@ -131,14 +155,22 @@ class PromptSplit:
     stored: list[str]
 
 
-def split_prompt_units(graph: UnitGraph, frozen: set[str], reads: Sequence[str]) -> PromptSplit:
+def split_prompt_units(
+    graph: UnitGraph, frozen: set[str], reads: Sequence[str], inputs: Sequence[str] = ("prompt",)
+) -> PromptSplit:
     """Split the prompt-only units of ``graph`` into those in ``frozen`` and the rest; ``stored`` is what the
     rest read from the first (and the final versions of ``reads`` the first already make)."""
-    units = prompt_units(graph)
+    units = prompt_units(graph, inputs)
+    # Only what the rendering's values come from (not, say, an editing model's reference latents).
+    needed = {graph.key(graph.final(name)) for name in reads}
+    for unit in reversed(units):
+        if any(graph.key(v) in needed for v in graph.writes(unit).values()):
+            needed |= {graph.key(v) for v in graph.reads(unit).values()}
+    units = [u for u in units if any(graph.key(v) in needed for v in graph.writes(u).values())]
     first = [u for u in units if u in frozen]
     second = [u for u in units if u not in frozen]
     made = {graph.key(v) for u in first for v in graph.writes(u).values()}
-    made.add(graph.dataset_key("prompt"))
+    made |= {graph.dataset_key(name) for name in inputs if name == "prompt"}
     stored = {graph.key(v) for u in second for v in graph.reads(u).values() if graph.key(v) in made}
     stored |= {graph.key(graph.final(name)) for name in reads if graph.key(graph.final(name)) in made}
     return PromptSplit(first, second, sorted(stored))
@@ -164,18 +196,30 @@ def finish_texts(
 def encode_texts(
     graph: UnitGraph,
     units: Sequence[str],
-    texts: Sequence[str],
+    conditions: Mapping[str, tuple[str, Sequence[str]]],
     keep: Sequence[str],
     context: Callable[[Any], Any],
+    image_input: str | None = None,
+    references: Callable[[list[Any]], list[torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Run ``units`` on each distinct text (as the value ``prompt``); return text -> the ``keep`` values (graph
-    keys; tensors to the CPU), under no_grad."""
+    """Run ``units`` on each condition (its text as the value ``prompt``, its reference images, opened, as
+    ``image_input``); return condition -> the ``keep`` values (graph keys; tensors to the CPU), and with
+    ``references`` the images' latents as the pipeline encodes them (``reference_latent_<i>``), under no_grad."""
+    from PIL import Image, ImageOps
+
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for text in dict.fromkeys(texts):
+    for key, (text, paths) in conditions.items():
         env: dict[str, Any] = {graph.dataset_key("prompt"): text}
+        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths]
+        if image_input is not None:
+            env[graph.dataset_key(image_input)] = images
         with torch.no_grad():
             graph.run(list(units), env, context)
-        out[text] = {key: _to_cpu(env[key]) for key in keep}
+            out[key] = {name: _to_cpu(env[name]) for name in keep}
+            if references is not None and images:
+                out[key].update(
+                    {f"reference_latent_{i}": _to_cpu(t) for i, t in enumerate(references(images))}
+                )
     return out
 
 
@@ -209,7 +253,8 @@ def load_texts(folder: Path, texts: Sequence[str], stage1_hint: str) -> dict[str
     for text in dict.fromkeys(texts):
         path = folder / f"{text_key(text)}.safetensors"
         if not path.is_file():
-            raise UserError(f"no stored embedding for the sample prompt '{text[:60]}'; {stage1_hint}")
+            shown = text.split("\x00")[0][:60]
+            raise UserError(f"no stored embedding for the sample prompt '{shown}'; {stage1_hint}")
         with safe_open(str(path), framework="pt") as handle:
             out[text] = {k: handle.get_tensor(k) for k in handle.keys()}
     return out

@@ -47,7 +47,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
-    in_workspace: Path, tmp_path: Path
+    in_workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --w 64 --h 48 --s 3 --d 7 --l 2.5\n")
@@ -116,6 +116,18 @@ def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
     assert vae_reads and not any(k.startswith("vae/encoder.") for k in vae_reads), vae_reads
     split = _pixels(tmp_path / "split" / "samples" / names[-1])
     assert np.abs(split - final).max() <= 1
+
+    # A prompt stage 1 did not encode: one line saying to run stage 1 with the file.
+    prompts.write_text("a green triangle --w 64 --h 48 --s 3\n")
+    again = _replace(
+        _replace(stage2, "--model_id_with_origin_paths", models), "--output_path", str(tmp_path / "x")
+    )
+    assert cli.main(["train", *again]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert (
+        len(lines) == 1 and "a green triangle" in lines[0] and "run stage 1 with --sample_prompts" in lines[0]
+    )
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ the negative prompt above 1 for the base model; the distilled model samples at 1
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,13 +22,31 @@ def guidance(prompt: Any) -> dict[str, Any]:
     return {"guidance_scale": prompt.guidance}
 
 
+def references(components: Mapping[str, Any], images: Sequence[Any]) -> list[torch.Tensor]:
+    """Each reference image as ``Flux2KleinPipeline`` encodes it (``image=``): its preprocessing, then
+    ``_encode_vae_image`` (the posterior's mode, patchified and normalised) -> ``[1, 128, h, w]`` each."""
+    from diffusers import Flux2KleinPipeline
+
+    from diffsplit.families.flux2_klein.references import reference_pixels
+
+    vae = components["vae"]
+    pipe = Flux2KleinPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None)
+    return [
+        pipe._encode_vae_image(reference_pixels(i).to(device=vae.device, dtype=vae.dtype), generator=None)
+        for i in images
+    ]
+
+
 def render(
     components: Mapping[str, Any],
     embeds: Mapping[str, torch.Tensor],
     negative: Mapping[str, torch.Tensor],
     prompt: Any,
+    images: Sequence[Any] = (),
+    references: Sequence[torch.Tensor] = (),
 ) -> Any:
-    """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`)."""
+    """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`), with its
+    reference ``images`` (their stored latents ``references``) when training an editing model."""
     from diffusers import Flux2KleinPipeline
 
     dit = components["dit"]
@@ -46,7 +64,12 @@ def render(
         transformer=dit,
     )
     pipe.set_progress_bar_config(disable=True)
+    stored = iter(references)
+    # prepare_image_latents encodes each reference in order with _encode_vae_image: hand it the stored latents.
+    pipe._encode_vae_image = lambda image, generator: next(stored).to(image.device, image.dtype)
+    reference = {"image": list(images)} if images else {}
     return pipe(
+        **reference,
         prompt_embeds=positive,
         negative_prompt_embeds=negative_embeds,
         height=prompt.height,
@@ -58,4 +81,6 @@ def render(
     ).images[0]
 
 
-SAMPLE = SampleSpec(reads=("prompt_embeds",), decoder=DECODER, render=render, guidance=guidance)
+SAMPLE = SampleSpec(
+    reads=("prompt_embeds",), decoder=DECODER, render=render, guidance=guidance, references=references
+)

@@ -17,7 +17,7 @@ from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
 from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.qwen_image_edit import tiny, units
+from diffsplit.families.qwen_image_edit import sampling, tiny, units
 from diffsplit.families.qwen_image_edit.components import COMPONENTS
 
 
@@ -71,4 +71,5 @@ FAMILY = Family(
     stage1_batches=lambda options: False,
     check_models=units.check_models,
     reference_size=units.reference_size,
+    sample=sampling.SAMPLE,
 )

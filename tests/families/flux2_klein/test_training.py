@@ -238,3 +238,37 @@ def test_a_reference_the_pipeline_refuses_is_one_line_naming_row_and_file(
     assert cli.main(["train", *edit_args(tmp_path / "out", data, "--skip_bad_samples")]) == 0
     skipped = json.loads((tmp_path / "out" / "skipped_samples.json").read_text())
     assert [r["row"] for r in skipped] == [3]
+
+
+def test_sample_images_with_a_reference_equal_the_pipelines_from_the_saved_lora(
+    in_klein: Path, klein_model: Path, tmp_path: Path
+) -> None:
+    """``--i`` gives a sample prompt its reference image; stage 1 stores the reference's latents, so the
+    rendering (the pipeline's ``image=`` path) needs no VAE encoder; it equals ``Flux2KleinPipeline(image=...)``
+    from the saved LoRA."""
+    import numpy as np
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from PIL import Image
+
+    from diffsplit.example_data import make_edit_dataset
+
+    data = make_edit_dataset(tmp_path / "edit")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        f"make it blue --w 64 --h 48 --s 3 --d 7 --l 1.0 --i {data / 'refs' / 'ref_1_a.png'}\n"
+    )
+    extra = ("--seed", "5", "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1")
+    assert (
+        cli.main(["train", *edit_args(tmp_path / "auto", data, *extra, "--cache_dir", str(tmp_path / "c"))])
+        == 0
+    )
+    (sample,) = (tmp_path / "auto" / "samples").iterdir()
+    pipe = Flux2KleinPipeline.from_pretrained(str(klein_model))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "auto" / "epoch-0.safetensors"))
+    reference = Image.open(data / "refs" / "ref_1_a.png").convert("RGB")
+    image = pipe(image=[reference], prompt="make it blue", height=48, width=64, num_inference_steps=3,
+                 guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(7)).images[0]  # fmt: skip
+    ours = np.asarray(Image.open(sample).convert("RGB"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - ours).max() <= 1

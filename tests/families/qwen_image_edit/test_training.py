@@ -185,3 +185,44 @@ def test_the_seed_style_command_runs_under_accelerate_and_its_lora_loads_in_diff
     fused = pipe.transformer.get_submodule(module)
     fused = getattr(fused, "base_layer", fused).weight  # peft keeps the fused weight in its base layer
     assert not torch.equal(fused, base[f"{module}.weight"]) and torch.allclose(fused, expected, atol=1e-6)
+
+
+def test_sample_images_with_a_reference_equal_the_pipelines_from_the_saved_lora(
+    in_edit: Path, edit_model: Path, edit_processor: object
+) -> None:
+    """A sample prompt with a reference image (``--i``): stage 1 stores the prompt's embeddings (made with the
+    image) and the image's latents at the pipeline's size; the rendering equals ``QwenImageEditPlusPipeline``
+    from the saved LoRA, whose own processor and VAE encoder see the image."""
+    import numpy as np
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    reference = Image.new("RGB", (40, 56), (200, 30, 30))  # the pipeline sizes it to about 1024x1024 px
+    reference.save(in_edit / "ref.png")
+    (in_edit / "prompts.txt").write_text("make it blue --w 64 --h 48 --s 2 --d 7 --l 1.0 --i ref.png\n")
+    extra = ("--seed", "4", "--sample_prompts", "prompts.txt", "--sample_every_n_epochs", "1")
+    assert cli.main(["train", *edit_args("auto", *extra, "--cache_dir", "caches")]) == 0
+    (sample,) = (in_edit / "auto" / "samples").iterdir()
+
+    root = str(edit_model)
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
+        vae=AutoencoderKLQwenImage.from_pretrained(root, subfolder="vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(str(edit_model / "text_encoder")),
+        tokenizer=AutoTokenizer.from_pretrained(str(edit_model / "tokenizer")),
+        processor=edit_processor,
+        transformer=QwenImageTransformer2DModel.from_pretrained(root, subfolder="transformer"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(in_edit / "auto" / "epoch-0.safetensors"))
+    image = pipe(image=[reference], prompt="make it blue", height=48, width=64, num_inference_steps=2,
+                 true_cfg_scale=1.0, generator=torch.Generator("cpu").manual_seed(7)).images[0]  # fmt: skip
+    ours = np.asarray(Image.open(sample).convert("RGB"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - ours).max() <= 1
