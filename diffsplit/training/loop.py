@@ -309,13 +309,16 @@ def run_training(
         return unit_context(unit, validation_components, options, generator, accelerator.device, dtype)
 
     validation_cost: list[float] = []
+    # How much each raised the process's peak resident memory (MiB): what they cost beyond training.
+    extra_memory = {"validation": 0.0, "sampling": 0.0}
 
     def validate(step: int, epoch: int) -> None:
         if validation is None or not accelerator.is_main_process:
             return
-        began = time.perf_counter()
+        began, peak = time.perf_counter(), _peak_rss_mib()
         value = validation_loss(step_plan, validation, validation_context, accelerator.device)
         validation_cost.append(time.perf_counter() - began)
+        extra_memory["validation"] = max(extra_memory["validation"], _peak_rss_mib() - peak)
         outputs.validation_loss(step, epoch, value)
         if tensorboard_on(config):
             accelerator.log({"validation_loss": value}, step=step)
@@ -327,10 +330,11 @@ def run_training(
             return
         import io
 
-        began = time.perf_counter()
+        began, peak = time.perf_counter(), _peak_rss_mib()
         with torch.no_grad():
             images = sampling.render(validation_components)
         sampling_cost.append(time.perf_counter() - began)
+        extra_memory["sampling"] = max(extra_memory["sampling"], _peak_rss_mib() - peak)
         for suffix, image in images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
@@ -433,13 +437,14 @@ def run_training(
         if sampling_cost:
             print(
                 f"sampling: {len(sampling_cost)} rendering(s), {sum(sampling_cost) / len(sampling_cost):.2f}s each, "
-                f"{sum(sampling_cost):.1f}s in all",
+                f"{sum(sampling_cost):.1f}s in all, peak memory +{extra_memory['sampling']:.0f} MiB",
                 file=sys.stderr,
             )
         if validation_cost:
             print(
                 f"validation: {len(validation_cost)} evaluation(s) of {len(validation.sample_ids)} row(s), "
-                f"{sum(validation_cost) / len(validation_cost):.2f}s each, {sum(validation_cost):.1f}s in all",
+                f"{sum(validation_cost) / len(validation_cost):.2f}s each, {sum(validation_cost):.1f}s in all, "
+                f"peak memory +{extra_memory['validation']:.0f} MiB",
                 file=sys.stderr,
             )
     accelerator.wait_for_everyone()
@@ -473,6 +478,13 @@ class ComponentOverlay(Mapping):
 
     def __len__(self) -> int:
         return len(dict.fromkeys([*self.overrides, *self.base]))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _stop_if_any_failed(accelerator: Accelerator, error: str | None) -> None:
