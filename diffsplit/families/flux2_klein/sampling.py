@@ -4,17 +4,18 @@ the negative prompt above 1 for the base model; the distilled model samples at 1
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffsplit.families.base import SampleSpec
-
-DECODER = "vae-encoder"
-"""The VAE without its encoder (:mod:`diffsplit.planner.modules`): all that decoding needs (its batch-norm
-statistics included)."""
+from diffsplit.families.common.sampling import (
+    DECODER,
+    call_arguments,
+    sampling_pipeline,
+    use_stored_references,
+)
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
@@ -49,34 +50,19 @@ def render(
     reference ``images`` (their stored latents ``references``) when training an editing model."""
     from diffusers import Flux2KleinPipeline
 
-    dit = components["dit"]
-    device = next(dit.parameters()).device
+    pipe, device = sampling_pipeline(Flux2KleinPipeline, components)
     positive, negative_embeds = embeds["prompt_embeds"].to(device), negative["prompt_embeds"].to(device)
-    if isinstance(dit.context_embedder, torch.nn.Identity):
+    if isinstance(components["dit"].context_embedder, torch.nn.Identity):
         # Stage 2 of a run whose text projection was split off: project here, as the whole transformer would.
         projection = components["dit.context_embedder"]
         positive, negative_embeds = projection(positive), projection(negative_embeds)
-    pipe = Flux2KleinPipeline(
-        scheduler=copy.deepcopy(components["scheduler"]),  # set_timesteps changes it
-        vae=components[DECODER],
-        text_encoder=None,
-        tokenizer=None,
-        transformer=dit,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    stored = iter(references)
-    # prepare_image_latents encodes each reference in order with _encode_vae_image: hand it the stored latents.
-    pipe._encode_vae_image = lambda image, generator: next(stored).to(image.device, image.dtype)
+    use_stored_references(pipe, references)
     reference = {"image": list(images)} if images else {}
     return pipe(
         **reference,
         prompt_embeds=positive,
         negative_prompt_embeds=negative_embeds,
-        height=prompt.height,
-        width=prompt.width,
-        num_inference_steps=prompt.steps,
-        generator=torch.Generator("cpu").manual_seed(prompt.seed),
-        output_type="pil",
+        **call_arguments(prompt),
         **guidance(prompt),
     ).images[0]
 

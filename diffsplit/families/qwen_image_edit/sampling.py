@@ -5,16 +5,19 @@ are sized as the pipeline sizes them (about 1024² pixels), whatever ``--edit_im
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffsplit.families.base import SampleSpec
-
-DECODER = "vae-encoder"
-"""The VAE without its encoder (:mod:`diffsplit.planner.modules`): all that decoding needs."""
+from diffsplit.families.common.sampling import (
+    DECODER,
+    call_arguments,
+    sampling_pipeline,
+    use_stored_references,
+)
+from diffsplit.families.qwen_image.sampling import embedding_arguments
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
@@ -58,28 +61,12 @@ def render(
     references: Sequence[torch.Tensor] = (),
 ) -> Any:
     """One sample image (PIL) for ``prompt`` with its reference ``images`` (their latents ``references``)."""
-    dit = components["dit"]
-    device = next(dit.parameters()).device
-    pipe = _pipeline(
-        scheduler=copy.deepcopy(components["scheduler"]), vae=components[DECODER], transformer=dit
-    )
-    pipe.set_progress_bar_config(disable=True)
-    stored = iter(references)
-    # prepare_latents encodes each reference in order with _encode_vae_image: hand it the stored latents.
-    pipe._encode_vae_image = lambda image, generator: next(stored).to(image.device, image.dtype)
-    return pipe(
-        image=list(images),
-        prompt_embeds=embeds["prompt_embeds"].to(device),
-        prompt_embeds_mask=embeds["prompt_embeds_mask"].to(device),
-        negative_prompt_embeds=negative["prompt_embeds"].to(device),
-        negative_prompt_embeds_mask=negative["prompt_embeds_mask"].to(device),
-        height=prompt.height,
-        width=prompt.width,
-        num_inference_steps=prompt.steps,
-        generator=torch.Generator("cpu").manual_seed(prompt.seed),
-        output_type="pil",
-        **guidance(prompt),
-    ).images[0]
+    from diffusers import QwenImageEditPlusPipeline
+
+    pipe, device = sampling_pipeline(QwenImageEditPlusPipeline, components, processor=None)
+    use_stored_references(pipe, references)
+    arguments = embedding_arguments(embeds, negative, device)
+    return pipe(image=list(images), **arguments, **call_arguments(prompt), **guidance(prompt)).images[0]
 
 
 SAMPLE = SampleSpec(

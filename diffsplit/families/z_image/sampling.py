@@ -4,16 +4,13 @@ against the negative prompt above 1; Z-Image-Turbo samples at 1 or below)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from diffsplit.families.base import SampleSpec
-
-DECODER = "vae-encoder"
-"""The VAE without its encoder (:mod:`diffsplit.planner.modules`): all that decoding needs."""
+from diffsplit.families.common.sampling import DECODER, call_arguments, sampling_pipeline
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
@@ -30,25 +27,12 @@ def render(
     """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`)."""
     from diffusers import ZImagePipeline
 
-    dit = components["dit"]
-    pipe = ZImagePipeline(
-        scheduler=copy.deepcopy(components["scheduler"]),  # set_timesteps changes it
-        vae=components[DECODER],
-        text_encoder=None,
-        tokenizer=None,
-        transformer=dit,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    device = next(dit.parameters()).device
+    pipe, device = sampling_pipeline(ZImagePipeline, components)
     # The pipeline takes one [L, D] tensor per prompt.
     return pipe(
         prompt_embeds=[embeds["prompt_embeds"][0].to(device)],
         negative_prompt_embeds=[negative["prompt_embeds"][0].to(device)],
-        height=prompt.height,
-        width=prompt.width,
-        num_inference_steps=prompt.steps,
-        generator=torch.Generator("cpu").manual_seed(prompt.seed),
-        output_type="pil",
+        **call_arguments(prompt),
         **guidance(prompt),
     ).images[0]
 
