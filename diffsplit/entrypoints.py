@@ -196,16 +196,17 @@ def _store_sample_prompts(run: Run, folder: Path) -> None:
     prompts = _sample_prompts(run)
     if not prompts or not process_state().is_main_process:
         return
-    target = folder / SAMPLES_DIR
+    target, identity = folder / SAMPLES_DIR, existing_identity(folder)
+    salt = cache.fingerprint(identity)
     missing = {
         key: value
         for key, value in _conditions(prompts).items()
-        if not (target / f"{samples_.text_key(key)}.safetensors").is_file()
+        if not (target / f"{samples_.text_key(key, salt)}.safetensors").is_file()
     }
     if missing:
         # The plan stage 2 will make (with the cache's sizes), so what is stored is what it reads.
-        plan = run.split_plan(existing_identity(folder).get("value_bytes"))
-        samples_.store_texts(target, _encode_conditions(run, plan, missing))
+        plan = run.split_plan(identity.get("value_bytes"))
+        samples_.store_texts(target, _encode_conditions(run, plan, missing), salt)
 
 
 def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None:
@@ -228,7 +229,8 @@ def _sampling(run: Run, plan: SplitPlan, folder: Path | None) -> Sampling | None
         stored = _encode_conditions(run, plan, conditions)
     else:
         hint = f"run stage 1 with --sample_prompts {config.sample_prompts}"
-        stored = samples_.load_texts(folder / SAMPLES_DIR, list(conditions), hint)
+        salt = cache.fingerprint(existing_identity(folder))
+        stored = samples_.load_texts(folder / SAMPLES_DIR, list(conditions), hint, salt)
 
     def render(components: Any) -> list[tuple[str, Any]]:
         context = lambda unit: unit_context(unit, components, run.options, None, run.device, run.dtype)  # noqa: E731

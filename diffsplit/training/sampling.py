@@ -125,9 +125,10 @@ def condition(text: str, images: Sequence[str] = ()) -> str:
     return f"{text}\x00{digest.hexdigest()[:32]}"
 
 
-def text_key(text: str) -> str:
-    """The file name stem of a condition's stored values: its sha256, 32 hex characters."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+def text_key(text: str, salt: str = "") -> str:
+    """The file name stem of a condition's stored values: the sha256 of the cache's fingerprint (``salt``) and
+    the condition, 32 hex characters; values stored for a cache since rebuilt differently are never used."""
+    return hashlib.sha256(f"{salt}\x00{text}".encode()).hexdigest()[:32]
 
 
 def prompt_units(graph: UnitGraph, inputs: Sequence[str] = ("prompt",)) -> list[str]:
@@ -227,13 +228,13 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
 
 
-def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]], salt: str = "") -> None:
     """Write each text's values as ``folder/<text_key>.safetensors`` (the text in its metadata), atomically."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     for text, values in encoded.items():
-        target = folder / f"{text_key(text)}.safetensors"
+        target = folder / f"{text_key(text, salt)}.safetensors"
         if target.is_file():
             continue
         tmp = target.with_suffix(".tmp")
@@ -241,7 +242,9 @@ def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]])
         tmp.replace(target)
 
 
-def load_texts(folder: Path, texts: Sequence[str], stage1_hint: str) -> dict[str, dict[str, torch.Tensor]]:
+def load_texts(
+    folder: Path, texts: Sequence[str], stage1_hint: str, salt: str = ""
+) -> dict[str, dict[str, torch.Tensor]]:
     """The stored values of ``texts``.
 
     Raises:
@@ -251,7 +254,7 @@ def load_texts(folder: Path, texts: Sequence[str], stage1_hint: str) -> dict[str
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for text in dict.fromkeys(texts):
-        path = folder / f"{text_key(text)}.safetensors"
+        path = folder / f"{text_key(text, salt)}.safetensors"
         if not path.is_file():
             shown = text.split("\x00")[0][:60]
             raise UserError(f"no stored embedding for the sample prompt '{shown}'; {stage1_hint}")
