@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from diffsplit.config import TrainConfig, _OneLineParser, add_train_arguments, config_from_args
+from diffsplit.config import TrainConfig, _OneLineParser, _positive, add_train_arguments, config_from_args
 from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families import family_names
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--output", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", default=None, help="tiny (default) or proportioned (benchmarks)")
+    tiny.add_argument(
+        "--num_layers",
+        type=_positive(int),
+        default=None,
+        help="the transformer's number of blocks (default: the size's), to measure per-block effects",
+    )
 
     example = sub.add_parser(
         "make-example-dataset", help="write a few small images and their metadata (.csv, or .json for edit)"
@@ -110,7 +116,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         family = get_family(args.family)
         size = args.size or family.tiny.sizes[0]
-        path = family.tiny.build(args.output, seed=args.seed, size=size)
+        extra = {} if args.num_layers is None else {"num_layers": args.num_layers}
+        path = family.tiny.build(args.output, seed=args.seed, size=size, **extra)
         print(f"wrote a random-weight {size} {family.name} to {path}")
         return 0
     if args.command == "make-example-dataset":
@@ -180,7 +187,7 @@ _TRAINING_ONLY = (
     "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps batch_size lr_scheduler "
     "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
     "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
-    "remove_prefix_in_ckpt timestep_weighting"
+    "remove_prefix_in_ckpt timestep_weighting customized_optimizer"
 ).split()
 _STAGE2_INERT = (
     "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache "

@@ -59,6 +59,7 @@ class TrainConfig:
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+    customized_optimizer: str | None = None
     num_epochs: int = 1
     max_train_steps: int | None = None
     gradient_accumulation_steps: int = 1
@@ -271,6 +272,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--learning_rate", type=_positive(float), default=d.learning_rate)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument(
+        "--customized_optimizer",
+        help="the optimizer's dotted class path (default torch.optim.AdamW), e.g. torch.optim.Adam or "
+        "bitsandbytes.optim.AdamW8bit",
+    )
     g.add_argument("--num_epochs", type=_positive(int), default=d.num_epochs)
     g.add_argument("--max_train_steps", type=_positive(int))
     g.add_argument(

@@ -33,6 +33,7 @@ from diffsplit.storage.resolve import resolve_flags, used_flags
 from diffsplit.storage.sizing import Sizing, sizing_for
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
+from diffsplit.training.optimizers import optimizer_class
 
 MODEL_FLAG = "--model_id_with_origin_paths"
 
@@ -92,6 +93,8 @@ class Run:
         entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
         family = detect_family(entries, config.family, config.extra_input_names)
         _check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
+        if task.stage != "data_process":
+            optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
         if task.name not in family.tasks:
             raise UserError(
                 f"--task {config.task}: the {family.name} family supports {', '.join(family.tasks)}"

@@ -149,7 +149,8 @@ class TinyModel:
     """``diffsplit make-tiny <family>``: a random-weight model in the real repository layout, offline.
 
     Attributes:
-        build: ``(output, seed=..., size=...) -> Path``.
+        build: ``(output, seed=..., size=..., num_layers=None) -> Path`` (``num_layers``: the transformer's
+            number of blocks, ``make-tiny --num_layers``).
         sizes: the sizes ``build`` accepts, the first the default (``"tiny"``: fast tests and the demo;
             ``"proportioned"``: the real model's cost ratios, for benchmarks).
     """

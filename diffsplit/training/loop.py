@@ -38,6 +38,7 @@ from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
 from diffsplit.training.batches import BatchSampler, batches_per_pass, epoch_plan, usable_batches
 from diffsplit.training.collate import collate
+from diffsplit.training.optimizers import make_optimizer
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
 from diffsplit.training.rng import keyed_generator
 from diffsplit.training.trainable import save_checkpoint
@@ -240,7 +241,7 @@ def run_training(
     params = [p for m in trained.values() for p in lora.trainable_parameters(m)]
     if not params:
         raise UserError("no trainable parameters: check --lora_target_modules / --trainable_models")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config.customized_optimizer, params, config.learning_rate, config.weight_decay)
     passes = config.num_epochs * config.dataset_repeat
     accumulation = config.gradient_accumulation_steps
     num_batches = batches_per_pass(groups, config.batch_size)

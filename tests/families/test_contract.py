@@ -81,3 +81,25 @@ def test_an_option_without_a_flag_is_refused() -> None:
 
     with pytest.raises(TypeError, match="guidance_shift is no flag"):
         options_from_config(Options, TrainConfig())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_make_tiny_num_layers_sets_the_transformers_depth(name: str, tmp_path) -> None:
+    """``make-tiny --num_layers N``: the transformer has N (main) blocks and loads as the family's class."""
+    import json
+
+    from diffsplit import cli
+    from diffsplit.families import get_family
+
+    family = get_family(name)
+    assert cli.main(["make-tiny", name, "--output", str(tmp_path / "m"), "--num_layers", "3"]) == 0
+    config = json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())
+    depth = {k: v for k, v in config.items() if k in ("num_layers", "n_layers", "num_single_layers")}
+    assert 3 in depth.values(), depth
+    dit = next(s for s in family.components if s.name == "dit")
+    import diffusers
+    import torch
+
+    model = getattr(diffusers, dit.classes[0]).from_pretrained(str(tmp_path / "m"), subfolder="transformer")
+    blocks = [m for _, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
+    assert any(len(b) == 3 for b in blocks)

@@ -27,11 +27,11 @@ class KleinOptions(ImageOptions):
     edit_image_max_pixels: int | None = None
 
 
-def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny", num_layers: int | None = None) -> Path:
     """``make-tiny flux2-klein --output DIR``: the distilled model, or the base model when DIR's name has
     ``base`` in it (``models/black-forest-labs/FLUX.2-klein-base-4B``), as the real repositories are named."""
     variant = "base" if "base" in Path(output).name.lower() else "distilled"
-    return tiny.build_tiny_flux2_klein(output, seed=seed, size=size, variant=variant)
+    return tiny.build_tiny_flux2_klein(output, seed=seed, size=size, variant=variant, num_layers=num_layers)
 
 
 BASE = "black-forest-labs/FLUX.2-klein-base-4B"

@@ -191,7 +191,11 @@ def _set_batch_norm_statistics(vae: Any) -> None:
 
 
 def build_tiny_flux2_klein(
-    output: str | Path, seed: int = 0, size: str = "tiny", variant: str = "distilled"
+    output: str | Path,
+    seed: int = 0,
+    size: str = "tiny",
+    variant: str = "distilled",
+    num_layers: int | None = None,
 ) -> Path:
     """Write a random-weight FLUX.2-klein in the real repository layout to ``output`` and return its path.
 
@@ -202,6 +206,8 @@ def build_tiny_flux2_klein(
             and tokenizer depend on the seed alone; the transformer also on the variant.
         size: ``"tiny"`` (see the module docstring).
         variant: ``"distilled"`` (``FLUX.2-klein-4B``) or ``"base"`` (``FLUX.2-klein-base-4B``).
+        num_layers: the transformer's number of single-stream blocks (``make-tiny --num_layers``; the real 4B
+            has 20 of them after 5 double-stream ones), else 2.
 
     Raises:
         UserError: unknown ``size`` or ``variant``, or ``output`` exists and is not an empty folder.
@@ -219,6 +225,8 @@ def build_tiny_flux2_klein(
         transformer_config = _transformer_config(
             len(PROMPT_LAYERS) * text_config.hidden_size, vae_config["latent_channels"]
         )
+        if num_layers is not None:
+            transformer_config["num_single_layers"] = int(num_layers)
         with torch.random.fork_rng(devices=[]):
             # Re-seeded before each component, so each one's weights depend on the seed (and variant) alone.
             torch.manual_seed(seed + _TRANSFORMER_SEED_OFFSET[variant])

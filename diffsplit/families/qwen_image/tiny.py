@@ -169,6 +169,12 @@ def _text_encoder_config(size: str, tokenizer: Any) -> Any:
     )
 
 
+def transformer_kwargs(size: str, text_hidden: int, num_layers: int | None = None) -> dict[str, Any]:
+    """The tiny transformer's config (``num_layers`` blocks when given)."""
+    kwargs = _transformer_kwargs(size, text_hidden)
+    return kwargs if num_layers is None else {**kwargs, "num_layers": int(num_layers)}
+
+
 def _transformer_kwargs(size: str, text_hidden: int) -> dict[str, Any]:
     if size == "tiny":
         # in_channels = 4 * z_dim: the DiT sees 2x2-packed latents.
@@ -265,7 +271,9 @@ def save_shared_components(staging: Path, text_encoder: Any) -> None:
     _add_rope_scaling_spelling(staging / "text_encoder" / "config.json")
 
 
-def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny_qwen_image(
+    output: str | Path, seed: int = 0, size: str = "tiny", num_layers: int | None = None
+) -> Path:
     """Write a random-weight Qwen-Image in the real repository layout to ``output`` and return its path.
 
     Args:
@@ -274,6 +282,7 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
             latents_mean/latents_std. The caller's global RNG state is left untouched. The tokenizer, text
             encoder and VAE are those of the tiny Qwen-Image-Edit of the same seed (file for file).
         size: ``"tiny"`` or ``"proportioned"`` (see the module docstring).
+        num_layers: the transformer's number of blocks (``make-tiny --num_layers``), else the size's.
 
     Raises:
         UserError: unknown ``size``, or ``output`` exists and is not empty.
@@ -286,7 +295,7 @@ def build_tiny_qwen_image(output: str | Path, seed: int = 0, size: str = "tiny")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = QwenImageTransformer2DModel(
-                **_transformer_kwargs(size, text_encoder.config.text_config.hidden_size)
+                **transformer_kwargs(size, text_encoder.config.text_config.hidden_size, num_layers)
             )
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         pipe = QwenImagePipeline(

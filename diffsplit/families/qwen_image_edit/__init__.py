@@ -30,10 +30,12 @@ class EditOptions(ImageOptions):
     edit_image_max_pixels: int | None = None
 
 
-def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny(output: str | Path, seed: int = 0, size: str = "tiny", num_layers: int | None = None) -> Path:
     """``make-tiny qwen-image-edit --output DIR``: the 2509 model, or 2511 when DIR's name has ``2511``."""
     variant = "2511" if "2511" in Path(output).name else "2509"
-    return tiny.build_tiny_qwen_image_edit(output, seed=seed, size=size, variant=variant)
+    return tiny.build_tiny_qwen_image_edit(
+        output, seed=seed, size=size, variant=variant, num_layers=num_layers
+    )
 
 
 EDIT = "Qwen/Qwen-Image-Edit-2509"

@@ -58,9 +58,9 @@ from diffsplit.errors import UserError
 from diffsplit.families.common.tiny_repo import reshard, staged_repository
 from diffsplit.families.qwen_image.components import SCHEDULER_CONFIG
 from diffsplit.families.qwen_image.tiny import (
-    _transformer_kwargs,
     build_shared_components,
     save_shared_components,
+    transformer_kwargs,
 )
 
 SIZES = ("tiny",)
@@ -114,7 +114,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def build_tiny_qwen_image_edit(
-    output: str | Path, seed: int = 0, size: str = "tiny", variant: str = "2509"
+    output: str | Path,
+    seed: int = 0,
+    size: str = "tiny",
+    variant: str = "2509",
+    num_layers: int | None = None,
 ) -> Path:
     """Write a random-weight Qwen-Image-Edit-``variant`` in the real repository layout to ``output``.
 
@@ -126,6 +130,7 @@ def build_tiny_qwen_image_edit(
             the same seed (file for file).
         size: ``"tiny"`` (see the module docstring).
         variant: ``"2509"`` or ``"2511"`` (the 2511 transformer has ``zero_cond_t``).
+        num_layers: the transformer's number of blocks (``make-tiny --num_layers``), else the size's.
 
     Returns:
         ``Path(output)``.
@@ -147,7 +152,7 @@ def build_tiny_qwen_image_edit(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = QwenImageTransformer2DModel(
-                **_transformer_kwargs(size, text_encoder.config.text_config.hidden_size),
+                **transformer_kwargs(size, text_encoder.config.text_config.hidden_size, num_layers),
                 zero_cond_t=variant == "2511",
             )
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)

@@ -147,7 +147,9 @@ def _vae_config(size: str) -> dict[str, Any]:
     }
 
 
-def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny_z_image(
+    output: str | Path, seed: int = 0, size: str = "tiny", num_layers: int | None = None
+) -> Path:
     """Write a random-weight Z-Image in the real repository layout to ``output`` and return its path.
 
     Args:
@@ -155,6 +157,7 @@ def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") ->
         seed: seeds every random weight (``torch.manual_seed(seed)`` before each component, inside
             ``torch.random.fork_rng``: the caller's global RNG state is left untouched).
         size: ``"tiny"`` or ``"proportioned"`` (see the module docstring).
+        num_layers: the transformer's number of main blocks (``make-tiny --num_layers``), else the size's.
 
     Raises:
         UserError: unknown ``size``, or ``output`` exists and is not an empty folder.
@@ -169,7 +172,10 @@ def build_tiny_z_image(output: str | Path, seed: int = 0, size: str = "tiny") ->
         with torch.random.fork_rng(devices=[]):
             # Re-seeded before each component, so each one's weights depend on the seed alone.
             torch.manual_seed(seed)
-            transformer = ZImageTransformer2DModel(**_transformer_config(size, text_config.hidden_size))
+            config = _transformer_config(size, text_config.hidden_size)
+            if num_layers is not None:
+                config["n_layers"] = int(num_layers)
+            transformer = ZImageTransformer2DModel(**config)
             torch.manual_seed(seed)
             vae = AutoencoderKL(**_vae_config(size))
             torch.manual_seed(seed)
