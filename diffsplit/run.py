@@ -228,26 +228,32 @@ class Run:
     def load_validation(self) -> list[data.Sample]:
         """The rows of ``--validation_metadata_path`` (files relative to ``--dataset_base_path``), checked as
         the training rows are, sorted by id; [] when none is given."""
-        config = self.config
-        if not config.validation_metadata_path:
+        if not self.config.validation_metadata_path:
             return []
-        saved = self.skipped
-        samples = self.load_dataset(config.validation_metadata_path, quiet=True)
-        if self.skipped:
-            print(f"notice: {len(self.skipped)} bad validation row(s) left out", file=sys.stderr)
-        self.skipped = saved
+        samples, skipped = self._read_rows(self.config.validation_metadata_path)
+        if skipped:
+            print(f"notice: {len(skipped)} bad validation row(s) left out", file=sys.stderr)
         return sorted(samples, key=lambda s: s.id)
 
-    def load_dataset(self, metadata_path: str | None = None, quiet: bool = False) -> list[data.Sample]:
+    def load_dataset(self) -> list[data.Sample]:
         """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
         ``--skip_bad_samples`` every image is decoded once, so no bad row is met later); the rows left out
         are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
+        samples, self.skipped = self._read_rows(self.config.dataset_metadata_path)
+        if self.config.skip_bad_samples:
+            target = Path(self.config.output_path) / data.SKIPPED_FILE
+            print(data.skipped_summary(self.skipped, target), file=sys.stderr)
+        return samples
+
+    def _read_rows(self, metadata_path: str | None) -> tuple[list[data.Sample], list[dict[str, Any]]]:
+        """The checked rows of ``metadata_path`` (or the image folder) with their size groups, and the rows
+        left out."""
         config = self.config
         if not config.dataset_base_path:
             raise UserError("--dataset_base_path is required")
         samples, skipped = data.load_samples(
             config.dataset_base_path,
-            metadata_path or config.dataset_metadata_path,
+            metadata_path,
             data_file_keys=data.parse_data_file_keys(config.data_file_keys),
             required=self.task.required_columns + config.extra_input_names,
             max_pixels=config.max_pixels,
@@ -273,7 +279,6 @@ class Run:
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
-        self.skipped = skipped
         outside = _outside(samples, Path(config.dataset_base_path))
         if outside:
             print(
@@ -281,10 +286,7 @@ class Run:
                 f"{outside[0][1]}); they are read as given",
                 file=sys.stderr,
             )
-        if config.skip_bad_samples and not quiet:
-            target = Path(config.output_path) / data.SKIPPED_FILE
-            print(data.skipped_summary(skipped, target), file=sys.stderr)
-        return samples
+        return samples, skipped
 
 
 def _check_file_keys(config: TrainConfig, family: Family, task_units: TaskUnits) -> None:
@@ -294,12 +296,10 @@ def _check_file_keys(config: TrainConfig, family: Family, task_units: TaskUnits)
     read = {v for v in task_units.dataset_values if v not in family.extra_inputs or v in given}
     for name in data.parse_data_file_keys(config.data_file_keys):
         if name not in read:
-            hint = (
-                f"; to train on reference images give --extra_inputs {name}" if name == "edit_image" else ""
-            )
             raise UserError(
                 f"--data_file_keys names '{name}', which the {family.name} family does not read in this run "
-                f"(it reads: {', '.join(sorted(read))}){hint}"
+                f"(it reads: {', '.join(sorted(read))}); if its cells are reference images, give --extra_inputs "
+                f"{name}"
             )
 
 

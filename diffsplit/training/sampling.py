@@ -30,6 +30,7 @@ import torch
 
 from diffsplit.errors import UserError
 from diffsplit.planner.graph import UnitGraph
+from diffsplit.storage.files import atomic_path
 
 OPTIONS = {
     "--w": "width",
@@ -237,9 +238,8 @@ def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]],
         target = folder / f"{text_key(text, salt)}.safetensors"
         if target.is_file():
             continue
-        tmp = target.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"text": text})
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"text": text})
 
 
 def load_texts(
