@@ -8,6 +8,7 @@ one line ``error: ...`` on stderr and exit status 2; any other exception is a bu
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -86,8 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+"""Loggers that warn on import about things a run cannot act on: torchao's CUDA kernels that a CPU build of
+torch cannot load, and enum registrations (torchao is imported by peft and diffusers whenever installed)."""
+
+
+def quiet_optional_libraries() -> None:
+    """Silence import-time warnings of optional libraries (errors still show)."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_optional_libraries()
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args, argv)
@@ -187,7 +200,7 @@ _TRAINING_ONLY = (
     "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps batch_size lr_scheduler "
     "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
     "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
-    "remove_prefix_in_ckpt timestep_weighting customized_optimizer"
+    "remove_prefix_in_ckpt timestep_weighting customized_optimizer use_gradient_checkpointing_offload"
 ).split()
 _STAGE2_INERT = (
     "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache "
@@ -248,6 +261,14 @@ def print_run_notices(run: Run) -> None:
         prefix = run.family.component(name).lora_key_prefix if name else None
         keys = f"they are '{prefix}<module>'" if prefix else "they are the model's own module names"
         notice(f"--remove_prefix_in_ckpt has no effect: saved keys never carry a prefix ({keys})")
+    if run.task.stage != "data_process" and not config.use_gradient_checkpointing:
+        for name in run.low_bit_trained():
+            fmt = run.models.formats[name]
+            notice(
+                f"gradient checkpointing is on for the {name} ({fmt.flag} '{fmt.source}'): its {fmt.method} "
+                "weights are turned into the compute dtype layer by layer, and without it every layer's copy would "
+                "be kept for the backward pass"
+            )
     if run.task.stage == "data_process" and "lora_target_modules" in config.given:
         # Targets decide a layer-level cut only for a LoRA on a layered component.
         layered = [c for c in config.lora_base_models if c in run.cuts and run.family.component(c).layers]

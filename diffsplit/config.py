@@ -42,6 +42,10 @@ class TrainConfig:
     tokenizer_path: str | None = None
     processor_path: str | None = None
     torch_dtype: str | None = None
+    fp8_models: str | None = None
+    quant_options: str | None = None
+    enable_model_cpu_offload: bool = False
+    use_gradient_checkpointing_offload: bool = False
     latent_sample: str = "mode"
     timestep_weighting: str = "bell"
     zero_cond_t: bool = False
@@ -225,6 +229,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
+    )
+    g.add_argument(
+        "--fp8_models",
+        help="models whose frozen weights are stored in float8 and computed in --torch_dtype layer by layer: "
+        "comma-separated <model_id>:<glob> entries as in --model_id_with_origin_paths (or component names, dit)",
+    )
+    g.add_argument(
+        "--quant_options",
+        help="quantized frozen weights, ';'-separated <model>:<method>[/<excluded modules>] with method int8wo "
+        "(torchao int8 weight-only, CPU or GPU) or nf4 (bitsandbytes, CUDA), e.g. 'dit:int8wo/proj_out'",
+    )
+    g.add_argument(
+        "--enable_model_cpu_offload",
+        action="store_true",
+        help="frozen weights stay in CPU memory and move to the GPU layer by layer (diffusers group offloading, "
+        "with gradient checkpointing); CUDA only",
+    )
+    g.add_argument(
+        "--use_gradient_checkpointing_offload",
+        action="store_true",
+        help="keep the checkpointed activations in CPU memory (implies --use_gradient_checkpointing); CUDA only",
     )
     g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
     g.add_argument(

@@ -31,6 +31,7 @@ from diffsplit.storage import data
 from diffsplit.storage.models import ComponentSpec, ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
 from diffsplit.storage.sizing import Sizing, sizing_for
+from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
 from diffsplit.training.optimizers import optimizer_class
@@ -93,15 +94,22 @@ class Run:
         entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
         family = detect_family(entries, config.family, config.extra_input_names)
         _check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
+        _check_sharding(config)
         if task.stage != "data_process":
             optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
         if task.name not in family.tasks:
             raise UserError(
                 f"--task {config.task}: the {family.name} family supports {', '.join(family.tasks)}"
             )
+        bound = bind_components(entries, family.components)
+        formats = parse_weight_formats(config.fp8_models, config.quant_options, bound)
+        check_available(formats, device)
+        check_offload(config, device)
         models = ModelSet(
-            bind_components(entries, family.components),
+            bound,
             family.components,
+            formats=formats,
+            offload=config.enable_model_cpu_offload,
             tokenizer_path=config.tokenizer_path,
             folders={"processor": config.processor_path} if config.processor_path else {},
             device=device,
@@ -191,7 +199,22 @@ class Run:
             "trainable_models": sorted(self.plan.trainable_models),
             "trained_parts": dict(sorted(self.plan.trained_parts.items())),
             "models": self.models.identity(self.plan.stage1_models),
+            **self.stage1_formats(),
         }
+
+    def low_bit_trained(self) -> list[str]:
+        """Trained components whose frozen weights are stored in fp8 or quantized: they checkpoint gradients."""
+        return [name for name in self.trained if name in self.models.formats]
+
+    def stage1_formats(self) -> dict[str, Any]:
+        """``{"weight_formats": {component: format}}`` for stage-1 models stored in fp8 or quantized (they change
+        what stage 1 computes, so a cache records them); empty when none is, so other caches keep their name."""
+        formats = {
+            name: fmt.to_json()
+            for name, fmt in sorted(self.models.formats.items())
+            if name in self.plan.stage1_models
+        }
+        return {"weight_formats": formats} if formats else {}
 
     # -- data -------------------------------------------------------------------------------------------
     @property
@@ -348,6 +371,30 @@ def _outside(samples: list[data.Sample], base: Path) -> list[tuple[int, Path]]:
         for value in sample.values.values()
         if isinstance(value, Path) and not value.resolve().is_relative_to(root)
     ]
+
+
+def _check_sharding(config: TrainConfig) -> None:
+    """FSDP (``accelerate config``) shards models trained whole; a LoRA's base stays whole on every process."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and config.lora_base_models:
+        raise UserError(
+            "FSDP (accelerate config) is for full fine-tuning (--trainable_models); a LoRA (--lora_base_model) "
+            "trains with plain data parallelism: launch it without FSDP"
+        )
+
+
+def check_offload(config: TrainConfig, device: torch.device) -> None:
+    """The offload flags move memory between a GPU and the CPU: one line when the run has no GPU."""
+    for flag, given in (
+        ("--enable_model_cpu_offload", config.enable_model_cpu_offload),
+        ("--use_gradient_checkpointing_offload", config.use_gradient_checkpointing_offload),
+    ):
+        if given and device.type != "cuda":
+            raise UserError(
+                f"{flag} moves weights or activations from GPU to CPU memory, and this run is on {device.type} "
+                "(no CUDA device): everything is in CPU memory already; drop the flag"
+            )
 
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:

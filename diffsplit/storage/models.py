@@ -41,6 +41,17 @@ from diffsplit.storage.resolve import (
     relative,
     resolve_tokenizer_path,
 )
+from diffsplit.storage.streaming import iter_tensors, load_into
+from diffsplit.storage.weight_formats import (
+    FP8,
+    NF4,
+    WeightFormat,
+    apply_after_load,
+    offload_frozen,
+    prepare_skeleton,
+    quantization_config,
+    quantize_module,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +174,10 @@ class ModelSet(Mapping[str, Any]):
         device: where loaded models are moved (None: stay on the CPU, where ``from_pretrained`` puts them).
         flags: how the user named the models, for messages.
         download: whether a missing tokenizer may be fetched from the Hub.
+        offload: ``--enable_model_cpu_offload``: model weights stay in CPU memory and move to ``device`` layer
+            by layer as they run (:func:`~diffsplit.storage.weight_formats.offload_frozen`).
+        formats: component -> how its weights are stored (``--fp8_models``, ``--quant_options``:
+            :mod:`diffsplit.storage.weight_formats`); the others are held in ``dtype``.
 
     Attributes:
         constructed: component names in the order they were constructed (a released and re-requested
@@ -178,6 +193,8 @@ class ModelSet(Mapping[str, Any]):
     device: torch.device | str | None = None
     flags: str = SPECS_FLAG
     download: bool = True
+    formats: Mapping[str, WeightFormat] = field(default_factory=dict)
+    offload: bool = False
     constructed: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -259,7 +276,9 @@ class ModelSet(Mapping[str, Any]):
             return self._loaded[name]
         self.require(name)
         obj = self._construct(name)
-        if self.device is not None and hasattr(obj, "to") and self.spec(name).kind == MODEL:
+        if self.offload and self.spec(name).kind == MODEL:
+            offload_frozen(obj, self.device)
+        elif self.device is not None and hasattr(obj, "to") and self.spec(name).kind == MODEL:
             obj = obj.to(self.device)
         self._loaded[name] = obj
         self.constructed.append(name)
@@ -299,6 +318,31 @@ class ModelSet(Mapping[str, Any]):
         assert spec.layers is not None, f"'{name}' is not a layered component"
         return spec.layers.used(self.num_layers(name))
 
+    def skeleton(self, name: str) -> Any:
+        """Model component ``name`` (or a layer part, ``"text_encoder[0:27]"``) as :meth:`load` would build
+        it, on the meta device: its layers, the run's dtype, fp8 storage where chosen (quantization is not
+        applied: :mod:`diffsplit.memory` counts its bytes). For memory estimates; no weight is read."""
+        import torch
+
+        part = parse_part(name)
+        spec = self.spec(name)
+        if part is None and spec.layers is not None and self.used_layers(name) < self.num_layers(name):
+            part = (name, 0, self.used_layers(name))
+        if part is not None:
+            model = spec.layers.adapter.skeleton(self.entry(name).folder, part[1], part[2])
+        else:
+            with torch.device("meta"):
+                model = _meta_model(self.entry(name))
+        dtype = self._dtype(name) or _default_dtype()
+        for tensor_owner in model.modules():
+            for key, param in tensor_owner._parameters.items():
+                if param is not None and param.is_floating_point():
+                    tensor_owner._parameters[key] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
+        fmt = self.formats.get(component_of(name))
+        if fmt is not None and fmt.method == FP8:
+            apply_after_load(model, fmt, dtype)
+        return model
+
     def module_names(self, name: str) -> list[str]:
         """Every module name of a model component (built from its config on the meta device: nothing loads)."""
         return [n for n, _ in _meta_model(self.entry(name)).named_modules() if n]
@@ -322,20 +366,53 @@ class ModelSet(Mapping[str, Any]):
             # The pipeline never reads the last layers: build only those it reads (nothing else is read).
             return self._construct_part(name, 0, self.used_layers(name))
         entry = self._by_component[name]
-        dtype = self._dtype(name)
+        dtype, fmt = self._dtype(name), self.formats.get(name)
+        if entry.library == "diffusers" and (fmt is None or fmt.method != NF4):
+            return self._stream_model(entry, dtype, fmt)
+        kwargs: dict[str, Any] = {}
+        if fmt is not None and fmt.method != FP8:
+            kwargs["quantization_config"] = quantization_config(fmt, entry.library, dtype or _default_dtype())
         if entry.library == "diffusers":
             import diffusers
 
             cls = getattr(diffusers, entry.class_name)
-            kwargs = {} if dtype is None else {"torch_dtype": dtype}
+            if dtype is not None:
+                kwargs["torch_dtype"] = dtype
         else:
             import transformers
 
             cls = getattr(transformers, entry.class_name)
-            kwargs = {} if dtype is None else {"dtype": dtype}
+            if dtype is not None:
+                kwargs["dtype"] = dtype
         # from_pretrained on the folder reads config.json and the weights (through the shard index when
         # sharded); it never touches the network for a local folder.
-        return cls.from_pretrained(str(entry.folder), **kwargs)
+        model = cls.from_pretrained(str(entry.folder), **kwargs)
+        if fmt is not None and fmt.method == FP8:
+            model = apply_after_load(model, fmt, dtype or _default_dtype())
+        return model
+
+    def _stream_model(self, entry: ModelEntry, dtype: torch.dtype | None, fmt: WeightFormat | None) -> Any:
+        """A diffusers model built on the meta device and filled module by module from its files
+        (:mod:`diffsplit.storage.streaming`): the same model ``from_pretrained(torch_dtype=dtype)`` gives, with
+        at most one chunk of the files extra in memory, and each weight stored in ``fmt`` as it is read."""
+        skeleton = _meta_model(entry)
+        finish = None
+        if fmt is not None and fmt.method == FP8:
+            prepare_skeleton(skeleton, fmt, dtype or _default_dtype())
+        elif fmt is not None:
+            finish = quantize_module(fmt)
+        try:
+            missing = load_into(skeleton, iter_tensors(entry.files), dtype, finish)
+        except KeyError as exc:
+            raise UserError(
+                f"{entry.source}: the checkpoint holds '{exc.args[0]}', which {entry.class_name} does not have"
+            ) from None
+        if missing:
+            raise UserError(
+                f"{entry.source}: the checkpoint files lack {len(missing)} tensor(s) of {entry.class_name}, "
+                f"e.g. '{missing[0]}' (an incomplete download?)"
+            )
+        return skeleton.eval()
 
     def _construct_part(self, component: str, start: int, stop: int) -> Any:
         """Layers ``[start, stop)`` of ``component``, built by its layer adapter from the checkpoint files
@@ -345,9 +422,10 @@ class ModelSet(Mapping[str, Any]):
             raise UserError(
                 f"{entry.source}: {entry.class_name} cannot be cut between layers (no layer adapter)"
             )
-        return spec.layers.adapter.build(
-            entry.folder, entry.files, start, stop, dtype=self._dtype(component), device=None
-        )
+        dtype = self._dtype(component)
+        part = spec.layers.adapter.build(entry.folder, entry.files, start, stop, dtype=dtype, device=None)
+        fmt = self.formats.get(component)
+        return part if fmt is None else apply_after_load(part, fmt, dtype or _default_dtype())
 
     def _construct_module(self, component: str, module: str, alone: bool) -> Any:
         """The module ``module`` of ``component`` alone (``alone``), or the component with that module replaced
@@ -369,27 +447,30 @@ class ModelSet(Mapping[str, Any]):
         )
         if alone:
             target = sub
-            state = _read_tensors(entry.files, lambda key: key.startswith(stored))
-            state = {key[len(stored) :]: value for key, value in state.items()}
+            tensors = (
+                (key[len(stored) :], t)
+                for key, t in iter_tensors(entry.files, lambda key: key.startswith(stored))
+            )
         else:
             parent, _, leaf = module.rpartition(".")
             setattr(skeleton.get_submodule(parent) if parent else skeleton, leaf, torch.nn.Identity())
             target = skeleton
-            state = _read_tensors(entry.files, lambda key: not key.startswith(stored))
-        expected = set(target.state_dict())
-        missing = sorted(expected - set(state))
-        if missing or set(state) - expected:
-            extra = sorted(set(state) - expected)
+            tensors = iter_tensors(entry.files, lambda key: not key.startswith(stored))
+        dtype = self._dtype(component)
+        try:
+            # Buffers the checkpoint does not hold (rotary frequencies) keep the values the skeleton computed.
+            missing = load_into(target, tensors, dtype)
+            unexpected = None
+        except KeyError as exc:
+            missing, unexpected = [], exc.args[0]
+        if missing or unexpected:
             raise UserError(
                 f"{entry.source}: the checkpoint files do not hold {'the module' if alone else 'the rest of'} "
-                f"'{module}' as {entry.class_name} has it (missing {missing[:1]}, unexpected {extra[:1]})"
+                f"'{module}' as {entry.class_name} has it (missing {missing[:1]}, unexpected {unexpected})"
             )
-        dtype = self._dtype(component)
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        # assign=True puts the loaded tensors in place of the meta parameters; buffers the checkpoint does not
-        # hold (rotary frequencies) keep the values the skeleton computed.
-        target.load_state_dict(state, strict=True, assign=True)
+        fmt = self.formats.get(component)
+        if fmt is not None:
+            target = apply_after_load(target, fmt, dtype or _default_dtype())
         if alone:
             return target.requires_grad_(False)  # a module part is frozen preprocessing
         return target.eval()
@@ -516,14 +597,8 @@ def _meta_model(entry: ModelEntry) -> Any:
         return getattr(transformers, entry.class_name)._from_config(config)
 
 
-def _read_tensors(files: Iterable[Path], wanted: Any) -> dict[str, Any]:
-    """The tensors whose keys ``wanted(key)`` selects, read from safetensors ``files`` (only those bytes)."""
-    from safetensors import safe_open
+def _default_dtype() -> torch.dtype:
+    """The compute dtype of a model loaded without a dtype (torch's default, float32)."""
+    import torch
 
-    out = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if wanted(key):
-                    out[key] = handle.get_tensor(key)
-    return out
+    return torch.get_default_dtype()

@@ -10,6 +10,7 @@ unit), so the split and the unsplit run, and any batch size, see the same number
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from diffsplit.config import TrainConfig
 from diffsplit.errors import DataError, StoppedElsewhere, UserError, load_or_error
 from diffsplit.families.base import UnitContext, unit_context
+from diffsplit.host_memory import release_freed
 from diffsplit.planner.graph import GraphError, Unit, UnitGraph
 from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
@@ -270,6 +272,8 @@ def run_training(
     prepared = accelerator.prepare(*[trained[n] for n in names], optimizer, scheduler)
     wrapped = dict(zip(names, prepared[: len(names)], strict=True))
     optimizer, scheduler = prepared[len(names)], prepared[len(names) + 1]
+    # FSDP replaces a sharded model's parameters (DTensors): clip the ones the optimizer now holds.
+    params = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad]
     step_components = ComponentOverlay(components, wrapped)
 
     start_epoch, start_item, step = 0, 0, 0
@@ -285,7 +289,7 @@ def run_training(
 
     def checkpoint(stem: str) -> list[Path]:
         outputs.begin()
-        files = save_checkpoint(config, trained, stem, accelerator, specs)
+        files = save_checkpoint(config, wrapped, stem, accelerator, specs)
         outputs.flush()
         return files
 
@@ -393,7 +397,7 @@ def run_training(
             )
             for item_index, batch in enumerate(loader, start=skip):
                 _stop_if_any_failed(accelerator, next((i["error"] for i in batch if "error" in i), None))
-                with accelerator.accumulate(*wrapped.values()):
+                with accelerator.accumulate(*wrapped.values()), activations_offloaded(config):
                     loss = batch_loss(step_plan, batch, context, accelerator.device)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -401,6 +405,8 @@ def run_training(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                if accelerator.device.type == "cpu":
+                    release_freed()  # glibc keeps each step's freed blocks resident (diffsplit.host_memory)
                 micro += 1
                 last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
                 if not accelerator.sync_gradients:
@@ -479,6 +485,15 @@ class ComponentOverlay(Mapping):
 
     def __len__(self) -> int:
         return len(dict.fromkeys([*self.overrides, *self.base]))
+
+
+def activations_offloaded(config: TrainConfig) -> Any:
+    """``--use_gradient_checkpointing_offload``: the tensors autograd saves for the backward pass (with
+    checkpointing, each block's input) are kept in pinned CPU memory (torch's ``save_on_cpu``); otherwise a
+    context that does nothing."""
+    if not config.use_gradient_checkpointing_offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 def _peak_rss_mib() -> float:

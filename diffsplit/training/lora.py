@@ -24,6 +24,8 @@ import json
 import math
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -235,6 +237,9 @@ def add_lora(
     _check_targets(model, targets, component)
 
     def inject() -> None:
+        # peft warns that a LoRA on torchao weights cannot be merged in place; diffsplit never merges (it saves
+        # the LoRA apart), so the warning says nothing about this run.
+        warnings.filterwarnings("ignore", message=".*instantiated without `get_apply_tensor_subclass`")
         try:
             if isinstance(model, ModelMixin):
                 # diffusers' integration: the same peft injection plus the bookkeeping its
@@ -500,3 +505,36 @@ def save_full(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     if not tensors:
         raise ValueError("save_full: the model has no trainable parameters")
     _atomic_save(tensors, path)
+
+
+def save_model_folder(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], folder: str | os.PathLike[str]
+) -> None:
+    """Write a whole trained model as the folder its library's ``from_pretrained`` loads: the model's config
+    and ``state`` (its full state dict, e.g. gathered from FSDP shards) in safetensors shards of at most
+    5 GB with their index, named as diffusers (``diffusion_pytorch_model*.safetensors``) or transformers
+    (``model*.safetensors``) name them. Written under a temporary name and renamed, so a crash leaves no
+    half folder."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        if isinstance(model, ModelMixin):
+            model.save_config(str(tmp))
+            pattern = "diffusion_pytorch_model{suffix}.safetensors"
+        else:
+            model.config.save_pretrained(str(tmp))
+            pattern = "model{suffix}.safetensors"
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+        save_torch_state_dict(tensors, str(tmp), filename_pattern=pattern, max_shard_size="5GB")
+        for written in tmp.iterdir():
+            with open(written, "rb") as handle:
+                os.fsync(handle.fileno())
+        if folder.exists():  # an earlier save of the same checkpoint name in this run
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -8,7 +8,7 @@ layers; the files each checkpoint writes, in the format the family declares for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,15 @@ def prepare_trainable(
     components: Any,
     specs: Mapping[str, ComponentSpec],
     parts: Mapping[str, str] | None = None,
+    checkpointed: Iterable[str] = (),
+    device: torch.device | None = None,
 ) -> dict[str, torch.nn.Module]:
     """Freeze every loaded model, then add LoRA / unfreeze the trained ones. Returns name -> module.
+
+    A trained model in ``checkpointed`` uses gradient checkpointing even without
+    ``--use_gradient_checkpointing`` (one stored in fp8 or int8: otherwise every layer's compute-dtype copy
+    of its weights would be kept for the backward pass). With ``--enable_model_cpu_offload`` every trained
+    model's frozen weights are offloaded (:func:`offload_frozen`) before LoRA is added.
 
     ``parts`` maps a component cut by the layer-level split to the part that trains in this run
     (``{"text_encoder": "text_encoder[24:28]"}``); the LoRA and the selected layers go on that part, under
@@ -38,12 +45,16 @@ def prepare_trainable(
     trained: dict[str, torch.nn.Module] = {}
     bases = config.lora_base_models
     targets = lora.parse_lora_targets(config.lora_target_modules, bases) if bases else {}
+    checkpointed = set(checkpointed)
     for name in bases:
         model = components[parts.get(name, name)]
         model.requires_grad_(False)
         lora.add_lora(
             model, targets[name], rank=config.lora_rank, alpha=config.lora_alpha, init_seed=config.seed
         )
+        if config.enable_model_cpu_offload and device is not None:
+            for param in lora.trainable_parameters(model):
+                param.data = param.data.to(device)
         trained[name] = model
     if config.lora_checkpoint:
         single = [n for n in trained if specs[n].lora_key_prefix is not None]
@@ -62,8 +73,13 @@ def prepare_trainable(
                 model.requires_grad_(False)
             _unfreeze_layers(model, spec, entry, specs[name])
         trained[name] = model
-    for model in trained.values():
-        if config.use_gradient_checkpointing:
+    for name, model in trained.items():
+        if (
+            config.use_gradient_checkpointing
+            or config.use_gradient_checkpointing_offload
+            or config.enable_model_cpu_offload
+            or name in checkpointed
+        ):
             if hasattr(model, "enable_gradient_checkpointing"):
                 model.enable_gradient_checkpointing()
             elif hasattr(model, "gradient_checkpointing_enable"):
@@ -100,12 +116,23 @@ def save_checkpoint(
     accelerator: Accelerator,
     specs: Mapping[str, ComponentSpec],
 ) -> list[Path]:
-    """Write the trainable weights of each trained model; main process only.
+    """Write the trainable weights of each trained model (every process calls it; the main one writes).
 
-    A component with a single-file LoRA format (the denoiser) writes ``<stem>.safetensors`` (its LoRA, or
-    its fully trained weights); any other writes ``<stem>.<name>/`` (a peft adapter folder) or
-    ``<stem>.<name>.safetensors`` (fully trained weights).
+    A LoRA on a component with a single-file format (the denoiser) writes ``<stem>.safetensors``, on any other
+    ``<stem>.<name>/`` (a peft adapter folder). A component trained whole writes ``<stem>.<name>/``, the
+    folder its class's ``from_pretrained`` loads (config and safetensors shards); trained layers of one write
+    their parameters to ``<stem>.safetensors`` (the denoiser) or ``<stem>.<name>.safetensors``. Under FSDP the
+    full weights are first gathered from every process's shards (accelerate's ``get_state_dict``, a
+    collective call).
     """
+    whole = {entry for entry in config.full_trainable_models if isinstance(parse_trainable(entry), str)}
+    gathered = {}
+    if is_sharded(accelerator):
+        gathered = {
+            name: accelerator.get_state_dict(model)
+            for name, model in trained.items()
+            if name not in config.lora_base_models
+        }
     if not accelerator.is_main_process:
         return []
     out = Path(config.output_path)
@@ -120,8 +147,18 @@ def save_checkpoint(
             else:
                 path = out / f"{stem}.{name}"
                 lora.save_peft_adapter(model, path)
+        elif name in whole:
+            path = out / f"{stem}.{name}"
+            lora.save_model_folder(model, gathered.get(name) or model.state_dict(), path)
         else:
             path = out / (f"{stem}.safetensors" if prefix is not None else f"{stem}.{name}.safetensors")
             lora.save_full(model, path)
         written.append(path)
     return written
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the trained models are sharded across processes (FSDP, through ``accelerate config``)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
