@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from diffsplit import memory
 from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
 from diffsplit.families.base import unit_context
+from diffsplit.host_memory import bound_heap
 from diffsplit.planner.split import SplitPlan
 from diffsplit.precompute import existing_identity, probe_sizes, write_cache
 from diffsplit.run import MODEL_FLAG, Run, process_state
@@ -69,6 +71,8 @@ def execute(run: Run) -> dict[str, Any]:
         check_output_folder(config)
         if run.task.stage == "" and config.cache_dir:
             check_cache_folder(Path(config.cache_dir), "--cache_dir")
+    if run.device.type == "cpu":
+        bound_heap()  # tensors live in this process's heap: keep it from holding freed memory (host_memory)
     if run.task.stage == "":
         return train_auto(run) if config.cache_dir else train_unsplit(run)
     if run.task.stage == "data_process":
@@ -91,7 +95,9 @@ def train_unsplit(run: Run) -> dict[str, Any]:
     # Sorted by id, as the cache's samples are: the visiting order is a permutation of sorted positions.
     samples = sorted(run.load_dataset(), key=lambda s: s.id)
     run.models.require(plan.stage1_models + plan.stage2_models, flag=MODEL_FLAG)
-    trained = prepare_trainable(run.config, run.models, run.specs, plan.trained_parts)
+    trained = prepare_trainable(
+        run.config, run.models, run.specs, plan.trained_parts, run.low_bit_trained(), accelerator.device
+    )
     graph = plan.graph
 
     def load(index: int) -> dict:
@@ -375,7 +381,9 @@ def train_from_cache(
     # The scheduler comes from the cache's constants, so stage 2 needs nothing of the frozen repository.
     rebuilt = run.family.scheduler_from_constants(reader.identity["constants"])
     components = ComponentOverlay(run.models, {name: rebuilt for name in schedulers})
-    trained = prepare_trainable(run.config, components, run.specs, plan.trained_parts)
+    trained = prepare_trainable(
+        run.config, components, run.specs, plan.trained_parts, run.low_bit_trained(), accelerator.device
+    )
     try:
         view = reader.view(sample_ids)
     except KeyError as err:  # automatic mode just wrote them all; only a hand-edited cache lacks one
@@ -441,7 +449,13 @@ PLAN_PROBED_SHAPES = 16
 
 
 def plan_text(run: Run) -> str:
-    """The plan with bytes per sample and the projected cache size.
+    """The plan with bytes per sample, the projected cache size and the memory estimate (:func:`plan_report`)."""
+    return plan_report(run)[0]
+
+
+def plan_report(run: Run) -> tuple[str, list[memory.StageMemory]]:
+    """The plan with bytes per sample and the projected cache size, and each stage's expected peak memory
+    (:mod:`diffsplit.memory`, for the largest probed sample).
 
     Sizes depend on the sample's shapes (image size, prompt length), so up to :data:`PLAN_EXAMINED_ROWS`
     rows spread over the dataset are grouped by the family's batch key (samples of one key cache the same
@@ -449,7 +463,11 @@ def plan_text(run: Run) -> str:
     the bytes per sample are their average weighted by how many rows each key has.
     """
     if not run.config.dataset_base_path:
-        return run.plan.explain() + "\n\n(give --dataset_base_path to see bytes per sample)"
+        return run.plan.explain() + "\n\n(give --dataset_base_path to see bytes per sample and memory)", []
+    memory.warm_kernels(run.dtype)
+    baseline = (
+        memory.resident_bytes()
+    )  # libraries imported and their kernels initialised, no model loaded yet
     samples = sorted(run.load_dataset(), key=lambda s: s.id)
     run.models.require(run.plan.stage1_models, flag=MODEL_FLAG)
     step = max(1, len(samples) // PLAN_EXAMINED_ROWS)
@@ -460,8 +478,10 @@ def plan_text(run: Run) -> str:
         groups.setdefault(key, []).append(sample)
     common = sorted(groups.values(), key=len, reverse=True)[:PLAN_PROBED_SHAPES]
     weighted: dict[str, float] = {}
+    largest: tuple[int, Any] = (-1, None)
     for group in common:
         probe = probe_sizes(run.plan, run.models, run.options, group[0], run.device, run.dtype)
+        largest = max(largest, (sum(probe.values()), group[0]), key=lambda pair: pair[0])
         for key, size in probe.items():
             weighted[key] = weighted.get(key, 0.0) + size * len(group)
     counted = sum(len(g) for g in common)
@@ -487,14 +507,20 @@ def plan_text(run: Run) -> str:
             f"\nsample prompts: {texts} text(s), about {each * texts} bytes in the cache's {SAMPLES_DIR}/ folder; "
             f"stage 2 also loads '{run.family.sample.decoder}' to decode them"
         )
-    return (
+    stages = memory.estimate(run, plan, largest[1], baseline, per_sample)
+    text = (
         plan.explain()
         + f"\n\nbytes per sample: {shapes}; projected cache for {len(samples)} samples: "
         + f"{projected} bytes ({projected / 2**20:.1f} MiB) plus shard indexes"
         + f"\nsize groups (samples per training size): {histogram}"
         + f" (batches of up to {run.config.batch_size} hold one group)"
         + validation
+        + "\n\nexpected peak memory per process (MiB) for the largest probed sample, from the model configs on "
+        + "the meta device; baseline = this process with its libraries loaded, measured; the peak is the larger "
+        + "of loading and training (see diffsplit/memory.py)\n"
+        + memory.memory_table(stages)
     )
+    return text, stages
 
 
 # -- shared -------------------------------------------------------------------------------------------------

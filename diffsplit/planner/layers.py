@@ -207,6 +207,9 @@ class LayeredModel(Protocol):
         """Layer index of a module or parameter name (``...layers.24.mlp.up_proj`` -> 24); None outside
         the layers."""
 
+    def skeleton(self, folder: Any, start: int, stop: int) -> Any:
+        """The part :meth:`build` returns, on the meta device (for memory estimates: nothing is read)."""
+
     def build(self, folder: Any, files: Any, start: int, stop: int, *, dtype: Any, device: Any) -> Any:
         """Layers ``[start, stop)`` (+ embedding when ``start == 0``, + final norm when ``stop == N``),
         read from the checkpoint ``files``; no other layer's weights are read or allocated."""

@@ -225,6 +225,21 @@ class DecoderStack:
     def is_final_norm(self, name: str) -> bool:
         return self._norm.search(name) is not None
 
+    def skeleton(self, folder: str | Path, start: int, stop: int) -> DecoderLayers:
+        """Layers ``[start, stop)`` on the meta device (shapes and names, no memory, nothing read)."""
+        return self._skeleton(folder, start, stop)[0]
+
+    def _skeleton(self, folder: str | Path, start: int, stop: int) -> tuple[DecoderLayers, Any]:
+        meta = self._meta(folder)
+        n = len(_get(meta, self.stack).layers)
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"layers [{start}, {stop}) are not a slice of a {n}-layer text model")
+        # A fresh meta model (and config) per part: the cached one is shared, and assignment replaces its
+        # tensors.
+        with torch.device("meta"):
+            meta = type(meta)._from_config(copy.deepcopy(meta.config))
+        return DecoderLayers(self, meta, start, stop), meta
+
     def build(
         self,
         folder: str | Path,
@@ -237,15 +252,7 @@ class DecoderStack:
     ) -> DecoderLayers:
         """Layers ``[start, stop)`` with their weights read from ``files``, cast to ``dtype`` as
         ``from_pretrained(dtype=...)`` casts them (the rotary ``inv_freq`` stays float32, as there)."""
-        meta = self._meta(folder)
-        n = len(_get(meta, self.stack).layers)
-        if not 0 <= start < stop <= n:
-            raise ValueError(f"layers [{start}, {stop}) are not a slice of a {n}-layer text model")
-        # A fresh meta model (and config) per part: the cached one is shared, and assignment below
-        # replaces its tensors.
-        with torch.device("meta"):
-            meta = type(meta)._from_config(copy.deepcopy(meta.config))
-        part = DecoderLayers(self, meta, start, stop)
+        part, meta = self._skeleton(folder, start, stop)
         tensors = read_tensors(files, list(part.state_dict()), self.checkpoint_aliases)
         for key, tensor in tensors.items():
             if dtype is not None and tensor.is_floating_point():
