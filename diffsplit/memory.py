@@ -9,12 +9,13 @@ Every figure is computed, not measured, except the baseline:
   be loaded (its dead layers left out, a layer part alone, fp8 where ``--fp8_models`` says; int8 / nf4
   counted as torchao / bitsandbytes store them: 1 or 0.5 byte per weight plus their scales).
 * **trainable weights, gradients, optimizer state**: the LoRA (added to the meta model with the run's
-  targets) or the fully trained parameters; gradients the same bytes; AdamW keeps two states per weight (a
-  ``--customized_optimizer`` may keep fewer or more).
+  targets) or the fully trained parameters; gradients the same bytes; AdamW keeps two states per weight and
+  its step builds one more trainable-sized temporary (a ``--customized_optimizer`` may need fewer or more).
 * **activations**: the tensors autograd keeps for the backward pass, counted by running the stage's units
   on the largest sample with every trained model on the meta device (its inputs moved there, its outputs
   replaced by zeros of the same shape). With gradient checkpointing only each block's input is kept, plus
-  one block's tensors while it is recomputed. A stage that trains nothing keeps no activations; its
+  one block's tensors while it is recomputed and their gradients; without, every block's tensors and the
+  gradients of one. A stage that trains nothing keeps no activations; its
   forward passes' temporaries are estimated as three times the largest module output (input, output, one
   temporary), measured on the same run.
 * **loading**: what loading a model holds beside its weights: a diffusers model is read in chunks of at most
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 ADAMW_STATES = 2
 """Optimizer states per trainable weight (AdamW's first and second moments)."""
+STEP_TEMPORARIES = 1
+"""Trainable-sized temporaries of one optimizer step (torch's foreach AdamW builds its denominator whole)."""
 FORWARD_TEMPORARIES = 3
 """No-grad forward passes hold about this many of their largest module output at once."""
 
@@ -168,7 +171,7 @@ def _trainable(run: Run, name: str, model: torch.nn.Module) -> dict[int, torch.T
 
 # -- activations ------------------------------------------------------------------------------------------------
 @dataclass
-class _Tally:
+class ActivationTally:
     """Saved-for-backward bytes of one meta forward, split by block (for gradient checkpointing)."""
 
     outside: int = 0
@@ -179,10 +182,12 @@ class _Tally:
     seen: set[int] = field(default_factory=set)
 
     def checkpointed(self) -> int:
-        return self.outside + self.block_inputs + max(self.blocks, default=0)
+        """Block inputs kept, one block recomputed in the backward pass, and its tensors' gradients."""
+        return self.outside + self.block_inputs + 2 * max(self.blocks, default=0)
 
     def whole(self) -> int:
-        return self.outside + sum(self.blocks)
+        """Every block's tensors kept, and the gradients of the last block's while it runs backward."""
+        return self.outside + sum(self.blocks) + max(self.blocks, default=0)
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -219,7 +224,7 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def _on_meta(model: torch.nn.Module, tally: _Tally) -> Any:
+def _on_meta(model: torch.nn.Module, tally: ActivationTally) -> Any:
     """Run ``model`` on the meta device inside real code: inputs moved to meta, outputs turned into zeros of
     their shape on the CPU, block boundaries recorded in ``tally``."""
 
@@ -257,7 +262,7 @@ def _on_meta(model: torch.nn.Module, tally: _Tally) -> Any:
             handle.remove()
 
 
-def _largest_outputs(models: Iterable[torch.nn.Module], tally: _Tally) -> contextlib.ExitStack:
+def _largest_outputs(models: Iterable[torch.nn.Module], tally: ActivationTally) -> contextlib.ExitStack:
     """Record the largest leaf-module output of real no-grad forwards."""
 
     def record(module: Any, args: Any, output: Any) -> None:
@@ -272,7 +277,7 @@ def _largest_outputs(models: Iterable[torch.nn.Module], tally: _Tally) -> contex
     return stack
 
 
-def _saving(tally: _Tally, parameters: set[int]) -> Any:
+def _saving(tally: ActivationTally, parameters: set[int]) -> Any:
     """Count what autograd saves (parameters excluded: they are counted as weights; a storage once)."""
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -290,6 +295,15 @@ def _saving(tally: _Tally, parameters: set[int]) -> Any:
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
 
 
+def forward_activations(model: torch.nn.Module, *args: Any, **kwargs: Any) -> ActivationTally:
+    """What one training forward of ``model`` keeps for its backward pass, counted on the meta device
+    (``model`` built there; ``args`` / ``kwargs`` real or meta tensors of the call's shapes)."""
+    tally = ActivationTally()
+    with _on_meta(model, tally), _saving(tally, {id(p) for p in model.parameters()}), torch.enable_grad():
+        model(*args, **kwargs)
+    return tally
+
+
 def activation_bytes(
     run: Run,
     plan: SplitPlan,
@@ -298,13 +312,13 @@ def activation_bytes(
     trained: Mapping[str, torch.nn.Module],
     components: Mapping[str, Any],
     generator_seed: int = 0,
-) -> _Tally:
+) -> ActivationTally:
     """Run ``units`` on ``env`` (real values of one sample) with the ``trained`` models (name -> meta model) in
     place of the real ones, counting what autograd keeps."""
     from diffsplit.families.base import unit_context
     from diffsplit.training.loop import ComponentOverlay
 
-    tally = _Tally()
+    tally = ActivationTally()
     overlay = ComponentOverlay(components, trained)
     parameters = {id(p) for m in trained.values() for p in m.parameters()}
 
@@ -381,7 +395,7 @@ def _training_stage(
             memory.frozen[dtype] = memory.frozen.get(dtype, 0) + size
         memory.trainable += sum(t.numel() * t.element_size() for t in ids.values())
     memory.gradients = memory.trainable
-    memory.optimizer = ADAMW_STATES * memory.trainable
+    memory.optimizer = (ADAMW_STATES + STEP_TEMPORARIES) * memory.trainable
     tally = activation_bytes(run, plan, list(plan.stage2), dict(env), meta_models, run.models)
     checkpointed = any(_checkpointed(run, component_of(n)) for n in meta_models)
     memory.activations = tally.checkpointed() if checkpointed else tally.whole()
@@ -406,7 +420,7 @@ def estimate(
             if k in which.graph.dataset_values
         }
         stage1_models = [m for m in which.stage1_models if _is_model(run, m)]
-        tally = _Tally()
+        tally = ActivationTally()
         with torch.no_grad(), _largest_outputs([run.models[m] for m in stage1_models], tally):
             which.graph.run(
                 which.stage1,

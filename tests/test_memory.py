@@ -71,7 +71,7 @@ def test_plan_estimates_every_stage(
     assert sum(by_stage["stage 2"].frozen.values()) == dit_bytes  # stage 2 holds the denoiser only
     assert by_stage["stage 1"].trainable == 0 and by_stage["stage 1"].activations > 0
     lora = by_stage["stage 2"].trainable
-    assert lora > 0 and by_stage["stage 2"].optimizer == 2 * lora and by_stage["stage 2"].gradients == lora
+    assert lora > 0 and by_stage["stage 2"].optimizer == 3 * lora and by_stage["stage 2"].gradients == lora
     assert by_stage["stage 2"].activations > 0
     assert sum(by_stage["unsplit"].frozen.values()) > sum(by_stage["stage 2"].frozen.values())
     assert all(s.baseline > 0 for s in stages)

@@ -56,10 +56,6 @@ _METHODS = {
 }
 """``--quant_options`` method names (the torchao / diffusers spellings and ours) -> the format."""
 
-STORAGE_BYTES = {FP8: 1.0, INT8: 1.0, NF4: 0.5}
-"""Bytes per weight of each format's quantized layers (scales and the kept layers are extra)."""
-
-
 @dataclass(frozen=True)
 class WeightFormat:
     """How one component's frozen weights are stored.
