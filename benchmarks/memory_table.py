@@ -69,6 +69,17 @@ def _built_in_bf16() -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _qwen3(layers: int, intermediate: int, heads: int, kv_heads: int) -> torch.nn.Module:
+    """A Qwen3 text model of hidden size 2560 (the 4B's) with the layers the pipeline runs."""
+    import transformers
+
+    config = transformers.Qwen3Config(
+        hidden_size=2560, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.Qwen3Model._from_config(config)
+
+
 def _qwen_image() -> Family:
     import diffusers
     import transformers
@@ -108,7 +119,6 @@ def _qwen_image() -> Family:
 
 def _z_image() -> Family:
     import diffusers
-    import transformers
 
     def denoiser() -> torch.nn.Module:
         return diffusers.ZImageTransformer2DModel(
@@ -126,17 +136,8 @@ def _z_image() -> Family:
         }
 
     def encoders() -> list[torch.nn.Module]:
-        config = transformers.Qwen3Config(
-            hidden_size=2560,
-            intermediate_size=9728,
-            num_hidden_layers=35,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        )  # fmt: skip (36 layers, the last dead: the pipeline reads hidden_states[-2])
-        return [transformers.Qwen3Model._from_config(config), diffusers.AutoencoderKL(
+        # Qwen3-4B: 36 layers, the last dead (the pipeline reads hidden_states[-2])
+        return [_qwen3(layers=35, intermediate=9728, heads=32, kv_heads=8), diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -147,7 +148,6 @@ def _z_image() -> Family:
 
 def _flux2_klein() -> Family:
     import diffusers
-    import transformers
 
     def denoiser() -> torch.nn.Module:
         return diffusers.Flux2Transformer2DModel(
@@ -170,17 +170,8 @@ def _flux2_klein() -> Family:
         }
 
     def encoders() -> list[torch.nn.Module]:
-        config = transformers.Qwen3Config(
-            hidden_size=2560,
-            intermediate_size=6912,
-            num_hidden_layers=27,
-            num_attention_heads=20,
-            num_key_value_heads=4,
-            head_dim=128,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        )  # fmt: skip (36 layers, 27 used: the pipeline stacks hidden_states 9, 18 and 27)
-        return [transformers.Qwen3Model._from_config(config), diffusers.AutoencoderKLFlux2()]
+        # 36 layers, 27 used: the pipeline stacks hidden_states 9, 18 and 27
+        return [_qwen3(layers=27, intermediate=6912, heads=20, kv_heads=4), diffusers.AutoencoderKLFlux2()]
 
     return Family("FLUX.2-klein 4B", denoiser, inputs, encoders, _targets("flux2-klein"))
 

@@ -153,7 +153,8 @@ def _trainable(run: Run, name: str, model: torch.nn.Module) -> dict[int, torch.T
 
     component, config = component_of(name), run.config
     out: dict[int, torch.Tensor] = {}
-    if component in config.lora_base_models:
+    if component in config.lora_base_models and config.lora_target_modules.strip():
+        # (stage 1 may omit the targets: its LoRA is then not counted, see estimate's notes)
         targets = lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)[component]
         lora.add_lora(model, targets, rank=config.lora_rank, alpha=config.lora_alpha)
         out.update({id(p): p for p in lora.trainable_parameters(model)})
@@ -396,11 +397,16 @@ def _training_stage(
         memory.trainable += sum(t.numel() * t.element_size() for t in ids.values())
     memory.gradients = memory.trainable
     memory.optimizer = (ADAMW_STATES + STEP_TEMPORARIES) * memory.trainable
-    tally = activation_bytes(run, plan, list(plan.stage2), dict(env), meta_models, run.models)
+    try:
+        tally = activation_bytes(run, plan, list(plan.stage2), dict(env), meta_models, run.models)
+    except Exception as error:  # a model whose forward reads tensor values (.item()) cannot run on meta
+        reason = " ".join(str(error).split())[:120]
+        memory.notes.append(
+            f"{label}: activations not estimated ({', '.join(meta_models)} on the meta device: {reason})"
+        )
+        return memory
     checkpointed = any(_checkpointed(run, component_of(n)) for n in meta_models)
     memory.activations = tally.checkpointed() if checkpointed else tally.whole()
-    if checkpointed:
-        memory.notes.append("activations with gradient checkpointing")
     return memory
 
 
@@ -412,7 +418,8 @@ def estimate(
     from diffsplit.storage import data
 
     unsplit = run.split_plan(layer_split=False)
-    out = []
+    out: list[StageMemory] = []
+    untargeted = run.config.lora_base_models and not run.config.lora_target_modules.strip()
     for label, which in (("unsplit", unsplit), ("stage 1", plan), ("stage 2", plan)):
         env = {
             which.graph.dataset_key(k): v
@@ -439,10 +446,18 @@ def estimate(
             continue
         loaded = list(dict.fromkeys([*(stage1_models if label == "unsplit" else []), *which.stage2_models]))
         loaded = [m for m in loaded if _is_model(run, m)]
+        missing = [m for m in loaded if m not in run.models]
+        if missing:  # a stage-1 command's plan: the denoiser is not given
+            skipped = StageMemory(label)
+            skipped.notes.append(f"{label}: not estimated ({', '.join(missing)} not given to this command)")
+            out.append(skipped)
+            continue
         memory = _training_stage(run, label, which, env, loaded, baseline)
         memory.loading = loading_bytes(run, loaded)
         if label == "unsplit":
             memory.activations += FORWARD_TEMPORARIES * tally.largest_output
+        if untargeted:
+            memory.notes.append(f"{label}: the LoRA is not counted (no --lora_target_modules)")
         out.append(memory)
     return out
 
@@ -459,6 +474,8 @@ def memory_table(stages: list[StageMemory]) -> str:
     ]  # fmt: skip
     rows = [header]
     for m in stages:
+        if not m.total:  # not estimated: its note says why
+            continue
         frozen = ", ".join(f"{_mib(v)} {k}" for k, v in sorted(m.frozen.items())) or "0"
         rows.append(
             [m.stage, _mib(m.baseline), frozen, _mib(m.loading), _mib(m.trainable), _mib(m.gradients),
@@ -467,4 +484,4 @@ def memory_table(stages: list[StageMemory]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([*lines, *(note for m in stages for note in m.notes)])

@@ -56,6 +56,7 @@ _METHODS = {
 }
 """``--quant_options`` method names (the torchao / diffusers spellings and ours) -> the format."""
 
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How one component's frozen weights are stored.

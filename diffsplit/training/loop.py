@@ -269,7 +269,11 @@ def run_training(
         num_training_steps=total_updates * accelerator.num_processes,
     )
     names = list(trained)
-    prepared = accelerator.prepare(*[trained[n] for n in names], optimizer, scheduler)
+    # Offloaded models keep their frozen weights in CPU memory: accelerate must not move them to the device.
+    placement = [not config.enable_model_cpu_offload] * len(names) + [True, True]
+    prepared = accelerator.prepare(
+        *[trained[n] for n in names], optimizer, scheduler, device_placement=placement
+    )
     wrapped = dict(zip(names, prepared[: len(names)], strict=True))
     optimizer, scheduler = prepared[len(names)], prepared[len(names) + 1]
     # FSDP replaces a sharded model's parameters (DTensors): clip the ones the optimizer now holds.

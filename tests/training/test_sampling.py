@@ -90,12 +90,13 @@ def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
     from diffsplit.storage import models as storage_models
 
     reads: list[str] = []
-    original = storage_models._read_tensors
+    original = storage_models.iter_tensors
 
-    def spy(files, wanted):
-        out = original(files, wanted)
-        reads.extend(f"{Path(next(iter(files))).parent.name}/{k}" for k in out)
-        return out
+    def spy(files, wanted=lambda key: True):
+        files = list(files)
+        for key, tensor in original(files, wanted):
+            reads.append(f"{Path(files[0]).parent.name}/{key}")
+            yield key, tensor
 
     stage2 = train_args(tmp_path / "split", *extra, "--task", "sft:train")
     stage2 = _replace(
@@ -108,7 +109,7 @@ def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
         raise AssertionError("stage 2 built the text encoder")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(storage_models, "_read_tensors", spy)
+        patch.setattr(storage_models, "iter_tensors", spy)
         patch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "__init__", refuse)
         assert cli.main(["train", *_replace(stage2, "--model_id_with_origin_paths", models)]) == 0
     vae_reads = [k for k in reads if k.startswith("vae/")]
