@@ -7,7 +7,7 @@ Usage::
 
 It builds (once, under ``--workdir``) the ``proportioned`` tiny Qwen-Image with ``--num_layers`` transformer
 blocks and ``--samples`` same-size square images, then runs every measurement in its own process
-(``python this_script.py _child <kind> ...``), so each peak RSS (``ru_maxrss``) belongs to one run:
+(``python this_script.py _child <kind> ...``), so each peak RSS (``VmHWM``) belongs to one run:
 
 * **estimate**: for ``--torch_dtype`` float32 and bfloat16, unsplit training, stage 1 and stage 2 are run
   (the seed's LoRA targets, rank 32, ``--use_gradient_checkpointing``, ``--steps`` steps) and their peak RSS
@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def run_child(kind: str, argv: list[str], env: dict[str, str], log: Path) -> dic
 
 def child_main(kind: str, argv: list[str]) -> None:
     record = _child(kind, argv)
-    record["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["rss_mib"] = bench.peak_rss_mib()
     print(MARK + json.dumps(record), flush=True)
 
 
@@ -231,8 +230,8 @@ def lowbit_rows(
 
 
 def _weights(path: Path) -> int:
-    """The number of weights in a safetensors file, from its header (this process never imports torch: a
-    child started from a process that has would inherit its peak RSS, which ``ru_maxrss`` keeps across exec)."""
+    """The number of weights in a safetensors file, from its header (this process stays small and never
+    imports torch)."""
     with open(path, "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     total = 0

@@ -8,7 +8,7 @@ It builds the tiny Qwen-Image (``--size``) and the example dataset under ``--wor
 one-line sample-prompts file (the sample at ``--resolution`` px, 4 denoising steps), then stage 2 twice, each
 in a fresh process: without sampling, and rendering the sample every ``--steps // 2`` steps (the VAE's file
 added to the model list: stage 2 builds the VAE without its encoder). Each process reports its peak resident
-memory (``ru_maxrss``); the table shows both, their difference, the decoder's weights (the VAE part stage 2
+memory (``VmHWM``); the table shows both, their difference, the decoder's weights (the VAE part stage 2
 loads, in the run's dtype) and the time per rendering.
 
 It prints a table and ends with one line::
@@ -32,10 +32,12 @@ VAE = f"{MODEL}:vae/diffusion_pytorch_model.safetensors"
 TARGETS = "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1"
 
 MEASURE = """
-import resource, sys
+import sys
 from diffsplit.cli import main
 status = main(sys.argv[1:])
-print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would include this script's own memory.
+peak = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1]
+print("peak_rss_kib", peak, file=sys.stderr)
 sys.exit(status)
 """
 

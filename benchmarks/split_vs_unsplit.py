@@ -324,8 +324,15 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     }
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: Linux keeps that across exec, so
+    a child started from this script would report at least the parent's resident memory at the spawn."""
+    with open("/proc/self/status") as handle:
+        line = next(x for x in handle if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
+
+
 def child_main(kind: str, argv: list[str]) -> None:
-    import resource
 
     import torch
 
@@ -335,7 +342,7 @@ def child_main(kind: str, argv: list[str]) -> None:
     if torch.cuda.is_available():
         record["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     record.update(
-        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        rss_mib=peak_rss_mib(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
     )
@@ -870,7 +877,7 @@ def text_layers_case(bench: Bench) -> int:
     print()
     print(
         "step time: median interval between consecutive steps' backward passes, the first "
-        f"{WARMUP_STEPS} steps excluded; peak RSS: `ru_maxrss` of the unsplit or stage-2 process (own "
+        f"{WARMUP_STEPS} steps excluded; peak RSS: `VmHWM` of the unsplit or stage-2 process (own "
         "process, loader workers not counted); cache bytes/sample (shards): the cache's shard "
         "`.safetensors` + `.json` files over samples; (manifest): the sum of the plan's bytes per sample of "
         "the cached values, from the cache manifest; stage-1 samples/s: batch 1, the writer's own timing "
