@@ -71,8 +71,10 @@ def execute(run: Run) -> dict[str, Any]:
         check_output_folder(config)
         if run.task.stage == "" and config.cache_dir:
             check_cache_folder(Path(config.cache_dir), "--cache_dir")
-    if run.device.type == "cpu":
-        bound_heap()  # tensors live in this process's heap: keep it from holding freed memory (host_memory)
+    if run.device.type == "cpu" and run.models.formats:
+        # fp8 / int8 weights are turned into compute-dtype copies layer by layer, every step: on a CPU those
+        # copies churn the heap, which then holds more than the smaller storage saves (host_memory).
+        bound_heap()
     if run.task.stage == "":
         return train_auto(run) if config.cache_dir else train_unsplit(run)
     if run.task.stage == "data_process":

@@ -279,6 +279,8 @@ def run_training(
     # FSDP replaces a sharded model's parameters (DTensors): clip the ones the optimizer now holds.
     params = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad]
     step_components = ComponentOverlay(components, wrapped)
+    # fp8 / int8 weights make compute copies every step; on a CPU their freed blocks are handed back.
+    low_bit_on_cpu = accelerator.device.type == "cpu" and bool(config.fp8_models or config.quant_options)
 
     start_epoch, start_item, step = 0, 0, 0
     if config.resume_from_state:
@@ -409,7 +411,7 @@ def run_training(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                if accelerator.device.type == "cpu":
+                if low_bit_on_cpu:
                     release_freed()  # glibc keeps each step's freed blocks resident (diffsplit.host_memory)
                 micro += 1
                 last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
