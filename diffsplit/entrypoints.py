@@ -71,9 +71,9 @@ def execute(run: Run) -> dict[str, Any]:
         check_output_folder(config)
         if run.task.stage == "" and config.cache_dir:
             check_cache_folder(Path(config.cache_dir), "--cache_dir")
-    if run.device.type == "cpu" and run.models.formats:
-        # fp8 / int8 weights are turned into compute-dtype copies layer by layer, every step: on a CPU those
-        # copies churn the heap, which then holds more than the smaller storage saves (host_memory).
+    if run.device.type == "cpu" and (run.models.formats or run.task.stage == "data_process"):
+        # On a CPU, fp8 / int8 weights' per-layer compute copies churn the heap every step, and stage 1's
+        # encoders leave large freed blocks behind: a bounded heap gives them back (diffsplit.host_memory).
         bound_heap()
     if run.task.stage == "":
         return train_auto(run) if config.cache_dir else train_unsplit(run)
