@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffsplit.storage.weight_formats import INT8, NF4
+from diffsplit.storage.weight_formats import INT8, NF4, is_excluded
 
 if TYPE_CHECKING:
     from diffsplit.planner.graph import Unit
@@ -134,7 +134,7 @@ def frozen_bytes(
                 and fmt.method in (INT8, NF4)
                 and isinstance(module, torch.nn.Linear)
                 and key == "weight"
-                and not any(module_name == m or module_name.endswith("." + m) for m in fmt.excluded)
+                and not is_excluded(module_name, fmt.excluded)
             )
             if quantized:
                 rows, numel = tensor.shape[0], tensor.numel()
@@ -283,7 +283,10 @@ def _saving(tally: ActivationTally, parameters: set[int]) -> Any:
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if id(tensor) not in parameters:
-            key = id(tensor.untyped_storage()) if not tensor.is_meta else id(tensor)
+            # A real tensor's storage by its address (views share it); a meta tensor has none: the tensor itself,
+            # which autograd keeps alive, so its id is not reused meanwhile.
+            pointer = 0 if tensor.is_meta else tensor.untyped_storage().data_ptr()
+            key = pointer or id(tensor)
             if key not in tally.seen:
                 tally.seen.add(key)
                 size = tensor.numel() * tensor.element_size()
@@ -367,22 +370,13 @@ def _is_model(run: Run, name: str) -> bool:
     return run.models.spec(name).kind == MODEL
 
 
-def _checkpointed(run: Run, name: str) -> bool:
-    config = run.config
-    return (
-        config.use_gradient_checkpointing
-        or config.use_gradient_checkpointing_offload
-        or config.enable_model_cpu_offload
-        or name.split("[")[0] in run.low_bit_trained()
-    )
-
-
 def _training_stage(
     run: Run, label: str, plan: SplitPlan, env: dict[str, Any], loaded: list[str], baseline: int
 ) -> StageMemory:
     """A stage that trains: the frozen models it loads, the trained ones (on the meta device) and the
     activations of running its trained units on ``env``."""
     from diffsplit.planner.layers import component_of
+    from diffsplit.training.trainable import checkpoints
 
     memory = StageMemory(label, baseline=baseline)
     trained_names = {plan.trained_parts.get(n, n) for n in plan.trainable_models}
@@ -405,7 +399,8 @@ def _training_stage(
             f"{label}: activations not estimated ({', '.join(meta_models)} on the meta device: {reason})"
         )
         return memory
-    checkpointed = any(_checkpointed(run, component_of(n)) for n in meta_models)
+    low_bit = run.low_bit_trained()
+    checkpointed = any(checkpoints(run.config, component_of(n) in low_bit) for n in meta_models)
     memory.activations = tally.checkpointed() if checkpointed else tally.whole()
     return memory
 
@@ -418,22 +413,31 @@ def estimate(
     from diffsplit.storage import data
 
     unsplit = run.split_plan(layer_split=False)
+    values = data.load_values(sample)
+    ran: dict[int, tuple[dict[str, Any], ActivationTally]] = {}
+
+    def run_stage1(which: SplitPlan) -> tuple[dict[str, Any], ActivationTally]:
+        """``which``'s stage 1 on the sample, once per plan: its values and largest module output."""
+        if id(which) not in ran:
+            env = {
+                which.graph.dataset_key(k): v for k, v in values.items() if k in which.graph.dataset_values
+            }
+            tally = ActivationTally()
+            models = [run.models[m] for m in which.stage1_models if _is_model(run, m)]
+            with torch.no_grad(), _largest_outputs(models, tally):
+                which.graph.run(
+                    which.stage1,
+                    env,
+                    lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype),
+                )
+            ran[id(which)] = env, tally
+        return ran[id(which)]
+
     out: list[StageMemory] = []
     untargeted = run.config.lora_base_models and not run.config.lora_target_modules.strip()
     for label, which in (("unsplit", unsplit), ("stage 1", plan), ("stage 2", plan)):
-        env = {
-            which.graph.dataset_key(k): v
-            for k, v in data.load_values(sample).items()
-            if k in which.graph.dataset_values
-        }
+        env, tally = run_stage1(which)
         stage1_models = [m for m in which.stage1_models if _is_model(run, m)]
-        tally = ActivationTally()
-        with torch.no_grad(), _largest_outputs([run.models[m] for m in stage1_models], tally):
-            which.graph.run(
-                which.stage1,
-                env,
-                lambda unit: unit_context(unit, run.models, run.options, None, run.device, run.dtype),
-            )
         if label == "stage 1":
             memory = StageMemory(label, baseline=baseline)
             for name in stage1_models:

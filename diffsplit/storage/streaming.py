@@ -55,11 +55,6 @@ def iter_tensors(
             handle = None
 
 
-def read_tensors(files: Iterable[Path], wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    """The tensors whose keys ``wanted(key)`` selects (see :func:`iter_tensors`)."""
-    return dict(iter_tensors(files, wanted))
-
-
 def load_into(
     skeleton: torch.nn.Module,
     tensors: Iterable[tuple[str, torch.Tensor]],

@@ -174,18 +174,11 @@ def check_available(formats: dict[str, WeightFormat], device: torch.device) -> N
 def prepare_skeleton(model: Any, fmt: WeightFormat, compute_dtype: torch.dtype) -> None:
     """Set up fp8 layerwise casting on a diffusers model built on the meta device, before its weights are read:
     the hooked layers' parameters become float8 on the meta device, so the loader casts each tensor to the
-    dtype of its parameter as it reads it (:func:`loaded_dtype`)."""
+    dtype of its parameter as it reads it (:func:`diffsplit.storage.streaming.load_into`)."""
     import torch
 
     assert fmt.method == FP8, fmt
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-
-
-def loaded_dtype(skeleton_dtype: torch.dtype, run_dtype: torch.dtype | None) -> torch.dtype | None:
-    """The dtype a floating-point tensor is read into: float8 where the skeleton's hook made it so, else the run's."""
-    import torch
-
-    return skeleton_dtype if skeleton_dtype == torch.float8_e4m3fn else run_dtype
 
 
 def apply_after_load(model: Any, fmt: WeightFormat, compute_dtype: torch.dtype) -> Any:
@@ -225,13 +218,17 @@ def quantize_module(fmt: WeightFormat) -> Any:
     return finish
 
 
+def is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of ``--quant_options``' excluded modules (its full name, its last parts,
+    or inside an excluded module named from the root): those keep the run's dtype."""
+    return any(name == m or name.startswith(m + ".") or name.endswith("." + m) for m in excluded)
+
+
 def _quantizable(excluded: tuple[str, ...]) -> Any:
     import torch
 
     def keep(module: Any, name: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and not any(
-            name == m or name.startswith(m + ".") or name.endswith("." + m) for m in excluded
-        )
+        return isinstance(module, torch.nn.Linear) and not is_excluded(name, excluded)
 
     return keep
 

@@ -74,18 +74,24 @@ def prepare_trainable(
             _unfreeze_layers(model, spec, entry, specs[name])
         trained[name] = model
     for name, model in trained.items():
-        if (
-            config.use_gradient_checkpointing
-            or config.use_gradient_checkpointing_offload
-            or config.enable_model_cpu_offload
-            or name in checkpointed
-        ):
+        if checkpoints(config, low_bit=name in checkpointed):
             if hasattr(model, "enable_gradient_checkpointing"):
                 model.enable_gradient_checkpointing()
             elif hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     return trained
+
+
+def checkpoints(config: TrainConfig, low_bit: bool) -> bool:
+    """Whether a trained model uses gradient checkpointing: asked for, implied by an offload flag, or forced by
+    fp8 / int8 storage (``low_bit``)."""
+    return (
+        config.use_gradient_checkpointing
+        or config.use_gradient_checkpointing_offload
+        or config.enable_model_cpu_offload
+        or low_bit
+    )
 
 
 def _unfreeze_layers(
