@@ -40,8 +40,8 @@ CLI = [sys.executable, "-c", "import sys; from diffsplit.cli import main; sys.ex
 
 def setup(workdir: Path, family: str, samples: int) -> tuple[Path, str]:
     """The tiny model under ``<workdir>/models`` and the dataset; returns (dataset, stage-1 model entries)."""
-    from diffsplit.example_data import make_example_dataset
     from diffsplit.families import get_family
+    from diffsplit.tools.example_data import make_example_dataset
 
     example = get_family(family).example
     model = workdir / "models" / example.model_id

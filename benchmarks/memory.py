@@ -103,9 +103,9 @@ def _child(kind: str, argv: list[str]) -> dict[str, Any]:
     if kind == "train":
         return {"rc": cli.main(["train", *argv])}
     # "plan": the estimate, as `diffsplit plan` computes it (same process kind, same baseline measurement)
-    from diffsplit.config import config_from_args
-    from diffsplit.entrypoints import plan_report
-    from diffsplit.run import Run
+    from diffsplit.cli.arguments import config_from_args
+    from diffsplit.stages.entrypoints import plan_report
+    from diffsplit.stages.run import Run
 
     cli.quiet_optional_libraries()
     config = config_from_args(cli.build_parser().parse_args(["plan", *argv]), ["plan", *argv])

@@ -14,9 +14,9 @@ way of storing the denoiser's frozen weights it prints what one GPU holds:
   ``--enable_model_cpu_offload`` the GPU holds two Linear layers' weights at a time (the one running and the
   one prefetched) instead of all of them;
 * the LoRA (the family's seed-style targets, fp32), its gradients and AdamW's two states plus the step's
-  temporary (:mod:`diffsplit.memory`);
+  temporary (:mod:`diffsplit.stages.memory`);
 * activations with gradient checkpointing, counted by one training forward of the denoiser on the meta
-  device at ``--resolution`` with ``--text_tokens`` prompt tokens (:func:`diffsplit.memory.forward_activations`);
+  device at ``--resolution`` with ``--text_tokens`` prompt tokens (:func:`diffsplit.stages.memory.forward_activations`);
 * unsplit training also holds the text encoder and the VAE (bf16; the encoder without its dead layers);
 * a fixed 1.5 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not computed).
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from diffsplit import memory
+from diffsplit.stages import memory
 
 GIB = 2**30
 RUNTIME = int(1.5 * GIB)

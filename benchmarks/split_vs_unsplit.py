@@ -192,7 +192,7 @@ def _child_train(argv: list[str]) -> dict[str, Any]:
     timing (the summary of the stage-1 writer) and the number of trained parameters per model."""
     import accelerate
 
-    import diffsplit.entrypoints as stages
+    import diffsplit.stages.entrypoints as stages
     from diffsplit import cli
     from diffsplit.planner.graph import UnitGraph
 
@@ -251,9 +251,9 @@ def _child_denoiser(argv: list[str]) -> dict[str, Any]:
     import torch
 
     from diffsplit import cli
-    from diffsplit.config import config_from_args
-    from diffsplit.families.base import UnitContext, unit_context
-    from diffsplit.run import Run
+    from diffsplit.cli.arguments import config_from_args
+    from diffsplit.contract.context import UnitContext, unit_context
+    from diffsplit.stages.run import Run
     from diffsplit.storage import cache
     from diffsplit.training import lora
     from diffsplit.training.loop import ComponentOverlay

@@ -15,8 +15,8 @@ SEED_MODELS = QWEN_IMAGE.example.model_paths
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with ``models/Qwen/Qwen-Image`` (tiny, random) and ``data/example_image_dataset``."""
-    from diffsplit.example_data import make_example_dataset
     from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
+    from diffsplit.tools.example_data import make_example_dataset
 
     root = tmp_path_factory.mktemp("workspace")
     build_tiny_qwen_image(root / "models" / "Qwen" / "Qwen-Image", seed=0, size="tiny")

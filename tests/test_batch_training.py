@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.example_data import make_example_dataset
+from diffsplit.tools.example_data import make_example_dataset
 from tests.conftest import train_args
 from tests.test_entrypoints import (
     DIT,

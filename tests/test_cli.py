@@ -137,16 +137,20 @@ def test_nothing_to_train_is_refused(in_workspace, tmp_path, capsys):
 
 
 def test_edit_flags_reach_the_config(tmp_path: Path):
-    from diffsplit.config import config_from_args
+    from diffsplit.cli.arguments import config_from_args
 
     def config(*extra: str):
         argv = ["train", *train_args(tmp_path / "out", *extra)]
         return config_from_args(cli.build_parser().parse_args(argv), argv)
 
     plain = config()
-    assert plain.extra_inputs is None and plain.extra_input_names == () and plain.zero_cond_t is False
+    assert (
+        plain.extra_inputs is None
+        and plain.extra_input_names == ()
+        and plain.family_flags["zero_cond_t"] is False
+    )
     edit = config("--extra_inputs", " edit_image, mask ,", "--zero_cond_t")
-    assert edit.extra_input_names == ("edit_image", "mask") and edit.zero_cond_t is True
+    assert edit.extra_input_names == ("edit_image", "mask") and edit.family_flags["zero_cond_t"] is True
     assert set(edit.given) >= {"extra_inputs", "zero_cond_t"}
 
 

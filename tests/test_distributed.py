@@ -156,7 +156,7 @@ def test_two_processes_equal_one_with_twice_the_accumulation(
 ):
     """The same global batches: 2 ranks x batch 2 == 1 process x batch 2 x 2 accumulation steps, buckets on;
     the remainder rule (a pass's last batches that do not fill an optimiser step are left out) is shared."""
-    from diffsplit.example_data import make_example_dataset
+    from diffsplit.tools.example_data import make_example_dataset
 
     data = make_example_dataset(tmp_path / "data", n=samples, max_size=96)
     buckets = ("--batch_size", "2", "--resolution_buckets", "auto", "--seed", "5")

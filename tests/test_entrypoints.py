@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit import precompute as stage1
+from diffsplit.stages import precompute as stage1
 from tests.conftest import SEED_MODELS, train_args
 
 DIT = "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors"

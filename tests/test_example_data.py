@@ -7,8 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from diffsplit.example_data import make_edit_dataset, make_example_dataset
 from diffsplit.storage.data import load_samples, load_values
+from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset
 
 
 def _digests(root: Path) -> dict[str, str]:

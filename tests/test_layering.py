@@ -65,10 +65,25 @@ def _imports(path: Path) -> set[str]:
 
 
 FORBIDDEN = {
-    "planner": ("diffsplit.storage", "diffsplit.training", "diffsplit.families", "diffsplit.run"),
-    "storage": ("diffsplit.families", "diffsplit.training", "diffsplit.run", "diffsplit.entrypoints"),
-    "training": ("diffsplit.entrypoints", "diffsplit.run", "diffsplit.cli", "diffsplit.precompute"),
-    "tasks": ("diffsplit.families.", "diffsplit.storage", "diffsplit.entrypoints", "diffsplit.run"),
+    "planner": ("diffsplit.storage", "diffsplit.training", "diffsplit.families", "diffsplit.stages.run"),
+    "storage": (
+        "diffsplit.families",
+        "diffsplit.training",
+        "diffsplit.stages.run",
+        "diffsplit.stages.entrypoints",
+    ),
+    "training": (
+        "diffsplit.stages.entrypoints",
+        "diffsplit.stages.run",
+        "diffsplit.cli",
+        "diffsplit.stages.precompute",
+    ),
+    "tasks": (
+        "diffsplit.families.",
+        "diffsplit.storage",
+        "diffsplit.stages.entrypoints",
+        "diffsplit.stages.run",
+    ),
 }
 
 
@@ -84,8 +99,8 @@ def test_imports_flow_one_way() -> None:
         others = [m for n, m in REGISTRY.items() if n != name and EXTENDS.get(name) != n]
         for path in _modules(folder):
             for imported in _imports(path):
-                if imported.startswith(("diffsplit.entrypoints", "diffsplit.run", "diffsplit.cli")) or any(
-                    imported == m or imported.startswith(m + ".") for m in others
-                ):
+                if imported.startswith(
+                    ("diffsplit.stages.entrypoints", "diffsplit.stages.run", "diffsplit.cli")
+                ) or any(imported == m or imported.startswith(m + ".") for m in others):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)} imports {imported}")
     assert not offenders, "\n".join(offenders)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsplit import memory
 from diffsplit.cli import build_parser, main
-from diffsplit.config import config_from_args
-from diffsplit.run import Run
+from diffsplit.cli.arguments import config_from_args
+from diffsplit.stages import memory
+from diffsplit.stages.run import Run
 from tests.conftest import train_args
 
 DIT_ENTRY = "Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors"
@@ -60,7 +60,7 @@ def test_frozen_bytes_are_what_loading_holds(in_workspace: Path, tmp_path: Path,
 def test_plan_estimates_every_stage(
     in_workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from diffsplit.entrypoints import plan_report
+    from diffsplit.stages.entrypoints import plan_report
 
     run = resolve(tmp_path, "--lora_rank", "8")
     _, stages = plan_report(run)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsplit import cli, entrypoints
+from diffsplit import cli
+from diffsplit.stages import entrypoints
 from diffsplit.storage import cache as cache_mod
 from diffsplit.storage import files
 from diffsplit.storage.cache import CacheReader

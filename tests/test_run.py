@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
-from diffsplit.run import Run
+from diffsplit.stages.run import Run
+from diffsplit.training.config import TrainConfig
 from tests.conftest import SEED_MODELS, SEED_TARGETS
 
 DIT = SEED_MODELS.split(",")[0]

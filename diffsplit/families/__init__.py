@@ -1,4 +1,4 @@
-"""The registry of model families: one line per family (see :class:`diffsplit.families.base.Family`).
+"""The registry of model families: one line per family (see :class:`diffsplit.contract.family.Family`).
 
 A run's family is the one whose components the given model folders are (each folder's ``config.json`` names
 its class); ``--family`` chooses when the folders fit several, or overrides.
@@ -10,12 +10,13 @@ import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from diffsplit.contract.options import FamilyFlag, own_flags
 from diffsplit.errors import UserError
 
 if TYPE_CHECKING:
-    from diffsplit.families.base import Family
+    from diffsplit.contract.family import Family
     from diffsplit.storage.resolve import ModelEntry
 
 REGISTRY: dict[str, str] = {
@@ -35,6 +36,28 @@ package. Never the reverse, and no other family imports another."""
 def family_names() -> list[str]:
     """Every registered family name, in registry order."""
     return list(REGISTRY)
+
+
+def family_flags() -> dict[str, tuple[FamilyFlag, Any, tuple[str, ...]]]:
+    """Every registered family's own flags: name -> ``(flag, default, the families declaring it)``.
+
+    Two families may declare the same flag (an extending family inherits its base's options); they must
+    then agree on its definition and default.
+
+    Raises:
+        TypeError: two families declare one flag name differently (a bug in a family, caught by a test).
+    """
+    out: dict[str, tuple[FamilyFlag, Any, tuple[str, ...]]] = {}
+    for family_name in REGISTRY:
+        for name, flag, default in own_flags(get_family(family_name).options):
+            if name in out:
+                other, other_default, owners = out[name]
+                if (other, other_default) != (flag, default):
+                    raise TypeError(f"families {owners} and {family_name!r} declare --{name} differently")
+                out[name] = (flag, default, (*owners, family_name))
+            else:
+                out[name] = (flag, default, (family_name,))
+    return out
 
 
 def get_family(name: str) -> Family:

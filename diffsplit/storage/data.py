@@ -16,9 +16,9 @@ line naming the row and the path, or, with ``skip_bad_samples``, is left out and
 Each sample gets a stable id from its content (see :func:`sample_id`), never from its position, so the
 cache can key samples by it and reordering or appending rows leaves existing ids alone.
 
-The resize policy (:class:`SizePolicy`, :func:`target_size`, :func:`resize_and_crop`,
-:func:`image_to_tensor`) is pure functions on PIL images; each family declares its policy and its resize
-unit calls them.
+The resize policy (:class:`~diffsplit.contract.sizing.SizePolicy`, the training size of an image) and the
+image-to-tensor functions are the contract's (:mod:`diffsplit.contract.sizing`, :mod:`diffsplit.contract.images`):
+each family declares its policy and its resize unit calls them; this module checks rows against them.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffsplit.contract.images import FULL_SIZE_KEY
+from diffsplit.contract.sizing import SizePolicy, check_resize_args, sizing_for
 from diffsplit.errors import BadSampleError, UserError
 from diffsplit.storage.files import atomic_write, sha256_file
 
@@ -48,26 +48,11 @@ ID_CHARS = 32
 FOLDER_IMAGE_KEY = "image"
 FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
+DEFAULT_POLICY = SizePolicy()
 
 # PIL's own guard against huge images warns (and, twice as large, refuses) with a raw warning; the size
 # limit here (``max_image_pixels``: a JPEG decoded reduced, anything else a bad row) replaces it.
 Image.MAX_IMAGE_PIXELS = None
-
-
-@dataclass(frozen=True)
-class SizePolicy:
-    """A family's training sizes.
-
-    Attributes:
-        multiple: every side is a multiple of this (16 for a VAE that downsamples by 8 under a denoiser that
-            packs 2x2 latent patches).
-        min_side: the smallest side (pixels, after resizing) that still makes one latent patch.
-        default_max_pixels: the pixel budget when neither ``--max_pixels`` nor ``--height/--width`` is given.
-    """
-
-    multiple: int = 16
-    min_side: int = 16
-    default_max_pixels: int = 1024 * 1024
 
 
 @dataclass
@@ -132,93 +117,6 @@ def parse_data_file_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
     if not names:
         raise UserError(f"--data_file_keys {keys!r} names no column")
     return names
-
-
-def _check_resize_args(
-    max_pixels: int | None, fixed_height: int | None, fixed_width: int | None, multiple: int
-) -> None:
-    if (fixed_height is None) != (fixed_width is None):
-        raise UserError(
-            f"--height and --width must be given together (got --height {fixed_height}, --width {fixed_width})"
-        )
-    if fixed_height is not None and fixed_width is not None:
-        for flag, value in (("--height", fixed_height), ("--width", fixed_width)):
-            if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise UserError(f"{flag} {value} must be a positive multiple of {multiple}")
-    elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
-        raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
-
-
-FULL_SIZE_KEY = "diffsplit_full_size"
-"""``PIL.Image.info`` key of a draft-decoded image's full ``(width, height)``; see :func:`full_size`."""
-
-
-def full_size(image: Image.Image) -> tuple[int, int]:
-    """The size ``image`` has in its file (EXIF orientation applied), also when it was decoded reduced."""
-    return tuple(image.info.get(FULL_SIZE_KEY, image.size))  # type: ignore[return-value]
-
-
-# -- resize policy ---------------------------------------------------------------------------------------
-def target_size(
-    width: int,
-    height: int,
-    max_pixels: int | None = None,
-    fixed_height: int | None = None,
-    fixed_width: int | None = None,
-    multiple: int = SizePolicy.multiple,
-) -> tuple[int, int]:
-    """The ``(width, height)`` an image of ``width x height`` pixels is trained at.
-
-    Fixed size (``--height``/``--width``, both multiples of ``multiple``) wins when given. Otherwise the size is
-    dynamic: an image above ``max_pixels`` is scaled down to about ``max_pixels`` keeping its aspect, a
-    smaller one is never scaled up, and each side is floored to a multiple of ``multiple``. The arithmetic mirrors
-    DiffSynth-Studio's ``ImageCropAndResize`` (the seed's framework), so the same flags give the same sizes.
-    A result side may be 0 for a tiny image; callers reject sides below the policy's ``min_side``.
-
-    Raises:
-        UserError: naming ``--height/--width`` or ``--max_pixels`` when they are invalid.
-    """
-    _check_resize_args(max_pixels, fixed_height, fixed_width, multiple)
-    if fixed_height is not None and fixed_width is not None:
-        return fixed_width, fixed_height
-    if max_pixels is not None and width * height > max_pixels:
-        scale = math.sqrt(width * height / max_pixels)
-        width, height = int(width / scale), int(height / scale)
-    return width // multiple * multiple, height // multiple * multiple
-
-
-def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale ``image`` to cover ``width x height``, then center-crop to exactly that size.
-
-    The scale is ``max(width / W, height / H)`` so no side is padded. Resampling is LANCZOS, the default of
-    diffusers' ``VaeImageProcessor`` (best quality when scaling down, the common case here). The crop
-    offset is ``round((new - target) / 2)`` on each axis, as torchvision's ``center_crop`` does.
-
-    Returns:
-        a PIL image of size ``(width, height)`` in ``image``'s mode.
-    """
-    src_w, src_h = image.size
-    scale = max(width / src_w, height / src_h)
-    # max() guards against a float product landing just below the target and rounding one pixel short.
-    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
-    if (new_w, new_h) != (src_w, src_h):
-        image = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
-    left = int(round((new_w - width) / 2.0))
-    top = int(round((new_h - height) / 2.0))
-    if (left, top, new_w, new_h) == (0, 0, width, height):
-        return image
-    return image.crop((left, top, left + width, top + height))
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> float32 tensor of shape ``[3, H, W]`` in ``[-1, 1]``.
-
-    Computed as diffusers' ``VaeImageProcessor`` does (``x / 255`` in float32, then ``2x - 1``) so the
-    result is bitwise equal to what the pipeline feeds its VAE.
-    """
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return 2.0 * tensor - 1.0
 
 
 # -- stable ids ------------------------------------------------------------------------------------------
@@ -624,7 +522,7 @@ def load_samples(
     height: int | None = None,
     width: int | None = None,
     skip_bad_samples: bool = False,
-    policy: SizePolicy = SizePolicy(),
+    policy: SizePolicy = DEFAULT_POLICY,
     decode: bool = False,
     max_image_pixels: int | None = None,
     resolution_buckets: str | None = None,
@@ -662,9 +560,7 @@ def load_samples(
         UserError: one line naming the row and the path, for the first bad row (or, when skipping, when
             no good row is left); for a bad flag, file or header naming that.
     """
-    from diffsplit.storage.sizing import sizing_for  # sizing builds on this module's policy functions
-
-    _check_resize_args(max_pixels, height, width, policy.multiple)
+    check_resize_args(max_pixels, height, width, policy.multiple)
     sizing = sizing_for(max_pixels, height, width, resolution_buckets, policy)
     file_keys = parse_data_file_keys(data_file_keys)
     base = Path(base_path)

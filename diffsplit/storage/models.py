@@ -1,4 +1,4 @@
-"""Pipeline components: how a family describes them (:class:`ComponentSpec`) and their lazy loading by name.
+"""Pipeline components, loaded lazily by name.
 
 A family declares each component of its pipeline once: its name in the run (``"dit"``, ``"text_encoder"``,
 ``"vae"``, ``"tokenizer"``, ``"scheduler"``), its folder in the repository layout, the classes its
@@ -14,7 +14,8 @@ named by the user is an error, not a fresh model. A layered component whose pipe
 (``"dit.context_embedder"``, :mod:`diffsplit.planner.modules`) is built alone from the component's files; its
 remainder (``"dit-context_embedder"``) is the component with the module replaced by the identity.
 
-This module knows no family: everything family-specific arrives as :class:`ComponentSpec` values. It imports
+This module knows no family: everything family-specific arrives as
+:class:`~diffsplit.contract.components.ComponentSpec` values. It imports
 diffusers and transformers only when a component is loaded.
 """
 
@@ -29,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffsplit.contract.components import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 from diffsplit.errors import UserError
-from diffsplit.planner.layers import LayerUse, component_of, parse_part
+from diffsplit.planner.layers import component_of, parse_part
 from diffsplit.planner.modules import parse_module_part
 from diffsplit.storage.resolve import (
     SPECS_FLAG,
@@ -55,51 +57,6 @@ from diffsplit.storage.weight_formats import (
 
 if TYPE_CHECKING:
     import torch
-
-MODEL, TOKENIZER, SCHEDULER = "model", "tokenizer", "scheduler"
-"""The kinds of component: weights in a folder of their own, a tokenizer folder, a scheduler config."""
-
-
-@dataclass(frozen=True, eq=False)
-class ComponentSpec:
-    """One component of a family's pipeline, as the family declares it.
-
-    Attributes:
-        name: the component's name in units and flags (``"dit"``, ``"text_encoder"``, ``"vae"``,
-            ``"tokenizer"``, ``"scheduler"``).
-        folder: its folder in the repository layout (``"transformer"`` for ``"dit"``).
-        kind: :data:`MODEL`, :data:`TOKENIZER` or :data:`SCHEDULER`.
-        library: ``"diffusers"`` or ``"transformers"``: where ``load_class`` lives.
-        classes: the classes a model folder's ``config.json`` may name for this component (``_class_name``
-            or ``architectures``); how the folder is recognised.
-        load_class: the class loaded with ``from_pretrained`` (a tokenizer: ``AutoTokenizer`` when empty; a
-            model: the class its config names when empty).
-        default_config: a scheduler's config when the repository has no ``<folder>/scheduler_config.json``
-            (the seed's commands download only the model folders).
-        layers: for a layered model (a text encoder), its layer adapter and how much of it the pipeline
-            reads (:class:`~diffsplit.planner.layers.LayerUse`).
-        lora_key_prefix: the saved-weights format of a LoRA on this component: one ``.safetensors`` file with
-            keys ``<prefix><module>.lora_A.weight`` (the denoiser, read by diffusers and ComfyUI), or, when
-            None, a peft adapter folder.
-        lora_alpha_keys: whether that file stores each module's ``.alpha`` (the scale ``alpha / rank``); when
-            False the scale is folded into ``lora_B`` instead (for loaders that refuse ``.alpha`` keys, such as
-            diffusers' FLUX.2 one): the same ``B @ A * scale`` either way.
-        checkpoint_aliases: ``(module prefix, checkpoint prefix)`` pairs for a module part
-            (``"text_encoder.model.visual"``) whose keys the files store under another spelling
-            (``("model.visual.", "visual.")``: transformers 5 renames Qwen2.5-VL's keys when it loads them).
-    """
-
-    name: str
-    folder: str
-    kind: str = MODEL
-    library: str = "diffusers"
-    classes: tuple[str, ...] = ()
-    load_class: str = ""
-    default_config: Mapping[str, Any] | None = None
-    layers: LayerUse | None = None
-    lora_key_prefix: str | None = None
-    lora_alpha_keys: bool = True
-    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
 
 
 def bind_components(entries: Sequence[ModelEntry], specs: Iterable[ComponentSpec]) -> list[ModelEntry]:
@@ -321,7 +278,7 @@ class ModelSet(Mapping[str, Any]):
     def skeleton(self, name: str) -> Any:
         """Model component ``name`` (or a layer part, ``"text_encoder[0:27]"``) as :meth:`load` would build
         it, on the meta device: its layers, the run's dtype, fp8 storage where chosen (quantization is not
-        applied: :mod:`diffsplit.memory` counts its bytes). For memory estimates; no weight is read."""
+        applied: :mod:`diffsplit.stages.memory` counts its bytes). For memory estimates; no weight is read."""
         import torch
 
         part = parse_part(name)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from diffsplit.host_memory import release_freed
+from diffsplit.storage.host_memory import release_freed
 
 REOPEN_BYTES = 64 << 20
 """A shard's handle is reopened after this many bytes are read, so at most this much of it stays mapped."""
 TRIM_BYTES = 32 << 20
 """Freed heap memory is handed back to the system after every this many bytes loaded
-(:func:`diffsplit.host_memory.release_freed`: reading, casting and quantizing leave freed blocks between the
+(:func:`diffsplit.storage.host_memory.release_freed`: reading, casting and quantizing leave freed blocks between the
 kept ones; measured on a 16-block tiny transformer quantized to int8: load peak 1097 MB without, 695 MB
 with)."""
 

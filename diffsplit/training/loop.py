@@ -31,15 +31,15 @@ from accelerate.data_loader import DataLoaderShard
 from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
-from diffsplit.config import TrainConfig
+from diffsplit.contract.components import ComponentSpec
+from diffsplit.contract.context import UnitContext, unit_context
 from diffsplit.errors import DataError, StoppedElsewhere, UserError, load_or_error
-from diffsplit.families.base import UnitContext, unit_context
-from diffsplit.host_memory import release_freed
 from diffsplit.planner.graph import GraphError, Unit, UnitGraph
-from diffsplit.storage.models import ComponentSpec
+from diffsplit.storage.host_memory import release_freed
 from diffsplit.training import lora
 from diffsplit.training.batches import BatchSampler, batches_per_pass, epoch_plan, usable_batches
 from diffsplit.training.collate import collate
+from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import make_optimizer
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
 from diffsplit.training.rng import keyed_generator
@@ -412,7 +412,7 @@ def run_training(
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if low_bit_on_cpu:
-                    release_freed()  # glibc keeps each step's freed blocks resident (diffsplit.host_memory)
+                    release_freed()  # glibc keeps each step's freed blocks resident (diffsplit.storage.host_memory)
                 micro += 1
                 last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
                 if not accelerator.sync_gradients:

@@ -30,10 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffsplit.config import TrainConfig
 from diffsplit.errors import UserError
 from diffsplit.storage.data import SKIPPED_FILE
 from diffsplit.storage.files import atomic_write
+from diffsplit.training.config import TrainConfig
 
 ARGS_FILE = "training_args.json"
 LOSS_FILE = "loss.csv"
@@ -103,11 +103,12 @@ def _other_run(folder: Path, config: TrainConfig) -> str:
         return f"an unreadable {ARGS_FILE}"
     ours = config.to_json()
     # A flag an older diffsplit did not have was at what is now its default.
-    defaults = TrainConfig().to_json()
+    defaults = config.default_json()
+    # A family's own flag this configuration does not hold (built without the command line) is not judged.
     differing = sorted(
         k
         for k in set(theirs) | set(ours)
-        if k not in _HOW_NOT_WHAT and theirs.get(k, defaults.get(k)) != ours.get(k)
+        if k not in _HOW_NOT_WHAT and k in defaults and theirs.get(k, defaults[k]) != ours.get(k)
     )
     if not differing:
         return ""

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from diffsplit.config import TrainConfig
+from diffsplit.contract.components import ComponentSpec
 from diffsplit.errors import UserError
 from diffsplit.planner.layers import LayerRange, parse_trainable
-from diffsplit.storage.models import ComponentSpec
 from diffsplit.training import lora
+from diffsplit.training.config import TrainConfig
 
 
 def prepare_trainable(

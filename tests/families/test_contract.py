@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 
 from diffsplit.cli import build_parser
-from diffsplit.config import TrainConfig
+from diffsplit.contract.context import DeclaredOptions, RecordedOptions
+from diffsplit.contract.options import options_from_config
 from diffsplit.families import REGISTRY, get_family
-from diffsplit.families.base import DeclaredOptions, RecordedOptions, options_from_config
 from diffsplit.planner.graph import GraphError, Unit
+from diffsplit.training.config import TrainConfig
 
 FAMILIES = list(REGISTRY)
 

@@ -1,4 +1,4 @@
-"""Tests for diffsplit.storage.buckets: the automatic bucket set, parsing the flag, assignment."""
+"""Tests for diffsplit.contract.buckets: the automatic bucket set, parsing the flag, assignment."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import math
 
 import pytest
 
+from diffsplit.contract.buckets import assign_bucket, auto_buckets, parse_buckets
 from diffsplit.errors import UserError
-from diffsplit.storage.buckets import (
-    assign_bucket,
-    auto_buckets,
-    parse_buckets,
-)
 
 MEGA = 1024 * 1024
 FLAG = "--resolution_buckets"

@@ -13,19 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffsplit.contract.images import FULL_SIZE_KEY, image_to_tensor, resize_and_crop
+from diffsplit.contract.sizing import SizePolicy, target_size
 from diffsplit.errors import BadSampleError, UserError
-from diffsplit.storage.data import (
-    FULL_SIZE_KEY,
-    Sample,
-    SizePolicy,
-    content_hash,
-    image_to_tensor,
-    load_samples,
-    load_values,
-    resize_and_crop,
-    target_size,
-    write_skipped,
-)
+from diffsplit.storage.data import Sample, content_hash, load_samples, load_values, write_skipped
 
 COLORS = {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255), "d.png": (9, 9, 9)}
 

@@ -249,8 +249,8 @@ def test_the_lora_of_a_low_bit_base_loads_onto_the_bf16_base_in_diffusers(
 
 
 def test_a_stage1_model_in_fp8_is_part_of_the_cache_identity(in_workspace: Path, tmp_path: Path) -> None:
-    from diffsplit.config import config_from_args
-    from diffsplit.run import Run
+    from diffsplit.cli.arguments import config_from_args
+    from diffsplit.stages.run import Run
 
     def identity(*extra: str) -> dict:
         argv = train_args(tmp_path / "c", "--task", "sft:data_process", *extra)

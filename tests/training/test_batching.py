@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsplit.config import TrainConfig
+from diffsplit.contract.context import unit_context
 from diffsplit.families import family_names, get_family
-from diffsplit.families.base import unit_context
-from diffsplit.run import Run
+from diffsplit.stages.run import Run
 from diffsplit.storage import data
 from diffsplit.training import lora
+from diffsplit.training.config import TrainConfig
 from diffsplit.training.loop import StepPlan, batch_loss
 from diffsplit.training.rng import keyed_generator
 from diffsplit.training.trainable import prepare_trainable

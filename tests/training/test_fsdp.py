@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffsplit.config import TrainConfig
 from diffsplit.families.qwen_image import FAMILY as QWEN_IMAGE
+from diffsplit.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

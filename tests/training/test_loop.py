@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.families.base import unit_context
+from diffsplit.contract.context import unit_context
 from diffsplit.families.qwen_image.components import DIT_LORA_PREFIX as PREFIX
-from diffsplit.run import Run
+from diffsplit.stages.run import Run
 from diffsplit.storage import data
 from diffsplit.tasks.sft import flow_matching_loss
 from diffsplit.training import lora
@@ -49,7 +49,7 @@ def test_outputs_args_losses_and_pinned_keys(in_workspace: Path, tmp_path: Path)
 def _eval_loss(workspace: Path, lora_file: Path | None) -> float:
     """Mean loss over the dataset at fixed keys (passes 1000..1003), with or without a trained LoRA."""
     config_args = cli.build_parser().parse_args(["train", *train_args(workspace / "unused")])
-    from diffsplit.config import config_from_args
+    from diffsplit.cli.arguments import config_from_args
 
     config = config_from_args(config_args, [])
     run = Run.resolve(config, device=torch.device("cpu"))

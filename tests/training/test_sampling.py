@@ -134,8 +134,8 @@ def test_samples_during_training_equal_the_pipeline_from_the_saved_lora(
 @pytest.fixture(scope="module")
 def family_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every family with sample images: its tiny model, and the example dataset."""
-    from diffsplit.example_data import make_example_dataset
     from diffsplit.families import family_names, get_family
+    from diffsplit.tools.example_data import make_example_dataset
 
     root = tmp_path_factory.mktemp("sampling")
     for family in map(get_family, family_names()):

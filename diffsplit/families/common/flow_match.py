@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from diffsplit.contract.context import UnitContext
+from diffsplit.contract.family import TaskUnits
+from diffsplit.contract.images import full_size, image_to_tensor, resize_and_crop
+from diffsplit.contract.sizing import SizePolicy, sizing_for
 from diffsplit.errors import UserError
-from diffsplit.families.base import TaskUnits, UnitContext
 from diffsplit.planner.graph import Unit
-from diffsplit.storage.data import SizePolicy, full_size, image_to_tensor, resize_and_crop
-from diffsplit.storage.sizing import sizing_for
 
 TIMESTEP_WEIGHTINGS = ("bell", "none")
 """``--timestep_weighting`` values; see :func:`timestep_schedule`."""
@@ -180,7 +181,7 @@ def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Ten
     """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1].
 
     The size policy (``--max_pixels`` dynamic resolution, never upscaling; ``--height/--width`` fixed; sides
-    multiples of the policy's ``multiple``) is :func:`diffsplit.storage.sizing.Sizing.size`; the policy's
+    multiples of the policy's ``multiple``) is :func:`diffsplit.contract.sizing.Sizing.size`; the policy's
     default pixel budget when nothing is given; or the bucket ``--resolution_buckets`` assigns. The unit
     declares ``max_pixels``, ``height``, ``width``, ``resolution_buckets``.
     """
@@ -199,7 +200,7 @@ def resize_images(ctx: UnitContext, image: Any, policy: SizePolicy) -> torch.Ten
 
 def image_size(image: Any, options: Any, policy: SizePolicy) -> tuple[int, int]:
     """``(width, height)`` ``image`` trains at under the run's ``max_pixels`` / ``height`` / ``width`` /
-    ``resolution_buckets`` (:func:`~diffsplit.storage.sizing.sizing_for`), from its full size (a draft-decoded
+    ``resolution_buckets`` (:func:`~diffsplit.contract.sizing.sizing_for`), from its full size (a draft-decoded
     JPEG is sized as the whole image, as the dataset check and the run's size groups size it)."""
     sizing = sizing_for(options.max_pixels, options.height, options.width, options.resolution_buckets, policy)
     width, height = full_size(image)

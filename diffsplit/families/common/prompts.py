@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 
 
 def note_truncated(ctx: UnitContext, tokenizer: Any, texts: Sequence[str], limit: int) -> None:

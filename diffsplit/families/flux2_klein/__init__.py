@@ -12,7 +12,7 @@ tokenizer, and ``FlowMatchEulerDiscreteScheduler``.
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
+from diffsplit.contract.family import Example, Family, TaskUnits, TinyModel
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.flux2_klein import distill, references, sampling, tiny, units

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffsplit.contract.components import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 from diffsplit.families.common.decoder_layers import DecoderStack
 from diffsplit.planner.layers import LayerUse
-from diffsplit.storage.models import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 
 PROMPT_LAYERS = (9, 18, 27)
 """``text_encoder_out_layers`` of ``Flux2KleinPipeline``: indices into transformers' ``hidden_states`` (0 is

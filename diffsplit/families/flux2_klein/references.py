@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.flux2_klein.units import (
     batch_norm_stats,
     patchify,

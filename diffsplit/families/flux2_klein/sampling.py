@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import SampleSpec
+from diffsplit.contract.family import SampleSpec
 from diffsplit.families.common.sampling import (
     DECODER,
     call_arguments,

@@ -62,7 +62,8 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
+from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
@@ -81,7 +82,6 @@ from diffsplit.families.flux2_klein.components import PROMPT_LAYERS, TEXT_ENCODE
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import part_name
 from diffsplit.planner.modules import InputSplit
-from diffsplit.storage.data import SizePolicy
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
 """Sides are multiples of 16 (the VAE downsamples by 8, the pipeline patchifies 2x2); 1024*1024 pixels when

@@ -8,7 +8,7 @@ encoder of transformers with its Qwen2 tokenizer, and ``FlowMatchEulerDiscreteSc
 * :mod:`.tiny`: ``make-tiny qwen-image``.
 """
 
-from diffsplit.families.base import Example, Family, TinyModel
+from diffsplit.contract.family import Example, Family, TinyModel
 from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffsplit.contract.components import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 from diffsplit.families.qwen_image.text_encoder import ADAPTER
 from diffsplit.planner.layers import LayerUse
-from diffsplit.storage.models import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.common.flow_match import (
     inference_timesteps,
     initial_noise_unit,

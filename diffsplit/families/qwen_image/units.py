@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
+from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
@@ -59,7 +60,6 @@ from diffsplit.families.common.flow_match import (
 )
 from diffsplit.families.common.prompts import note_truncated
 from diffsplit.planner.graph import Unit
-from diffsplit.storage.data import SizePolicy
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
 """Sides are multiples of 16 (the VAE downsamples by 8, the DiT packs 2x2 latent patches); 1024*1024 pixels

@@ -13,7 +13,8 @@ The family is chosen over Qwen-Image (whose classes it shares) by ``--extra_inpu
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffsplit.families.base import Example, Family, TaskUnits, TinyModel
+from diffsplit.contract.family import Example, Family, TaskUnits, TinyModel
+from diffsplit.contract.options import family_flag
 from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
@@ -26,7 +27,11 @@ class EditOptions(ImageOptions):
     """Qwen-Image-Edit's options: the image options and ``--zero_cond_t`` (checked against the transformer's
     config; the transformer applies it itself)."""
 
-    zero_cond_t: bool = False
+    zero_cond_t: bool = family_flag(
+        False,
+        "reference-image tokens at timestep zero (the seed trainer's flag, for Qwen-Image-Edit-2511); must "
+        "agree with the transformer's config",
+    )
     edit_image_max_pixels: int | None = None
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from diffsplit.contract.components import TOKENIZER, ComponentSpec
 from diffsplit.families.qwen_image.components import COMPONENTS as QWEN_IMAGE
-from diffsplit.storage.models import TOKENIZER, ComponentSpec
 
 PROCESSOR = ComponentSpec(
     "processor", "processor", kind=TOKENIZER, library="transformers", load_class="Qwen2VLImageProcessorPil"

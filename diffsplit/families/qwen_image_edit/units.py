@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
+from diffsplit.contract.context import UnitContext
 from diffsplit.errors import UserError
-from diffsplit.families.base import UnitContext
 from diffsplit.families.common.flow_match import NOISY_LATENTS, image_size, latents_unit, timestep_noise_unit
 from diffsplit.families.qwen_image import units as qwen
 from diffsplit.families.qwen_image.text_encoder import ADAPTER

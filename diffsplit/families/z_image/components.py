@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffsplit.contract.components import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 from diffsplit.families.common.decoder_layers import DecoderStack
 from diffsplit.planner.layers import LayerUse
-from diffsplit.storage.models import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",

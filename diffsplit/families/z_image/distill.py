@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.common.flow_match import (
     LATENT_SHAPE,
     TARGET_LATENTS,

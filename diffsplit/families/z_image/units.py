@@ -51,7 +51,8 @@ from typing import Any
 
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
+from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
@@ -69,7 +70,6 @@ from diffsplit.families.common.prompts import note_truncated
 from diffsplit.families.z_image.components import TEXT_ENCODER
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import part_name
-from diffsplit.storage.data import SizePolicy
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
 """Sides are multiples of 16 (``ZImagePipeline`` requires it: the VAE downsamples by 8, the transformer

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.flux2_klein import distill, units
 from tests.families.flux2_klein.conftest import model_set

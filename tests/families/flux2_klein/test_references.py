@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffsplit.families.base import unit_context
+from diffsplit.contract.context import unit_context
 from diffsplit.families.flux2_klein import KleinOptions, references, units
 from diffsplit.planner.graph import Unit
 from tests.families.flux2_klein.conftest import model_set

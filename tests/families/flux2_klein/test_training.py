@@ -201,7 +201,7 @@ def edit_args(output: Path | str, data: Path, *extra: str) -> list[str]:
 def test_reference_images_split_equals_unsplit_in_batches_of_two(in_klein: Path, tmp_path: Path) -> None:
     """One and two reference images per sample (the example edit dataset), ``--batch_size 2``: the cache holds
     the references' latents and shapes (their ids are remade in stage 2) and training equals unsplit."""
-    from diffsplit.example_data import make_edit_dataset
+    from diffsplit.tools.example_data import make_edit_dataset
 
     data = make_edit_dataset(tmp_path / "edit")
     extra = ("--seed", "5", "--batch_size", "2", "--dataset_repeat", "2")
@@ -224,7 +224,7 @@ def test_a_reference_the_pipeline_refuses_is_one_line_naming_row_and_file(
 ) -> None:
     from PIL import Image
 
-    from diffsplit.example_data import make_edit_dataset
+    from diffsplit.tools.example_data import make_edit_dataset
 
     data = make_edit_dataset(tmp_path / "edit")
     rows = json.loads((data / "metadata.json").read_text())
@@ -251,7 +251,7 @@ def test_sample_images_with_a_reference_equal_the_pipelines_from_the_saved_lora(
     from diffusers import Flux2KleinPipeline
     from PIL import Image
 
-    from diffsplit.example_data import make_edit_dataset
+    from diffsplit.tools.example_data import make_edit_dataset
 
     data = make_edit_dataset(tmp_path / "edit")
     prompts = tmp_path / "prompts.txt"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffsplit.families.base import unit_context
+from diffsplit.contract.context import unit_context
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.flux2_klein import units
 from diffsplit.planner.graph import Unit

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffsplit.contract.context import UnitContext, unit_context
 from diffsplit.errors import UserError
-from diffsplit.families.base import UnitContext, unit_context
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.qwen_image import FAMILY
 from diffsplit.families.qwen_image.distill import initial_noise, qwen_timesteps, student_rollout
@@ -264,7 +264,7 @@ def _cache_roundtrip(env: dict, keys) -> dict:
 @pytest.mark.parametrize("with_sizes", [False, True])
 def test_split_regenerates_or_caches_the_same_noise(pipe, image_path, with_sizes):
     from diffsplit.planner.split import plan_split
-    from diffsplit.precompute import probe_sizes
+    from diffsplit.stages.precompute import probe_sizes
 
     options = _options()
 
@@ -413,7 +413,7 @@ def test_resolve_errors_name_the_row_and_column(row, steps_flag, cfg_flag, messa
 
 # -- (f) the example dataset -----------------------------------------------------------------------------
 def test_make_distill_dataset_writes_teacher_images_and_metadata(model_dir, tmp_path):
-    from diffsplit.example_data import make_distill_dataset
+    from diffsplit.tools.example_data import make_distill_dataset
 
     out = make_distill_dataset(tmp_path / "distill", model_dir, n=2, size=32, num_inference_steps=3, seed=10)
     with open(out / "metadata.csv", newline="", encoding="utf-8") as f:

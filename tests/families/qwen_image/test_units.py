@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsplit.families.base import UnitContext, unit_context
+from diffsplit.contract.context import UnitContext, unit_context
 from diffsplit.families.common.flow_match import noisy_latents, scheduler_from_constants, timestep_schedule
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.qwen_image import FAMILY

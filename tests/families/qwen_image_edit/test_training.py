@@ -27,7 +27,7 @@ MODELS = (
 def in_edit(edit_model: Path, edit_model_2511: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder with the tiny 2509 and 2511 models under ``models/`` and the example edit dataset under
     ``data/edit``."""
-    from diffsplit.example_data import make_edit_dataset
+    from diffsplit.tools.example_data import make_edit_dataset
 
     (tmp_path / "models" / "Qwen").mkdir(parents=True)
     (tmp_path / "models" / EDIT).symlink_to(edit_model, target_is_directory=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffsplit.families.base import unit_context
+from diffsplit.contract.context import unit_context
 from diffsplit.families.qwen_image_edit import FAMILY, EditOptions, units
 from diffsplit.planner.graph import Unit
 from tests.families.qwen_image_edit.conftest import condition_images

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffsplit import cli
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.z_image import distill, units
 from tests.families.z_image.conftest import model_set

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffsplit.families.base import UnitContext
+from diffsplit.contract.context import UnitContext
 from diffsplit.families.z_image import units
 from diffsplit.families.z_image.components import TEXT_ENCODER
 from diffsplit.planner.layers import part_name

@@ -12,7 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw
 
-from diffsplit.families.base import unit_context
+from diffsplit.contract.context import unit_context
 from diffsplit.families.common.flow_match import noisy_latents
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.z_image import FAMILY, units

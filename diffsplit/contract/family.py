@@ -1,131 +1,25 @@
-"""The family contract: everything model-specific a family declares, and what its units receive when they run.
+"""The family contract: everything model-specific a family declares.
 
 A family is one package ``diffsplit/families/<name>/`` whose ``FAMILY`` is a :class:`Family`: its
-components (:class:`~diffsplit.storage.models.ComponentSpec`: folders, classes, layer adapters, saved-weights
-format, default scheduler config), its options (a frozen dataclass whose fields are flags), its units per
-task (:class:`TaskUnits`) and their version, its size policy, its stage-1 batch key, the constants stage 2
-needs instead of a frozen model (and how it rebuilds the scheduler from them), its tiny builder for
-``make-tiny`` and its seed-style example. One line in :mod:`diffsplit.families` registers it. Nothing in the
-planner, storage, training or entry points changes when a family is added.
-
-**Declared options.** Units read options only through :class:`DeclaredOptions`: a unit that reads an option
-it does not list in ``Unit.options`` fails loudly instead of silently falling back to a default. The options
-a graph builder reads are recorded too (:class:`RecordedOptions`), so the preprocessing part of a cache's
-identity is exactly the options the stage-1 units and the graph's shape depend on: one list, the units'
-own declarations.
+components (:class:`~diffsplit.contract.components.ComponentSpec`: folders, classes, layer adapters,
+saved-weights format, default scheduler config), its options (a frozen dataclass whose fields are flags,
+:mod:`diffsplit.contract.options`), its units per task (:class:`TaskUnits`) and their version, its size
+policy, its stage-1 batch key, the constants stage 2 needs instead of a frozen model (and how it rebuilds
+the scheduler from them), its tiny builder for ``make-tiny`` and its seed-style example. One line in
+:mod:`diffsplit.families` registers it. Nothing in the planner, storage, training or entry points changes
+when a family is added.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from diffsplit.planner.graph import GraphError, Unit
-from diffsplit.storage.data import SizePolicy
-from diffsplit.storage.models import MODEL, ComponentSpec
-
-
-@dataclass
-class UnitContext:
-    """The first argument of every ``Unit.fn``.
-
-    Attributes:
-        components: component name -> loaded object (``"vae"``, ``"text_encoder"``, ``"tokenizer"``,
-            ``"dit"``, ...). Lazily loaded: indexing constructs the component on first use.
-        options: the family's options, as the unit declared them (:class:`DeclaredOptions` in a run).
-        generator: for stochastic units, a generator keyed by (seed, pass, sample id, unit); else None.
-        device: where tensors are computed.
-        dtype: compute dtype of the frozen models.
-        notes: where a unit counts what the user should hear about once per run (a prompt cut to the
-            encoder's limit: ``ctx.note("prompts were longer than ... and were cut")``); None when nobody
-            listens (a later pass over data already counted).
-    """
-
-    components: Mapping[str, Any]
-    options: Any
-    generator: torch.Generator | None = None
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-    notes: Counter[str] | None = None
-
-    def note(self, message: str, count: int = 1) -> None:
-        """Count ``count`` occurrences of ``message`` for the run's one notice about it."""
-        if self.notes is not None and count:
-            self.notes[message] += count
-
-
-class DeclaredOptions:
-    """The options one unit may read; reading another is a :class:`~diffsplit.planner.graph.GraphError`.
-
-    Why: a unit that quietly reads an option nobody passes (``getattr(options, "x", default)``) trains with
-    the default whatever the user asked, and the cache never records it.
-    """
-
-    def __init__(self, options: Any, names: tuple[str, ...], reader: str) -> None:
-        self._options, self._names, self._reader = options, frozenset(names), reader
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name not in self._names:
-            declared = ", ".join(sorted(self._names)) or "none"
-            raise GraphError(
-                f"unit '{self._reader}' reads option '{name}', which it does not declare (it declares: "
-                f"{declared}); add it to the unit's options"
-            )
-        return getattr(self._options, name)
-
-
-class RecordedOptions:
-    """Options that remember which fields were read (by a family's graph builder)."""
-
-    def __init__(self, options: Any) -> None:
-        self._options = options
-        self.read: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        value = getattr(self._options, name)
-        self.read.add(name)
-        return value
-
-
-def unit_context(
-    unit: Unit,
-    components: Mapping[str, Any],
-    options: Any,
-    generator: torch.Generator | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: Counter[str] | None = None,
-) -> UnitContext:
-    """The context ``unit`` runs with: its declared options only."""
-    return UnitContext(
-        components, DeclaredOptions(options, unit.options, unit.name), generator, device, dtype, notes
-    )
-
-
-def options_from_config(options_type: type, config: Any) -> Any:
-    """The family's options dataclass, each field taken from the run configuration's field of the same name.
-
-    Every option is a flag by construction: a field without a flag is a bug in the family and fails here
-    (a test builds every family's options from the default configuration).
-    """
-    values = {}
-    for f in dataclasses.fields(options_type):
-        if not hasattr(config, f.name):
-            raise TypeError(
-                f"{options_type.__name__}.{f.name} is no flag (the run configuration has no such field)"
-            )
-        values[f.name] = getattr(config, f.name)
-    return options_type(**values)
+from diffsplit.contract.components import MODEL, ComponentSpec
+from diffsplit.contract.sizing import SizePolicy
+from diffsplit.planner.graph import Unit
 
 
 @dataclass(frozen=True)
@@ -188,7 +82,7 @@ class SampleSpec:
         render: ``(components, embeds, negative embeds, sample prompt) -> PIL image``: the family's diffusers
             pipeline on the trained transformer, ``prompt_embeds=`` passed in.
         guidance: ``sample prompt -> {argument: value}``: how ``--l`` (and the negative prompt) reach the
-            pipeline's call (``true_cfg_scale`` for Qwen-Image, ``guidance_scale`` for others).
+            pipeline's call (``true_cfg_scale`` or ``guidance_scale``, as the pipeline names it).
         references: for an editing model, ``(components, PIL images) -> [latents]``: each reference image as
             the pipeline's ``_encode_vae_image`` returns it (stage 1, with the VAE's encoder); ``render`` then
             gets ``images=`` and ``references=`` and hands the pipeline the stored latents instead of encoding.
@@ -206,7 +100,7 @@ class Family:
     """A model family: everything model-specific, declared once.
 
     Attributes:
-        name: ``"qwen-image"``; the ``--family`` and ``make-tiny`` value.
+        name: the ``--family`` and ``make-tiny`` value (lower case, dashes).
         components: every component of the pipeline (models, tokenizers, scheduler).
         options: the frozen dataclass of options its units read; each field is a flag of the same name.
         tasks: task name (``"sft"``, ``"direct_distill"``) -> its units.
@@ -233,7 +127,7 @@ class Family:
             sample's list of reference images does not batch): ``--data_process_batch_size`` then has no
             effect. ``batch_key`` still groups samples by shape for ``diffsplit plan``'s probes.
         check_models: ``(options, models)`` -> None, raising a one-line ``UserError`` when the options and
-            the models' configs disagree (read before any work; e.g. ``--zero_cond_t`` against the
+            the models' configs disagree (read before any work; e.g. a flag of the family's own against the
             transformer's config).
         sample: how it renders sample images during training (:class:`SampleSpec`); None: not built yet.
         reference_size: ``(width, height, options) -> (width, height)``: the size an extra input's image is

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffsplit.contract.context import unit_context
 from diffsplit.errors import BadSampleError, DataError, load_or_error
-from diffsplit.families.base import unit_context
 from diffsplit.planner.split import SplitPlan
 from diffsplit.storage import cache, data
 

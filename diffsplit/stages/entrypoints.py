@@ -1,4 +1,4 @@
-"""Entry points over a resolved :class:`~diffsplit.run.Run`: unsplit training, stage 1, stage 2, automatic
+"""Entry points over a resolved :class:`~diffsplit.stages.run.Run`: unsplit training, stage 1, stage 2, automatic
 mode, and the plan printout.
 
 Data flows one way: flags -> run (family, options, models, plan) -> this module -> training loop or cache.
@@ -22,20 +22,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from diffsplit import memory
-from diffsplit.config import TrainConfig
+from diffsplit.contract.components import SCHEDULER
+from diffsplit.contract.context import unit_context
 from diffsplit.errors import UserError
-from diffsplit.families.base import unit_context
-from diffsplit.host_memory import bound_heap
 from diffsplit.planner.split import SplitPlan
-from diffsplit.precompute import existing_identity, probe_sizes, write_cache
-from diffsplit.run import MODEL_FLAG, Run, process_state
+from diffsplit.stages import memory
+from diffsplit.stages.precompute import existing_identity, probe_sizes, write_cache
+from diffsplit.stages.run import MODEL_FLAG, Run, process_state
 from diffsplit.storage import cache, data
 from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.cache.check import group_histogram
 from diffsplit.storage.cache.identity import canonical
-from diffsplit.storage.models import SCHEDULER
+from diffsplit.storage.host_memory import bound_heap
 from diffsplit.training import sampling as samples_
+from diffsplit.training.config import TrainConfig
 from diffsplit.training.loop import (
     ComponentOverlay,
     Sampling,
@@ -73,7 +73,7 @@ def execute(run: Run) -> dict[str, Any]:
             check_cache_folder(Path(config.cache_dir), "--cache_dir")
     if run.device.type == "cpu" and (run.models.formats or run.task.stage == "data_process"):
         # On a CPU, fp8 / int8 weights' per-layer compute copies churn the heap every step, and stage 1's
-        # encoders leave large freed blocks behind: a bounded heap gives them back (diffsplit.host_memory).
+        # encoders leave large freed blocks behind: a bounded heap gives them back (diffsplit.storage.host_memory).
         bound_heap()
     if run.task.stage == "":
         return train_auto(run) if config.cache_dir else train_unsplit(run)
@@ -457,7 +457,7 @@ def plan_text(run: Run) -> str:
 
 def plan_report(run: Run) -> tuple[str, list[memory.StageMemory]]:
     """The plan with bytes per sample and the projected cache size, and each stage's expected peak memory
-    (:mod:`diffsplit.memory`, for the largest probed sample).
+    (:mod:`diffsplit.stages.memory`, for the largest probed sample).
 
     Sizes depend on the sample's shapes (image size, prompt length), so up to :data:`PLAN_EXAMINED_ROWS`
     rows spread over the dataset are grouped by the family's batch key (samples of one key cache the same

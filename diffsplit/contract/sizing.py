@@ -9,13 +9,73 @@ the pixels become). They must agree, so each computes the size from the image's 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
-from diffsplit.storage.buckets import Bucket, assign_bucket, auto_buckets, parse_buckets
-from diffsplit.storage.data import SizePolicy, target_size
+from diffsplit.contract.buckets import Bucket, assign_bucket, auto_buckets, parse_buckets
+from diffsplit.errors import UserError
 
 AUTO = "auto"
 FLAG = "--resolution_buckets"
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    """A family's training sizes.
+
+    Attributes:
+        multiple: every side is a multiple of this (16 for a VAE that downsamples by 8 under a denoiser that
+            packs 2x2 latent patches).
+        min_side: the smallest side (pixels, after resizing) that still makes one latent patch.
+        default_max_pixels: the pixel budget when neither ``--max_pixels`` nor ``--height/--width`` is given.
+    """
+
+    multiple: int = 16
+    min_side: int = 16
+    default_max_pixels: int = 1024 * 1024
+
+
+def check_resize_args(
+    max_pixels: int | None, fixed_height: int | None, fixed_width: int | None, multiple: int
+) -> None:
+    if (fixed_height is None) != (fixed_width is None):
+        raise UserError(
+            f"--height and --width must be given together (got --height {fixed_height}, --width {fixed_width})"
+        )
+    if fixed_height is not None and fixed_width is not None:
+        for flag, value in (("--height", fixed_height), ("--width", fixed_width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise UserError(f"{flag} {value} must be a positive multiple of {multiple}")
+    elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
+        raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
+
+
+def target_size(
+    width: int,
+    height: int,
+    max_pixels: int | None = None,
+    fixed_height: int | None = None,
+    fixed_width: int | None = None,
+    multiple: int = SizePolicy.multiple,
+) -> tuple[int, int]:
+    """The ``(width, height)`` an image of ``width x height`` pixels is trained at.
+
+    Fixed size (``--height``/``--width``, both multiples of ``multiple``) wins when given. Otherwise the size is
+    dynamic: an image above ``max_pixels`` is scaled down to about ``max_pixels`` keeping its aspect, a
+    smaller one is never scaled up, and each side is floored to a multiple of ``multiple``. The arithmetic mirrors
+    DiffSynth-Studio's ``ImageCropAndResize`` (the seed's framework), so the same flags give the same sizes.
+    A result side may be 0 for a tiny image; callers reject sides below the policy's ``min_side``.
+
+    Raises:
+        UserError: naming ``--height/--width`` or ``--max_pixels`` when they are invalid.
+    """
+    check_resize_args(max_pixels, fixed_height, fixed_width, multiple)
+    if fixed_height is not None and fixed_width is not None:
+        return fixed_width, fixed_height
+    if max_pixels is not None and width * height > max_pixels:
+        scale = math.sqrt(width * height / max_pixels)
+        width, height = int(width / scale), int(height / scale)
+    return width // multiple * multiple, height // multiple * multiple
 
 
 @dataclass(frozen=True)

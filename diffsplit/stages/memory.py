@@ -42,7 +42,7 @@ from diffsplit.storage.weight_formats import INT8, NF4, is_excluded
 if TYPE_CHECKING:
     from diffsplit.planner.graph import Unit
     from diffsplit.planner.split import SplitPlan
-    from diffsplit.run import Run
+    from diffsplit.stages.run import Run
 
 ADAMW_STATES = 2
 """Optimizer states per trainable weight (AdamW's first and second moments)."""
@@ -319,7 +319,7 @@ def activation_bytes(
 ) -> ActivationTally:
     """Run ``units`` on ``env`` (real values of one sample) with the ``trained`` models (name -> meta model) in
     place of the real ones, counting what autograd keeps."""
-    from diffsplit.families.base import unit_context
+    from diffsplit.contract.context import unit_context
     from diffsplit.training.loop import ComponentOverlay
 
     tally = ActivationTally()
@@ -365,7 +365,7 @@ def measure_baseline(run: Run) -> int:
 
 
 def _is_model(run: Run, name: str) -> bool:
-    from diffsplit.storage.models import MODEL
+    from diffsplit.contract.components import MODEL
 
     return run.models.spec(name).kind == MODEL
 
@@ -409,7 +409,7 @@ def estimate(
     run: Run, plan: SplitPlan, sample: Any, baseline: int, per_sample_bytes: int
 ) -> list[StageMemory]:
     """The expected peak of unsplit training, stage 1 and stage 2 of ``plan``, for ``sample`` (the largest)."""
-    from diffsplit.families.base import unit_context
+    from diffsplit.contract.context import unit_context
     from diffsplit.storage import data
 
     unsplit = run.split_plan(layer_split=False)

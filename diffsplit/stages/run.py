@@ -1,9 +1,9 @@
 """The run object: everything a run's flags resolve to, resolved once.
 
-:meth:`Run.resolve` turns a :class:`~diffsplit.config.TrainConfig` into the task, the model family (from the
+:meth:`Run.resolve` turns a :class:`~diffsplit.cli.arguments.TrainConfig` into the task, the model family (from the
 model folders' configs, or ``--family``), its typed options, the components the run may load (lazily), the
 trained components and where the layer-level split cuts them, the compute device and dtype, and the split
-plan. The entry points (:mod:`diffsplit.entrypoints`) consume it; nothing recomputes it.
+plan. The entry points (:mod:`diffsplit.stages.entrypoints`) consume it; nothing recomputes it.
 
 The cache identity's ``preprocessing`` is derived here from the units' own declarations: the options the
 graph builder read plus those the static units declare, and the compute dtype.
@@ -19,21 +19,24 @@ from typing import Any
 
 import torch
 
-from diffsplit.config import TrainConfig
+from diffsplit.contract.components import ComponentSpec
+from diffsplit.contract.context import RecordedOptions
+from diffsplit.contract.family import Family, TaskUnits
+from diffsplit.contract.options import options_from_config
+from diffsplit.contract.sizing import Sizing, sizing_for
 from diffsplit.errors import UserError
 from diffsplit.families import detect_family
-from diffsplit.families.base import Family, RecordedOptions, TaskUnits, options_from_config
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter, parse_trainable
 from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.storage import data
-from diffsplit.storage.models import ComponentSpec, ModelSet, bind_components
+from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
-from diffsplit.storage.sizing import Sizing, sizing_for
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
+from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import optimizer_class
 
 MODEL_FLAG = "--model_id_with_origin_paths"

@@ -14,12 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from diffsplit.config import TrainConfig, _OneLineParser, _positive, add_train_arguments, config_from_args
+from diffsplit.cli.arguments import _OneLineParser, _positive, add_train_arguments, config_from_args
 from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families import family_names
+from diffsplit.training.config import TrainConfig
 
 if TYPE_CHECKING:
-    from diffsplit.run import Run
+    from diffsplit.stages.run import Run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +135,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote a random-weight {size} {family.name} to {path}")
         return 0
     if args.command == "make-example-dataset":
-        from diffsplit.example_data import make_distill_dataset, make_edit_dataset, make_example_dataset
+        from diffsplit.tools.example_data import make_distill_dataset, make_edit_dataset, make_example_dataset
 
         if args.kind == "distill":
             if not args.model:
@@ -172,12 +173,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{args.folder}: ok{checked}, {cache.status(args.folder)}")
         return 0
     if args.command == "demo":
-        from diffsplit.demo import run_demo
+        from diffsplit.tools.demo import run_demo
 
         return run_demo(args.workdir, steps=args.steps, family=args.family)
     config = config_from_args(args, argv)
-    from diffsplit import entrypoints
-    from diffsplit.run import Run
+    from diffsplit.stages import entrypoints
+    from diffsplit.stages.run import Run
 
     if args.command == "plan":
         print(entrypoints.plan_text(Run.resolve(config, device=_cpu())))

@@ -1,7 +1,8 @@
-"""The command line of a training run, as one plain-data object.
+"""The training flags: argparse for the run configuration (:class:`~diffsplit.training.config.TrainConfig`).
 
-Flags follow the seed's trainer (DiffSynth-Studio's ``train.py``) so its commands run verbatim; the
-parser builds a :class:`TrainConfig`, and everything downstream reads only that object.
+Flags follow the seed's trainer (DiffSynth-Studio's ``train.py``) so its commands run verbatim. A model
+family's own flags come from its options dataclass (:func:`~diffsplit.families.family_flags`), in a group of
+their own; nothing here names one.
 """
 
 from __future__ import annotations
@@ -10,121 +11,13 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from diffsplit.errors import UserError
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run. Field names are the flag names without dashes."""
-
-    task: str = "sft"
-    family: str | None = None
-    # data
-    dataset_base_path: str | None = None
-    dataset_metadata_path: str | None = None
-    data_file_keys: str = "image"
-    extra_inputs: str | None = None
-    dataset_repeat: int = 1
-    dataset_num_workers: int = 0
-    max_pixels: int | None = 1024 * 1024
-    edit_image_max_pixels: int | None = None
-    resolution_buckets: str | None = None
-    height: int | None = None
-    width: int | None = None
-    skip_bad_samples: bool = False
-    max_image_pixels: int | None = None
-    # models
-    model_id_with_origin_paths: str | None = None
-    model_paths: str | None = None
-    tokenizer_path: str | None = None
-    processor_path: str | None = None
-    torch_dtype: str | None = None
-    fp8_models: str | None = None
-    quant_options: str | None = None
-    enable_model_cpu_offload: bool = False
-    use_gradient_checkpointing_offload: bool = False
-    latent_sample: str = "mode"
-    timestep_weighting: str = "bell"
-    zero_cond_t: bool = False
-    # direct distillation
-    num_inference_steps: int | None = None
-    cfg_scale: float | None = None
-    rand_device: str = "cpu"
-    # what trains
-    lora_base_model: str | None = None
-    lora_target_modules: str = ""
-    lora_rank: int = 32
-    lora_alpha: float | None = None
-    lora_checkpoint: str | None = None
-    trainable_models: str | None = None
-    # optimisation
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    customized_optimizer: str | None = None
-    num_epochs: int = 1
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    batch_size: int = 1
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    use_gradient_checkpointing: bool = False
-    find_unused_parameters: bool = False
-    seed: int = 0
-    # outputs
-    output_path: str = "./models/train"
-    overwrite_output: bool = False
-    remove_prefix_in_ckpt: str | None = None
-    save_steps: int | None = None
-    save_state_steps: int | None = None
-    validation_metadata_path: str | None = None
-    sample_prompts: str | None = None
-    sample_every_n_steps: int | None = None
-    sample_every_n_epochs: int | None = None
-    sample_at_first: bool = False
-    sample_steps: int = 20
-    sample_guidance_scale: float = 4.0
-    sample_width: int = 1024
-    sample_height: int = 1024
-    validation_every_n_steps: int | None = None
-    resume_from_state: str | None = None
-    enable_tensorboard_log: bool = False
-    # split training
-    cache_dir: str | None = None
-    overwrite_cache: bool = False
-    data_process_batch_size: int = 1
-    cache_shard_size: int = 64
-    no_layer_split: bool = False
-    # which flags the user actually gave (for notices about flags with no effect)
-    given: tuple[str, ...] = field(default=(), repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("given")
-        return out
-
-    @property
-    def lora_base_models(self) -> list[str]:
-        return [m.strip() for m in (self.lora_base_model or "").split(",") if m.strip()]
-
-    @property
-    def full_trainable_models(self) -> list[str]:
-        return [m.strip() for m in (self.trainable_models or "").split(",") if m.strip()]
-
-    @property
-    def extra_input_names(self) -> tuple[str, ...]:
-        """``--extra_inputs`` as column names: ``"edit_image, mask"`` -> ``("edit_image", "mask")``; empty
-        when not given."""
-        return tuple(m.strip() for m in (self.extra_inputs or "").split(",") if m.strip())
-
-    @property
-    def trained_components(self) -> list[str]:
-        """Components with trainable parameters (LoRA bases and fully trained models)."""
-        names = self.lora_base_models + [m.split(".")[0] for m in self.full_trainable_models]
-        return list(dict.fromkeys(names))
+from diffsplit.families import family_flags, family_names
+from diffsplit.planner.layers import parse_trainable
+from diffsplit.tasks import task_names
+from diffsplit.training.config import TrainConfig
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -162,9 +55,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
     g = parser.add_argument_group("task")
-    from diffsplit.families import family_names
-    from diffsplit.tasks import task_names
-
     g.add_argument(
         "--task", default=d.task, choices=task_names(), help="sft (unsplit, or automatic with --cache_dir)"
     )
@@ -257,11 +147,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("bell", "none"),
         default=d.timestep_weighting,
         help="per-timestep loss weight: bell (DiffSynth-Studio's, mean 1) or none",
-    )
-    g.add_argument(
-        "--zero_cond_t",
-        action="store_true",
-        help="reference-image tokens at timestep zero (the seed trainer's flag); must agree with the transformer's config",
     )
     g = parser.add_argument_group("direct distillation")
     g.add_argument(
@@ -384,18 +269,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep a text encoder whose last layers train whole in stage 2 (cache token ids, not the "
         "hidden state at the first trained layer)",
     )
+    g = parser.add_argument_group("model family options (each family's own flags)")
+    for name, (flag, default, owners) in family_flags().items():
+        kwargs = flag.argparse_kwargs(default)
+        kwargs["help"] = f"{kwargs['help']} [{', '.join(owners)}]"
+        g.add_argument(f"--{name}", **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     """Build the config; record which flags were given on the command line."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"given"}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {
+        "given",
+        "family_flags",
+        "family_flag_defaults",
+    }
+    own = set(family_flags())
     values = {k: v for k, v in vars(args).items() if k in names}
-    given = tuple(sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} & names))
-    config = TrainConfig(**values, given=given)
+    flags = {k: v for k, v in vars(args).items() if k in own}
+    flag_defaults = {name: default for name, (_, default, _) in family_flags().items()}
+    given = tuple(sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} & (names | own)))
+    config = TrainConfig(**values, family_flags=flags, family_flag_defaults=flag_defaults, given=given)
     if (config.height is None) != (config.width is None):
         raise UserError("--height and --width must be given together")
-    from diffsplit.planner.layers import parse_trainable
-
     for entry in config.full_trainable_models:
         try:
             parse_trainable(entry)

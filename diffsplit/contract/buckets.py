@@ -5,7 +5,7 @@ quarters of its width), and a per-image dynamic size gives almost every sample a
 batches cannot stack tensors and compiled kernels keep re-specialising. Buckets sit between the two: a
 short list of sizes (``--resolution_buckets auto`` or ``"1024x1024,832x1216"``); each image trains at a
 bucket it covers without upscaling, near its aspect ratio and as large as possible (:func:`assign_bucket`),
-resized with :func:`~diffsplit.storage.data.resize_and_crop` (cover, then centre crop), so the crop is
+resized with :func:`~diffsplit.contract.images.resize_and_crop` (cover, then centre crop), so the crop is
 small and samples of one bucket share a shape.
 
 All sizes are ``(width, height)`` in pixels, the order PIL's ``Image.size`` uses.
@@ -146,7 +146,7 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket 
     Only buckets the image covers without upscaling (bucket width <= ``width`` and bucket height <=
     ``height``) are candidates. Among them the winner keeps the most of the image: the largest
     ``bucket area * kept``, where ``kept = min(q, 1/q)`` with ``q = (bw/bh) / (width/height)`` is the
-    fraction of the image the cover-and-centre-crop of :func:`~diffsplit.storage.data.resize_and_crop`
+    fraction of the image the cover-and-centre-crop of :func:`~diffsplit.contract.images.resize_and_crop`
     keeps. So among buckets of one area the nearest in aspect ratio (smallest
     ``|log(bw/bh) - log(width/height)|``) wins, and at equal aspect the larger area wins. Ties go to the
     nearer aspect, then the larger area, then the smaller width, so the result never depends on the order
