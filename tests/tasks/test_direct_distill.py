@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from diffsplit.storage.cache import CacheReader
 from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
-from tests.test_entrypoints import DIT, FROZEN, LAST_TWO, _replace, assert_close_weights, read_adapter
+from tests.stages.test_entrypoints import DIT, FROZEN, LAST_TWO, _replace, assert_close_weights, read_adapter
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from diffsplit import cli
 from diffsplit.errors import UserError
 from diffsplit.training.sampling import parse_sample_prompts
 from tests.conftest import train_args
-from tests.test_entrypoints import _replace
+from tests.stages.test_entrypoints import _replace
 
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 20, "seed": 0, "guidance": 4.0}
 PROMPTS = 'a red circle --w 64 --h 48 --s 3 --d 7 --l 2.5 --n "blurry"\n# a comment\n\na blue square --s 2\n'

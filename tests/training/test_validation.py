@@ -12,7 +12,7 @@ import pytest
 
 from diffsplit import cli
 from tests.conftest import train_args
-from tests.test_entrypoints import _replace
+from tests.stages.test_entrypoints import _replace
 
 VALIDATION = ("--validation_metadata_path", "data/validation.csv", "--validation_every_n_steps", "3")
 

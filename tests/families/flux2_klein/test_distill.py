@@ -18,7 +18,7 @@ from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.flux2_klein import distill, units
 from tests.families.flux2_klein.conftest import model_set
 from tests.families.flux2_klein.test_training import FROZEN, klein_args
-from tests.test_entrypoints import _replace, assert_close_weights
+from tests.stages.test_entrypoints import _replace, assert_close_weights
 
 SIZE, PROMPT = 64, "a red circle on a blue background"
 

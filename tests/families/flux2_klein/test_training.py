@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from diffsplit.families.flux2_klein import FAMILY
 from tests.conftest import train_args
-from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
+from tests.stages.test_entrypoints import _replace, assert_close_weights, read_adapter
 
 MODEL_ID = FAMILY.example.model_id
 DIT = f"{MODEL_ID}:transformer/*.safetensors"

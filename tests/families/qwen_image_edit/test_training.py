@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from diffsplit.families.qwen_image_edit import FAMILY
 from tests.conftest import train_args
-from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
+from tests.stages.test_entrypoints import _replace, assert_close_weights, read_adapter
 
 EDIT = "Qwen/Qwen-Image-Edit-2509"
 EDIT_2511 = "Qwen/Qwen-Image-Edit-2511"

@@ -17,7 +17,7 @@ from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.z_image import distill, units
 from tests.families.z_image.conftest import model_set
 from tests.families.z_image.test_training import FROZEN, z_args
-from tests.test_entrypoints import _replace, assert_close_weights
+from tests.stages.test_entrypoints import _replace, assert_close_weights
 
 SIZE, PROMPT = 64, "a red circle on a blue background"
 

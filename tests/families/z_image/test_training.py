@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from tests.conftest import train_args
 from tests.families.z_image.conftest import MODEL_ID, SEED_MODELS, SEED_TARGETS
-from tests.test_entrypoints import _replace, assert_close_weights, read_adapter
+from tests.stages.test_entrypoints import _replace, assert_close_weights, read_adapter
 
 DIT = f"{MODEL_ID}:transformer/*.safetensors"
 TE = f"{MODEL_ID}:text_encoder/*.safetensors"

@@ -14,7 +14,7 @@ import pytest
 from diffsplit import cli
 from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_PY = REPO / "examples" / "qwen_image" / "model_training" / "train.py"
 
 SEED_FIRST_COMMAND = [

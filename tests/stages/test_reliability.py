@@ -29,10 +29,10 @@ from diffsplit.storage import files
 from diffsplit.storage.cache import CacheReader
 from diffsplit.storage.cache import layout as cache_layout
 from tests.conftest import train_args
-from tests.test_distributed import _env, _same_tensors
-from tests.test_entrypoints import _replace, stage1_args, stage2_args
+from tests.stages.test_distributed import _env, _same_tensors
+from tests.stages.test_entrypoints import _replace, stage1_args, stage2_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_PY = REPO / "examples" / "qwen_image" / "model_training" / "train.py"
 EARLIER = ("--num_epochs", "2", "--save_state_steps", "4")  # epochs 0 and 1, state-4 and state-8
 

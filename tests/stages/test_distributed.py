@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from diffsplit.storage.cache import CacheReader
 from tests.conftest import train_args
-from tests.test_entrypoints import DIT, FROZEN, _replace, stage1_args, stage2_args
+from tests.stages.test_entrypoints import DIT, FROZEN, _replace, stage1_args, stage2_args
 from tests.training.test_loop import _eval_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_PY = REPO / "examples" / "qwen_image" / "model_training" / "train.py"
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffsplit import cli
 from diffsplit.tools.example_data import make_example_dataset
 from tests.conftest import train_args
-from tests.test_entrypoints import (
+from tests.stages.test_entrypoints import (
     DIT,
     FROZEN,
     TE_TARGETS,
