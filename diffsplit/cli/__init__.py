@@ -14,9 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
 from diffsplit.cli.arguments import _OneLineParser, _positive, add_train_arguments, config_from_args
 from diffsplit.errors import DataError, StoppedElsewhere, UserError
-from diffsplit.families import family_names
+from diffsplit.families import family_names, get_family
+from diffsplit.tasks import task_for, task_only_flags
 from diffsplit.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -126,8 +129,6 @@ def one_line(message: str) -> str:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "make-tiny":
-        from diffsplit.families import get_family
-
         family = get_family(args.family)
         size = args.size or family.tiny.sizes[0]
         extra = {} if args.num_layers is None else {"num_layers": args.num_layers}
@@ -135,6 +136,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote a random-weight {size} {family.name} to {path}")
         return 0
     if args.command == "make-example-dataset":
+        # Deferred (start-up time), as each command's module below: `diffsplit --help` and a mistyped flag
+        # answer without loading the training stack (diffusers pipelines, accelerate, peft).
         from diffsplit.tools.example_data import make_distill_dataset, make_edit_dataset, make_example_dataset
 
         if args.kind == "distill":
@@ -157,7 +160,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {args.num_images} images and metadata.csv to {path}")
         return 0
     if args.command == "cache":
-        from diffsplit.storage import cache
+        from diffsplit.storage import cache  # deferred: start-up time (see make-example-dataset)
 
         if args.cache_command == "inspect":
             print(cache.inspect(args.folder))
@@ -173,10 +176,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{args.folder}: ok{checked}, {cache.status(args.folder)}")
         return 0
     if args.command == "demo":
-        from diffsplit.tools.demo import run_demo
+        from diffsplit.tools.demo import run_demo  # deferred: start-up time
 
         return run_demo(args.workdir, steps=args.steps, family=args.family)
     config = config_from_args(args, argv)
+    # Deferred: start-up time. The stages import every model library; a command that fails on its flags
+    # (config_from_args above) says so before loading them.
     from diffsplit.stages import entrypoints
     from diffsplit.stages.run import Run
 
@@ -191,8 +196,6 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cpu() -> object:
-    import torch
-
     return torch.device("cpu")
 
 
@@ -222,7 +225,7 @@ def notice(message: str) -> None:
 
 def print_notices(config: TrainConfig) -> None:
     """Notices the flags alone decide (before the run resolves)."""
-    from diffsplit.tasks import task_for, task_only_flags
+    # Deferred (start-up time): the training loop's module loads accelerate and diffusers' optimizers.
     from diffsplit.training.loop import tensorboard_available
 
     task = task_for(config.task)

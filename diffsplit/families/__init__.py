@@ -10,14 +10,21 @@ import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from diffsplit.contract.options import FamilyFlag, own_flags
 from diffsplit.errors import UserError
 
 if TYPE_CHECKING:
     from diffsplit.contract.family import Family
-    from diffsplit.storage.resolve import ModelEntry
+
+
+class ModelFolder(Protocol):
+    """What recognising a family reads of a resolved model folder (storage's ``ModelEntry`` is one)."""
+
+    folder: Path
+    class_names: tuple[str, ...]
+
 
 REGISTRY: dict[str, str] = {
     "qwen-image": "diffsplit.families.qwen_image",
@@ -72,7 +79,7 @@ def get_family(name: str) -> Family:
 
 
 def detect_family(
-    entries: Sequence[ModelEntry], override: str | None = None, extra_inputs: Sequence[str] = ()
+    entries: Sequence[ModelFolder], override: str | None = None, extra_inputs: Sequence[str] = ()
 ) -> Family:
     """The family whose model components the resolved ``entries`` are (``override``: ``--family``).
 

@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffsplit.families import family_names, get_family
+from diffsplit.stages import entrypoints
+from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset
 from diffsplit.training.config import TrainConfig
 
 
 def run_demo(workdir: str, steps: int | None = None, family: str | None = None) -> int:
     """Build (once) and train; ``family`` defaults to the first registered one. Returns the exit status."""
-    from diffsplit.families import family_names, get_family
-    from diffsplit.stages import entrypoints
-    from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset
-
     spec = get_family(family or family_names()[0])
     work = Path(workdir)
     models = work / "models"

@@ -11,15 +11,15 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageColor, ImageDraw
+
+from diffsplit.contract.vocabulary import COLOURS as _COLOURS
+from diffsplit.contract.vocabulary import SHAPES as _SHAPES
 from diffsplit.errors import UserError
 from diffsplit.families import family_of_repository
-from diffsplit.families.common.tiny_tokenizer import COLOURS as _COLOURS
-from diffsplit.families.common.tiny_tokenizer import SHAPES as _SHAPES
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 _EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
 
@@ -167,9 +167,6 @@ def make_distill_dataset(
             f"--size: {family.name} needs a side that is a positive multiple of {multiple}, got {size}"
         )
 
-    import torch
-    from diffusers import DiffusionPipeline
-
     cuda = torch.cuda.is_available()
     pipe = DiffusionPipeline.from_pretrained(
         str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32
@@ -218,8 +215,6 @@ def _draw_shape(
 ) -> Image.Image:
     """An RGB image of ``size`` in colour ``bg`` with ``shape`` in colour ``fg`` centred at ``(cx, cy)`` of
     radius ``r`` (``geometry``); a star is turned by ``rotation`` degrees."""
-    from PIL import Image, ImageDraw
-
     w, h = size
     cx, cy, r = geometry
     image = Image.new("RGB", (w, h), _rgb(bg))
@@ -251,6 +246,4 @@ def _draw_placed(
 
 
 def _rgb(name: str) -> tuple[int, int, int]:
-    from PIL import ImageColor
-
     return ImageColor.getrgb("gray" if name == "grey" else name)[:3]
