@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffsplit import cli
+from diffsplit.families import get_family
 from tests.conftest import SEED_MODELS, SEED_TARGETS, train_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,3 +193,26 @@ def test_seed_split_commands_run_verbatim(workspace: Path, tmp_path: Path):
     steps = (root / "models/train/Qwen-Image-LoRA-splited/loss.csv").read_text().strip().splitlines()
     assert len(steps) == 1 + 4 * 50  # header + dataset_repeat 50 over 4 samples
     assert "--dataset_repeat 1" not in result.stderr  # stage 1 was given 1: no notice needed
+
+
+def test_family_flags_come_from_the_families(tmp_path: Path, capsys) -> None:
+    """A family's own flag is declared on its options (not in the generic arguments), shows in --help with
+    its family, and reaches that family's options when given."""
+    from diffsplit.cli import arguments
+    from diffsplit.contract.options import options_from_config
+    from diffsplit.families import family_flags
+
+    flags = family_flags()
+    assert flags, "no registered family declares a flag of its own"
+    generic = Path(arguments.__file__).read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, (flag, default, owners) in flags.items():
+        assert f'"--{name}"' not in generic
+        assert f"--{name}" in shown and f"[{', '.join(owners)}]" in shown
+        argv = ["train", *train_args(tmp_path / "out", f"--{name}" if flag.type is None else "")]
+        config = arguments.config_from_args(cli.build_parser().parse_args([a for a in argv if a]), argv)
+        for owner in owners:
+            options = options_from_config(get_family(owner).options, config)
+            assert getattr(options, name) == (True if flag.type is None else default)
