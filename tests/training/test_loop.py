@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffsplit import cli
 from diffsplit.contract.context import unit_context
-from diffsplit.families.qwen_image.components import DIT_LORA_PREFIX as PREFIX
+from diffsplit.families.common.qwen_image_parts import DIT_LORA_PREFIX as PREFIX
 from diffsplit.stages.run import Run
 from diffsplit.storage import data
 from diffsplit.tasks.sft import flow_matching_loss

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from diffsplit.errors import UserError
-from diffsplit.families.qwen_image.components import DIT_LORA_PREFIX as PREFIX
+from diffsplit.families.common.qwen_image_parts import DIT_LORA_PREFIX as PREFIX
 from diffsplit.training.lora import (
     add_lora,
     load_lora_file,

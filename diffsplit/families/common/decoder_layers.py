@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,6 +49,7 @@ def _meta_model(model_class: str, folder: str) -> Any:
 
     ``_from_config`` resolves the attention implementation exactly as ``from_pretrained`` does.
     """
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -56,8 +59,6 @@ def _meta_model(model_class: str, folder: str) -> Any:
 
 def _key_index(files: Iterable[Path]) -> dict[str, Path]:
     """Tensor name -> file, from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
     index: dict[str, Path] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
@@ -77,8 +78,6 @@ def read_tensors(
     Raises:
         KeyError: naming the first key no file holds.
     """
-    from safetensors import safe_open
-
     index = _key_index(files)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for key in module_keys:
@@ -172,8 +171,6 @@ class DecoderLayers(torch.nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """What ``PreTrainedModel.gradient_checkpointing_enable`` does to the layers (non-reentrant by
         default: a cached input does not require grad, which reentrant checkpointing cannot start from)."""
-        from torch.utils.checkpoint import checkpoint
-
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
@@ -330,6 +327,7 @@ def _mask(kind: str, config: Any, hidden: torch.Tensor, attention_mask: torch.Te
     The mask helpers' signatures differ between transformers versions (``cache`` in 5.x, ``past_key_values``
     and ``cache_position`` in 4.x), so arguments are passed by the names the installed one takes.
     """
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from transformers import masking_utils
 
     fn = (

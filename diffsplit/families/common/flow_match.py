@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffsplit.contract.context import UnitContext
@@ -42,6 +43,7 @@ def scheduler_constants(scheduler: Any) -> dict[str, Any]:
 
 def scheduler_from_constants(constants: Mapping[str, Any]) -> Any:
     """A ``FlowMatchEulerDiscreteScheduler`` rebuilt from :func:`scheduler_constants` (stage 2)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler.from_config(constants["scheduler_config"])
@@ -49,6 +51,7 @@ def scheduler_from_constants(constants: Mapping[str, Any]) -> Any:
 
 def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
     """``mu`` as diffusers' flow-matching pipelines compute it (``calculate_shift``, their defaults)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     return calculate_shift(
@@ -64,6 +67,8 @@ def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
 def _schedule(
     config_json: str, image_seq_len: int, weighting: str, mu: float | None = None
 ) -> tuple[torch.Tensor, ...]:
+
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     config = json.loads(config_json)
@@ -132,6 +137,7 @@ def draw_timestep_noise(
         ``timestep`` ``[B]`` float32, ``sigma * num_train_timesteps`` (what the pipelines' loops hold);
         ``loss_weight`` ``[B]`` float32.
     """
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.utils.torch_utils import randn_tensor
 
     sigmas, timesteps, weights = timestep_schedule(
@@ -169,6 +175,7 @@ def posterior_sample(ctx: UnitContext, latent_mean: torch.Tensor, latent_std: to
     The formula of ``DiagonalGaussianDistribution.sample``, applied in the normalised latent space (an affine
     map of a Gaussian), so the draw does not depend on the compute dtype.
     """
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.utils.torch_utils import randn_tensor
 
     eps = randn_tensor(
@@ -236,6 +243,7 @@ def seeded_noise(
     """``randn_tensor((B, *shape))`` in ``dtype`` with one ``torch.Generator(rand_device).manual_seed(s)`` per
     sample, as a pipeline given a list of generators draws its starting noise; drawn on the generators' device
     (so the numbers never depend on where the unit runs), then moved to ``ctx.device``."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.utils.torch_utils import randn_tensor
 
     seeds = seeds_of(seed)
@@ -323,7 +331,7 @@ def inference_timesteps(
         UserError: when the schedule is not finite (a ``shift_terminal`` makes a one-step schedule NaN in
             diffusers, for the pipeline as much as here).
     """
-    import numpy as np
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 

@@ -52,6 +52,7 @@ def add_legacy_rope_theta(config_path: Path) -> None:
 def train_qwen3_tokenizer(directory: Path, template_words: str) -> Any:
     """Qwen3's tokenizer, tiny: Qwen2 BPE (``template_words`` each made one token, as in the real
     vocabulary), ``<think>``/``</think>``, the chat template, eos ``<|im_end|>``, padding ``<|endoftext|>``."""
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from transformers import AutoTokenizer
 
     train_qwen2_tokenizer(
@@ -68,6 +69,7 @@ def train_qwen3_tokenizer(directory: Path, template_words: str) -> Any:
 def qwen3_config(tokenizer: Any, shape: dict[str, int]) -> Any:
     """A ``Qwen3ForCausalLM`` config of ``shape`` (hidden size, layers, heads, ...) around ``tokenizer``: the
     real checkpoints' other settings (tied embeddings, rotary base, special token ids)."""
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from transformers import Qwen3Config
 
     return Qwen3Config(

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -74,8 +77,7 @@ def train_qwen2_tokenizer(
     Returns:
         The transformers tokenizer loaded back from ``directory`` (what a user loading the folder gets).
     """
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from transformers import AddedToken, AutoTokenizer, Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from diffsplit.contract.family import Example, Family, TaskUnits, TinyModel
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.flux2_klein import distill, references, sampling, tiny, units
+from diffsplit.families.flux2_klein import distill, references, sampling, steps, tiny, units
 from diffsplit.families.flux2_klein.components import COMPONENTS
 
 
@@ -42,7 +42,7 @@ FAMILY = Family(
     options=KleinOptions,
     tasks={
         "sft": TaskUnits(
-            units.sft_units, ("image", "prompt", units.REFERENCE_INPUT), ("pred", "target", "loss_weight")
+            steps.sft_units, ("image", "prompt", units.REFERENCE_INPUT), ("pred", "target", "loss_weight")
         ),
         "direct_distill": direct_distill_task(distill.distill_units),
     },
@@ -52,7 +52,7 @@ FAMILY = Family(
     stage1_batches=lambda options: not units.with_references(options),
     reference_size=references.reference_size,
     size_policy=units.SIZE_POLICY,
-    batch_key=units.batch_key,
+    batch_key=steps.batch_key,
     constants=units.constants,
     scheduler_from_constants=scheduler_from_constants,
     tiny=TinyModel(build_tiny, tiny.SIZES),

@@ -72,6 +72,7 @@ def klein_timesteps(
 ) -> tuple[Any, torch.Tensor]:
     """A private scheduler set up as ``Flux2KleinPipeline.__call__`` sets up its own: sigmas
     ``np.linspace(1, 1/k, k)`` and ``mu = compute_empirical_mu(image_seq_len, k)``."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
     k = int(num_inference_steps)

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from diffsplit.contract.context import UnitContext
 from diffsplit.families.flux2_klein.units import (
@@ -63,6 +64,7 @@ def _reference_pipeline() -> Any:
     """A component-less ``Flux2KleinPipeline``: its ``image_processor`` (a ``Flux2ImageProcessor`` with
     ``vae_scale_factor = 16``) and ``vae_scale_factor`` (8, what the FLUX.2 VAE's 4 blocks give), built the way
     ``__init__`` builds them rather than copied."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import Flux2KleinPipeline
 
     return Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
@@ -90,8 +92,6 @@ def reference_size(width: int, height: int, options: Any = None) -> tuple[int, i
         ValueError: the pipeline's own check (a side under 64 px, an aspect ratio over 8), so a dataset row
             with such a reference is a bad row before any work.
     """
-    from PIL import Image
-
     _reference_pipeline().image_processor.check_image_input(Image.new("1", (width, height)))
     area = _area(options)
     if width * height > area:
@@ -124,6 +124,7 @@ def reference_position_ids(shapes: torch.Tensor | Sequence[Sequence[int]]) -> to
     sizes ``shapes`` (``[n, 2]`` or ``[1, n, 2]`` of ``(h_i, w_i)``, or a list of pairs), in order:
     ``(10 + 10*i, y, x, 0)`` row-major per reference, made by the pipeline's own ``_prepare_image_ids`` (it
     reads only the latents' shapes)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import Flux2KleinPipeline
 
     pairs = torch.as_tensor(shapes).reshape(-1, 2).tolist()

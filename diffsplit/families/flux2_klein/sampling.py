@@ -16,6 +16,7 @@ from diffsplit.families.common.sampling import (
     sampling_pipeline,
     use_stored_references,
 )
+from diffsplit.families.flux2_klein.references import reference_pixels
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
@@ -26,9 +27,8 @@ def guidance(prompt: Any) -> dict[str, Any]:
 def references(components: Mapping[str, Any], images: Sequence[Any]) -> list[torch.Tensor]:
     """Each reference image as ``Flux2KleinPipeline`` encodes it (``image=``): its preprocessing, then
     ``_encode_vae_image`` (the posterior's mode, patchified and normalised) -> ``[1, 128, h, w]`` each."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import Flux2KleinPipeline
-
-    from diffsplit.families.flux2_klein.references import reference_pixels
 
     vae = components["vae"]
     pipe = Flux2KleinPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None)
@@ -48,6 +48,7 @@ def render(
 ) -> Any:
     """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`), with its
     reference ``images`` (their stored latents ``references``) when training an editing model."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import Flux2KleinPipeline
 
     pipe, device = sampling_pipeline(Flux2KleinPipeline, components)

@@ -50,6 +50,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffsplit.errors import UserError
 from diffsplit.families.common.tiny_qwen3 import (
     add_legacy_rope_theta,
@@ -182,8 +184,6 @@ def _vae_config() -> dict[str, Any]:
 def _set_batch_norm_statistics(vae: Any) -> None:
     """Non-trivial running mean and variance (a fresh ``BatchNorm2d`` has 0 and 1, which would hide code that
     skips the pipeline's latent normalisation); drawn from the current (seeded) RNG."""
-    import torch
-
     bn = vae.bn
     with torch.no_grad():
         bn.running_mean.copy_(torch.randn_like(bn.running_mean) * 0.5)
@@ -212,7 +212,7 @@ def build_tiny_flux2_klein(
     Raises:
         UserError: unknown ``size`` or ``variant``, or ``output`` exists and is not an empty folder.
     """
-    import torch
+    # diffusers and transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
 

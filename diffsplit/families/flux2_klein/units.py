@@ -65,16 +65,12 @@ import torch
 from diffsplit.contract.context import UnitContext
 from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
-    NOISY_LATENTS,
     draw_timestep_noise,
     encode_image_unit,
-    image_size,
-    latents_unit,
     posterior_sample,
     resize_images,
     resize_unit,
     scheduler_constants,
-    timestep_noise_unit,
     tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
@@ -99,6 +95,7 @@ TRAINING_MU = 0.8
 def max_sequence_length() -> int:
     """The tokenizer length ``Flux2KleinPipeline.encode_prompt`` pads and truncates to (512), read from its
     signature so it follows diffusers."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import Flux2KleinPipeline
 
     return int(inspect.signature(Flux2KleinPipeline.encode_prompt).parameters["max_sequence_length"].default)
@@ -393,48 +390,6 @@ def with_references(options: Any) -> bool:
     """``--extra_inputs`` names ``edit_image``: each sample has reference images (image editing)."""
     given = [name.strip() for name in (options.extra_inputs or "").split(",")]
     return REFERENCE_INPUT in given
-
-
-def sft_units(options: Any) -> list[Unit]:
-    """The units of one SFT step, in execution order (see the module docstring); with reference images
-    (:func:`with_references`), the units of :mod:`~diffsplit.families.flux2_klein.references` encode them and
-    the denoiser reads them."""
-    if with_references(options):
-        from diffsplit.families.flux2_klein import references
-
-        return [
-            *_target_units(options),
-            references.ENCODE_REFERENCES,
-            references.REFERENCE_IDS,
-            references.DENOISE_WITH_REFERENCES,
-        ]
-    return [*_target_units(options), DENOISE]
-
-
-def _target_units(options: Any) -> list[Unit]:
-    return [
-        RESIZE_IMAGE,
-        ENCODE_IMAGE,
-        latents_unit(options, posterior_mode, sample_posterior),
-        IMAGE_IDS,
-        TOKENIZE,
-        ENCODE_PROMPT,
-        timestep_noise_unit(timestep_noise),
-        NOISY_LATENTS,
-    ]
-
-
-def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options: Any) -> tuple:
-    """Samples with equal keys cache values of equal shapes: the image's target size (prompts are always 512
-    tokens) and each reference image's size."""
-    from diffsplit.families.flux2_klein.references import reference_size
-
-    images = values.get(REFERENCE_INPUT, [])
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
-    return (
-        image_size(values["image"], options, SIZE_POLICY),
-        tuple(reference_size(*i.size, options) for i in images),
-    )
 
 
 def constants(components: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from diffsplit.contract.family import Example, Family, TinyModel
 from diffsplit.families.common.collate import pad_right
 from diffsplit.families.common.flow_match import direct_distill_task, scheduler_from_constants, sft_task
 from diffsplit.families.common.options import ImageOptions
+from diffsplit.families.common.qwen_image_parts import COMPONENTS, SIZE_POLICY, constants
 from diffsplit.families.qwen_image import distill, sampling, tiny, units
-from diffsplit.families.qwen_image.components import COMPONENTS
 
 FAMILY = Family(
     name="qwen-image",
@@ -24,9 +24,9 @@ FAMILY = Family(
         "direct_distill": direct_distill_task(distill.distill_units),
     },
     units_version="qwen-image-units-1",
-    size_policy=units.SIZE_POLICY,
+    size_policy=SIZE_POLICY,
     batch_key=units.batch_key,
-    constants=units.constants,
+    constants=constants,
     scheduler_from_constants=scheduler_from_constants,
     # A batch of prompts of different lengths, as the pipeline batches them.
     collate={"prompt_embeds": pad_right, "prompt_embeds_mask": pad_right},

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffsplit.contract.context import UnitContext
@@ -54,15 +55,8 @@ from diffsplit.families.common.flow_match import (
     student_steps,
     teacher_pixels,
 )
-from diffsplit.families.qwen_image.units import (
-    ENCODE_IMAGE,
-    ENCODE_PROMPT,
-    IMAGE_SHAPES,
-    SIZE_POLICY,
-    TOKENIZE,
-    denoise,
-    posterior_mode,
-)
+from diffsplit.families.common.qwen_image_parts import ENCODE_IMAGE, IMAGE_SHAPES, SIZE_POLICY, posterior_mode
+from diffsplit.families.qwen_image.units import ENCODE_PROMPT, TOKENIZE, denoise
 from diffsplit.planner.graph import Unit
 
 
@@ -99,6 +93,7 @@ def initial_noise(
         seed: one int, or one per sample of a batch.
         latent_shape: ``[z, h, w]`` from :func:`latent_shape`.
     """
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImagePipeline
 
     z, h, w = (int(v) for v in latent_shape)
@@ -112,8 +107,6 @@ def qwen_timesteps(
     """A private scheduler set up as ``QwenImagePipeline.__call__`` sets up its own at this resolution:
     ``sigmas = np.linspace(1, 1/k, k)`` and the dynamic shift for ``image_seq_len`` tokens (see
     :func:`~diffsplit.families.common.flow_match.inference_timesteps`)."""
-    import numpy as np
-
     k = int(num_inference_steps)
     return inference_timesteps(scheduler, np.linspace(1.0, 1 / k, k), image_seq_len, device)
 

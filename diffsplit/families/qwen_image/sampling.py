@@ -10,24 +10,13 @@ from typing import Any
 import torch
 
 from diffsplit.contract.family import SampleSpec
+from diffsplit.families.common.qwen_image_parts import embedding_arguments
 from diffsplit.families.common.sampling import DECODER, call_arguments, sampling_pipeline
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
     """The pipeline's guidance argument for a sample prompt's ``--l``."""
     return {"true_cfg_scale": prompt.guidance}
-
-
-def embedding_arguments(
-    embeds: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """A Qwen pipeline's prompt and negative-prompt embeddings with their masks (also Qwen-Image-Edit's)."""
-    return {
-        "prompt_embeds": embeds["prompt_embeds"].to(device),
-        "prompt_embeds_mask": embeds["prompt_embeds_mask"].to(device),
-        "negative_prompt_embeds": negative["prompt_embeds"].to(device),
-        "negative_prompt_embeds_mask": negative["prompt_embeds_mask"].to(device),
-    }
 
 
 def render(
@@ -37,6 +26,7 @@ def render(
     prompt: Any,
 ) -> Any:
     """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImagePipeline
 
     pipe, device = sampling_pipeline(QwenImagePipeline, components)

@@ -38,32 +38,32 @@ are :mod:`diffsplit.families.common.flow_match`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffsplit.contract.context import UnitContext
-from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
-    draw_timestep_noise,
-    encode_image_unit,
     image_size,
     latents_unit,
-    posterior_sample,
-    resize_images,
-    resize_unit,
-    scheduler_constants,
     timestep_noise_unit,
     tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
+from diffsplit.families.common.qwen_image_parts import (
+    ENCODE_IMAGE,
+    IMAGE_SHAPES,
+    RESIZE_IMAGE,
+    SIZE_POLICY,
+    encode_prompt_suffix,
+    posterior_mode,
+    sample_posterior,
+    timestep_noise,
+)
 from diffsplit.planner.graph import Unit
-
-SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
-"""Sides are multiples of 16 (the VAE downsamples by 8, the DiT packs 2x2 latent patches); 1024*1024 pixels
-when neither ``--max_pixels`` nor ``--height/--width`` is given."""
+from diffsplit.planner.layers import part_name
 
 
 # -- diffusers' own definitions -------------------------------------------------------------------------
@@ -75,6 +75,7 @@ def _reference_pipeline() -> Any:
     in ``QwenImagePipeline.__init__``, not on the class, so we build an empty pipeline once and read them
     there instead of copying the strings (they follow diffusers if diffusers ever changes them).
     """
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImagePipeline
 
     return QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
@@ -88,76 +89,6 @@ def prompt_template() -> tuple[str, int, int]:
     """
     pipe = _reference_pipeline()
     return pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx, pipe.tokenizer_max_length
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Pack ``[B, z, 1, h, w]`` (or ``[B, z, h, w]``) latents into 2x2 patches: ``[B, (h/2)*(w/2), 4z]``."""
-    from diffusers import QwenImagePipeline
-
-    if latents.dim() == 5:
-        # Qwen's VAE is a video VAE; an image is one frame.
-        latents = latents.squeeze(2)
-    b, z, h, w = latents.shape
-    return QwenImagePipeline._pack_latents(latents.contiguous(), b, z, h, w)
-
-
-# -- unit functions -------------------------------------------------------------------------------------
-def resize_image(ctx: UnitContext, image: Any) -> dict[str, Any]:
-    """PIL image (or a list of same-size images) -> ``pixels`` ``[B, 3, H, W]`` float32 in [-1, 1], at the
-    size :data:`SIZE_POLICY` and ``--max_pixels`` / ``--height/--width`` give (see
-    :func:`~diffsplit.families.common.flow_match.resize_images`)."""
-    return {"pixels": resize_images(ctx, image, SIZE_POLICY)}
-
-
-def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``pixels [B, 3, H, W]`` in [-1, 1] -> the VAE posterior in normalised latent space.
-
-    ``latent_mean = (mean - latents_mean) / latents_std`` exactly as
-    ``QwenImageEditPipeline._encode_vae_image`` computes image latents (posterior mode, division by
-    ``latents_std``), and ``latent_std = std / latents_std``, the posterior's standard deviation in the same
-    space, so that ``latent_mean + latent_std * eps`` is the normalised posterior sample. Both
-    ``[B, z, 1, H/8, W/8]`` in the VAE's dtype.
-    """
-    vae = ctx.components["vae"]
-    # Qwen's VAE is 3D: an image is a one-frame video [B, 3, 1, H, W].
-    x = pixels.to(device=ctx.device, dtype=vae.dtype).unsqueeze(2)
-    posterior = vae.encode(x).latent_dist
-    z_dim = vae.config.z_dim
-    mean_ = (
-        torch.tensor(vae.config.latents_mean)
-        .view(1, z_dim, 1, 1, 1)
-        .to(posterior.mean.device, posterior.mean.dtype)
-    )
-    std_ = (
-        torch.tensor(vae.config.latents_std)
-        .view(1, z_dim, 1, 1, 1)
-        .to(posterior.mean.device, posterior.mean.dtype)
-    )
-    return {"latent_mean": (posterior.mode() - mean_) / std_, "latent_std": posterior.std / std_}
-
-
-def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``--latent_sample mode``: ``latents`` = packed normalised posterior mean, ``[B, N, 4z]``."""
-    return {"latents": pack_latents(latent_mean)}
-
-
-def sample_posterior(
-    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """``--latent_sample sample``: ``latents`` = packed ``mean + std * eps``, ``eps ~ N(0, I)``, ``[B, N, 4z]``
-    (:func:`~diffsplit.families.common.flow_match.posterior_sample`)."""
-    return {"latents": pack_latents(posterior_sample(ctx, latent_mean, latent_std))}
-
-
-def image_shapes(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, Any]:
-    """``img_shapes`` for the DiT's rotary embedding: ``[(1, h/2, w/2)]`` with ``h, w`` the latent grid.
-
-    One entry per image (all images of a batch share a size); ``denoise`` expands it to
-    ``[[(1, h/2, w/2)]] * B`` as ``QwenImagePipeline`` does. Plain ints (the DiT caches rope tables by them).
-    Read from the latent grid itself, so no VAE scale factor is needed here.
-    """
-    h, w = int(latent_mean.shape[-2]), int(latent_mean.shape[-1])
-    return {"img_shapes": [1, h // 2, w // 2]}
 
 
 def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
@@ -245,33 +176,8 @@ def encode_prompt_prefix(
     return {"text_hidden": hidden, "text_position_ids": positions}
 
 
-def encode_prompt_suffix(
-    ctx: UnitContext,
-    text_hidden: torch.Tensor,
-    text_position_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    model: str,
-    tokens: Callable[[torch.Tensor, torch.Tensor, torch.dtype], dict[str, torch.Tensor]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The cached state at the cut -> ``prompt_embeds``, ``prompt_embeds_mask`` as :func:`encode_prompt`,
-    on the part ``model`` (``"text_encoder[c:N]"``, which ends with the final norm); ``tokens`` is the
-    pipeline's post-processing of the last hidden state (:func:`prompt_tokens` by default)."""
-    part = ctx.components[model]
-    attention_mask = attention_mask.to(ctx.device)
-    # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
-    hidden, _ = part(
-        hidden=text_hidden.to(ctx.device),
-        position_ids=text_position_ids.to(ctx.device),
-        attention_mask=attention_mask,
-    )
-    return (tokens or prompt_tokens)(hidden, attention_mask, getattr(part, "module", part).dtype)
-
-
 def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
     """``encode_prompt`` cut at layer ``cut`` of ``num_layers``: the prefix and suffix units."""
-    from diffsplit.planner.layers import part_name
-
     prefix_model = part_name("text_encoder", 0, cut)
     suffix_model = part_name("text_encoder", cut, num_layers)
     prefix = Unit(
@@ -286,15 +192,9 @@ def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
         inputs=("text_hidden", "text_position_ids", "attention_mask"),
         outputs=("prompt_embeds", "prompt_embeds_mask"),
         models=(suffix_model,),
-        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model, tokens=prompt_tokens),
     )
     return prefix, suffix
-
-
-def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A timestep per sample and the noise (:func:`~diffsplit.families.common.flow_match.draw_timestep_noise`)
-    for packed ``latents [B, N, 4z]``: the schedule's dynamic shift is for ``N`` image tokens."""
-    return draw_timestep_noise(ctx, latents, latents.shape[1])
 
 
 def denoise(
@@ -331,11 +231,6 @@ def denoise(
     return {"pred": pred}
 
 
-# -- the graph ------------------------------------------------------------------------------------------
-# Units shared by every Qwen-Image task (SFT here, direct distillation in distill.py).
-RESIZE_IMAGE = resize_unit(resize_image)
-ENCODE_IMAGE = encode_image_unit(encode_image)
-IMAGE_SHAPES = Unit(name="image_shapes", inputs=("latent_mean",), outputs=("img_shapes",), fn=image_shapes)
 TOKENIZE = tokenize_unit(tokenize)
 ENCODE_PROMPT = Unit(
     name="encode_prompt",
@@ -382,21 +277,3 @@ def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options:
         template.format(values["prompt"]), max_length=max_length + drop_idx, truncation=True
     )
     return (size, len(ids["input_ids"]))
-
-
-def constants(components: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-able facts of the frozen components, for stage 2 and for the cache fingerprint.
-
-    ``latents_mean``/``latents_std``/``z_dim``/``vae_scale_factor`` describe the latent space the cache
-    holds (the units already applied them); ``scheduler_config`` is what ``timestep_noise`` needs (stage 2
-    rebuilds the scheduler from it).
-    """
-    vae = components["vae"]
-    return {
-        "latents_mean": [float(v) for v in vae.config.latents_mean],
-        "latents_std": [float(v) for v in vae.config.latents_std],
-        "z_dim": int(vae.config.z_dim),
-        # As QwenImagePipeline computes it: one 2x spatial downsample per temporal-downsample entry.
-        "vae_scale_factor": 2 ** len(vae.temperal_downsample),
-        **scheduler_constants(components["scheduler"]),
-    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from diffsplit.contract.components import TOKENIZER, ComponentSpec
-from diffsplit.families.qwen_image.components import COMPONENTS as QWEN_IMAGE
+from diffsplit.families.common.qwen_image_parts import COMPONENTS as QWEN_IMAGE
 
 PROCESSOR = ComponentSpec(
     "processor", "processor", kind=TOKENIZER, library="transformers", load_class="Qwen2VLImageProcessorPil"

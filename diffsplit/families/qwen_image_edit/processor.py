@@ -42,6 +42,7 @@ PICTURE_PLACEHOLDER = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 def _reference_pipeline() -> Any:
     """A component-less ``QwenImageEditPlusPipeline``: the template, the drop index and the helpers are set
     in ``__init__`` (not on the class), so they are read from an instance instead of being copied."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImageEditPlusPipeline
 
     return QwenImageEditPlusPipeline(
@@ -65,6 +66,7 @@ def load_image_processor(folder: str | Path) -> Any:
     one, and ``from_pretrained`` falls back to the PIL one with a warning); transformers 4 called the slow
     one ``Qwen2VLImageProcessor``.
     """
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     import transformers
 
     folder = Path(folder)

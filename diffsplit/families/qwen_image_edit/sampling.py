@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from diffsplit.contract.family import SampleSpec
+from diffsplit.families.common.qwen_image_parts import embedding_arguments
 from diffsplit.families.common.sampling import (
     DECODER,
     call_arguments,
     sampling_pipeline,
     use_stored_references,
 )
-from diffsplit.families.qwen_image.sampling import embedding_arguments
 
 
 def guidance(prompt: Any) -> dict[str, Any]:
@@ -26,6 +26,8 @@ def guidance(prompt: Any) -> dict[str, Any]:
 
 
 def _pipeline(**components: Any) -> Any:
+
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImageEditPlusPipeline
 
     parts = dict(
@@ -37,6 +39,7 @@ def _pipeline(**components: Any) -> Any:
 def references(components: Mapping[str, Any], images: Sequence[Any]) -> list[torch.Tensor]:
     """Each reference as ``QwenImageEditPlusPipeline`` encodes it: resized for the VAE by ``__call__``'s rule,
     preprocessed, and ``_encode_vae_image`` (the posterior's mode, normalised) -> ``[1, z, 1, h, w]`` each."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
         VAE_IMAGE_SIZE,
         calculate_dimensions,
@@ -61,6 +64,7 @@ def render(
     references: Sequence[torch.Tensor] = (),
 ) -> Any:
     """One sample image (PIL) for ``prompt`` with its reference ``images`` (their latents ``references``)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import QwenImageEditPlusPipeline
 
     pipe, device = sampling_pipeline(QwenImageEditPlusPipeline, components, processor=None)

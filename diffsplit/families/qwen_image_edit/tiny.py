@@ -24,14 +24,14 @@ as in the real configs.
 
 As on the Hub, where both repositories hold the same Qwen2.5-VL text encoder, tokenizer and VAE, the
 tokenizer, text encoder and VAE are those of the tiny Qwen-Image
-(:func:`diffsplit.families.qwen_image.tiny.build_shared_components`): for the same ``seed``, ``tokenizer/``,
+(:func:`diffsplit.families.common.tiny_qwen_image.build_shared_components`): for the same ``seed``, ``tokenizer/``,
 ``processor/``'s tokenizer files, ``text_encoder/`` and ``vae/`` are byte-identical to the tiny
 ``Qwen/Qwen-Image``'s, so the seed's command that takes the text encoder and VAE from ``Qwen/Qwen-Image`` and
 the tokenizer and processor from here works on tiny models too.
 
 Dimensions (``size="tiny"``, the only size):
 
-* transformer: as the tiny Qwen-Image (:mod:`diffsplit.families.qwen_image.tiny`): 2 layers, 3 heads x 16,
+* transformer: as the tiny Qwen-Image (:func:`~diffsplit.families.common.tiny_qwen_image.transformer_kwargs`): 2 layers, 3 heads x 16,
   ``in_channels`` 16 (2x2-packed z_dim 4 latents), ``joint_attention_dim`` 16, rope axes (8, 4, 4).
 * VAE: the tiny Qwen-Image's: z_dim 4, base_dim 8, 4x spatial downscale, non-trivial latents_mean/_std.
 * text encoder (``Qwen2_5_VLForConditionalGeneration``), the tiny Qwen-Image's: text 4 layers x 16 (2 heads
@@ -54,14 +54,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffsplit.errors import UserError
-from diffsplit.families.common.tiny_repo import reshard, staged_repository
-from diffsplit.families.qwen_image.components import SCHEDULER_CONFIG
-from diffsplit.families.qwen_image.tiny import (
+from diffsplit.families.common.qwen_image_parts import SCHEDULER_CONFIG
+from diffsplit.families.common.tiny_qwen_image import (
     build_shared_components,
     save_shared_components,
     transformer_kwargs,
 )
+from diffsplit.families.common.tiny_repo import reshard, staged_repository
 
 SIZES = ("tiny",)
 VARIANTS = ("2509", "2511")
@@ -94,6 +96,7 @@ template and never applies it). No installed package holds it, so it is written 
 
 def _preprocessor_config() -> dict[str, Any]:
     """``processor/preprocessor_config.json``: the keys of the real one (Qwen2.5-VL's), tiny max_pixels."""
+    # transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     return {
@@ -138,7 +141,7 @@ def build_tiny_qwen_image_edit(
     Raises:
         UserError: unknown ``size`` or ``variant``, or ``output`` exists and is not empty.
     """
-    import torch
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPlusPipeline,

@@ -36,6 +36,7 @@ posterior and the references' latents with their shapes; stage 2 loads only the 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,43 +44,45 @@ import torch
 
 from diffsplit.contract.context import UnitContext
 from diffsplit.errors import UserError
+from diffsplit.families.common import qwen_image_parts as parts
 from diffsplit.families.common.flow_match import NOISY_LATENTS, image_size, latents_unit, timestep_noise_unit
-from diffsplit.families.qwen_image import units as qwen
-from diffsplit.families.qwen_image.text_encoder import ADAPTER
 from diffsplit.families.qwen_image_edit import processor as vl
 from diffsplit.planner.graph import Unit
+from diffsplit.planner.layers import part_name
 
-SIZE_POLICY = qwen.SIZE_POLICY
+SIZE_POLICY = parts.SIZE_POLICY
 REFERENCE_INPUT = "edit_image"
 
 
 # -- the pipeline's own definitions -------------------------------------------------------------------------
 @functools.cache
-def _module() -> Any:
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as module
-
-    return module
-
-
-@functools.cache
 def _reference_pipeline() -> Any:
     """A component-less ``QwenImageEditPlusPipeline``: the source of its template, drop index and image
     processor (they are set in ``__init__``, so we read them there instead of copying them)."""
-    return _module().QwenImageEditPlusPipeline(
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    return edit_plus.QwenImageEditPlusPipeline(
         scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None
     )
 
 
 def condition_size(width: int, height: int) -> tuple[int, int]:
     """``(width, height)`` a reference of that size is resized to for the vision-language encoder."""
-    return _module().calculate_dimensions(_module().CONDITION_IMAGE_SIZE, width / height)
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    return edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, width / height)
 
 
 def reference_size(width: int, height: int, options: Any = None) -> tuple[int, int]:
     """``(width, height)`` a reference of that size is resized to for the VAE (also its size group): the
     pipeline's area (``VAE_IMAGE_SIZE``, 1024²) by its aspect ratio, or ``--edit_image_max_pixels``."""
-    area = getattr(options, "edit_image_max_pixels", None) or _module().VAE_IMAGE_SIZE
-    return _module().calculate_dimensions(area, width / height)
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    area = getattr(options, "edit_image_max_pixels", None) or edit_plus.VAE_IMAGE_SIZE
+    return edit_plus.calculate_dimensions(area, width / height)
 
 
 def as_list(images: Any) -> list[Any]:
@@ -170,7 +173,7 @@ def encode_prompt_prefix(
     # get_placeholder_mask: the image tokens of the full model's config take the features, in order.
     placeholders = (ids == part.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(placeholders, features)
-    positions = ADAPTER.positions(ids.shape[0], ids.shape[1], ctx.device)
+    positions = parts.ADAPTER.positions(ids.shape[0], ids.shape[1], ctx.device)
     hidden, positions = part(hidden=embeds, position_ids=positions, attention_mask=mask)
     return {"text_hidden": hidden, "text_position_ids": positions}
 
@@ -185,8 +188,6 @@ def prompt_tokens(
 
 def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
     """``encode_prompt`` cut at layer ``cut``: the prefix (vision tower + layers ``[0, cut)``) and the suffix."""
-    from diffsplit.planner.layers import part_name
-
     prefix_model, suffix_model = part_name("text_encoder", 0, cut), part_name("text_encoder", cut, num_layers)
     prefix = Unit(
         name=f"encode_prompt[0:{cut}]",
@@ -200,7 +201,7 @@ def split_encode_prompt(cut: int, num_layers: int) -> tuple[Unit, Unit]:
         inputs=("text_hidden", "text_position_ids", "attention_mask"),
         outputs=("prompt_embeds", "prompt_embeds_mask"),
         models=(suffix_model,),
-        fn=functools.partial(qwen.encode_prompt_suffix, model=suffix_model, tokens=prompt_tokens),
+        fn=functools.partial(parts.encode_prompt_suffix, model=suffix_model, tokens=prompt_tokens),
     )
     return prefix, suffix
 
@@ -210,8 +211,8 @@ def encode_references(ctx: UnitContext, reference_pixels: Sequence[torch.Tensor]
     concatenated in order: ``reference_latents [1, R, 4z]``; ``reference_shapes`` ``[[1, h_i/2, w_i/2], ...]``."""
     latents, shapes = [], []
     for pixels in reference_pixels:
-        mean = qwen.encode_image(ctx, pixels.squeeze(2))["latent_mean"]
-        latents.append(qwen.pack_latents(mean))
+        mean = parts.encode_image(ctx, pixels.squeeze(2))["latent_mean"]
+        latents.append(parts.pack_latents(mean))
         shapes.append([1, int(mean.shape[-2]) // 2, int(mean.shape[-1]) // 2])
     return {"reference_latents": torch.cat(latents, dim=1), "reference_shapes": shapes}
 
@@ -302,15 +303,15 @@ DENOISE = Unit(
 def sft_units(options: Any) -> list[Unit]:
     """The units of one SFT step, in execution order (see the module docstring)."""
     return [
-        qwen.RESIZE_IMAGE,
-        qwen.ENCODE_IMAGE,
-        latents_unit(options, qwen.posterior_mode, qwen.sample_posterior),
-        qwen.IMAGE_SHAPES,
+        parts.RESIZE_IMAGE,
+        parts.ENCODE_IMAGE,
+        latents_unit(options, parts.posterior_mode, parts.sample_posterior),
+        parts.IMAGE_SHAPES,
         REFERENCE_IMAGES,
         TOKENIZE,
         ENCODE_PROMPT,
         ENCODE_REFERENCES,
-        timestep_noise_unit(qwen.timestep_noise),
+        timestep_noise_unit(parts.timestep_noise),
         NOISY_LATENTS,
         DENOISE,
     ]
@@ -328,8 +329,6 @@ def batch_key(values: Mapping[str, Any], components: Mapping[str, Any], options:
 
 def check_models(options: Any, models: Any) -> None:
     """``--zero_cond_t`` must say what the transformer's config says (2511: true; 2509: false)."""
-    import json
-
     if "dit" not in models:
         return  # a stage 1 without the transformer: nothing to compare
     config = json.loads((models.entry("dit").folder / "config.json").read_text(encoding="utf-8"))
@@ -343,4 +342,4 @@ def check_models(options: Any, models: Any) -> None:
         )
 
 
-constants = qwen.constants
+constants = parts.constants

@@ -67,6 +67,7 @@ def z_image_timesteps(
 ) -> tuple[Any, torch.Tensor]:
     """A private scheduler set up as ``ZImagePipeline.__call__`` sets up its own: its default sigmas
     (``get_default_z_image_sigmas``) and the shift arguments it passes."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
     sigmas = get_default_z_image_sigmas(int(num_inference_steps))

@@ -25,6 +25,7 @@ def render(
     prompt: Any,
 ) -> Any:
     """One sample image (PIL) for ``prompt`` (:class:`~diffsplit.training.sampling.SamplePrompt`)."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import ZImagePipeline
 
     pipe, device = sampling_pipeline(ZImagePipeline, components)

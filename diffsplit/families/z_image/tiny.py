@@ -40,6 +40,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffsplit.families.common.tiny_qwen3 import (
     add_legacy_rope_theta,
     qwen3_config,
@@ -162,7 +164,7 @@ def build_tiny_z_image(
     Raises:
         UserError: unknown ``size``, or ``output`` exists and is not an empty folder.
     """
-    import torch
+    # diffusers and transformers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3ForCausalLM
 

@@ -81,6 +81,7 @@ packs 2x2 patches); 1024*1024 pixels when neither ``--max_pixels`` nor ``--heigh
 def max_sequence_length() -> int:
     """The tokenizer length ``ZImagePipeline.encode_prompt`` pads and truncates to (512), read from its
     signature so it follows diffusers."""
+    # diffusers deferred: its model and pipeline modules take seconds to import (see diffsplit.families)
     from diffusers import ZImagePipeline
 
     return int(inspect.signature(ZImagePipeline.encode_prompt).parameters["max_sequence_length"].default)

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from diffsplit.families.qwen_image.text_encoder import ADAPTER
+from diffsplit.families.common.qwen_image_parts import ADAPTER
 from diffsplit.training.lora import add_lora, save_peft_adapter
 
 LAST_TWO = r"re:.*layers\.(2|3)\.self_attn\.(q|k|v|o)_proj"

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from diffsplit.errors import UserError
-from diffsplit.families.qwen_image.tiny import (
+from diffsplit.families.common.tiny_qwen_image import (
     QWEN_IMAGE_TEMPLATE_DROP,
     QWEN_IMAGE_TEMPLATE_PREFIX,
     _text_encoder_config,
     _transformer_kwargs,
     _vae_kwargs,
-    build_tiny_qwen_image,
 )
+from diffsplit.families.qwen_image.tiny import build_tiny_qwen_image
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,15 @@ from PIL import Image
 from diffsplit.contract.context import UnitContext, unit_context
 from diffsplit.families.common.flow_match import noisy_latents, scheduler_from_constants, timestep_schedule
 from diffsplit.families.common.options import ImageOptions
-from diffsplit.families.qwen_image import FAMILY
-from diffsplit.families.qwen_image.units import (
+from diffsplit.families.common.qwen_image_parts import (
     encode_image,
-    encode_prompt,
     posterior_mode,
-    prompt_template,
     resize_image,
     sample_posterior,
     timestep_noise,
-    tokenize,
 )
+from diffsplit.families.qwen_image import FAMILY
+from diffsplit.families.qwen_image.units import encode_prompt, prompt_template, tokenize
 from diffsplit.planner.graph import UnitGraph
 from diffsplit.tasks.sft import flow_matching_loss
 from diffsplit.training.rng import keyed_generator

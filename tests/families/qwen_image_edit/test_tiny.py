@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffsplit.errors import UserError
-from diffsplit.families.qwen_image.components import SCHEDULER_CONFIG
+from diffsplit.families.common.qwen_image_parts import SCHEDULER_CONFIG
 from diffsplit.families.qwen_image_edit.processor import (
     edit_prompt_texts,
     edit_template,
@@ -243,7 +243,7 @@ def test_shares_tokenizer_text_encoder_and_vae_with_qwen_image(
     from diffusers import QwenImageEditPlusPipeline
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from diffsplit.families.qwen_image.tiny import QWEN_IMAGE_TEMPLATE_DROP, QWEN_IMAGE_TEMPLATE_PREFIX
+    from diffsplit.families.common.tiny_qwen_image import QWEN_IMAGE_TEMPLATE_DROP, QWEN_IMAGE_TEMPLATE_PREFIX
 
     for folder in ("tokenizer", "text_encoder", "vae"):
         ours = _digests(edit_model, folder)
