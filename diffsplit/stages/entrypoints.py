@@ -12,6 +12,7 @@ Only the components the plan's stages run are ever constructed.
 
 from __future__ import annotations
 
+import datetime
 import resource
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps
 
 from diffsplit.contract.components import SCHEDULER
@@ -534,10 +536,6 @@ def _long_barrier(state: Any) -> Any:
     """
     if state.num_processes == 1:
         return None
-    import datetime
-
-    import torch.distributed as dist
-
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
     return lambda: dist.barrier(group=group)
 

@@ -31,13 +31,22 @@ loading is over.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffsplit.contract.components import MODEL
+from diffsplit.contract.context import unit_context
+from diffsplit.planner.layers import component_of, parse_part, parse_trainable
+from diffsplit.storage import data
+from diffsplit.storage.streaming import REOPEN_BYTES
 from diffsplit.storage.weight_formats import INT8, NF4, is_excluded
+from diffsplit.training import lora
+from diffsplit.training.loop import ComponentOverlay
+from diffsplit.training.trainable import checkpoints
 
 if TYPE_CHECKING:
     from diffsplit.planner.graph import Unit
@@ -102,8 +111,6 @@ def resident_bytes() -> int:
     """This process's resident memory now (Linux ``/proc``; 0 where unavailable)."""
     try:
         with open("/proc/self/statm") as handle:
-            import os
-
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
@@ -118,8 +125,6 @@ def frozen_bytes(
 ) -> dict[str, int]:
     """Storage dtype -> bytes of the frozen weights of model ``name`` (a component or a layer part) as this run
     holds it; ``model``: its meta skeleton when already built, ``trainable``: its trained tensors, left out."""
-    from diffsplit.planner.layers import component_of
-
     model = run.models.skeleton(name) if model is None else model
     trainable = trainable or {}
     fmt = run.models.formats.get(component_of(name))
@@ -148,9 +153,6 @@ def frozen_bytes(
 
 def _trainable(run: Run, name: str, model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """The parameters of ``model`` this run trains, after adding its LoRA (on the meta device)."""
-    from diffsplit.planner.layers import component_of, parse_trainable
-    from diffsplit.training import lora
-
     component, config = component_of(name), run.config
     out: dict[int, torch.Tensor] = {}
     if component in config.lora_base_models and config.lora_target_modules.strip():
@@ -319,9 +321,6 @@ def activation_bytes(
 ) -> ActivationTally:
     """Run ``units`` on ``env`` (real values of one sample) with the ``trained`` models (name -> meta model) in
     place of the real ones, counting what autograd keeps."""
-    from diffsplit.contract.context import unit_context
-    from diffsplit.training.loop import ComponentOverlay
-
     tally = ActivationTally()
     overlay = ComponentOverlay(components, trained)
     parameters = {id(p) for m in trained.values() for p in m.parameters()}
@@ -342,9 +341,6 @@ def activation_bytes(
 # -- the estimate ---------------------------------------------------------------------------------------------
 def loading_bytes(run: Run, names: Iterable[str]) -> int:
     """The largest extra memory loading one of ``names`` holds (see the module docstring)."""
-    from diffsplit.planner.layers import parse_part
-    from diffsplit.storage.streaming import REOPEN_BYTES
-
     largest = 0
     for name in names:
         entry = run.models.entry(name)
@@ -365,8 +361,6 @@ def measure_baseline(run: Run) -> int:
 
 
 def _is_model(run: Run, name: str) -> bool:
-    from diffsplit.contract.components import MODEL
-
     return run.models.spec(name).kind == MODEL
 
 
@@ -375,9 +369,6 @@ def _training_stage(
 ) -> StageMemory:
     """A stage that trains: the frozen models it loads, the trained ones (on the meta device) and the
     activations of running its trained units on ``env``."""
-    from diffsplit.planner.layers import component_of
-    from diffsplit.training.trainable import checkpoints
-
     memory = StageMemory(label, baseline=baseline)
     trained_names = {plan.trained_parts.get(n, n) for n in plan.trainable_models}
     meta_models: dict[str, torch.nn.Module] = {}
@@ -409,9 +400,6 @@ def estimate(
     run: Run, plan: SplitPlan, sample: Any, baseline: int, per_sample_bytes: int
 ) -> list[StageMemory]:
     """The expected peak of unsplit training, stage 1 and stage 2 of ``plan``, for ``sample`` (the largest)."""
-    from diffsplit.contract.context import unit_context
-    from diffsplit.storage import data
-
     unsplit = run.split_plan(layer_split=False)
     values = data.load_values(sample)
     ran: dict[int, tuple[dict[str, Any], ActivationTally]] = {}

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from diffsplit.contract.components import ComponentSpec
 from diffsplit.contract.context import RecordedOptions
@@ -378,8 +380,6 @@ def _outside(samples: list[data.Sample], base: Path) -> list[tuple[int, Path]]:
 
 def _check_sharding(config: TrainConfig) -> None:
     """FSDP (``accelerate config``) shards models trained whole; a LoRA's base stays whole on every process."""
-    from accelerate.utils import parse_flag_from_env
-
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and config.lora_base_models:
         raise UserError(
             "FSDP (accelerate config) is for full fine-tuning (--trainable_models); a LoRA (--lora_base_model) "
@@ -412,9 +412,6 @@ def process_state() -> Any:
 
     ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``, so CPU ranks would each think they are alone.
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 

@@ -1,15 +1,13 @@
-"""The dataset: metadata files, image folders, stable sample ids, bad-row handling and the resize policy.
+"""The dataset: samples from rows, stable sample ids, bad-row handling and each image's size check.
 
-Three layouts are read:
+Rows come from :mod:`diffsplit.storage.metadata`, which reads two layouts:
 
 * ``--dataset_metadata_path`` ending in ``.csv`` (a header row, then one sample per row), ``.json`` (a list
   of objects) or ``.jsonl`` (one object per non-empty line);
 * no metadata path: ``--dataset_base_path`` is a folder of images with same-name ``.txt`` captions
   (``cat.png`` + ``cat.txt`` -> ``{"image": cat.png, "prompt": <text of cat.txt>}``), sorted by file name.
 
-Row numbers in messages count data rows from 1 (a CSV header is not counted; a JSON list's first object is
-row 1; a JSONL row number is its line number in the file, blank lines skipped but counted, so an editor
-finds it). Every row is checked up front (files exist, image headers parse, sizes survive the resize
+Every row is checked up front (files exist, image headers parse, sizes survive the resize
 policy) so a bad row stops the run before training starts, as one :class:`~diffsplit.errors.UserError`
 line naming the row and the path, or, with ``skip_bad_samples``, is left out and reported.
 
@@ -23,13 +21,12 @@ each family declares its policy and its resize unit calls them; this module chec
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +37,16 @@ from diffsplit.contract.images import FULL_SIZE_KEY
 from diffsplit.contract.sizing import SizePolicy, check_resize_args, sizing_for
 from diffsplit.errors import BadSampleError, UserError
 from diffsplit.storage.files import atomic_write, sha256_file
+from diffsplit.storage.metadata import (
+    FOLDER_CAPTION_KEY,
+    FOLDER_IMAGE_KEY,
+    one_line,
+    read_folder,
+    read_metadata,
+)
 
-METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 ID_CHARS = 32
 """Hex characters kept from the sha256 of a sample's content (128 bits: collisions are not a concern)."""
-FOLDER_IMAGE_KEY = "image"
-FOLDER_CAPTION_KEY = "prompt"
 SKIPPED_FILE = "skipped_samples.json"
 DEFAULT_POLICY = SizePolicy()
 
@@ -99,12 +99,6 @@ class _BadRow(Exception):
         self.row = row
         self.path = str(path)
         self.reason = reason
-
-
-def _one_line(text: str) -> str:
-    # Messages quote user data (file names, parser errors) that may hold newlines; the error contract is
-    # one line.
-    return " ".join(str(text).split())
 
 
 # -- arguments ---------------------------------------------------------------------------------------------
@@ -179,176 +173,6 @@ def sample_id(content: str, occurrence: int) -> str:
 
 
 # -- metadata reading ------------------------------------------------------------------------------------
-def _as_text(value: Any) -> str | None:
-    """A JSON value as the text a CSV cell would hold (None for null), so csv/json/jsonl give the same ids."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    # json.dumps spells booleans and numbers as JSON does (true, 42, 0.5) and keeps lists/objects compact.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-Row = tuple[int, dict[str, str | None] | str]
-"""(row number, column -> text) or (row number, reason the row could not be parsed)."""
-
-
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig: spreadsheet programs often write a byte-order mark that would otherwise stick to the
-        # first column's name.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the metadata as UTF-8") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot be read ({_one_line(err.strerror or str(err))})") from None
-
-
-def _read_csv(path: Path, text: str) -> tuple[list[str], list[Row]]:
-    # StringIO with newline="" lets the csv module see quoted newlines as cell content.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows: list[Row] = []
-    try:
-        header = next(reader, None)
-    except csv.Error as err:
-        raise UserError(f"{path}: malformed header ({_one_line(str(err))})") from None
-    if header is None:
-        raise UserError(f"{path} is empty: it needs a header row and at least one data row")
-    columns = [name.strip() for name in header]
-    if any(not name for name in columns):
-        raise UserError(f"{path}: the header has an empty column name ({','.join(header)})")
-    duplicates = sorted({name for name in columns if columns.count(name) > 1})
-    if duplicates:
-        raise UserError(f"{path}: the header names column(s) {', '.join(duplicates)} twice")
-    number = 0
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            # The csv module cannot resynchronise after bad quoting; the rest of the file is unreliable.
-            raise UserError(f"{path} row {number + 1}: malformed CSV ({_one_line(str(err))})") from None
-        if not cells:  # a blank line is not a row
-            continue
-        number += 1
-        if len(cells) != len(columns):
-            rows.append((number, f"has {len(cells)} fields but the header has {len(columns)}"))
-        else:
-            rows.append((number, dict(zip(columns, cells, strict=True))))
-    return columns, rows
-
-
-def _object_row(number: int, value: Any) -> Row:
-    if not isinstance(value, dict):
-        return number, f"expected a JSON object, got {type(value).__name__}"
-    return number, {str(k).strip(): _as_text(v) for k, v in value.items()}
-
-
-def _read_json(path: Path, text: str) -> list[Row]:
-    if not text.strip():
-        raise UserError(f"{path} is empty: it needs a JSON list of objects")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        # A broken JSON document has no trustworthy rows to skip: name where parsing stopped.
-        raise UserError(
-            f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})"
-        ) from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    return [_object_row(i, value) for i, value in enumerate(data, start=1)]
-
-
-def _read_jsonl(path: Path, text: str) -> list[Row]:
-    rows: list[Row] = []
-    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            rows.append((number, f"malformed JSON line (column {err.colno}: {err.msg})"))
-            continue
-        rows.append(_object_row(number, value))
-    return rows
-
-
-def read_metadata(path: str | Path) -> tuple[list[str] | None, list[Row]]:
-    """Read a metadata file into ``(header columns or None, rows)``.
-
-    Each row is ``(row number, {column: text or None})``, or ``(row number, reason)`` for a row that could
-    not be parsed (a malformed JSONL line, a CSV row with the wrong field count). Only CSV has a header.
-
-    Raises:
-        UserError: unknown extension, unreadable or empty file, malformed JSON document or CSV quoting.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in METADATA_EXTENSIONS:
-        raise UserError(
-            f"--dataset_metadata_path {path}: unknown extension '{path.suffix}' "
-            f"(accepted: {', '.join(METADATA_EXTENSIONS)})"
-        )
-    if not path.is_file():
-        raise UserError(f"--dataset_metadata_path {path}: no such file")
-    text = _read_text(path)
-    if suffix == ".csv":
-        return _read_csv(path, text)
-    return None, _read_json(path, text) if suffix == ".json" else _read_jsonl(path, text)
-
-
-def _read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Path]]:
-    """Images with same-name captions in ``base`` (not recursive), sorted by file name.
-
-    Returns ``(row, {"image": name, "prompt": caption} or reason, path at fault)``. A caption without an
-    image is a bad row too: it is most likely an image in a format we do not read, and dropping it
-    silently would train on less than the user gave.
-    """
-    images: dict[str, Path] = {}
-    captions: dict[str, Path] = {}
-    for entry in base.iterdir():
-        suffix = entry.suffix.lower()
-        if not entry.is_file():
-            continue
-        if suffix in IMAGE_EXTENSIONS:
-            if entry.stem in images:
-                raise UserError(
-                    f"{base}: '{images[entry.stem].name}' and '{entry.name}' share the caption "
-                    f"'{entry.stem}.txt'; rename one"
-                )
-            images[entry.stem] = entry
-        elif suffix == ".txt":
-            captions[entry.stem] = entry
-    if not images and not captions:
-        raise UserError(
-            f"--dataset_base_path {base} holds no images (accepted: {', '.join(IMAGE_EXTENSIONS)}) "
-            f"and no --dataset_metadata_path was given"
-        )
-    keyed = {p.name: p for p in images.values()}
-    keyed.update({p.name: p for stem, p in captions.items() if stem not in images})
-    out: list[tuple[int, dict[str, str | None] | str, Path]] = []
-    for number, name in enumerate(sorted(keyed), start=1):
-        entry = keyed[name]
-        if entry.suffix.lower() == ".txt":
-            out.append((number, f"caption '{entry.name}' has no image with the same name", entry))
-            continue
-        caption = captions.get(entry.stem)
-        if caption is None:
-            out.append((number, f"image '{entry.name}' has no caption file {entry.stem}.txt", entry))
-            continue
-        try:
-            text = caption.read_text(encoding="utf-8-sig").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            out.append(
-                (number, f"caption {caption} cannot be read as UTF-8 text ({_one_line(str(err))})", caption)
-            )
-            continue
-        out.append((number, {FOLDER_IMAGE_KEY: entry.name, FOLDER_CAPTION_KEY: text}, caption))
-    return out
-
-
 # -- validation ------------------------------------------------------------------------------------------
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -420,7 +244,7 @@ def _check_file(
         # PIL's "cannot identify image file '<path>'" repeats the path the message already names.
         detail = "unknown format or corrupt header" if isinstance(err, UnidentifiedImageError) else str(err)
         raise _BadRow(
-            number, path, f"{name} '{rel}' at {path} is not a readable image ({_one_line(detail)})"
+            number, path, f"{name} '{rel}' at {path} is not a readable image ({one_line(detail)})"
         ) from None
     # A JPEG above max_image_pixels is decoded at a reduced size of at least ``side`` on the longer axis. A
     # reference image has no training size here (its family sizes it later, to at most about the policy's
@@ -571,7 +395,7 @@ def load_samples(
     entries: list[tuple[int, dict[str, str | None] | str, Path]]
     if metadata is None:
         source = str(base)
-        entries = _read_folder(base)
+        entries = read_folder(base)
         file_keys = (FOLDER_IMAGE_KEY,)
         missing = [name for name in required if name not in (FOLDER_IMAGE_KEY, FOLDER_CAPTION_KEY)]
         if missing:
@@ -612,8 +436,8 @@ def load_samples(
             )
         except _BadRow as bad:
             if not skip_bad_samples:
-                raise UserError(_one_line(f"{source} row {bad.row}: {bad.reason}")) from None
-            skipped.append({"row": bad.row, "path": bad.path, "reason": _one_line(bad.reason)})
+                raise UserError(one_line(f"{source} row {bad.row}: {bad.reason}")) from None
+            skipped.append({"row": bad.row, "path": bad.path, "reason": one_line(bad.reason)})
             continue
         known: dict[str, bytes | tuple[bytes, ...]] = {}
         for name, value in values.items():
@@ -635,7 +459,7 @@ def load_samples(
         for index in sorted(failures):
             sample, (path, reason) = samples[index], failures[index]
             if not skip_bad_samples:
-                raise UserError(_one_line(f"{source} row {sample.row}: {reason}"))
+                raise UserError(one_line(f"{source} row {sample.row}: {reason}"))
             skipped.append({"row": sample.row, "path": str(path), "reason": reason})
         samples = [s for i, s in enumerate(samples) if i not in failures]
         skipped.sort(key=lambda record: record["row"])
@@ -643,14 +467,13 @@ def load_samples(
     if not samples:
         first = skipped[0] if skipped else {"row": "?", "reason": "no rows"}
         raise UserError(
-            _one_line(f"{source}: all {len(skipped)} rows are bad (row {first['row']}: {first['reason']})")
+            one_line(f"{source}: all {len(skipped)} rows are bad (row {first['row']}: {first['reason']})")
         )
     return samples, skipped
 
 
 def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
     """Sample index -> (file, reason) for every image that does not decode whole."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def check(index: int) -> tuple[int, Path, str] | None:
         sample = samples[index]
@@ -662,7 +485,7 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
                             image.draft("RGB", sample.draft[key])
                         image.load()
                 except Exception as err:  # any failure to decode a user's file is a bad row
-                    return index, path, _one_line(f"{name} at {path} cannot be decoded ({err})")
+                    return index, path, one_line(f"{name} at {path} cannot be decoded ({err})")
         return None
 
     # PIL releases the GIL while it decodes, so threads overlap the reads and the decoding.
@@ -705,7 +528,7 @@ def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image:
                 out.info[FULL_SIZE_KEY] = sample.sizes[key]
             return out
     except Exception as err:  # a file that will not decode is the user's to fix
-        reason = _one_line(f"{name} at {path} cannot be decoded ({err})")
+        reason = one_line(f"{name} at {path} cannot be decoded ({err})")
         raise BadSampleError(
             f"{sample.source} row {sample.row}: {reason}", sample.row, path, reason
         ) from None

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from accelerate import init_empty_weights
+
 from diffsplit.contract.components import MODEL, SCHEDULER, TOKENIZER, ComponentSpec
 from diffsplit.errors import UserError
 from diffsplit.planner.layers import component_of, parse_part
@@ -253,8 +256,6 @@ class ModelSet(Mapping[str, Any]):
         del obj
         gc.collect()
         try:
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
@@ -279,8 +280,6 @@ class ModelSet(Mapping[str, Any]):
         """Model component ``name`` (or a layer part, ``"text_encoder[0:27]"``) as :meth:`load` would build
         it, on the meta device: its layers, the run's dtype, fp8 storage where chosen (quantization is not
         applied: :mod:`diffsplit.stages.memory` counts its bytes). For memory estimates; no weight is read."""
-        import torch
-
         part = parse_part(name)
         spec = self.spec(name)
         if part is None and spec.layers is not None and self.used_layers(name) < self.num_layers(name):
@@ -313,6 +312,7 @@ class ModelSet(Mapping[str, Any]):
             return self._construct_module(*module)
         spec = self._spec[name]
         if spec.kind == TOKENIZER:
+            # diffusers/transformers deferred: they take seconds to import and most commands never need them
             import transformers
 
             cls = getattr(transformers, spec.load_class or "AutoTokenizer")
@@ -330,12 +330,14 @@ class ModelSet(Mapping[str, Any]):
         if fmt is not None and fmt.method != FP8:
             kwargs["quantization_config"] = quantization_config(fmt, entry.library, dtype or _default_dtype())
         if entry.library == "diffusers":
+            # diffusers/transformers deferred: they take seconds to import and most commands never need them
             import diffusers
 
             cls = getattr(diffusers, entry.class_name)
             if dtype is not None:
                 kwargs["torch_dtype"] = dtype
         else:
+            # diffusers/transformers deferred: they take seconds to import and most commands never need them
             import transformers
 
             cls = getattr(transformers, entry.class_name)
@@ -388,8 +390,6 @@ class ModelSet(Mapping[str, Any]):
         """The module ``module`` of ``component`` alone (``alone``), or the component with that module replaced
         by the identity; either read from the component's checkpoint files, the other part's weights never
         read (the component is built on the meta device, then only its part's tensors are loaded)."""
-        import torch
-
         entry, spec = self._by_component[component], self._spec[component]
         skeleton = _meta_model(entry)  # parameters on the meta device, buffers real (init_empty_weights)
         try:
@@ -433,6 +433,7 @@ class ModelSet(Mapping[str, Any]):
         return target.eval()
 
     def _construct_scheduler(self, spec: ComponentSpec) -> Any:
+        # diffusers/transformers deferred: they take seconds to import and most commands never need them
         import diffusers
 
         folder = self.scheduler_folder(spec.name)
@@ -539,14 +540,14 @@ class ModelSet(Mapping[str, Any]):
 
 def _meta_model(entry: ModelEntry) -> Any:
     """``entry``'s model class built from its config on the meta device: module names and shapes, no memory."""
-    from accelerate import init_empty_weights
-
     if entry.library == "diffusers":
+        # diffusers/transformers deferred: they take seconds to import and most commands never need them
         import diffusers
 
         cls = getattr(diffusers, entry.class_name)
         with init_empty_weights():
             return cls.from_config(cls.load_config(str(entry.folder)))
+    # diffusers/transformers deferred: they take seconds to import and most commands never need them
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(entry.folder))
@@ -556,6 +557,4 @@ def _meta_model(entry: ModelEntry) -> Any:
 
 def _default_dtype() -> torch.dtype:
     """The compute dtype of a model loaded without a dtype (torch's default, float32)."""
-    import torch
-
     return torch.get_default_dtype()

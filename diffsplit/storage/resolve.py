@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
 
 from diffsplit.errors import UserError
 from diffsplit.storage.files import atomic_write, sha256_file
@@ -244,8 +245,6 @@ def _download(model_id: str, allow_patterns: list[str], local_dir: Path, what: s
 
 
 def _is_download_failure(error: BaseException) -> bool:
-    from huggingface_hub.errors import EntryNotFoundError
-
     kinds: tuple[type[BaseException], ...] = (OSError, ValueError, EntryNotFoundError, TimeoutError)
     try:  # huggingface_hub's HTTP client; not an OSError subclass
         import httpx

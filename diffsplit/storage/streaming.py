@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from diffsplit.storage.host_memory import release_freed
 
@@ -36,8 +37,6 @@ def iter_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(key, tensor)`` for each tensor ``wanted(key)`` selects, in file order, read from safetensors ``files``
     (only those bytes; the file is remapped every :data:`REOPEN_BYTES`)."""
-    from safetensors import safe_open
-
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             keys = [key for key in handle.keys() if wanted(key)]

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from diffsplit.errors import UserError
 
 if TYPE_CHECKING:
@@ -152,8 +154,6 @@ def check_available(formats: dict[str, WeightFormat], device: torch.device) -> N
     Raises:
         UserError: naming the flag entry and what to install or where it runs.
     """
-    import torch
-
     for fmt in formats.values():
         where = f"{fmt.flag} '{fmt.source}'"
         if fmt.method == FP8 and not hasattr(torch, "float8_e4m3fn"):  # pragma: no cover - old torch only
@@ -175,17 +175,14 @@ def prepare_skeleton(model: Any, fmt: WeightFormat, compute_dtype: torch.dtype) 
     """Set up fp8 layerwise casting on a diffusers model built on the meta device, before its weights are read:
     the hooked layers' parameters become float8 on the meta device, so the loader casts each tensor to the
     dtype of its parameter as it reads it (:func:`diffsplit.storage.streaming.load_into`)."""
-    import torch
-
     assert fmt.method == FP8, fmt
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
 def apply_after_load(model: Any, fmt: WeightFormat, compute_dtype: torch.dtype) -> Any:
     """Store an already loaded model (a transformers model, a layer part) in ``fmt``, module by module."""
-    import torch
-
     if fmt.method == FP8:
+        # diffusers/transformers deferred: they take seconds to import and most commands never need them
         from diffusers.hooks import apply_layerwise_casting
 
         apply_layerwise_casting(
@@ -193,6 +190,7 @@ def apply_after_load(model: Any, fmt: WeightFormat, compute_dtype: torch.dtype) 
         )
         return model
     if fmt.method == INT8:
+        # optional dependency: torchao is needed only by int8 models
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=_quantizable(fmt.excluded))
@@ -206,6 +204,7 @@ def quantize_module(fmt: WeightFormat) -> Any:
     """``finish(name, module)`` for :func:`diffsplit.storage.streaming.load_into`: quantize each ``Linear`` to
     ``fmt`` (int8 weight-only) as soon as its weights are read, unless ``fmt.excluded`` names it."""
     assert fmt.method == INT8, fmt
+    # optional dependency: torchao is needed only by int8 models
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     keep = _quantizable(fmt.excluded)
@@ -225,8 +224,6 @@ def is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
 
 
 def _quantizable(excluded: tuple[str, ...]) -> Any:
-    import torch
-
     def keep(module: Any, name: str) -> bool:
         return isinstance(module, torch.nn.Linear) and not is_excluded(name, excluded)
 
@@ -237,10 +234,13 @@ def quantization_config(fmt: WeightFormat, library: str, compute_dtype: torch.dt
     """The ``quantization_config`` ``from_pretrained`` takes for ``fmt`` (diffusers' or transformers' class)."""
     lib: Any
     if library == "diffusers":
+        # diffusers/transformers deferred: they take seconds to import and most commands never need them
         import diffusers as lib
     else:
+        # diffusers/transformers deferred: they take seconds to import and most commands never need them
         import transformers as lib
     if fmt.method == INT8:
+        # optional dependency: torchao is needed only by int8 models
         from torchao.quantization import Int8WeightOnlyConfig
 
         kwargs: dict[str, Any] = {"modules_to_not_convert": list(fmt.excluded)} if fmt.excluded else {}
@@ -259,7 +259,7 @@ def offload_frozen(model: Any, onload: torch.device | str | None = None) -> None
     CUDA device) just before it runs, prefetching the next on a side stream (diffusers' group offloading at
     leaf level). Applied before LoRA is added, so the LoRA weights (and the optimizer) stay on the GPU; with
     gradient checkpointing the backward pass's recomputation fetches each layer again."""
-    import torch
+    # diffusers/transformers deferred: they take seconds to import and most commands never need them
     from diffusers.hooks import apply_group_offloading
 
     if onload is None:

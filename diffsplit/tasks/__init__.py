@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from diffsplit.errors import UserError
+from diffsplit.tasks.direct_distill import distill_loss, resolve_distill_values
+from diffsplit.tasks.sft import flow_matching_loss
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,10 @@ STAGES = ("", "data_process", "train")
 
 
 def _sft(stage: str) -> Task:
-    from diffsplit.tasks.sft import flow_matching_loss
-
     return Task("sft", stage, flow_matching_loss, ("image", "prompt"))
 
 
 def _distill_row(sample: Any, config: Any) -> dict:
-    from diffsplit.tasks.direct_distill import resolve_distill_values
-
     return resolve_distill_values(
         sample.values,
         sample.row,
@@ -61,8 +59,6 @@ def _distill_row(sample: Any, config: Any) -> dict:
 
 
 def _direct_distill(stage: str) -> Task:
-    from diffsplit.tasks.direct_distill import distill_loss
-
     return Task(
         "direct_distill",
         stage,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import io
 import json
 import math
 import os
@@ -195,8 +197,6 @@ def validation_loss(
 
 
 def tensorboard_available() -> bool:
-    import importlib.util
-
     return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
 
 
@@ -260,6 +260,7 @@ def run_training(
     total_updates = math.ceil(passes * steps_per_pass / config.gradient_accumulation_steps)
     if config.max_train_steps:
         total_updates = min(total_updates, config.max_train_steps)
+    # diffusers/transformers deferred: they take seconds to import and most commands never need them
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler(
@@ -339,8 +340,6 @@ def run_training(
     def render(step: int, epoch: int) -> None:
         if sampling is None or not accelerator.is_main_process:
             return
-        import io
-
         began, peak = time.perf_counter(), _peak_rss_mib()
         with torch.no_grad():
             images = sampling.render(validation_components)
@@ -504,6 +503,7 @@ def activations_offloaded(config: TrainConfig) -> Any:
 
 def _peak_rss_mib() -> float:
     """This process's peak resident memory so far (MiB)."""
+    # POSIX only: resource does not exist on Windows; imported here so the rest of diffsplit still imports there
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from diffusers import ModelMixin
+from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -515,8 +516,6 @@ def save_model_folder(
     5 GB with their index, named as diffusers (``diffusion_pytorch_model*.safetensors``) or transformers
     (``model*.safetensors``) name them. Written under a temporary name and renamed, so a crash leaves no
     half folder."""
-    from huggingface_hub import save_torch_state_dict
-
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from diffsplit.errors import UserError
 from diffsplit.planner.graph import UnitGraph
@@ -207,8 +210,6 @@ def encode_texts(
     """Run ``units`` on each condition (its text as the value ``prompt``, its reference images, opened, as
     ``image_input``); return condition -> the ``keep`` values (graph keys; tensors to the CPU), and with
     ``references`` the images' latents as the pipeline encodes them (``reference_latent_<i>``), under no_grad."""
-    from PIL import Image, ImageOps
-
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, (text, paths) in conditions.items():
         env: dict[str, Any] = {graph.dataset_key("prompt"): text}
@@ -231,8 +232,6 @@ def _to_cpu(value: Any) -> Any:
 
 def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]], salt: str = "") -> None:
     """Write each text's values as ``folder/<text_key>.safetensors`` (the text in its metadata), atomically."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     for text, values in encoded.items():
         target = folder / f"{text_key(text, salt)}.safetensors"
@@ -250,8 +249,6 @@ def load_texts(
     Raises:
         UserError: one line for the first text without stored values, naming ``stage1_hint``.
     """
-    from safetensors import safe_open
-
     out: dict[str, dict[str, torch.Tensor]] = {}
     for text in dict.fromkeys(texts):
         path = folder / f"{text_key(text, salt)}.safetensors"

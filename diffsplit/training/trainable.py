@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from diffsplit.contract.components import ComponentSpec
 from diffsplit.errors import UserError
@@ -165,6 +166,4 @@ def save_checkpoint(
 
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the trained models are sharded across processes (FSDP, through ``accelerate config``)."""
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP

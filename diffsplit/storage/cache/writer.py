@@ -65,6 +65,7 @@ def writer_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> I
     cache, which encodes nothing it already holds. The lock is the OS's (``flock``): a killed holder releases
     it, so it never needs cleaning up.
     """
+    # POSIX only: fcntl does not exist on Windows; imported here so the rest of diffsplit still imports there
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
