@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from diffsplit.errors import UserError
+from diffsplit.tasks import sft
 from diffsplit.tasks.direct_distill import distill_loss, resolve_distill_values
-from diffsplit.tasks.sft import flow_matching_loss
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ STAGES = ("", "data_process", "train")
 
 
 def _sft(stage: str) -> Task:
-    return Task("sft", stage, flow_matching_loss, ("image", "prompt"))
+    # Looked up when the task is asked for, not bound at import, so the loss can be wrapped (tests spy on it).
+    return Task("sft", stage, sft.flow_matching_loss, ("image", "prompt"))
 
 
 def _distill_row(sample: Any, config: Any) -> dict:
