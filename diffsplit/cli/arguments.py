@@ -67,7 +67,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_base_path", help="folder the metadata's file paths are relative to")
     g.add_argument("--dataset_metadata_path", help="metadata .csv, .json or .jsonl (columns image,prompt)")
     g.add_argument(
-        "--data_file_keys", default=d.data_file_keys, help="comma-separated columns holding file paths"
+        "--data_file_keys",
+        default=d.data_file_keys,
+        help="comma-separated columns holding file paths (default: the model's media column, image or video)",
     )
     g.add_argument(
         "--extra_inputs",

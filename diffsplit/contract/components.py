@@ -6,7 +6,7 @@ loads them lazily by name; a family only declares them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,12 @@ class ComponentSpec:
         checkpoint_aliases: ``(module prefix, checkpoint prefix)`` pairs for a module part
             (``"text_encoder.model.visual"``) whose keys the files store under another spelling
             (``("model.visual.", "visual.")``: transformers 5 renames Qwen2.5-VL's keys when it loads them).
+        lora_target_aliases: ``(name a user may write, module name it means)`` pairs for
+            ``--lora_target_modules`` lists: the spellings of the model's original checkpoints that the
+            seed's commands use (``("o", "to_out.0")``), for a model whose diffusers module names differ.
+        lora_module_name: ``diffusers module path -> the path the saved LoRA file uses`` when the file's
+            readers (ComfyUI, the pipeline's converting loader) expect the original checkpoint's names; None:
+            the diffusers names.
     """
 
     name: str
@@ -56,3 +62,5 @@ class ComponentSpec:
     lora_key_prefix: str | None = None
     lora_alpha_keys: bool = True
     checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    lora_target_aliases: tuple[tuple[str, str], ...] = ()
+    lora_module_name: Callable[[str], str] | None = None

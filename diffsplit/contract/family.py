@@ -31,11 +31,14 @@ class TaskUnits:
             the graph's shape; what it reads becomes part of the cache identity).
         dataset_values: value names the dataset provides (columns).
         loss_reads: value names the task's loss reads, in its argument order.
+        media: the dataset column the model is trained to produce (``"image"``, ``"video"``): every row needs
+            it, its files are the ones sized by the size policy, and it is the default ``--data_file_keys``.
     """
 
     units: Callable[[Any], list[Unit]]
     dataset_values: tuple[str, ...]
     loss_reads: tuple[str, ...]
+    media: str = "image"
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ class Family:
         reference_size: ``(width, height, options) -> (width, height)``: the size an extra input's image is
             encoded at (its own rule, not the training size policy); it enters the sample's size group, so a
             training batch holds references of one shape.
+        derived_inputs: ``--extra_inputs`` names that the family's units make from the task's own columns
+            (``input_image``: a clip's first frame), not dataset columns: no ``--data_file_keys`` entry needed.
+        configure: ``(options, models) -> options`` with the model facts
+            (:func:`~diffsplit.contract.options.model_fact`) filled in from the given models' configs (never
+            their weights), before the graph is built; raises a one-line ``UserError`` when the models and the
+            flags disagree.
     """
 
     name: str
@@ -153,6 +162,8 @@ class Family:
     check_models: Callable[[Any, Any], None] | None = None
     reference_size: Callable[[int, int, Any], tuple[int, int]] | None = None
     sample: SampleSpec | None = None
+    derived_inputs: tuple[str, ...] = ()
+    configure: Callable[[Any, Any], Any] | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

@@ -5,6 +5,10 @@ that name and the CLI defines the flag. A flag only one family has is declared b
 options field, with :func:`family_flag`: its help, type and choices travel with the field, the CLI gathers
 every registered family's flags into one group (``diffsplit train --help`` shows them), and the run
 configuration carries their values in ``TrainConfig.family_flags``. Generic code never names one.
+
+A *model fact* (:func:`model_fact`) is an options field no flag sets: the family's ``configure`` reads it from
+the given models' configs (which conditions the denoiser takes, say) before the graph is built, so the same
+command trains every variant of a family and the fact enters the cache's identity like any option.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 FLAG_KEY = "diffsplit_flag"
 """The dataclass field metadata key of a family's own flag (:class:`FamilyFlag`)."""
+FACT_KEY = "diffsplit_model_fact"
+"""The dataclass field metadata key of a model fact (:func:`model_fact`): what it says, for readers."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,12 @@ def family_flag(
     return dataclasses.field(default=default, metadata={FLAG_KEY: flag})
 
 
+def model_fact(default: Any, doc: str) -> Any:
+    """An options field read from the models, not given as a flag (``Family.configure`` sets it; ``doc`` says
+    what it means). ``options_from_config`` leaves it at ``default``."""
+    return dataclasses.field(default=default, metadata={FACT_KEY: doc})
+
+
 def own_flags(options_type: type) -> Iterator[tuple[str, FamilyFlag, Any]]:
     """``(name, flag, default)`` of each field of ``options_type`` that is the family's own flag."""
     for f in dataclasses.fields(options_type):
@@ -82,6 +94,8 @@ def options_from_config(options_type: type, config: Any) -> Any:
     values = {}
     own = getattr(config, "family_flags", {})
     for f in dataclasses.fields(options_type):
+        if FACT_KEY in f.metadata:
+            continue  # the family's configure reads it from the models
         if FLAG_KEY in f.metadata:
             values[f.name] = own.get(f.name, f.default)
             continue

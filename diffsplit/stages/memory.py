@@ -157,7 +157,7 @@ def _trainable(run: Run, name: str, model: torch.nn.Module) -> dict[int, torch.T
     out: dict[int, torch.Tensor] = {}
     if component in config.lora_base_models and config.lora_target_modules.strip():
         # (stage 1 may omit the targets: its LoRA is then not counted, see estimate's notes)
-        targets = lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)[component]
+        targets = lora.targets_for(config.lora_target_modules, config.lora_base_models, run.lora_aliases)[component]
         lora.add_lora(model, targets, rank=config.lora_rank, alpha=config.lora_alpha)
         out.update({id(p): p for p in lora.trainable_parameters(model)})
     for entry in config.full_trainable_models:

@@ -130,6 +130,8 @@ class Run:
                 f"(it has: {', '.join(family.model_components)})"
             )
         options = options_from_config(family.options, config)
+        if family.configure is not None:
+            options = family.configure(options, models)
         recorded = RecordedOptions(options)
         task_units = family.tasks[task.name]
         if task.stage != "train":  # stage 2 reads the cache, not the raw data
@@ -176,6 +178,16 @@ class Run:
         """The family's model components this run was not given: a stage 1 without one cannot split off its
         input module (:mod:`diffsplit.planner.modules`)."""
         return [name for name in self.family.model_components if name not in self.models]
+
+    @property
+    def column_inputs(self) -> tuple[str, ...]:
+        """The ``--extra_inputs`` that are dataset columns (not made by the family's units)."""
+        return tuple(n for n in self.config.extra_input_names if n not in self.family.derived_inputs)
+
+    @property
+    def lora_aliases(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Each component's ``--lora_target_modules`` aliases."""
+        return _aliases(self.models)
 
     @property
     def specs(self) -> dict[str, ComponentSpec]:
@@ -282,8 +294,9 @@ class Run:
         samples, skipped = data.load_samples(
             config.dataset_base_path,
             metadata_path,
-            data_file_keys=data.parse_data_file_keys(config.data_file_keys),
-            required=self.task.required_columns + config.extra_input_names,
+            data_file_keys=_file_keys(config, self.units),
+            required=(self.units.media, *self.task.required_columns, *self.column_inputs),
+            sized_keys=(self.units.media,),
             max_pixels=config.max_pixels,
             height=config.height,
             width=config.width,
@@ -317,12 +330,17 @@ class Run:
         return samples, skipped
 
 
+def _file_keys(config: TrainConfig, task_units: TaskUnits) -> tuple[str, ...]:
+    """``--data_file_keys``, or the task's media column when it is not given."""
+    return data.parse_data_file_keys(config.data_file_keys or task_units.media)
+
+
 def _check_file_keys(config: TrainConfig, family: Family, task_units: TaskUnits) -> None:
     """Every ``--data_file_keys`` column is read: a reference column without ``--extra_inputs`` would be
     loaded and silently ignored (a text-to-image model trained on an editing dataset)."""
     given = set(config.extra_input_names)
     read = {v for v in task_units.dataset_values if v not in family.extra_inputs or v in given}
-    for name in data.parse_data_file_keys(config.data_file_keys):
+    for name in _file_keys(config, task_units):
         if name not in read:
             raise UserError(
                 f"--data_file_keys names '{name}', which the {family.name} family does not read in this run "
@@ -336,11 +354,13 @@ def _check_extra_inputs(config: TrainConfig, family: Family, reads_raw_data: boo
     ``--data_file_keys`` (where the raw data is read), and a family that needs them gets them."""
     given = config.extra_input_names
     for name in given:
-        if name not in family.extra_inputs:
-            reads = ", ".join(family.extra_inputs) or "none"
+        if name not in family.extra_inputs + family.derived_inputs:
+            reads = ", ".join(family.extra_inputs + family.derived_inputs) or "none"
             raise UserError(
                 f"--extra_inputs {name}: the {family.name} family reads no such input (it reads: {reads})"
             )
+        if name in family.derived_inputs:
+            continue  # made by the family's units from the task's own columns
         if reads_raw_data and name not in data.parse_data_file_keys(config.data_file_keys):
             raise UserError(
                 f"--extra_inputs {name}: add it to --data_file_keys (its cells are image paths), "
@@ -463,7 +483,7 @@ def layer_cuts(
                 )
                 continue
             if targets is None:
-                targets = lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+                targets = lora.targets_for(config.lora_target_modules, config.lora_base_models, _aliases(models))
             trainable = lora.matching_modules(live, targets[component])
             _refuse_dead_targets(component, targets[component], live, dead, used, n)
         for entry in full:
@@ -481,6 +501,11 @@ def layer_cuts(
     return cuts
 
 
+def _aliases(models: ModelSet) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each component's ``--lora_target_modules`` aliases (``ComponentSpec.lora_target_aliases``)."""
+    return {spec.name: spec.lora_target_aliases for spec in models.specs}
+
+
 def input_modules(
     config: TrainConfig, models: ModelSet, trained: list[str], units: list[Unit]
 ) -> frozenset[str] | None:
@@ -493,7 +518,7 @@ def input_modules(
         return None
     full = [e for e in config.full_trainable_models if isinstance(parse_trainable(e), str)]
     targets = (
-        lora.parse_lora_targets(config.lora_target_modules, config.lora_base_models)
+        lora.targets_for(config.lora_target_modules, config.lora_base_models, _aliases(models))
         if config.lora_base_models and config.lora_target_modules.strip()
         else {}
     )

@@ -73,7 +73,9 @@ def bind_components(entries: Sequence[ModelEntry], specs: Iterable[ComponentSpec
     by_folder = {s.folder: s for s in models}
     out = []
     for entry in entries:
-        spec = next((s for s in models if set(entry.class_names) & set(s.classes)), None)
+        fitting = [s for s in models if set(entry.class_names) & set(s.classes)]
+        # Two components of one class (a model's two denoisers) are told apart by their layout folder.
+        spec = next((s for s in fitting if s.folder == entry.folder.name), fitting[0] if fitting else None)
         named = ", ".join(entry.class_names)
         if spec is None:
             known = ", ".join(sorted({c for s in models for c in s.classes}))

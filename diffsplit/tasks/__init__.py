@@ -27,7 +27,8 @@ class Task:
         name: ``sft`` or ``direct_distill``.
         stage: ``""`` (unsplit / automatic), ``"data_process"`` (stage 1) or ``"train"`` (stage 2).
         loss: ``loss(*values the family's units make for it) -> scalar``.
-        required_columns: metadata columns every row must have.
+        required_columns: metadata columns every row must have besides the family's media column
+            (``TaskUnits.media``: the image or the video).
         resolve_row: ``(sample, config) -> values`` casting per-row extras and applying flag fallbacks.
         flags: the flags only this task reads (a notice says they do nothing in another task).
     """
@@ -45,7 +46,7 @@ STAGES = ("", "data_process", "train")
 
 def _sft(stage: str) -> Task:
     # Looked up when the task is asked for, not bound at import, so the loss can be wrapped (tests spy on it).
-    return Task("sft", stage, sft.flow_matching_loss, ("image", "prompt"))
+    return Task("sft", stage, sft.flow_matching_loss, ("prompt",))
 
 
 def _distill_row(sample: Any, config: Any) -> dict:
@@ -64,7 +65,7 @@ def _direct_distill(stage: str) -> Task:
         "direct_distill",
         stage,
         distill_loss,
-        ("image", "prompt"),
+        ("prompt",),
         _distill_row,
         flags=("num_inference_steps", "cfg_scale", "rand_device"),
     )

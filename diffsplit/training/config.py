@@ -22,7 +22,7 @@ class TrainConfig:
     # data
     dataset_base_path: str | None = None
     dataset_metadata_path: str | None = None
-    data_file_keys: str = "image"
+    data_file_keys: str | None = None
     extra_inputs: str | None = None
     dataset_repeat: int = 1
     dataset_num_workers: int = 0

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -146,6 +146,19 @@ def parse_lora_targets(text: str, base_models: list[str]) -> dict[str, LoraTarge
 # --------------------------------------------------------------------------------------------------
 # Injection
 # --------------------------------------------------------------------------------------------------
+
+
+def targets_for(
+    text: str, base_models: list[str], aliases: Mapping[str, Sequence[tuple[str, str]]]
+) -> dict[str, LoraTargets]:
+    """:func:`parse_lora_targets` with each model's target aliases applied (``ComponentSpec.
+    lora_target_aliases``: ``o`` -> ``to_out.0``) to list targets; a regular expression is taken as written."""
+    targets = parse_lora_targets(text, base_models)
+    for name, value in targets.items():
+        table = dict(aliases.get(name, ()))
+        if table and isinstance(value, list):
+            targets[name] = list(dict.fromkeys(table.get(target, target) for target in value))
+    return targets
 
 
 def _lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> Iterator[tuple[str, LoraLayer]]:
@@ -301,18 +314,22 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str])
 
 
 def lora_file_state(
-    model: torch.nn.Module, key_prefix: str, adapter_name: str = "default", alpha_keys: bool = True
+    model: torch.nn.Module,
+    key_prefix: str,
+    adapter_name: str = "default",
+    alpha_keys: bool = True,
+    rename: Callable[[str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The pinned single-file LoRA key -> tensor map (CPU copies), as :func:`save_lora_file` writes it.
 
     ``alpha`` is stored as ``scaling * rank``, so ``alpha / rank`` is exactly the scale peft applied in
     training (diffusers and ComfyUI both read it that way). Without ``alpha_keys`` the scale is folded into
     ``lora_B`` (``B * scale``) and no ``.alpha`` key is written: a reader's default scale of 1 then gives the
-    same ``B @ A * scale``.
+    same ``B @ A * scale``. ``rename``: the file's spelling of a module path (``ComponentSpec.lora_module_name``).
     """
     state: dict[str, torch.Tensor] = {}
     for path, layer in _lora_layers(model, adapter_name):
-        key = f"{key_prefix}{path}"
+        key = f"{key_prefix}{rename(path) if rename else path}"
         rank = layer.r[adapter_name]
         state[f"{key}.lora_A.weight"] = (
             layer.lora_A[adapter_name].weight.detach().to("cpu", copy=True).contiguous()
@@ -333,13 +350,14 @@ def save_lora_file(
     key_prefix: str,
     adapter_name: str = "default",
     alpha_keys: bool = True,
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Write the LoRA in the pinned single-file format with ``key_prefix`` (see the module docstring).
 
     No diffusers ``lora_adapter_metadata`` is written on purpose: diffusers already folds ``alpha / rank``
     into the weights when it reads ``.alpha`` keys, and metadata carrying ``lora_alpha`` would apply it twice.
     """
-    state = lora_file_state(model, key_prefix, adapter_name, alpha_keys)
+    state = lora_file_state(model, key_prefix, adapter_name, alpha_keys, rename)
     if not state:
         raise ValueError("save_lora_file: the model has no LoRA adapter named " + repr(adapter_name))
     _atomic_save(state, path)
@@ -351,6 +369,14 @@ def _normalise_lora_key(key: str) -> str:
     key = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
     # kohya / ComfyUI spelling.
     return key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """A normalised LoRA key -> ``(module path, ".lora_A.weight" | ".lora_B.weight" | ".alpha" | "")``."""
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return key, ""
 
 
 def _metadata_alpha(metadata: dict[str, str], path: str) -> tuple[float, bool] | None:
@@ -376,7 +402,11 @@ def _metadata_alpha(metadata: dict[str, str], path: str) -> tuple[float, bool] |
 
 
 def load_lora_file(
-    model: torch.nn.Module, path: str | os.PathLike[str], key_prefix: str, adapter_name: str = "default"
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    key_prefix: str,
+    adapter_name: str = "default",
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Load a LoRA file into ``model``'s existing adapter (``--lora_checkpoint``: continue training).
 
@@ -385,7 +415,8 @@ def load_lora_file(
     trainer write. The file's scale (``alpha / rank``; scale 1 when it has no alpha) is converted to the
     model's (``--lora_alpha / --lora_rank``) by rescaling ``lora_B``, so the loaded adapter computes the same
     update it did when saved. Keys must match the model's LoRA modules one to one and shapes must agree;
-    otherwise a :class:`UserError` names the file and the first bad key.
+    otherwise a :class:`UserError` names the file and the first bad key. ``rename``: as in
+    :func:`lora_file_state` (a file with the original checkpoint's module names).
     """
     path = Path(path)
     if not path.is_file():
@@ -402,6 +433,10 @@ def load_lora_file(
     # Detect the file's prefix from its keys; every key must then carry it.
     known = (key_prefix, *_OTHER_KEY_PREFIXES)
     prefix = next((p for p in known if p and any(k.startswith(p) for k in raw)), "")
+    layers = dict(_lora_layers(model, adapter_name))
+    if not layers:
+        raise ValueError("load_lora_file: add_lora must run before loading a LoRA checkpoint")
+    module_of = {rename(p): p for p in layers} if rename else {}
     by_key: dict[str, torch.Tensor] = {}
     original: dict[str, str] = {}
     for key in sorted(raw):
@@ -410,12 +445,11 @@ def load_lora_file(
                 f"--lora_checkpoint {path}: key {key!r} lacks the prefix {prefix!r} of the other keys"
             )
         norm = _normalise_lora_key(key[len(prefix) :])
+        module, suffix = _split_key(norm)
+        norm = module_of.get(module, module) + suffix
         by_key[norm] = raw[key]
         original[norm] = key
 
-    layers = dict(_lora_layers(model, adapter_name))
-    if not layers:
-        raise ValueError("load_lora_file: add_lora must run before loading a LoRA checkpoint")
     expected = {f"{p}.{suffix}" for p in layers for suffix in ("lora_A.weight", "lora_B.weight")}
     for norm in sorted(by_key):
         if norm not in expected and not (norm.endswith(".alpha") and norm.removesuffix(".alpha") in layers):

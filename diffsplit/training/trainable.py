@@ -45,7 +45,8 @@ def prepare_trainable(
     parts = parts or {}
     trained: dict[str, torch.nn.Module] = {}
     bases = config.lora_base_models
-    targets = lora.parse_lora_targets(config.lora_target_modules, bases) if bases else {}
+    aliases = {name: spec.lora_target_aliases for name, spec in specs.items()}
+    targets = lora.targets_for(config.lora_target_modules, bases, aliases) if bases else {}
     checkpointed = set(checkpointed)
     for name in bases:
         model = components[parts.get(name, name)]
@@ -62,7 +63,10 @@ def prepare_trainable(
         if not single:
             file_components = [s.name for s in specs.values() if s.lora_key_prefix is not None]
             raise UserError(f"--lora_checkpoint needs --lora_base_model {' or '.join(file_components)}")
-        lora.load_lora_file(trained[single[0]], config.lora_checkpoint, specs[single[0]].lora_key_prefix)
+        spec = specs[single[0]]
+        lora.load_lora_file(
+            trained[single[0]], config.lora_checkpoint, spec.lora_key_prefix, rename=spec.lora_module_name
+        )
     for entry in config.full_trainable_models:
         spec = parse_trainable(entry)
         name = spec if isinstance(spec, str) else spec.component
@@ -150,7 +154,13 @@ def save_checkpoint(
         if name in config.lora_base_models:
             if prefix is not None:
                 path = out / f"{stem}.safetensors"
-                lora.save_lora_file(model, path, prefix, alpha_keys=specs[name].lora_alpha_keys)
+                lora.save_lora_file(
+                    model,
+                    path,
+                    prefix,
+                    alpha_keys=specs[name].lora_alpha_keys,
+                    rename=specs[name].lora_module_name,
+                )
             else:
                 path = out / f"{stem}.{name}"
                 lora.save_peft_adapter(model, path)

@@ -125,12 +125,21 @@ def timestep_schedule(
 
 # -- units ------------------------------------------------------------------------------------------------
 def draw_timestep_noise(
-    ctx: UnitContext, latents: torch.Tensor, image_seq_len: int, mu: float | None = None
+    ctx: UnitContext,
+    latents: torch.Tensor,
+    image_seq_len: int,
+    mu: float | None = None,
+    *,
+    scheduler: Any = None,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Draw a timestep per sample and the noise, from the keyed generator (a unit's body).
 
     Index first, then noise, always in this order (the draw is a function of the generator's key only).
-    The unit declares the option ``timestep_weighting``. See :func:`timestep_schedule`.
+    The unit declares the option ``timestep_weighting``. See :func:`timestep_schedule`. ``scheduler``: the
+    scheduler (or config) the schedule comes from instead of the ``scheduler`` component; ``window``: draw only
+    among the timesteps ``low <= t < high`` (one expert of a model whose denoisers split the schedule), each
+    keeping its loss weight.
 
     Returns:
         ``noise`` like ``latents`` (float32 draw, cast to their dtype); ``sigma`` ``[B]`` float32 in (0, 1];
@@ -141,8 +150,14 @@ def draw_timestep_noise(
     from diffusers.utils.torch_utils import randn_tensor
 
     sigmas, timesteps, weights = timestep_schedule(
-        ctx.components["scheduler"], image_seq_len, ctx.options.timestep_weighting, mu
+        ctx.components["scheduler"] if scheduler is None else scheduler,
+        image_seq_len,
+        ctx.options.timestep_weighting,
+        mu,
     )
+    if window is not None:
+        keep = (timesteps >= window[0]) & (timesteps < window[1])
+        sigmas, timesteps, weights = sigmas[keep], timesteps[keep], weights[keep]
     generator = ctx.generator
     gen_device = generator.device if generator is not None else torch.device("cpu")
     index = torch.randint(0, len(sigmas), (latents.shape[0],), generator=generator, device=gen_device).cpu()
