@@ -48,7 +48,7 @@ from diffsplit.storage.metadata import (
     read_metadata,
 )
 from diffsplit.storage.sample_ids import content_hash, file_digest, is_file_list, sample_id
-from diffsplit.storage.video import ClipError, check_clip, is_clip, read_frames
+from diffsplit.storage.video import ClipError, check_clip, error_reason, is_clip, read_frames
 
 SKIPPED_FILE = "skipped_samples.json"
 DEFAULT_POLICY = SizePolicy()
@@ -487,7 +487,7 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
                             image.draft("RGB", sample.draft[key])
                         image.load()
                 except Exception as err:  # any failure to decode a user's file is a bad row
-                    return index, path, one_line(f"{name} at {path} cannot be decoded ({err})")
+                    return index, path, one_line(f"{name} at {path} cannot be decoded ({error_reason(err)})")
         return None
 
     # PIL releases the GIL while it decodes, so threads overlap the reads and the decoding.
@@ -535,7 +535,7 @@ def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image 
                 out.info[FULL_SIZE_KEY] = sample.sizes[key]
             return out
     except Exception as err:  # a file that will not decode is the user's to fix
-        reason = one_line(f"{name} at {path} cannot be decoded ({err})")
+        reason = one_line(f"{name} at {path} cannot be decoded ({error_reason(err)})")
         raise BadSampleError(
             f"{sample.source} row {sample.row}: {reason}", sample.row, path, reason
         ) from None

@@ -149,6 +149,14 @@ def _decode_video(path: Path, num_frames: int) -> list[Image.Image]:
     return frames
 
 
+def error_reason(err: Exception) -> str:
+    """A decoding error as one short line: FFmpeg's own words without its errno and the file's path (the
+    caller's message names the file), e.g. ``"Invalid data found when processing input"``."""
+    if isinstance(err, av.FFmpegError) and err.strerror:
+        return one_line(str(err.strerror))
+    return one_line(str(err))
+
+
 def frame_digests(folder: Path) -> tuple[bytes, ...]:
     """The sha256 of each frame of a frame folder, in frame order: the folder's content for a sample id
     (its name never enters, so renaming the folder keeps the id)."""
@@ -184,7 +192,7 @@ def check_clip(
     try:
         width, height, count = probe_clip(path)
     except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
-        raise ClipError(f"{where} is not a readable video ({one_line(str(err))})") from None
+        raise ClipError(f"{where} is not a readable video ({error_reason(err)})") from None
     if max_image_pixels and width * height > max_image_pixels:
         # A video frame cannot be decoded reduced (as a JPEG can): every frame would be decoded whole.
         raise ClipError(
