@@ -28,11 +28,14 @@ class SizePolicy:
             packs 2x2 latent patches).
         min_side: the smallest side (pixels, after resizing) that still makes one latent patch.
         default_max_pixels: the pixel budget when neither ``--max_pixels`` nor ``--height/--width`` is given.
+        frame_stride: a video VAE's temporal stride: it encodes ``k * frame_stride + 1`` frames (the first
+            frame alone, then each ``frame_stride`` frames into one latent frame); None for an image model.
     """
 
     multiple: int = 16
     min_side: int = 16
     default_max_pixels: int = 1024 * 1024
+    frame_stride: int | None = None
 
 
 def check_resize_args(
@@ -48,6 +51,27 @@ def check_resize_args(
                 raise UserError(f"{flag} {value} must be a positive multiple of {multiple}")
     elif max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
         raise UserError(f"--max_pixels {max_pixels} must be a positive integer")
+
+
+def check_num_frames(num_frames: int | None, policy: SizePolicy) -> None:
+    """Check ``--num_frames`` against the policy's ``frame_stride`` (None: no clips expected, nothing to check).
+
+    Raises:
+        UserError: one line naming the flag: fewer than one frame, or a count the VAE cannot encode, with
+            the two nearest counts it can (``--num_frames 20`` for stride 4: use 17 or 21).
+    """
+    if num_frames is None:
+        return
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise UserError(f"--num_frames {num_frames}: need at least one frame")
+    stride = policy.frame_stride
+    if stride and (num_frames - 1) % stride:
+        below = (num_frames - 1) // stride * stride + 1
+        above = below + stride
+        raise UserError(
+            f"--num_frames {num_frames}: the model's VAE encodes {stride}k+1 frames "
+            f"(..., {below}, {above}, ...); use {below} or {above}"
+        )
 
 
 def target_size(

@@ -11,8 +11,12 @@ Every row is checked up front (files exist, image headers parse, sizes survive t
 policy) so a bad row stops the run before training starts, as one :class:`~diffsplit.errors.UserError`
 line naming the row and the path, or, with ``skip_bad_samples``, is left out and reported.
 
-Each sample gets a stable id from its content (see :func:`sample_id`), never from its position, so the
-cache can key samples by it and reordering or appending rows leaves existing ids alone.
+Each sample gets a stable id from its content (:mod:`diffsplit.storage.sample_ids`), never from its
+position, so the cache can key samples by it and reordering or appending rows leaves existing ids alone.
+
+A file column may also hold video clips (a video file or a folder of frames, :mod:`diffsplit.storage.video`):
+checked up front for a readable header, a frame size the resize policy keeps and at least ``--num_frames``
+frames, and loaded as a list of their first ``--num_frames`` frames.
 
 The resize policy (:class:`~diffsplit.contract.sizing.SizePolicy`, the training size of an image) and the
 image-to-tensor functions are the contract's (:mod:`diffsplit.contract.sizing`, :mod:`diffsplit.contract.images`):
@@ -21,7 +25,6 @@ each family declares its policy and its resize unit calls them; this module chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,9 +37,9 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffsplit.contract.images import FULL_SIZE_KEY
-from diffsplit.contract.sizing import SizePolicy, check_resize_args, sizing_for
+from diffsplit.contract.sizing import SizePolicy, check_num_frames, check_resize_args, sizing_for
 from diffsplit.errors import BadSampleError, UserError
-from diffsplit.storage.files import atomic_write, sha256_file
+from diffsplit.storage.files import atomic_write
 from diffsplit.storage.metadata import (
     FOLDER_CAPTION_KEY,
     FOLDER_IMAGE_KEY,
@@ -44,9 +47,9 @@ from diffsplit.storage.metadata import (
     read_folder,
     read_metadata,
 )
+from diffsplit.storage.sample_ids import content_hash, file_digest, is_file_list, sample_id
+from diffsplit.storage.video import ClipError, check_clip, error_reason, is_clip, read_frames
 
-ID_CHARS = 32
-"""Hex characters kept from the sha256 of a sample's content (128 bits: collisions are not a concern)."""
 SKIPPED_FILE = "skipped_samples.json"
 DEFAULT_POLICY = SizePolicy()
 
@@ -73,7 +76,11 @@ class Sample:
             scaling: never the full image): at least twice the training size on each side for a sized
             column (``load_samples``' ``sized_keys``), twice the policy's default side for another.
         sizes: file key -> the image's full size ``(width, height)``, EXIF orientation applied (what its
-            training size is computed from, never the reduced size of a draft decode).
+            training size is computed from, never the reduced size of a draft decode); a clip's frame size.
+        frames: file key -> the frame count of a clip (a video file or a frame folder,
+            :mod:`diffsplit.storage.video`); image keys are absent.
+        num_frames: ``--num_frames``, the frames :func:`load_values` takes from the start of each clip (None
+            when the run expects no clips).
         group: the sample's size group (a JSON-able key, set by the run: the training sizes of its images);
             training batches hold samples of one group, and the cache stores it per sample.
 
@@ -89,6 +96,8 @@ class Sample:
     draft: dict[str, tuple[int, int]] = field(default_factory=dict)
     group: Any = None
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    frames: dict[str, int] = field(default_factory=dict)
+    num_frames: int | None = None
 
 
 class _BadRow(Exception):
@@ -113,63 +122,16 @@ def parse_data_file_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-# -- stable ids ------------------------------------------------------------------------------------------
-def file_digest(path: str | Path) -> bytes:
-    """sha256 of a file's bytes (:func:`~diffsplit.storage.files.sha256_file`, read in blocks), as bytes."""
-    return bytes.fromhex(sha256_file(path))
-
-
-def content_hash(
-    values: Mapping[str, Any], digests: Mapping[str, bytes | Sequence[bytes]] | None = None
-) -> str:
-    """The content part of a sample id: 32 hex chars of a sha256 over the row's columns in sorted order.
-
-    A file column contributes the sha256 of its file's bytes (``digests[column]``, or computed from the
-    path); a list-of-files column (a ``tuple`` of paths) the count and each file's sha256 in order
-    (``digests[column]`` a sequence of them, or computed), so ``[a, b]`` and ``[b, a]`` differ; a text
-    column its UTF-8 text. Each column is framed with its name, kind and length (and each digest of a list
-    with its length) so no two different rows can hash the same stream (``"ab" + "c"`` vs ``"a" + "bc"``).
-    The file's name never enters: renaming or moving a file keeps its id.
-    """
-    hasher = hashlib.sha256(b"diffsplit-sample-v1\x00")
-    for name in sorted(values):
-        value = values[name]
-        given = (digests or {}).get(name)
-        if isinstance(value, Path):
-            assert given is None or isinstance(given, bytes)
-            kind, payload = b"F", given or file_digest(value)
-        elif _is_file_list(value):
-            listed = list(given) if given is not None else [file_digest(p) for p in value]
-            payload = len(listed).to_bytes(8, "little")
-            payload += b"".join(len(d).to_bytes(8, "little") + d for d in listed)
-            kind = b"L"
-        else:
-            kind, payload = b"T", str(value).encode("utf-8")
-        key = name.encode("utf-8")
-        hasher.update(len(key).to_bytes(8, "little") + key + kind + len(payload).to_bytes(8, "little"))
-        hasher.update(payload)
-    return hasher.hexdigest()[:ID_CHARS]
-
-
-def _is_file_list(value: Any) -> bool:
-    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Path) for p in value)
-
-
+# -- file columns (stable ids: diffsplit.storage.sample_ids) ---------------------------------------------
 def file_entries(name: str, value: Any) -> list[tuple[str, Path]]:
     """``(key, path)`` for each file a column value holds: ``[(name, path)]`` for a single path,
     ``[(f"{name}[{i}]", path_i), ...]`` for a list column (a tuple of paths), ``[]`` for a text value. The
     keys are those of :attr:`Sample.sizes` and :attr:`Sample.draft`."""
     if isinstance(value, Path):
         return [(name, value)]
-    if _is_file_list(value):
+    if is_file_list(value):
         return [(f"{name}[{i}]", path) for i, path in enumerate(value)]
     return []
-
-
-def sample_id(content: str, occurrence: int) -> str:
-    """``content`` for the first row with this content (``occurrence`` 0), ``"<content>-<k>"`` for the k-th
-    repeat, so identical rows stay distinct samples and keep their ids when rows are appended."""
-    return content if occurrence == 0 else f"{content}-{occurrence}"
 
 
 # -- metadata reading ------------------------------------------------------------------------------------
@@ -226,15 +188,28 @@ def _check_file(
     sizing: Any,
     policy: SizePolicy,
     max_image_pixels: int | None,
-) -> tuple[Path, tuple[int, int], tuple[int, int] | None]:
+    num_frames: int | None = None,
+) -> tuple[Path, tuple[int, int], tuple[int, int] | None, int | None]:
     """Validate one file of column ``name`` (``rel``, relative to ``base``); return its path, its full size
-    and its draft size (None unless it is an oversized JPEG); raises :class:`_BadRow`.
+    (a clip's frame size), its draft size (None unless it is an oversized JPEG) and its frame count (None
+    unless it is a clip); raises :class:`_BadRow`.
 
     A ``sized`` file (the training target) must also survive the resize policy (a bucket it fits, at least
     ``min_side`` px a side); any other (a reference image) is only checked to exist, read and respect
     ``max_image_pixels``: it is not trained at the target's size, so the target's size rules do not apply.
+    A clip (:func:`~diffsplit.storage.video.is_clip`) is checked by
+    :func:`~diffsplit.storage.video.check_clip` (readable, at least ``num_frames`` frames) and its frames
+    by the same size rules.
     """
     path = base / rel
+    if is_clip(path):
+        try:
+            width, height, count = check_clip(name, rel, path, num_frames, max_image_pixels)
+        except ClipError as err:
+            raise _BadRow(number, path, str(err)) from None
+        if sized:
+            _trained_size(number, name, rel, path, (width, height), sizing, policy)
+        return path, (width, height), None, count
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "not found"
         raise _BadRow(number, path, f"{name} '{rel}' {problem} at {path}")
@@ -251,25 +226,7 @@ def _check_file(
     # default pixel budget): twice the side of that budget's square.
     side = 2 * int(math.sqrt(policy.default_max_pixels))
     if sized:
-        trained = sizing.size(width, height)
-        if trained is None:
-            smallest = min(sizing.buckets, key=lambda b: b[0] * b[1])
-            raise _BadRow(
-                number,
-                path,
-                f"{name} '{rel}' at {path} is {width}x{height} px, smaller than every "
-                f"--resolution_buckets size it could be cropped to (the smallest is {smallest[0]}x{smallest[1]}); "
-                "images are never upscaled",
-            )
-        tw, th = trained
-        if tw < policy.min_side or th < policy.min_side:
-            raise _BadRow(
-                number,
-                path,
-                f"{name} '{rel}' at {path} is {width}x{height} px, which the resize policy makes "
-                f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
-            )
-        side = 2 * max(tw, th)  # twice the training size
+        side = 2 * max(_trained_size(number, name, rel, path, (width, height), sizing, policy))
     draft = None
     if max_image_pixels and width * height > max_image_pixels:
         if kind != "JPEG":
@@ -282,7 +239,34 @@ def _check_file(
             )
         # The decoder's axes are the file's (before EXIF orientation): ``side`` bounds both.
         draft = (min(width, side), min(height, side))
-    return path, (width, height), draft
+    return path, (width, height), draft, None
+
+
+def _trained_size(
+    number: int, name: str, rel: str, path: Path, size: tuple[int, int], sizing: Any, policy: SizePolicy
+) -> tuple[int, int]:
+    """The training ``(width, height)`` of a target image (or a clip's frames) of full ``size``; raises
+    :class:`_BadRow` when it fits no bucket or the policy makes a side smaller than ``min_side``."""
+    width, height = size
+    trained = sizing.size(width, height)
+    if trained is None:
+        smallest = min(sizing.buckets, key=lambda b: b[0] * b[1])
+        raise _BadRow(
+            number,
+            path,
+            f"{name} '{rel}' at {path} is {width}x{height} px, smaller than every "
+            f"--resolution_buckets size it could be cropped to (the smallest is {smallest[0]}x{smallest[1]}); "
+            "images are never upscaled",
+        )
+    tw, th = trained
+    if tw < policy.min_side or th < policy.min_side:
+        raise _BadRow(
+            number,
+            path,
+            f"{name} '{rel}' at {path} is {width}x{height} px, which the resize policy makes "
+            f"{tw}x{th}: below {policy.min_side} px on a side, too small to encode",
+        )
+    return tw, th
 
 
 def _check_row(
@@ -296,13 +280,16 @@ def _check_row(
     policy: SizePolicy,
     max_image_pixels: int | None,
     sized_keys: Sequence[str] = (FOLDER_IMAGE_KEY,),
-) -> tuple[dict[str, Any], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    num_frames: int | None = None,
+) -> tuple[dict[str, Any], dict[str, tuple[int, int]], dict[str, tuple[int, int]], dict[str, int]]:
     """Validate one row; return its values (file columns resolved to a path, or a tuple of paths for a list
-    cell), the draft sizes of its oversized JPEGs (:attr:`Sample.draft`) and its images' sizes
-    (:attr:`Sample.sizes`), keyed as :func:`file_entries` does; raises :class:`_BadRow`."""
+    cell), the draft sizes of its oversized JPEGs (:attr:`Sample.draft`), its images' sizes
+    (:attr:`Sample.sizes`) and its clips' frame counts (:attr:`Sample.frames`), keyed as :func:`file_entries`
+    does; raises :class:`_BadRow`."""
     where = metadata if metadata is not None else base
     draft: dict[str, tuple[int, int]] = {}
     sizes: dict[str, tuple[int, int]] = {}
+    frames: dict[str, int] = {}
     for name in required:
         if name not in columns:
             have = ", ".join(sorted(columns)) or "none"
@@ -326,15 +313,17 @@ def _check_row(
         paths = []
         for i, rel in enumerate(listed if listed is not None else [text.strip()]):
             key = name if listed is None else f"{name}[{i}]"
-            path, size, reduced = _check_file(
-                number, name, rel, base, sized, sizing, policy, max_image_pixels
+            path, size, reduced, count = _check_file(
+                number, name, rel, base, sized, sizing, policy, max_image_pixels, num_frames
             )
             sizes[key] = size
             if reduced is not None:
                 draft[key] = reduced
+            if count is not None:
+                frames[key] = count
             paths.append(path)
         values[name] = paths[0] if listed is None else tuple(paths)
-    return values, draft, sizes
+    return values, draft, sizes, frames
 
 
 def load_samples(
@@ -351,6 +340,7 @@ def load_samples(
     max_image_pixels: int | None = None,
     resolution_buckets: str | None = None,
     sized_keys: Sequence[str] = (FOLDER_IMAGE_KEY,),
+    num_frames: int | None = None,
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -375,6 +365,9 @@ def load_samples(
         sized_keys: the file columns trained at the resize policy's size (the target, ``image``): only
             their images must fit a bucket and keep ``min_side``. Other file columns (reference images,
             e.g. ``edit_image``) are checked to exist, read and respect ``max_image_pixels`` only.
+        num_frames: ``--num_frames``: a file column's clip (a video file or a frame folder) must have at least
+            this many frames (checked against ``policy.frame_stride``); None: no clips expected, a clip is a
+            bad row. A clip's frame size is checked as an image's size is.
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -385,6 +378,7 @@ def load_samples(
             no good row is left); for a bad flag, file or header naming that.
     """
     check_resize_args(max_pixels, height, width, policy.multiple)
+    check_num_frames(num_frames, policy)
     sizing = sizing_for(max_pixels, height, width, resolution_buckets, policy)
     file_keys = parse_data_file_keys(data_file_keys)
     base = Path(base_path)
@@ -431,9 +425,10 @@ def load_samples(
         try:
             if isinstance(row, str):
                 raise _BadRow(number, at, row)
-            values, draft, sizes = _check_row(
-                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels, sized_keys
-            )
+            values, draft, sizes, frames = _check_row(
+                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels, sized_keys,
+                num_frames,
+            )  # fmt: skip
         except _BadRow as bad:
             if not skip_bad_samples:
                 raise UserError(one_line(f"{source} row {bad.row}: {bad.reason}")) from None
@@ -452,7 +447,9 @@ def load_samples(
         content = content_hash(values, known)
         occurrence = occurrences.get(content, 0)
         occurrences[content] = occurrence + 1
-        samples.append(Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes))
+        sample = Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes)
+        sample.frames, sample.num_frames = frames, num_frames
+        samples.append(sample)
 
     if decode:
         failures = _decode_failures(samples)
@@ -473,19 +470,24 @@ def load_samples(
 
 
 def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
-    """Sample index -> (file, reason) for every image that does not decode whole."""
+    """Sample index -> (file, reason) for every image that does not decode whole and every clip whose first
+    ``num_frames`` frames do not."""
 
     def check(index: int) -> tuple[int, Path, str] | None:
         sample = samples[index]
         for name, value in sample.values.items():
             for key, path in file_entries(name, value):
                 try:
+                    if key in sample.frames:
+                        assert sample.num_frames is not None  # a clip is a bad row without it
+                        read_frames(path, sample.num_frames)
+                        continue
                     with Image.open(path) as image:
                         if key in sample.draft:
                             image.draft("RGB", sample.draft[key])
                         image.load()
                 except Exception as err:  # any failure to decode a user's file is a bad row
-                    return index, path, one_line(f"{name} at {path} cannot be decoded ({err})")
+                    return index, path, one_line(f"{name} at {path} cannot be decoded ({error_reason(err)})")
         return None
 
     # PIL releases the GIL while it decodes, so threads overlap the reads and the decoding.
@@ -496,7 +498,8 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
 
 def load_values(sample: Sample) -> dict[str, Any]:
     """The sample's values with each file column opened as an RGB PIL image (EXIF orientation applied), a
-    list column (a tuple of paths) as a ``list`` of them in order.
+    list column (a tuple of paths) as a ``list`` of them in order. A clip (a key of :attr:`Sample.frames`)
+    opens as a ``list`` of its first :attr:`Sample.num_frames` frames (RGB PIL images of one size).
 
     Alpha is dropped by ``convert("RGB")``, as diffusers' ``load_image`` does. Text columns pass through.
     An image decoded reduced (:attr:`Sample.draft`) carries its full size in ``info[FULL_SIZE_KEY]``.
@@ -516,9 +519,13 @@ def load_values(sample: Sample) -> dict[str, Any]:
     return out
 
 
-def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image:
-    """One file of ``sample`` (column ``name``, file key ``key``) as an RGB PIL image; see :func:`load_values`."""
+def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image | list[Image.Image]:
+    """One file of ``sample`` (column ``name``, file key ``key``) as an RGB PIL image, or a clip as a list of
+    its first frames; see :func:`load_values`."""
     try:
+        if key in sample.frames:
+            assert sample.num_frames is not None  # a clip is a bad row without it
+            return read_frames(path, sample.num_frames)
         with Image.open(path) as image:
             if key in sample.draft:
                 image.draft("RGB", sample.draft[key])  # DCT scaling: decoded reduced, never whole
@@ -528,7 +535,7 @@ def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image:
                 out.info[FULL_SIZE_KEY] = sample.sizes[key]
             return out
     except Exception as err:  # a file that will not decode is the user's to fix
-        reason = one_line(f"{name} at {path} cannot be decoded ({err})")
+        reason = one_line(f"{name} at {path} cannot be decoded ({error_reason(err)})")
         raise BadSampleError(
             f"{sample.source} row {sample.row}: {reason}", sample.row, path, reason
         ) from None

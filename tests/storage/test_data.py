@@ -17,6 +17,7 @@ from diffsplit.contract.images import FULL_SIZE_KEY, image_to_tensor, resize_and
 from diffsplit.contract.sizing import SizePolicy, target_size
 from diffsplit.errors import BadSampleError, UserError
 from diffsplit.storage.data import Sample, content_hash, load_samples, load_values, write_skipped
+from tests.storage.clips import decode_all, moving_frames, write_frame_folder, write_video
 
 COLORS = {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255), "d.png": (9, 9, 9)}
 
@@ -509,3 +510,88 @@ def test_image_to_tensor() -> None:
     assert tensor[0].eq(-1).all() and tensor[1].eq(1).all()
     assert abs(tensor[2, 0, 0].item() - (2 * 128 / 255 - 1)) < 1e-6
     assert image_to_tensor(Image.new("L", (4, 4), 255)).shape == (3, 4, 4)
+
+
+# -- video clips -----------------------------------------------------------------------------------------
+VIDEO = {"data_file_keys": "video", "required": ("video", "prompt"), "sized_keys": ("video",)}
+STRIDE_4 = SizePolicy(multiple=16, frame_stride=4)
+
+
+def _clip_rows(data: Path, rows: list[tuple[str, str]], name: str = "clips.csv") -> Path:
+    return _write(data / name, [{"video": video, "prompt": prompt} for video, prompt in rows])
+
+
+def test_clip_rows_load_their_first_frames(tmp_path: Path) -> None:
+    write_video(tmp_path / "a.mp4", moving_frames(12, 64, 48))
+    folder = write_frame_folder(tmp_path / "frames", moving_frames(10, 32, 48))
+    metadata = _clip_rows(tmp_path, [("a.mp4", "a clip"), ("frames", "a folder of frames")])
+    samples, skipped = load_samples(tmp_path, metadata, num_frames=9, policy=STRIDE_4, decode=True, **VIDEO)
+    assert skipped == [] and [s.frames for s in samples] == [{"video": 12}, {"video": 10}]
+    assert [s.sizes for s in samples] == [{"video": (64, 48)}, {"video": (32, 48)}]
+    clip = load_values(samples[0])["video"]
+    assert len(clip) == 9 and all(frame.mode == "RGB" and frame.size == (64, 48) for frame in clip)
+    full = decode_all(tmp_path / "a.mp4")
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(clip, full[:9], strict=True))
+    assert len(load_values(samples[1])["video"]) == 9
+    # A frame folder's id comes from its frames' bytes, never its name.
+    folder.rename(tmp_path / "renamed")
+    again, _ = load_samples(
+        tmp_path, _clip_rows(tmp_path, [("a.mp4", "a clip"), ("renamed", "a folder of frames")]),
+        num_frames=9, policy=STRIDE_4, **VIDEO,
+    )  # fmt: skip
+    assert _ids(again) == _ids(samples)
+
+
+def test_short_clip_is_a_bad_row(tmp_path: Path) -> None:
+    write_video(tmp_path / "long.mp4", moving_frames(9, 32, 32))
+    write_video(tmp_path / "short.mp4", moving_frames(5, 32, 32))
+    metadata = _clip_rows(tmp_path, [("long.mp4", "long"), ("short.mp4", "short")])
+    message = _error(tmp_path, metadata, num_frames=9, policy=STRIDE_4, **VIDEO)
+    assert message == (
+        f"{metadata} row 2: video 'short.mp4' at {tmp_path / 'short.mp4'} has 5 frames, fewer than "
+        "--num_frames 9; give a longer clip or a smaller --num_frames"
+    )
+    samples, skipped = load_samples(
+        tmp_path, metadata, num_frames=9, policy=STRIDE_4, skip_bad_samples=True, **VIDEO
+    )
+    assert [s.row for s in samples] == [1]
+    assert [(r["row"], r["path"]) for r in skipped] == [(2, str(tmp_path / "short.mp4"))]
+    assert "has 5 frames" in skipped[0]["reason"]
+    assert "skipped 1 bad sample (row 2)" in write_skipped(skipped, tmp_path / "out")
+
+
+def test_clip_needs_num_frames_a_readable_header_and_a_sized_frame(tmp_path: Path) -> None:
+    write_video(tmp_path / "a.mp4", moving_frames(5, 64, 48))
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    good = _clip_rows(tmp_path, [("a.mp4", "p")])
+    message = _error(tmp_path, good, **VIDEO)
+    assert message.startswith(f"{good} row 1: video 'a.mp4' at ") and "give --num_frames" in message
+    noise = _clip_rows(tmp_path, [("noise.mp4", "p")], "noise.csv")
+    message = _error(tmp_path, noise, num_frames=5, **VIDEO)
+    assert message == (
+        f"{noise} row 1: video 'noise.mp4' at {tmp_path / 'noise.mp4'} is not a readable "
+        "video (Invalid data found when processing input)"
+    )
+    # The frames are the training target: the resize policy's size rules apply to them as to an image.
+    message = _error(tmp_path, good, num_frames=5, policy=SizePolicy(min_side=64, frame_stride=4), **VIDEO)
+    assert "row 1: video 'a.mp4'" in message and "is 64x48 px" in message and "below 64 px" in message
+    assert "--num_frames 20: the model's VAE encodes 4k+1 frames" in _error(
+        tmp_path, good, num_frames=20, policy=STRIDE_4, **VIDEO
+    )
+
+
+def test_truncated_clip_found_by_decode(tmp_path: Path) -> None:
+    # Header (moov) first, then the tail cut off: the header parses, the frames do not all decode.
+    path = write_video(tmp_path / "cut.mp4", moving_frames(12, 64, 48), faststart=True)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    write_video(tmp_path / "ok.mp4", moving_frames(9, 32, 32))
+    metadata = _clip_rows(tmp_path, [("ok.mp4", "ok"), ("cut.mp4", "cut")])
+    samples, _ = load_samples(tmp_path, metadata, num_frames=9, policy=STRIDE_4, **VIDEO)
+    with pytest.raises(BadSampleError, match="row 2: video at .*cut.mp4 cannot be decoded"):
+        load_values(samples[1])
+    message = _error(tmp_path, metadata, num_frames=9, policy=STRIDE_4, decode=True, **VIDEO)
+    assert message.startswith(f"{metadata} row 2: video at {path} cannot be decoded (")
+    samples, skipped = load_samples(
+        tmp_path, metadata, num_frames=9, policy=STRIDE_4, decode=True, skip_bad_samples=True, **VIDEO
+    )
+    assert [s.row for s in samples] == [1] and [r["row"] for r in skipped] == [2]
