@@ -164,3 +164,25 @@ def test_an_unknown_folder_name_is_the_t2v_1_3b(tmp_path: Path) -> None:
 
 def _read_index_of(name: str, tmp_path: Path) -> dict[str, Any]:
     return _read(build_tiny_wan(tmp_path / name) / "model_index.json")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_folder_of_a_variant_is_a_declared_component(wan_repos: dict[str, Path], name: str) -> None:
+    """The family's components cover each repository: a folder per non-null ``model_index.json`` entry, whose
+    ``config.json`` names one of the component's classes."""
+    from diffsplit.families.wan import FAMILY
+
+    folder = wan_repos[name]
+    by_folder = {spec.folder: spec for spec in FAMILY.components}
+    for component, (library, _) in (
+        (k, v) for k, v in _read(folder / "model_index.json").items() if isinstance(v, list)
+    ):
+        if library is None:
+            assert not (folder / component).exists()
+            continue
+        spec = by_folder[component]
+        assert (folder / component).is_dir() and spec.library == library, component
+        config = folder / component / "config.json"
+        if spec.classes:
+            named = _read(config)
+            assert {named.get("_class_name"), *named.get("architectures", [])} & set(spec.classes), component
