@@ -36,6 +36,7 @@ REGISTRY: dict[str, str] = {
     "z-image": "diffsplit.families.z_image",
     "flux2-klein": "diffsplit.families.flux2_klein",
     "qwen-image-edit": "diffsplit.families.qwen_image_edit",
+    "wan": "diffsplit.families.wan",
 }
 """Family name -> the package whose ``FAMILY`` declares it (imported only when the family is used). No family
 imports another: what two share is written once in :mod:`diffsplit.families.common`."""

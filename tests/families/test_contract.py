@@ -9,7 +9,7 @@ import pytest
 
 from diffsplit.cli import build_parser
 from diffsplit.contract.context import DeclaredOptions, RecordedOptions
-from diffsplit.contract.options import options_from_config
+from diffsplit.contract.options import FACT_KEY, options_from_config
 from diffsplit.families import REGISTRY, get_family
 from diffsplit.planner.graph import GraphError, Unit
 from diffsplit.training.config import TrainConfig
@@ -28,6 +28,10 @@ def test_every_option_is_a_flag(name: str) -> None:
     family = get_family(name)
     flags = _flags()
     for field in dataclasses.fields(family.options):
+        if FACT_KEY in field.metadata:  # read from the models by the family's configure, not a flag
+            assert family.configure is not None, f"{name}: model fact '{field.name}' but no configure"
+            assert f"--{field.name}" not in flags, f"{name}: model fact '{field.name}' is also a flag"
+            continue
         assert f"--{field.name}" in flags, f"{name}: option '{field.name}' has no flag"
     options = options_from_config(family.options, TrainConfig())
     assert dataclasses.is_dataclass(options)
@@ -47,7 +51,7 @@ def test_units_declare_only_options_the_family_has(name: str) -> None:
         for unit in units:
             assert set(unit.options) <= fields, (task, unit.name, unit.options)
             assert set(unit.models) <= set(family.component_names), (task, unit.name)
-        assert set(task_units.dataset_values) >= {"image", "prompt"}
+        assert set(task_units.dataset_values) >= {task_units.media, "prompt"}
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from diffsplit.families.wan.components import SCHEDULER_CONFIG
 from diffsplit.families.wan.tiny import MAX_SEQUENCE_LENGTH, VARIANTS, build_tiny_wan
+from tests.families.wan.conftest import load_pipeline
 
 FRAMES, SIDE = 17, 32
 
@@ -22,36 +22,14 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="session")
-def wan_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every variant, built once, in a folder of its repository's name."""
-    root = tmp_path_factory.mktemp("wan") / "Wan-AI"
-    return {name: build_tiny_wan(root / name, seed=0) for name in VARIANTS}
-
-
-def _load(folder: Path) -> Any:
-    import diffusers
-
-    index = _read(folder / "model_index.json")
-    return getattr(diffusers, index["_class_name"]).from_pretrained(str(folder))
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_the_pipeline_loads_and_runs_each_variant(
-    wan_repos: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+    wan_repos: dict[str, Path], name: str
 ) -> None:
-    from diffusers.pipelines.wan import pipeline_wan_i2v
     from PIL import Image
 
-    if not hasattr(pipeline_wan_i2v, "ftfy"):
-        # WanImageToVideoPipeline cleans prompts with ftfy whether or not it is installed (WanPipeline skips it
-        # when it is not); ftfy only repairs mojibake, which these prompts have none of.
-        monkeypatch.setattr(
-            pipeline_wan_i2v, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False
-        )
-
     folder = wan_repos[name]
-    pipe = _load(folder)
+    pipe = load_pipeline(folder)
     index = _read(folder / "model_index.json")
     assert type(pipe).__name__ == index["_class_name"]
     for component, (library, class_name) in ((k, v) for k, v in index.items() if isinstance(v, list)):
