@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     example = sub.add_parser(
-        "make-example-dataset", help="write a few small images and their metadata (.csv, or .json for edit)"
+        "make-example-dataset",
+        help="write a few small images (or, with --video, clips) and their metadata (.csv, or .json for edit)",
     )
     example.add_argument("--output", required=True)
     example.add_argument("--num_images", type=int, default=4)
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="distill: teacher images made by --model's own pipeline, with seed and steps; edit: an "
         "image-editing set (targets, reference images under refs/, one or two per row, and instructions) "
         "in metadata.json, for --data_file_keys image,edit_image",
+    )
+    example.add_argument(
+        "--video",
+        action="store_true",
+        help="short mp4 clips of moving shapes and metadata.csv (video,prompt) instead of images, for "
+        "--data_file_keys video and --num_frames up to 25",
     )
     example.add_argument("--model", help="--kind distill: the model folder whose pipeline draws the images")
     example.add_argument("--size", type=int, default=64, help="--kind distill: image side in pixels")
@@ -138,8 +145,21 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "make-example-dataset":
         # Deferred (start-up time), as each command's module below: `diffsplit --help` and a mistyped flag
         # answer without loading the training stack (diffusers pipelines, accelerate, peft).
-        from diffsplit.tools.example_data import make_distill_dataset, make_edit_dataset, make_example_dataset
+        from diffsplit.tools.example_data import (
+            make_distill_dataset,
+            make_edit_dataset,
+            make_example_dataset,
+            make_video_dataset,
+        )
 
+        if args.video:
+            if args.kind != "sft":
+                raise UserError(
+                    f"--video writes clips with prompts: it does not combine with --kind {args.kind}"
+                )
+            path = make_video_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
+            print(f"wrote {args.num_images} clips and metadata.csv to {path}")
+            return 0
         if args.kind == "distill":
             if not args.model:
                 raise UserError(

@@ -95,6 +95,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=_positive(int), help="fixed height (with --width), multiple of 16")
     g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
     g.add_argument(
+        "--num_frames",
+        type=_positive(int),
+        help="frames taken from the start of each clip; a video model's VAE needs 4k+1 (e.g. 81); clips "
+        "shorter are bad rows",
+    )
+    g.add_argument(
         "--resolution_buckets",
         metavar="auto|WxH,...",
         help="train at a finite set of sizes: 'auto' (from --max_pixels or --height x --width, aspect ratios "

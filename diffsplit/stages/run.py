@@ -249,7 +249,8 @@ class Run:
     def size_group(self, sample: data.Sample) -> list[list[int]]:
         """The sample's size group: the training size ``[width, height]`` of each of its images, in column
         order. Samples of one group can share a batch (their tensors stack); known from the images' headers
-        before anything is decoded, and stored with the sample in the cache."""
+        before anything is decoded, and stored with the sample in the cache. A clip counts as its frame size
+        alone: every clip is cut to exactly ``--num_frames`` frames, so frame counts never differ in a run."""
         sizing, family = self.sizing, self.family
         group = []
         for name in sorted(sample.sizes):
@@ -300,6 +301,7 @@ class Run:
             max_pixels=config.max_pixels,
             height=config.height,
             width=config.width,
+            num_frames=config.num_frames,
             skip_bad_samples=config.skip_bad_samples,
             policy=self.family.size_policy,
             decode=config.skip_bad_samples,

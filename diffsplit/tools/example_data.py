@@ -1,6 +1,6 @@
 """Example datasets for the demo, the tests and a first run: images of coloured shapes with their prompts,
-an image-editing set (targets, reference images and instructions), and teacher images for direct
-distillation drawn by a model's own diffusers pipeline.
+an image-editing set (targets, reference images and instructions), short video clips of moving shapes, and
+teacher images for direct distillation drawn by a model's own diffusers pipeline.
 
 Nothing here downloads; ``make-example-dataset`` writes these.
 """
@@ -8,10 +8,14 @@ Nothing here downloads; ``make-example-dataset`` writes these.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageColor, ImageDraw
@@ -20,6 +24,7 @@ from diffsplit.contract.vocabulary import COLOURS as _COLOURS
 from diffsplit.contract.vocabulary import SHAPES as _SHAPES
 from diffsplit.errors import UserError
 from diffsplit.families import family_of_repository
+from diffsplit.storage.files import atomic_path, atomic_write
 
 _EXAMPLE_SIZES = ((128, 96), (96, 128), (128, 128), (112, 80))  # (width, height): varied aspect ratios
 
@@ -118,6 +123,121 @@ def make_edit_dataset(output: str | Path, n: int = 4, max_size: int = 128, seed:
         rows.append({"image": target, "edit_image": edit_image, "prompt": prompt})
     (output / "metadata.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return output
+
+
+_DIRECTIONS = ("right", "left", "down", "up")
+_VIDEO_FPS = 16
+
+
+def make_video_dataset(
+    output: str | Path, n: int = 4, max_size: int = 128, seed: int = 0, num_frames: int = 25
+) -> Path:
+    """Write ``n`` short mp4 clips of a coloured shape moving across a background and ``metadata.csv``
+    (columns ``video,prompt``; load it with ``data_file_keys="video"``).
+
+    Clip ``i`` (from 1) is ``clip_<i>.mp4``: ``num_frames`` frames at 16 fps, H.264 (``libx264``, or MPEG-4
+    part 2 where the PyAV wheel lacks it), yuv420p, sizes of varied aspect ratios (128x96, 96x128, 128x128,
+    112x80 at the default ``max_size``; even sides, as 4:2:0 chroma needs). The shape crosses the frame in
+    the direction its prompt names (``"a red circle moving right on a blue background"``), so every frame
+    differs. Content and files are deterministic given ``seed`` (one encoder thread); prompts are distinct.
+    Each file is written to a temporary name and renamed, so an interrupted run leaves no half clip.
+    Returns ``output``.
+    """
+    if n < 1:
+        raise UserError(f"--num_images: need at least one clip, got {n}")
+    if max_size < 16:
+        raise UserError(f"--max_size: clips need at least 16 px, got {max_size}")
+    if num_frames < 1:
+        raise UserError(f"num_frames: need at least one frame, got {num_frames}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        w, h = (side // 2 * 2 for side in _fit(_EXAMPLE_SIZES[i % len(_EXAMPLE_SIZES)], max_size))
+        bg = _COLOURS[i % len(_COLOURS)]
+        fg = _COLOURS[(i * 3 + 1 + rng.randrange(len(_COLOURS) - 1)) % len(_COLOURS)]
+        if fg == bg:
+            fg = _COLOURS[(_COLOURS.index(bg) + 1) % len(_COLOURS)]
+        shape = _SHAPES[(i + i // len(_COLOURS)) % len(_SHAPES)]
+        direction = _DIRECTIONS[(i + i // (len(_COLOURS) * len(_SHAPES))) % len(_DIRECTIONS)]
+        r = rng.randint(min(w, h) // 8, min(w, h) // 5)
+        rotation = rng.randint(0, 71) if shape == "star" else 0
+        frames = [
+            _draw_shape(
+                (w, h), bg, fg, shape, _moving(w, h, r, direction, t / max(1, num_frames - 1)), rotation
+            )
+            for t in range(num_frames)
+        ]
+        name = f"clip_{i + 1}.mp4"
+        _write_mp4(output / name, frames)
+        count = f" number {i + 1}" if n > len(_COLOURS) else ""
+        article = "an" if fg[0] in "aeiou" else "a"
+        rows.append((name, f"{article} {fg} {shape} moving {direction} on a {bg} background{count}"))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(("video", "prompt"))
+    writer.writerows(rows)
+    atomic_write(output / "metadata.csv", text.getvalue())
+    return output
+
+
+def _moving(w: int, h: int, r: int, direction: str, t: float) -> tuple[int, int, int]:
+    """The shape's ``(cx, cy, r)`` at time ``t`` in [0, 1]: from one edge to the other in ``direction``,
+    along the frame's middle line."""
+    start, end = r, (w if direction in ("right", "left") else h) - r
+    along = round(start + (end - start) * (t if direction in ("right", "down") else 1 - t))
+    return (along, h // 2, r) if direction in ("right", "left") else (w // 2, along, r)
+
+
+def _write_mp4(path: Path, frames: list[Image.Image], fps: int = _VIDEO_FPS) -> None:
+    """Encode RGB ``frames`` (one size, even sides) as an mp4 at ``path``, atomically."""
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with atomic_path(path) as tmp:
+        # The temporary name hides the suffix the container would be guessed from: name it.
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height = frames[0].size
+            stream.pix_fmt = "yuv420p"
+            stream.codec_context.thread_count = 1  # one thread: the same bytes on every machine
+            for index, image in enumerate(frames):
+                frame = _video_frame(_yuv420p(image), *image.size)
+                frame.pts, frame.time_base = (
+                    index,
+                    Fraction(1, fps),
+                )  # stated: the encoder's rate control reads them
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def _yuv420p(image: Image.Image) -> np.ndarray:
+    """An RGB image (even sides) as a yuv420p frame's planes, uint8 ``[H * 3 // 2, W]`` (Y, then U, then V),
+    BT.601 limited range (what a decoder assumes of an untagged H.264 stream), chroma averaged over 2x2.
+
+    Converted here rather than by PyAV (swscale into a frame of its own) so that every byte handed to the
+    encoder, row padding included, is set by this module (see :func:`_video_frame`).
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w = rgb.shape[:2]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    u, v = (c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w) for c in (u, v))
+    return np.clip(np.rint(np.concatenate([y, u, v])), 0, 255).astype(np.uint8)
+
+
+def _video_frame(yuv: np.ndarray, w: int, h: int) -> av.VideoFrame:
+    """A yuv420p frame of ``yuv`` (:func:`_yuv420p`'s planes) whose rows' padding (each plane's line is
+    aligned wider than the image) is zeros: the encoder reads it, so uninitialised bytes made the same
+    frames encode differently from run to run."""
+    frame = av.VideoFrame(w, h, "yuv420p")
+    planes = (yuv[:h], yuv[h : h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4 :].reshape(h // 2, w // 2))
+    for plane, data in zip(frame.planes, planes, strict=True):
+        padded = np.zeros((data.shape[0], plane.line_size), np.uint8)
+        padded[:, : data.shape[1]] = data
+        plane.update(padded.tobytes())
+    return frame
 
 
 def make_distill_dataset(

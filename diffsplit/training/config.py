@@ -31,6 +31,7 @@ class TrainConfig:
     resolution_buckets: str | None = None
     height: int | None = None
     width: int | None = None
+    num_frames: int | None = None  # frames taken from the start of each video clip; None: no clips
     skip_bad_samples: bool = False
     max_image_pixels: int | None = None
     # models

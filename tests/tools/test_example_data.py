@@ -7,8 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from diffsplit.contract.sizing import SizePolicy
 from diffsplit.storage.data import load_samples, load_values
-from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset
+from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset, make_video_dataset
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -87,3 +88,40 @@ def _shape_colour(image) -> tuple[int, int, int]:
     """The most common colour other than the background (the corner pixel's)."""
     counts = sorted(image.getcolors(maxcolors=1 << 16), reverse=True)
     return next(colour for _, colour in counts if colour != image.getpixel((0, 0)))
+
+
+def test_video_dataset(tmp_path: Path) -> None:
+    root = make_video_dataset(tmp_path / "video", seed=0)
+    with open(root / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["video", "prompt"] and [r["video"] for r in rows] == [
+        f"clip_{i}.mp4" for i in range(1, 5)
+    ]
+    assert len({r["prompt"] for r in rows}) == 4 and all(" moving " in r["prompt"] for r in rows)
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary file left
+    samples, skipped = load_samples(
+        root,
+        root / "metadata.csv",
+        data_file_keys="video",
+        required=("video", "prompt"),
+        sized_keys=("video",),
+        num_frames=17,
+        policy=SizePolicy(multiple=16, frame_stride=4),
+    )
+    assert skipped == [] and len(samples) == 4 and all(s.frames == {"video": 25} for s in samples)
+    assert {s.sizes["video"] for s in samples} == {(128, 96), (96, 128), (128, 128), (112, 80)}
+    frames = load_values(samples[0])["video"]
+    assert len(frames) == 17 and all(f.mode == "RGB" and f.size == (128, 96) for f in frames)
+    assert len({f.tobytes() for f in frames}) == 17  # the shape moves: every frame differs
+    assert _digests(make_video_dataset(tmp_path / "again", seed=0)) == _digests(root)
+
+
+def test_make_example_dataset_video_command(tmp_path: Path, capsys) -> None:
+    from diffsplit import cli
+
+    out = tmp_path / "clips"
+    assert cli.main(["make-example-dataset", "--video", "--output", str(out), "--num_images", "2"]) == 0
+    assert "wrote 2 clips and metadata.csv" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["clip_1.mp4", "clip_2.mp4", "metadata.csv"]
+    assert cli.main(["make-example-dataset", "--video", "--kind", "edit", "--output", str(out)]) == 2
+    assert "--video writes clips" in capsys.readouterr().err
