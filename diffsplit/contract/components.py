@@ -49,6 +49,8 @@ class ComponentSpec:
         lora_module_name: ``diffusers module path -> the path the saved LoRA file uses`` when the file's
             readers (ComfyUI, the pipeline's converting loader) expect the original checkpoint's names; None:
             the diffusers names.
+        file_tag: the saved LoRA file's name after the step stem, ``epoch-N.<file_tag>.safetensors`` (a
+            model's two denoisers: ``high_noise``, ``low_noise``); empty: ``epoch-N.safetensors``.
     """
 
     name: str
@@ -64,3 +66,4 @@ class ComponentSpec:
     checkpoint_aliases: tuple[tuple[str, str], ...] = ()
     lora_target_aliases: tuple[tuple[str, str], ...] = ()
     lora_module_name: Callable[[str], str] | None = None
+    file_tag: str = ""

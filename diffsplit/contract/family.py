@@ -142,6 +142,8 @@ class Family:
             (:func:`~diffsplit.contract.options.model_fact`) filled in from the given models' configs (never
             their weights), before the graph is built; raises a one-line ``UserError`` when the models and the
             flags disagree.
+        file_tags: ``options -> {component: ComponentSpec.file_tag}`` for this run (a model of two experts
+            names each one's LoRA file); None: the components' own.
     """
 
     name: str
@@ -164,6 +166,7 @@ class Family:
     sample: SampleSpec | None = None
     derived_inputs: tuple[str, ...] = ()
     configure: Callable[[Any, Any], Any] | None = None
+    file_tags: Callable[[Any], Mapping[str, str]] | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

@@ -11,6 +11,7 @@ graph builder read plus those the static units declare, and the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from dataclasses import dataclass, field
@@ -191,8 +192,12 @@ class Run:
 
     @property
     def specs(self) -> dict[str, ComponentSpec]:
-        """The family's component declarations by name."""
-        return {s.name: s for s in self.family.components}
+        """The family's component declarations by name, with this run's file tags (``Family.file_tags``)."""
+        tags = self.family.file_tags(self.options) if self.family.file_tags is not None else {}
+        return {
+            s.name: dataclasses.replace(s, file_tag=tags[s.name]) if s.name in tags else s
+            for s in self.family.components
+        }
 
     def preprocessing(self) -> dict[str, Any]:
         """What changes what stage 1 computes, besides models and plan: the options the graph builder read

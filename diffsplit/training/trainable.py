@@ -153,7 +153,8 @@ def save_checkpoint(
         prefix = specs[name].lora_key_prefix
         if name in config.lora_base_models:
             if prefix is not None:
-                path = out / f"{stem}.safetensors"
+                tag = specs[name].file_tag
+                path = out / (f"{stem}.{tag}.safetensors" if tag else f"{stem}.safetensors")
                 lora.save_lora_file(
                     model,
                     path,

@@ -57,4 +57,5 @@ FAMILY = Family(
     ),
     derived_inputs=(IMAGE_INPUT,),
     configure=configure,
+    file_tags=units.file_tags,
 )

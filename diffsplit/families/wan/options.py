@@ -45,6 +45,8 @@ class WanOptions(ImageOptions):
 
     Attributes:
         extra_inputs: ``--extra_inputs``: ``input_image`` conditions on each clip's first frame.
+        num_frames: ``--num_frames``: the frames each clip is cut to (the dataset cuts them; declared by the
+            resize unit so the cache's identity records it).
         expert: ``--expert``: which denoiser of a two-expert model trains (``high``: ``transformer/``,
             timesteps at or above the boundary; ``low``: ``transformer_2/``, below it).
         boundary_ratio: ``--boundary_ratio``: where the experts switch, as a fraction of the 1000 training
@@ -54,6 +56,7 @@ class WanOptions(ImageOptions):
     """
 
     extra_inputs: str | None = None
+    num_frames: int | None = None
     expert: str = family_flag(
         "high",
         "Wan2.2 A14B: the expert this run trains, 'high' (transformer/, timesteps >= boundary_ratio * 1000) or "

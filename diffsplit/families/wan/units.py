@@ -128,6 +128,13 @@ def expert_window(options: Any, num_train_timesteps: int) -> tuple[float, float]
     return (boundary, float("inf")) if options.expert == "high" else (float("-inf"), boundary)
 
 
+def file_tags(options: Any) -> dict[str, str]:
+    """A two-expert model's LoRA files say which expert they belong to: ``epoch-N.high_noise.safetensors``
+    (``transformer/``) or ``epoch-N.low_noise.safetensors`` (``transformer_2/``), the names of the original
+    checkpoints' folders; a one-transformer model's is ``epoch-N.safetensors``."""
+    return {"dit": "high_noise", "dit_2": "low_noise"} if options.boundary_ratio is not None else {}
+
+
 # -- unit functions -----------------------------------------------------------------------------------------
 def _clips(video: Any) -> list[list[Any]]:
     """One sample's frames (a list of PIL images) or a batch of them (a list of such lists) as a batch."""
@@ -319,7 +326,8 @@ RESIZE_VIDEO = Unit(
     name="resize_video",
     inputs=("video",),
     outputs=("pixels",),
-    options=("max_pixels", "height", "width", "resolution_buckets"),
+    # num_frames: the dataset cuts each clip to it; declared so a cache made at another count is refused.
+    options=("max_pixels", "height", "width", "resolution_buckets", "num_frames"),
     fn=resize_video,
 )
 ENCODE_VIDEO = Unit(
