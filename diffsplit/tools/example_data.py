@@ -193,19 +193,20 @@ def _moving(w: int, h: int, r: int, direction: str, t: float) -> tuple[int, int,
 def _write_mp4(path: Path, frames: list[Image.Image], fps: int = _VIDEO_FPS) -> None:
     """Encode RGB ``frames`` (one size, even sides) as an mp4 at ``path``, atomically."""
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    # x264's lookahead (and the macroblock tree that needs it) gave a 96 px wide clip different bytes from
+    # run to run in one process (it reads memory this module does not set); without it the files are the same.
+    options = {"x264-params": "rc-lookahead=0:mbtree=0"} if codec == "libx264" else {}
     with atomic_path(path) as tmp:
         # The temporary name hides the suffix the container would be guessed from: name it.
         with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=fps)
+            stream = container.add_stream(codec, rate=fps, options=options)
             stream.width, stream.height = frames[0].size
             stream.pix_fmt = "yuv420p"
             stream.codec_context.thread_count = 1  # one thread: the same bytes on every machine
             for index, image in enumerate(frames):
                 frame = _video_frame(_yuv420p(image), *image.size)
-                frame.pts, frame.time_base = (
-                    index,
-                    Fraction(1, fps),
-                )  # stated: the encoder's rate control reads them
+                # Timestamps stated, not left to the encoder: its rate control reads frame durations.
+                frame.pts, frame.time_base = index, Fraction(1, fps)
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())  # flush the encoder's delayed frames
 
@@ -229,8 +230,8 @@ def _yuv420p(image: Image.Image) -> np.ndarray:
 
 def _video_frame(yuv: np.ndarray, w: int, h: int) -> av.VideoFrame:
     """A yuv420p frame of ``yuv`` (:func:`_yuv420p`'s planes) whose rows' padding (each plane's line is
-    aligned wider than the image) is zeros: the encoder reads it, so uninitialised bytes made the same
-    frames encode differently from run to run."""
+    aligned wider than the image) is zeros, so no byte handed to the encoder is left unset (a file's bytes
+    must depend on the seed alone)."""
     frame = av.VideoFrame(w, h, "yuv420p")
     planes = (yuv[:h], yuv[h : h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4 :].reshape(h // 2, w // 2))
     for plane, data in zip(frame.planes, planes, strict=True):
