@@ -285,6 +285,13 @@ def print_run_notices(run: Run) -> None:
         prefix = run.family.component(name).lora_key_prefix if name else None
         keys = f"they are '{prefix}<module>'" if prefix else "they are the model's own module names"
         notice(f"--remove_prefix_in_ckpt has no effect: saved keys never carry a prefix ({keys})")
+    if "offload_models" in config.given:
+        plan = run.plan
+        needed = {
+            "data_process": ", ".join(plan.stage1_models),
+            "train": ", ".join(plan.stage2_models),
+        }.get(run.task.stage, f"stage 1: {', '.join(plan.stage1_models)}; stage 2: {', '.join(plan.stage2_models)}")
+        notice(f"--offload_models has no effect: a model a stage does not need is never loaded ({needed})")
     if run.task.stage != "data_process" and not config.use_gradient_checkpointing:
         for name in run.low_bit_trained():
             fmt = run.models.formats[name]

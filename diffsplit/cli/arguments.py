@@ -97,8 +97,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num_frames",
         type=_positive(int),
-        help="frames taken from the start of each clip; a video model's VAE needs 4k+1 (e.g. 81); clips "
-        "shorter are bad rows",
+        help="frames taken from the start of each clip; a video model's VAE needs 4k+1; clips shorter are bad "
+        "rows (default: the video model's own, its pipeline's default)",
     )
     g.add_argument(
         "--resolution_buckets",
@@ -215,6 +215,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--remove_prefix_in_ckpt", help="accepted for compatibility: saved keys never carry a prefix"
+    )
+    g.add_argument(
+        "--offload_models",
+        help="accepted for compatibility (the seed's split scripts name the models a stage does not need): a "
+        "model the stage does not need is never loaded",
     )
     g.add_argument("--save_steps", type=_positive(int), help="save step-{n}.safetensors every n steps")
     g.add_argument("--save_state_steps", type=_positive(int), help="save a resumable state every n steps")

@@ -144,6 +144,9 @@ class Family:
             flags disagree.
         file_tags: ``options -> {component: ComponentSpec.file_tag}`` for this run (a model of two experts
             names each one's LoRA file); None: the components' own.
+        original_checkpoint: ``(model_id, file pattern) -> the <model_id>:<pattern> to give instead``, or None,
+            for a file of the model's original (non-diffusers) release that diffsplit does not load, such as a
+            pickled ``.pth``: the one-line error then names the diffusers repository's folder.
     """
 
     name: str
@@ -167,6 +170,7 @@ class Family:
     derived_inputs: tuple[str, ...] = ()
     configure: Callable[[Any, Any], Any] | None = None
     file_tags: Callable[[Any], Mapping[str, str]] | None = None
+    original_checkpoint: Callable[[str, str], str | None] | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

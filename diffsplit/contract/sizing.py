@@ -30,12 +30,14 @@ class SizePolicy:
         default_max_pixels: the pixel budget when neither ``--max_pixels`` nor ``--height/--width`` is given.
         frame_stride: a video VAE's temporal stride: it encodes ``k * frame_stride + 1`` frames (the first
             frame alone, then each ``frame_stride`` frames into one latent frame); None for an image model.
+        default_frames: ``--num_frames`` when it is not given (a video model's pipeline default).
     """
 
     multiple: int = 16
     min_side: int = 16
     default_max_pixels: int = 1024 * 1024
     frame_stride: int | None = None
+    default_frames: int | None = None
 
 
 def check_resize_args(

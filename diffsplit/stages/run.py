@@ -28,14 +28,14 @@ from diffsplit.contract.family import Family, TaskUnits
 from diffsplit.contract.options import options_from_config
 from diffsplit.contract.sizing import Sizing, sizing_for
 from diffsplit.errors import UserError
-from diffsplit.families import detect_family
+from diffsplit.families import detect_family, family_names, get_family
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter, parse_trainable
 from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.storage import data
 from diffsplit.storage.models import ModelSet, bind_components
-from diffsplit.storage.resolve import resolve_flags, used_flags
+from diffsplit.storage.resolve import parse_model_specs, resolve_flags, used_flags
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
@@ -97,8 +97,12 @@ class Run:
         if device is None:
             device = process_state().device
         dtype = resolve_dtype(config, device)
+        _refuse_pickles(config)
         entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
         family = detect_family(entries, config.family, config.extra_input_names)
+        if config.num_frames is None and family.size_policy.default_frames is not None:
+            # A video model's default clip length, set once so the data and the options both see it.
+            config = dataclasses.replace(config, num_frames=family.size_policy.default_frames)
         _check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
         _check_sharding(config)
         if task.stage != "data_process":
@@ -335,6 +339,31 @@ class Run:
                 file=sys.stderr,
             )
         return samples, skipped
+
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+"""Weight files that unpickle when loaded: diffsplit never loads one (safetensors only)."""
+
+
+def _refuse_pickles(config: TrainConfig) -> None:
+    """A ``<model_id>:<pattern>`` naming a pickled checkpoint is one line before anything is downloaded, with
+    the diffusers repository's folder to use instead when a family knows the file (``Family.original_checkpoint``)."""
+    if not config.model_id_with_origin_paths:
+        return
+    for spec in parse_model_specs(config.model_id_with_origin_paths):
+        if not spec.pattern.lower().endswith(PICKLE_SUFFIXES):
+            continue
+        hints = [
+            hint
+            for name in family_names()
+            if (ask := get_family(name).original_checkpoint) is not None
+            and (hint := ask(spec.model_id, spec.pattern))
+        ]
+        instead = f"give '{hints[0]}' instead" if hints else "give the model's diffusers repository instead"
+        raise UserError(
+            f"{MODEL_FLAG}: '{spec.model_id}:{spec.pattern}' is a pickled checkpoint, which diffsplit never loads "
+            f"(safetensors only); {instead}"
+        )
 
 
 def _file_keys(config: TrainConfig, task_units: TaskUnits) -> tuple[str, ...]:

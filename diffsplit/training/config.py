@@ -75,6 +75,7 @@ class TrainConfig:
     output_path: str = "./models/train"
     overwrite_output: bool = False
     remove_prefix_in_ckpt: str | None = None
+    offload_models: str | None = None  # the seed's: accepted, never needed (unneeded models are never loaded)
     save_steps: int | None = None
     save_state_steps: int | None = None
     validation_metadata_path: str | None = None

@@ -58,4 +58,5 @@ FAMILY = Family(
     derived_inputs=(IMAGE_INPUT,),
     configure=configure,
     file_tags=units.file_tags,
+    original_checkpoint=names.diffusers_checkpoint,
 )

@@ -13,6 +13,7 @@ sit on (the linear layers).
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 TARGET_ALIASES: tuple[tuple[str, str], ...] = (
@@ -58,3 +59,25 @@ def original_name(path: str) -> str:
             continue
         path = pattern.sub(replacement, path)
     return path
+
+
+ORIGINAL_FILES: tuple[tuple[str, str], ...] = (
+    ("models_t5_umt5-xxl-enc-bf16.pth", "text_encoder/*.safetensors"),
+    ("Wan2.1_VAE.pth", "vae/diffusion_pytorch_model.safetensors"),
+    ("Wan2.2_VAE.pth", "vae/diffusion_pytorch_model.safetensors"),
+    ("models_clip_*.pth", "image_encoder/*.safetensors"),
+)
+"""The original releases' pickled checkpoints -> the folder of the ``-Diffusers`` repository that holds the same
+model as safetensors."""
+
+
+def diffusers_checkpoint(model_id: str, pattern: str) -> str | None:
+    """``Wan-AI/Wan2.1-I2V-14B-480P:models_t5_umt5-xxl-enc-bf16.pth`` -> ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers:
+    text_encoder/*.safetensors`` (the seed's trainer names the original files; diffsplit loads the diffusers
+    repositories); None for a file that is not one of :data:`ORIGINAL_FILES`."""
+    name = pattern.rsplit("/", 1)[-1]
+    folder = next((f for original, f in ORIGINAL_FILES if fnmatch.fnmatchcase(name, original)), None)
+    if folder is None:
+        return None
+    repository = model_id if model_id.endswith("-Diffusers") else f"{model_id}-Diffusers"
+    return f"{repository}:{folder}"

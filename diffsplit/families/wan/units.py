@@ -67,11 +67,14 @@ from diffsplit.families.common.flow_match import (
 from diffsplit.families.common.prompts import note_truncated
 from diffsplit.planner.graph import Unit
 
-SIZE_POLICY = SizePolicy(multiple=32, min_side=32, default_max_pixels=480 * 832, frame_stride=4)
+SIZE_POLICY = SizePolicy(
+    multiple=32, min_side=32, default_max_pixels=480 * 832, frame_stride=4, default_frames=81
+)
 """Sides are multiples of 32: the Wan2.2 VAE's stride 16 times the transformer's 2x2 patches (the Wan2.1 VAE
 needs 16; every size the models are trained and sampled at, 480x832, 720x1280, 704x1280, is a multiple of 32,
 so one policy serves every variant); 480x832 pixels when neither ``--max_pixels`` nor ``--height/--width`` is
-given; ``4k + 1`` frames (the VAE's temporal stride 4)."""
+given; ``4k + 1`` frames (the VAE's temporal stride 4), 81 when ``--num_frames`` is not given (the pipelines'
+default, and the seed trainer's)."""
 
 DENOISERS = {"high": "dit", "low": "dit_2"}
 """``--expert`` -> the component it trains: the high-noise expert is ``transformer/``, the low-noise one

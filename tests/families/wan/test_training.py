@@ -5,6 +5,8 @@ its trained scale, and the image input is checked against the model in one line.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,46 @@ def test_the_image_input_must_fit_the_model(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+SPLIT_SCRIPT = Path(__file__).resolve().parents[3] / (
+    "examples/wanvideo/model_training/special/split_training/Wan2.1-I2V-14B-480P.sh"
+)
+
+
+def test_the_seed_split_script_runs_with_the_diffusers_repository(wan_workspace: Path, tmp_path: Path) -> None:
+    """The seed trainer's Wan2.1-I2V split script (-Diffusers ids) under accelerate, shortened by appended flags."""
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "Wan-AI").symlink_to(wan_workspace / "models" / "Wan-AI")
+    (root / "data").symlink_to(wan_workspace / "data")
+    (root / "examples").symlink_to(SPLIT_SCRIPT.parents[4])  # the script runs from a repository root
+    repo = SPLIT_SCRIPT.parents[5]
+    env = {
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(repo),
+        "DIFFSPLIT_HASH_CACHE": str(tmp_path / "hashes.json"),
+        "ACCELERATE_USE_CPU": "1",
+    }
+    shorter = ["--height", "32", "--width", "32", "--num_frames", "9", "--num_epochs", "1", "--lora_rank", "4"]
+    result = subprocess.run(
+        ["bash", str(SPLIT_SCRIPT), *shorter], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--offload_models has no effect" in result.stderr
+    cache = root / "models/train/Wan2.1-I2V-14B-480P_lora_split_cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["identity"]["family"] == "wan"
+    weights = load_file(root / "models/train/Wan2.1-I2V-14B-480P_lora_split/epoch-0.safetensors")
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in weights
+
+
+def test_an_original_pickled_checkpoint_is_one_line_naming_the_diffusers_folder(
+    in_wan_workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = "Wan-AI/Wan2.1-I2V-14B-480P"
+    flags = f"{original}:diffusion_pytorch_model*.safetensors,{original}:models_t5_umt5-xxl-enc-bf16.pth"
+    assert cli.main(["train", *wan_args(tmp_path / "out", flags, "--task", "sft")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "never loads" in line and f"'{original}-Diffusers:text_encoder/*.safetensors'" in line
