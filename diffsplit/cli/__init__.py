@@ -169,6 +169,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 args.output, args.model, n=args.num_images, size=args.size,
                 num_inference_steps=args.teacher_steps, seed=args.seed,
             )  # fmt: skip
+            print(f"wrote {args.num_images} teacher samples and metadata.csv to {path}")
+            return 0
         elif args.kind == "edit":
             path = make_edit_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
             print(f"wrote {args.num_images} target images, their references and metadata.json to {path}")

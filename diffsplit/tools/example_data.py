@@ -250,6 +250,7 @@ def make_distill_dataset(
     seed: int = 0,
     *,
     student_steps: int = 2,
+    num_frames: int = 9,
 ) -> Path:
     """Write ``n`` teacher images made by the model's own diffusers pipeline and ``metadata.csv``.
 
@@ -269,6 +270,8 @@ def make_distill_dataset(
         n: number of images. size: side in pixels, a multiple of the family's size multiple.
         num_inference_steps: the teacher's steps. seed: row ``i`` uses ``seed + i``.
         student_steps: the ``num_inference_steps`` column.
+        num_frames: for a video model (its task's media is ``video``), the frames of each teacher clip, written
+            losslessly as a folder ``clip_<k>/`` of PNG frames (column ``video``).
 
     Raises:
         UserError: a bad count, size or step count, or a ``model_dir`` without ``model_index.json``.
@@ -295,6 +298,7 @@ def make_distill_dataset(
     pipe.set_progress_bar_config(disable=True)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    media = family.tasks["direct_distill"].media if "direct_distill" in family.tasks else "image"
     rows = []
     for i in range(n):
         bg = _COLOURS[i % len(_COLOURS)]
@@ -305,21 +309,29 @@ def make_distill_dataset(
         count = f" number {i + 1}" if n > len(_COLOURS) else ""
         article = "an" if fg[0] in "aeiou" else "a"
         prompt = f"{article} {fg} {shape} on a {bg} background{count}"
+        clip = {"num_frames": num_frames, "output_type": "pil"} if media == "video" else {}
         with torch.no_grad():
-            image = pipe(
+            result = pipe(
                 prompt=prompt,
                 num_inference_steps=num_inference_steps,
                 height=size,
                 width=size,
                 generator=torch.Generator("cpu").manual_seed(seed + i),
+                **clip,
                 **family.example.teacher_kwargs,
-            ).images[0]
-        name = f"image_{i + 1}.png"
-        image.save(output / name)
+            )
+        if media == "video":
+            name = f"clip_{i + 1}"
+            (output / name).mkdir(exist_ok=True)
+            for k, frame in enumerate(result.frames[0]):
+                frame.save(output / name / f"frame_{k:04d}.png")
+        else:
+            name = f"image_{i + 1}.png"
+            result.images[0].save(output / name)
         rows.append((name, prompt, seed + i, student_steps))
     with open(output / "metadata.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(("image", "prompt", "seed", "num_inference_steps"))
+        writer.writerow((media, "prompt", "seed", "num_inference_steps"))
         writer.writerows(rows)
     return output
 

@@ -6,7 +6,7 @@ the UMT5 text encoder of transformers and, for Wan2.1 image-to-video, a CLIP vis
 * :mod:`.units`: the text-to-video units (preprocessing exactly as ``WanPipeline``), batch key, constants;
 * :mod:`.conditions`: the image-to-video condition (``WanImageToVideoPipeline``), from each clip's first frame;
 * :mod:`.options`: the options and the model facts read from the models (:func:`.options.configure`);
-* :mod:`.steps`: the units of a training step;
+* :mod:`.steps`: the units of an SFT step; :mod:`.distill`: direct distillation (text-to-video);
 * :mod:`.tiny`: ``make-tiny wan`` (the variant from the output folder's name).
 """
 
@@ -14,7 +14,7 @@ import dataclasses
 
 from diffsplit.contract.family import Example, Family, TaskUnits, TinyModel
 from diffsplit.families.common.collate import pad_right
-from diffsplit.families.wan import names, steps, tiny, units
+from diffsplit.families.wan import distill, names, steps, tiny, units
 from diffsplit.families.wan.components import COMPONENTS
 from diffsplit.families.wan.conditions import IMAGE_INPUT
 from diffsplit.families.wan.options import WanOptions, configure
@@ -37,6 +37,12 @@ FAMILY = Family(
     options=WanOptions,
     tasks={
         "sft": TaskUnits(steps.sft_units, ("video", "prompt"), ("pred", "target", "loss_weight"), "video"),
+        "direct_distill": TaskUnits(
+            distill.distill_units,
+            ("video", "prompt", "seed", "num_inference_steps", "cfg_scale"),
+            ("student_latents", "target_latents"),
+            "video",
+        ),
     },
     units_version="wan-units-1",
     size_policy=units.SIZE_POLICY,

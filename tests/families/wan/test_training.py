@@ -169,3 +169,19 @@ def test_an_original_pickled_checkpoint_is_one_line_naming_the_diffusers_folder(
     assert cli.main(["train", *wan_args(tmp_path / "out", flags, "--task", "sft")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "never loads" in line and f"'{original}-Diffusers:text_encoder/*.safetensors'" in line
+
+
+def test_direct_distillation_in_automatic_mode_equals_unsplit(in_wan_workspace: Path, tmp_path: Path) -> None:
+    from diffsplit.tools.example_data import make_distill_dataset
+
+    data = make_distill_dataset(tmp_path / "distill", in_wan_workspace / "models" / T2V, n=2, size=32)
+    assert (data / "clip_1" / "frame_0008.png").is_file()  # lossless teacher frames, 9 of them
+    everything = models(T2V, "transformer", "text_encoder", "vae")
+    args = _replace(wan_args(tmp_path / "unsplit", everything, "--task", "direct_distill"), "--dataset_base_path", str(data))
+    args = _replace(args, "--dataset_metadata_path", str(data / "metadata.csv"))
+    assert cli.main(["train", *args]) == 0
+    auto = _replace(args, "--output_path", str(tmp_path / "auto"))
+    assert cli.main(["train", *auto, "--cache_dir", str(tmp_path / "c")]) == 0
+    unsplit = load_file(tmp_path / "unsplit" / "epoch-0.safetensors")
+    split = load_file(tmp_path / "auto" / "epoch-0.safetensors")
+    assert unsplit and all(torch.equal(unsplit[k], split[k]) for k in unsplit)

@@ -156,3 +156,18 @@ def test_an_expert_draws_only_its_own_timesteps(expert: str) -> None:
     ctx = dataclasses.replace(ctx, options=both, generator=torch.Generator().manual_seed(0))
     drawn = torch.cat([units.timestep_noise(ctx, torch.zeros(64, 1, 1, 1, 1))["timestep"] for _ in range(8)])
     assert (drawn >= 875).any() and (drawn < 875).any()
+
+
+def test_the_student_rollout_is_the_pipelines_sampling_loop(wan_repos: dict[str, Path]) -> None:
+    from diffsplit.families.wan import distill
+
+    pipe = load_pipeline(wan_repos["Wan2.1-T2V-1.3B-Diffusers"])
+    ctx = _context(pipe)
+    noise = distill.initial_noise(ctx, [7], [16, 3, 4, 4])["noise"]
+    with torch.no_grad():
+        student = distill.student_rollout(ctx, noise, _prompt(ctx), 3, 1.0)["student_latents"]
+        expected = pipe(
+            prompt="a cat", num_inference_steps=3, guidance_scale=1.0, height=SIDE, width=SIDE, num_frames=FRAMES,
+            generator=torch.Generator("cpu").manual_seed(7), output_type="latent",
+        ).frames  # fmt: skip
+    assert torch.equal(student, expected)
