@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 from diffsplit.contract.components import SCHEDULER, TOKENIZER, ComponentSpec
+from diffsplit.families.wan.text_encoder import UMT5Stack
+from diffsplit.planner.layers import LayerUse
 
 DIT_LORA_PREFIX = "diffusion_model."
 """Keys of a saved transformer LoRA: ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` /
@@ -63,9 +65,19 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 diffusers' ``scripts/convert_wan_to_diffusers.py`` gives every variant this scheduler, with ``flow_shift``
 5.0 for TI2V-5B (and 16.0 for FLF2V), 3.0 otherwise."""
 
+TEXT_ENCODER = UMT5Stack()
+"""UMT5's encoder as a layered model (:mod:`.text_encoder`): the pipelines read ``last_hidden_state``, so
+every block and the final norm are used; a LoRA on blocks from ``k`` on is cut at ``k``."""
+
 COMPONENTS = (
     ComponentSpec("tokenizer", "tokenizer", kind=TOKENIZER, library="transformers"),
-    ComponentSpec("text_encoder", "text_encoder", library="transformers", classes=("UMT5EncoderModel",)),
+    ComponentSpec(
+        "text_encoder",
+        "text_encoder",
+        library="transformers",
+        classes=("UMT5EncoderModel",),
+        layers=LayerUse(TEXT_ENCODER),
+    ),
     ComponentSpec("vae", "vae", classes=("AutoencoderKLWan",)),
     ComponentSpec("dit", "transformer", classes=("WanTransformer3DModel",), lora_key_prefix=DIT_LORA_PREFIX),
     ComponentSpec(

@@ -15,6 +15,9 @@ One training step, in order (``B`` batch, ``F`` frames = ``4k + 1``, ``f = (F - 
     sample_posterior  stochastic   latent_mean, latent_std  -> latents                (--latent_sample sample)
     tokenize          tokenizer    prompt                   -> input_ids, attention_mask [B,T]
     encode_prompt     text_encoder input_ids, attention_mask -> prompt_embeds [B,L,D] (valid tokens only)
+      when the text encoder's blocks from k on train (layer-level split, :mod:`.text_encoder`):
+      encode_prompt[0:k]  text_encoder[0:k]  input_ids, attention_mask -> text_hidden [B,L,D] (valid tokens)
+      encode_prompt[k:N]  text_encoder[k:N]  text_hidden, attention_mask -> prompt_embeds [B,L,D]
     -- image-to-video (:mod:`.conditions`): the first frame as the condition --
     first_frame       light        video                    -> input_image (PIL, at the training size)
     encode_clip       image_encoder, image_processor  input_image -> image_embeds [B,257,1280] (Wan2.1 I2V)
@@ -31,6 +34,9 @@ One training step, in order (``B`` batch, ``F`` frames = ``4k + 1``, ``f = (F - 
 
 **Padding.** The pipeline zero-pads each prompt's valid tokens to ``T``; the cache keeps only the valid
 tokens and ``denoise`` pads them again, bitwise the same input for fewer bytes.
+The layer-level split's cached state at the cut keeps
+only the valid tokens too: the suffix zero-pads them back to ``T`` (padded keys are masked in every block,
+so valid tokens never read them; each block's position bias depends only on ``T``).
 
 **Time and sign.** The transformer takes ``timestep = sigma * 1000`` and predicts the velocity
 ``noise - x0`` (the scheduler's ``flow_prediction``), the shared convention of
@@ -65,7 +71,9 @@ from diffsplit.families.common.flow_match import (
     tokenize_unit,
 )
 from diffsplit.families.common.prompts import note_truncated
+from diffsplit.families.wan.text_encoder import without_dropout
 from diffsplit.planner.graph import Unit
+from diffsplit.planner.layers import part_name
 
 SIZE_POLICY = SizePolicy(
     multiple=32, min_side=32, default_max_pixels=480 * 832, frame_stride=4, default_frames=81
@@ -214,22 +222,83 @@ def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.T
     return {"input_ids": tokens.input_ids.long(), "attention_mask": tokens.attention_mask.long()}
 
 
+def valid_length(attention_mask: torch.Tensor) -> int:
+    """The valid length ``L`` the prompts of a batch share (right padding: their first ``L`` positions).
+
+    Raises:
+        ValueError: the prompts of the batch have different valid lengths.
+    """
+    lengths = attention_mask.gt(0).sum(dim=1).tolist()
+    if len(set(lengths)) != 1:
+        raise ValueError(f"encode_prompt: a batch needs one prompt length, got {lengths} valid tokens")
+    return int(lengths[0])
+
+
 def encode_prompt(
     ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """``input_ids, attention_mask [B, T]`` -> ``prompt_embeds [B, L, D]``: UMT5's last hidden state at the
     valid tokens, in the encoder's dtype (``WanPipeline._get_t5_prompt_embeds`` before its zero padding,
     which :func:`pad_prompt` redoes). The prompts of a batch share ``L`` (stage 1 batches them by length).
+    The encoder runs without dropout, as the pipeline runs it (:func:`.text_encoder.without_dropout`: a
+    trained encoder is in train mode).
 
     Raises:
         ValueError: the prompts of the batch have different valid lengths.
     """
     mask = attention_mask.to(ctx.device)
-    hidden = ctx.components["text_encoder"](input_ids.to(ctx.device), mask).last_hidden_state
-    lengths = mask.gt(0).sum(dim=1).tolist()
-    if len(set(lengths)) != 1:
-        raise ValueError(f"encode_prompt: a batch needs one prompt length, got {lengths} valid tokens")
-    return {"prompt_embeds": hidden[:, : lengths[0]]}
+    encoder = without_dropout(ctx.components["text_encoder"])
+    hidden = encoder(input_ids.to(ctx.device), mask).last_hidden_state
+    return {"prompt_embeds": hidden[:, : valid_length(mask)]}
+
+
+def encode_prompt_prefix(
+    ctx: UnitContext, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, model: str
+) -> dict[str, torch.Tensor]:
+    """``input_ids, attention_mask [B, T]`` -> ``text_hidden [B, L, D]``: the output of the block before the
+    cut at the valid tokens, on the part ``model`` (``"text_encoder[0:k]"``)."""
+    mask = attention_mask.to(ctx.device)
+    hidden = ctx.components[model](input_ids=input_ids.to(ctx.device), attention_mask=mask)
+    return {"text_hidden": hidden[:, : valid_length(mask)]}
+
+
+def encode_prompt_suffix(
+    ctx: UnitContext, text_hidden: torch.Tensor, attention_mask: torch.Tensor, *, model: str
+) -> dict[str, torch.Tensor]:
+    """The cached state at the cut -> ``prompt_embeds [B, L, D]`` as :func:`encode_prompt`, on the part
+    ``model`` (``"text_encoder[k:N]"``).
+
+    The valid tokens are zero-padded back to ``T``: every block masks padded keys, so no valid token reads
+    a padding position, and each block's relative position bias depends only on ``T``; the valid tokens
+    come out bitwise as the whole encoder gives them (tests check it)."""
+    mask = attention_mask.to(ctx.device)
+    hidden = text_hidden.to(ctx.device)
+    batch, length = mask.shape
+    padded = torch.cat([hidden, hidden.new_zeros(batch, length - hidden.shape[1], hidden.shape[2])], dim=1)
+    # Called through the part's forward, so a DDP wrapper sees the call and syncs its gradients.
+    out = ctx.components[model](hidden=padded, attention_mask=mask)
+    return {"prompt_embeds": out[:, : valid_length(mask)]}
+
+
+def split_encode_prompt(cut: int, stop: int) -> tuple[Unit, Unit]:
+    """``encode_prompt`` cut at block ``cut`` of the ``stop`` blocks it reads: the prefix and suffix units."""
+    prefix_model = part_name("text_encoder", 0, cut)
+    suffix_model = part_name("text_encoder", cut, stop)
+    prefix = Unit(
+        name=f"encode_prompt[0:{cut}]",
+        inputs=("input_ids", "attention_mask"),
+        outputs=("text_hidden",),
+        models=(prefix_model,),
+        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
+    )
+    suffix = Unit(
+        name=f"encode_prompt[{cut}:{stop}]",
+        inputs=("text_hidden", "attention_mask"),
+        outputs=("prompt_embeds",),
+        models=(suffix_model,),
+        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
+    )
+    return prefix, suffix
 
 
 def pad_prompt(prompt_embeds: torch.Tensor | Sequence[torch.Tensor], device: Any, dtype: Any) -> torch.Tensor:
@@ -343,6 +412,7 @@ ENCODE_PROMPT = Unit(
     outputs=("prompt_embeds",),
     models=("text_encoder",),
     fn=encode_prompt,
+    split_at=split_encode_prompt,
 )
 TIMESTEP_NOISE = Unit(
     name="timestep_noise",

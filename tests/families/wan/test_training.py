@@ -110,6 +110,36 @@ def test_image_to_video_in_automatic_mode_equals_unsplit(
     assert set(json.loads(manifest.read_text())["identity"]["plan"]["cached"]) == condition
 
 
+def test_automatic_mode_with_a_text_encoder_lora_on_its_last_block_equals_unsplit(
+    in_wan_workspace: Path, tmp_path: Path, tensor_reads: list[str]
+) -> None:
+    """The layer-level split of UMT5 (:mod:`diffsplit.families.wan.text_encoder`): stage 1 caches the
+    output of block 0 at the valid tokens, stage 2 runs block 1 and the final norm with the LoRA; both
+    saved LoRAs are bitwise the unsplit run's, and no checkpoint tensor is read twice (stage 2 never reads
+    block 0 or the embedding)."""
+    everything = models(T2V, "transformer", "text_encoder", "vae")
+    targets = r"dit=q,k,v,o;text_encoder=re:.*encoder\.block\.1\..*\.(q|k|v|o|wi_0|wi_1|wo)"
+    args = _replace(wan_args(tmp_path / "unsplit", everything, "--task", "sft"), "--lora_target_modules", targets)
+    args = _replace(args, "--lora_base_model", "dit,text_encoder")
+    assert cli.main(["train", *args]) == 0
+    tensor_reads.clear()  # only the automatic run's reads
+    auto = _replace(args, "--output_path", str(tmp_path / "auto"))
+    assert cli.main(["train", *auto, "--cache_dir", str(tmp_path / "c")]) == 0
+    (manifest,) = (tmp_path / "c").glob("*/manifest.json")
+    plan = json.loads(manifest.read_text())["identity"]["plan"]
+    assert plan["stage1"][-1] == "encode_prompt[0:1]" and "encode_prompt[1:2]" in plan["stage2"]
+    assert "text_hidden" in plan["cached"] and "prompt_embeds" not in plan["cached"]
+    assert sorted(set(tensor_reads)) == sorted(tensor_reads) and "shared.weight" in tensor_reads
+    assert {k.split(".")[2] for k in tensor_reads if k.startswith("encoder.block.")} == {"0", "1"}
+    for saved in ("epoch-0.safetensors", "epoch-0.text_encoder/adapter_model.safetensors"):
+        unsplit, split = load_file(tmp_path / "unsplit" / saved), load_file(tmp_path / "auto" / saved)
+        assert unsplit and unsplit.keys() == split.keys(), saved
+        assert all(torch.equal(unsplit[k], split[k]) for k in unsplit), saved
+    adapter = load_file(tmp_path / "auto" / "epoch-0.text_encoder" / "adapter_model.safetensors")
+    assert all(".encoder.block.1." in k for k in adapter) and len(adapter) == 14  # 7 modules x A, B
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained
+
+
 def test_the_low_noise_expert_trains_transformer_2_and_names_its_file(in_wan_workspace: Path, tmp_path: Path) -> None:
     everything = models(A14B, "transformer_2", "text_encoder", "vae")
     args = wan_args(tmp_path / "low", everything, "--task", "sft", "--expert", "low")
