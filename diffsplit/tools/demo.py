@@ -14,7 +14,7 @@ from typing import Any
 
 from diffsplit.families import family_names, get_family
 from diffsplit.stages import entrypoints
-from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset
+from diffsplit.tools.example_data import make_edit_dataset, make_example_dataset, make_video_dataset
 from diffsplit.training.config import TrainConfig
 
 
@@ -32,10 +32,18 @@ def run_demo(workdir: str, steps: int | None = None, family: str | None = None) 
                 other.tiny.build(model_dir, seed=0, size=other.tiny.sizes[0])
                 print(f"built a tiny random-weight {other.name} at {model_dir}")
     editing = spec.requires_extra_inputs
-    data_dir = work / "data" / ("edit" if editing else "example_image_dataset")
+    video = spec.tasks["sft"].media == "video"
+    folder, make = (
+        ("edit", make_edit_dataset)
+        if editing
+        else ("example_video_dataset", make_video_dataset)
+        if video
+        else ("example_image_dataset", make_example_dataset)
+    )
+    data_dir = work / "data" / folder
     metadata = data_dir / ("metadata.json" if editing else "metadata.csv")
     if not metadata.is_file():
-        (make_edit_dataset if editing else make_example_dataset)(data_dir)
+        make(data_dir)
         print(f"wrote an example dataset at {data_dir}")
     os.environ["DIFFSPLIT_MODEL_BASE_PATH"] = str(models)
     name = spec.example.model_id.rsplit("/", 1)[-1]
@@ -48,12 +56,15 @@ def run_demo(workdir: str, steps: int | None = None, family: str | None = None) 
             "extra_inputs": inputs,
             "edit_image_max_pixels": 128 * 128,
         }
+    if video:
+        # 17 frames of the example clips at about 64x64 px: a video demo on a CPU in seconds.
+        references["num_frames"] = 17
     config = TrainConfig(
         task="sft",
         dataset_base_path=str(data_dir),
         dataset_metadata_path=str(metadata),
         **references,
-        max_pixels=128 * 128,
+        max_pixels=(64 * 64) if video else 128 * 128,
         dataset_repeat=10,
         model_id_with_origin_paths=spec.example.model_paths,
         learning_rate=1e-3,
