@@ -1,8 +1,9 @@
-"""GPU memory of LoRA training on the real Qwen-Image, Z-Image and FLUX.2-klein 4B at 1024x1024, computed.
+"""GPU memory of LoRA training on the real Qwen-Image, Z-Image and FLUX.2-klein 4B at 1024x1024, and on the
+real Wan 2.1 / 2.2 video models at 81 frames 480x832 and 121 frames 704x1280, computed.
 
 Usage::
 
-    python benchmarks/memory_table.py [--resolution 1024] [--text_tokens 128] [--rank 32]
+    python benchmarks/memory_table.py [--resolution 1024] [--text_tokens 128] [--rank 32] [--skip images|wan]
 
 Nothing is downloaded: each model is built on the meta device from its real configuration (written below,
 from the repositories' ``config.json`` files), so parameter counts and shapes are exact. For each family and
@@ -21,6 +22,14 @@ way of storing the denoiser's frozen weights it prints what one GPU holds:
 * a fixed 1.5 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not computed).
 
 "Smallest GPU" is the smallest of common sizes (8, 12, 16, 24, 32, 40, 48, 80, 96, 141 GB) the total fits.
+
+The Wan models (Wan2.1-T2V-1.3B, Wan2.2-TI2V-5B, Wan2.1-T2V-14B, Wan2.1-I2V-14B-480P) get the same memory rows
+per video size (the denoiser sees the prompt zero-padded to 512 tokens, as ``WanPipeline`` pads it; the
+TI2V-5B a timestep per token), and a table of the cache bytes per sample (bf16) of what stage 2 reads: the
+normalised latents ``[c, f, h, w]`` (Wan2.1 VAE: c 16, 8x spatial; Wan2.2 VAE: c 48, 16x spatial; f =
+(F - 1) / 4 + 1), the prompt's valid tokens (``--text_tokens`` x 4096; the cache keeps only valid tokens), and
+for image-to-video the condition: Wan2.1 I2V's masked latents with their 4-channel first-frame mask ``[4 + 16,
+f, h, w]`` and CLIP hidden states ``[257, 1280]``; the TI2V-5B's first-frame latents ``[48, 1, h, w]``.
 Every figure is computed, none measured: no GPU was lent when this was written.
 """
 
@@ -51,10 +60,13 @@ class Family:
 
 
 def _targets(family: str) -> list[str]:
-    """The family's seed-style LoRA targets (what its example command trains)."""
+    """The family's seed-style LoRA targets (what its example command trains), as module names of the
+    diffusers model (a family's target aliases applied: Wan's ``q`` is ``to_q``)."""
     from diffsplit.families import get_family
 
-    return get_family(family).example.lora_targets.split(",")
+    spec = get_family(family)
+    aliases = dict(next((c.lora_target_aliases for c in spec.components if c.name == "dit"), ()))
+    return [aliases.get(t, t) for t in spec.example.lora_targets.split(",")]
 
 
 @contextmanager
@@ -236,23 +248,194 @@ def rows_for(family: Family, resolution: int, tokens: int, rank: int) -> list[li
     return rows
 
 
+@dataclass(frozen=True)
+class WanModel:
+    """One real Wan transformer's shape (diffusers' ``convert_wan_to_diffusers.py`` configs)."""
+
+    name: str
+    heads: int
+    layers: int
+    ffn: int
+    in_channels: int = 16
+    out_channels: int = 16
+    wan22_vae: bool = False  # 48 latent channels, 16x spatial; the TI2V-5B's timestep per token
+    clip: bool = False  # Wan2.1 I2V: CLIP image embeds, added K/V projections, masked condition latents
+
+
+WAN_MODELS = (
+    WanModel("Wan2.1-T2V-1.3B", heads=12, layers=30, ffn=8960),
+    WanModel(
+        "Wan2.2-TI2V-5B", heads=24, layers=30, ffn=14336, in_channels=48, out_channels=48, wan22_vae=True
+    ),
+    WanModel("Wan2.1-T2V-14B", heads=40, layers=40, ffn=13824),
+    WanModel("Wan2.1-I2V-14B-480P", heads=40, layers=40, ffn=13824, in_channels=36, clip=True),
+)
+WAN_VIDEOS = ((81, 480, 832), (121, 704, 1280))  # (frames, height, width)
+WAN_TEXT_TOKENS = 512  # the length WanPipeline pads (and the denoiser sees) every prompt at
+TEXT_DIM, CLIP_TOKENS, CLIP_DIM = 4096, 257, 1280
+
+
+def wan_grid(model: WanModel, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The latents' ``(c, f, h, w)`` of a clip: VAE 4x in time, 8x (Wan2.1) or 16x (Wan2.2) in space."""
+    stride = 16 if model.wan22_vae else 8
+    return (48 if model.wan22_vae else 16), (frames - 1) // 4 + 1, height // stride, width // stride
+
+
+def _wan(model: WanModel, frames: int, height: int, width: int) -> Family:
+    import diffusers
+    import transformers
+
+    def denoiser() -> torch.nn.Module:
+        return diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=model.heads, attention_head_dim=128,
+            in_channels=model.in_channels, out_channels=model.out_channels, text_dim=TEXT_DIM, freq_dim=256,
+            ffn_dim=model.ffn, num_layers=model.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=1e-6, image_dim=CLIP_DIM if model.clip else None,
+            added_kv_proj_dim=model.heads * 128 if model.clip else None, rope_max_seq_len=1024,
+        )  # fmt: skip
+
+    def inputs(resolution: int, tokens: int) -> dict[str, Any]:
+        _, f, h, w = wan_grid(model, frames, height, width)
+        timestep = torch.ones(1, f * (h // 2) * (w // 2)) if model.wan22_vae else torch.ones(1)
+        call = {
+            "hidden_states": torch.empty(1, model.in_channels, f, h, w, dtype=torch.bfloat16),
+            "timestep": timestep,
+            "encoder_hidden_states": torch.empty(1, WAN_TEXT_TOKENS, TEXT_DIM, dtype=torch.bfloat16),
+            "return_dict": False,
+        }
+        if model.clip:
+            call["encoder_hidden_states_image"] = torch.empty(1, CLIP_TOKENS, CLIP_DIM, dtype=torch.bfloat16)
+        return call
+
+    def encoders() -> list[torch.nn.Module]:
+        umt5 = transformers.UMT5Config(
+            d_model=4096, num_layers=24, d_ff=10240, num_heads=64, d_kv=64, vocab_size=256384,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        )  # fmt: skip
+        vae = (
+            diffusers.AutoencoderKLWan(
+                base_dim=160,
+                decoder_base_dim=256,
+                z_dim=48,
+                is_residual=True,
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                scale_factor_temporal=4,
+                scale_factor_spatial=16,
+            )  # fmt: skip
+            if model.wan22_vae
+            else diffusers.AutoencoderKLWan(base_dim=96, z_dim=16)
+        )
+        models = [transformers.UMT5EncoderModel._from_config(umt5), vae]
+        if model.clip:  # OpenCLIP ViT-H/14; the pipeline reads hidden_states[-2], so the last layer is dead
+            clip = transformers.CLIPVisionConfig(
+                hidden_size=1280, num_hidden_layers=31, intermediate_size=5120, num_attention_heads=16,
+                image_size=224, patch_size=14, projection_dim=1024,
+            )  # fmt: skip
+            models.append(transformers.CLIPVisionModelWithProjection._from_config(clip))
+        return models
+
+    return Family(model.name, denoiser, inputs, encoders, _targets("wan"))
+
+
+def repeated_block_inputs(family: Family, rank: int) -> int:
+    """Bytes the activation count (:func:`diffsplit.stages.memory.forward_activations`) adds more than once:
+    it sums every block's inputs, so a tensor handed to every block (Wan's timestep projection, rotary
+    embedding, padded prompt) counts once per block, though the checkpointed blocks share one copy."""
+    from diffsplit.training.lora import add_lora
+
+    with _built_in_bf16():
+        model = family.denoiser()
+    add_lora(model, family.targets, rank=rank)
+    model.enable_gradient_checkpointing()
+    seen: set[int] = set()
+    repeated = 0
+
+    def count(module: Any, args: Any, kwargs: Any) -> None:
+        nonlocal repeated
+        for value in [*args, *kwargs.values()]:
+            for tensor in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    if id(tensor) in seen:
+                        repeated += tensor.numel() * tensor.element_size()
+                    seen.add(id(tensor))
+
+    for block in memory._blocks(model):
+        block.register_forward_pre_hook(count, with_kwargs=True)
+    memory.forward_activations(model, **family.inputs(0, 0))
+    return repeated
+
+
+def wan_cache_rows(tokens: int) -> list[list[str]]:
+    """Bytes per sample (bf16) of what stage 2 reads from the cache, per model and video size."""
+    rows = []
+    for model in WAN_MODELS:
+        for frames, height, width in WAN_VIDEOS:
+            c, f, h, w = wan_grid(model, frames, height, width)
+            latents = c * f * h * w * 2
+            prompt = tokens * TEXT_DIM * 2
+            condition = clip = optional = 0
+            if model.clip:
+                condition, clip = (4 + c) * f * h * w * 2, CLIP_TOKENS * CLIP_DIM * 2
+            elif model.wan22_vae:  # TI2V-5B with --extra_inputs input_image: the first frame's latents
+                optional = c * 1 * h * w * 2
+            total = latents + prompt + condition + clip
+            shown = f"{condition:,}" if condition else f"(+{optional:,} as I2V)" if optional else "-"
+            rows.append(
+                [model.name, f"{frames}x{height}x{width}", f"[{c}, {f}, {h}, {w}]", f"{latents:,}", f"{prompt:,}",
+                 shown, f"{clip:,}" if clip else "-", f"{total:,}", f"{total / 2**20:.1f}", "computed"]
+            )  # fmt: skip
+    return rows
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--text_tokens", type=int, default=128, help="prompt tokens (FLUX.2-klein keeps 512)")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--skip", choices=("images", "wan"), default=None, help="leave out one set of tables")
     args = parser.parse_args()
     header = ["model", "run", "denoiser GiB", "encoders GiB", "LoRA+grads+AdamW GiB", "activations GiB",
               "total GiB", "smallest GPU", ""]  # fmt: skip
-    rows = [header]
-    for family in (_qwen_image(), _z_image(), _flux2_klein()):
-        rows += rows_for(family, args.resolution, args.text_tokens, args.rank)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if args.skip != "images":
+        rows = [header]
+        for family in (_qwen_image(), _z_image(), _flux2_klein()):
+            rows += rows_for(family, args.resolution, args.text_tokens, args.rank)
+        print(
+            f"LoRA rank {args.rank}, {args.resolution}x{args.resolution}, gradient checkpointing, 1.5 GiB CUDA "
+            "runtime assumed\n" + _table(rows)
+        )
+    if args.skip == "wan":
+        return
+    for frames, height, width in WAN_VIDEOS:
+        rows, repeated = [header], []
+        for model in WAN_MODELS:
+            family = _wan(model, frames, height, width)
+            rows += rows_for(family, args.resolution, args.text_tokens, args.rank)
+            repeated.append(f"{model.name} {repeated_block_inputs(family, args.rank) / GIB:.2f}")
+        print(
+            f"\nWan: LoRA rank {args.rank} (q,k,v,o,ffn.0,ffn.2), {frames} frames {height}x{width}, prompt padded "
+            f"to {WAN_TEXT_TOKENS} tokens, gradient checkpointing, 1.5 GiB CUDA runtime assumed\n"
+            + _table(rows)
+        )
+        print(
+            "of which block inputs shared by every block, counted once per block (an overstatement: subtract "
+            "from activations and total), GiB: " + ", ".join(repeated)
+        )
+    cache_header = ["model", "video FxHxW", "latents [c, f, h, w]", "latents B", "prompt B", "condition B",
+                    "CLIP B", "total B/sample", "MiB/sample", ""]  # fmt: skip
     print(
-        f"LoRA rank {args.rank}, {args.resolution}x{args.resolution}, gradient checkpointing, 1.5 GiB CUDA runtime "
-        "assumed\n" + "\n".join(lines)
+        f"\nWan cache per sample (bf16), what stage 2 reads; prompt: {args.text_tokens} valid tokens x {TEXT_DIM} "
+        "(an assumption: the cache keeps each prompt's valid tokens only)\n"
+        + _table([cache_header, *wan_cache_rows(args.text_tokens)])
     )
 
 

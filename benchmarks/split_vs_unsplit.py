@@ -2,12 +2,13 @@
 
 Usage::
 
-    python benchmarks/split_vs_unsplit.py [--family qwen-image|z-image] [--case dit|text_layers]
-        [--text_layers 1] [--size proportioned|tiny] [--resolution 512] [--samples 8] [--steps 10] [--workers auto|N]
-        [--workdir ./bench-work] [--threads N] [--use_gradient_checkpointing]
+    python benchmarks/split_vs_unsplit.py [--family qwen-image|z-image|wan|...] [--case dit|text_layers]
+        [--text_layers 1] [--size proportioned|tiny] [--resolution 512] [--num_frames 17] [--samples 8]
+        [--steps 10] [--workers auto|N] [--workdir ./bench-work] [--threads N] [--use_gradient_checkpointing]
 
-It builds (once, under ``--workdir``) the tiny model and a dataset of same-size square images whose prompts
-all tokenize to the same length (so stage 1 can batch them), then runs every measurement in its own
+It builds (once, under ``--workdir``) the tiny model and a dataset of same-size square images (for a video
+family such as ``wan``: same-size square mp4 clips of ``--num_frames`` frames) whose prompts all tokenize to
+the same length (so stage 1 can batch them), then runs every measurement in its own
 subprocess (``python this_script.py _child <kind> ...``), so each peak RSS belongs to one configuration:
 
 * unsplit ``--task sft`` and stage-2 ``--task sft:train`` run ``diffsplit.cli.main(["train", ...])``
@@ -68,6 +69,25 @@ TRIAL_STEPS = 6  # steps of each --workers auto trial
 BATCHED = 4  # the batched stage-1 size
 MARK = "BENCH "  # prefix of the one JSON line a child prints on stdout
 
+
+@dataclass(frozen=True)
+class Media:
+    """What a family trains on, where that changes the dataset and the flags: the metadata column, the
+    multiple its sides must be, and for a video family the default ``--num_frames`` (``None``: images)."""
+
+    column: str = "image"
+    multiple: int = 16
+    frames: int | None = None
+
+    @property
+    def noun(self) -> str:
+        return "clips" if self.frames is not None else "samples"
+
+
+MEDIA: dict[str, Media] = {"wan": Media(column="video", multiple=32, frames=17)}
+"""The per-family table: a family not named here trains on images (sides multiples of 16)."""
+NUM_FRAMES: int | None = None  # --num_frames of a video family, passed to every run (set by main())
+
 _COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "brown")
 _SHAPES = ("circle", "square", "triangle", "star", "ring", "stripe", "rectangle", "ellipse")
 
@@ -126,11 +146,30 @@ def same_length_prompts(model: Path, samples: int) -> list[tuple[str, str, str, 
     return [best[i * step] for i in range(samples)]
 
 
-def build_dataset(workdir: Path, model: Path, resolution: int, samples: int) -> Path:
-    """``samples`` PNGs of exactly ``resolution`` x ``resolution`` (seeded noise and a shape) + metadata.csv."""
-    from PIL import Image, ImageDraw
+def _draw(background: Any, shape: str, fg: str, bg: str, c: int, r: int) -> Any:
+    """A copy of ``background`` (a square PIL image) with ``shape`` in ``fg`` centred at ``(c, c)``."""
+    from PIL import ImageDraw
 
-    folder = workdir / f"data-{resolution}px-{samples}"
+    image = background.copy()
+    side = image.size[0]
+    box, draw = (c - r, c - r, c + r, c + r), ImageDraw.Draw(image)
+    if shape in ("circle", "ring", "ellipse"):
+        draw.ellipse(box, fill=None if shape == "ring" else fg, outline=fg, width=max(1, r // 4))
+    elif shape in ("triangle", "star"):
+        draw.regular_polygon((c, c, r), n_sides=3 if shape == "triangle" else 5, fill=fg, outline=bg)
+    else:
+        draw.rectangle(box if shape == "square" else (0, c - r // 3, side, c + r // 3), fill=fg)
+    return image
+
+
+def build_dataset(workdir: Path, model: Path, resolution: int, samples: int) -> Path:
+    """``samples`` PNGs of exactly ``resolution`` x ``resolution`` (seeded noise and a shape) + metadata.csv;
+    for a video family, mp4 clips of ``NUM_FRAMES`` such frames, the shape moving one way across them."""
+    from PIL import Image
+
+    media = MEDIA.get(FAMILY, Media())
+    frames = NUM_FRAMES if media.frames is not None else None
+    folder = workdir / (f"data-{resolution}px-{samples}" + (f"-{frames}f" if frames else ""))
     if (folder / "metadata.csv").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,19 +180,21 @@ def build_dataset(workdir: Path, model: Path, resolution: int, samples: int) -> 
         image = Image.frombytes("RGB", (small, small), rng.randbytes(small * small * 3))
         image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
         noise = Image.frombytes("RGB", (resolution, resolution), rng.randbytes(resolution * resolution * 3))
-        image = Image.blend(image, noise, 0.25)
+        background = Image.blend(image, noise, 0.25)
         c, r = resolution // 2 + rng.randint(-resolution // 8, resolution // 8), resolution // 4
-        box, draw = (c - r, c - r, c + r, c + r), ImageDraw.Draw(image)
-        if shape in ("circle", "ring", "ellipse"):
-            draw.ellipse(box, fill=None if shape == "ring" else fg, outline=fg, width=max(1, r // 4))
-        elif shape in ("triangle", "star"):
-            draw.regular_polygon((c, c, r), n_sides=3 if shape == "triangle" else 5, fill=fg, outline=bg)
+        if frames is None:
+            name = f"image_{i:04d}.png"
+            _draw(background, shape, fg, bg, c, r).save(folder / name)
         else:
-            draw.rectangle(box if shape == "square" else (0, c - r // 3, resolution, c + r // 3), fill=fg)
-        name = f"image_{i:04d}.png"
-        image.save(folder / name)
+            # The package's own mp4 writer (what `make-example-dataset --video` writes with): H.264 yuv420p.
+            from diffsplit.tools.example_data import _write_mp4
+
+            name = f"clip_{i:04d}.mp4"
+            shift = resolution // 4  # the centre moves this far over the clip
+            path = [c - shift // 2 + shift * t // max(1, frames - 1) for t in range(frames)]
+            _write_mp4(folder / name, [_draw(background, shape, fg, bg, x, r) for x in path])
         rows.append(f"{name},{prompt}")
-    (folder / "metadata.csv").write_text("image,prompt\n" + "\n".join(rows) + "\n")
+    (folder / "metadata.csv").write_text(f"{media.column},prompt\n" + "\n".join(rows) + "\n")
     return folder
 
 
@@ -367,6 +408,7 @@ def lora_args(base_models: str = "dit", targets: str | None = None) -> list[str]
 def common_args(resolution: int, output: Path, lora: list[str]) -> list[str]:
     return [
         "--max_pixels", str(resolution * resolution),
+        *(["--num_frames", str(NUM_FRAMES)] if NUM_FRAMES is not None else []),
         "--torch_dtype", "float32",
         *lora,
         "--output_path", str(output),
@@ -387,6 +429,11 @@ def training_args(steps: int, workers: int, gradient_checkpointing: bool) -> lis
 
 def folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def size_label(resolution: int) -> str:
+    """``"512x512"``, or for a video family ``"256x256, 17 frames"``."""
+    return f"{resolution}x{resolution}" + (f", {NUM_FRAMES} frames" if NUM_FRAMES is not None else "")
 
 
 def fmt(value: float | None, spec: str = ".3f", unit: str = "") -> str:
@@ -511,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser.add_argument("--family", choices=family_names(), default=family_names()[0])
     parser.add_argument("--size", choices=("proportioned", "tiny"), default="proportioned")
-    parser.add_argument("--resolution", type=int, default=512, help="square image side (multiple of 16)")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="square image side (multiple of 16; of 32 for wan)"
+    )
+    parser.add_argument(
+        "--num_frames", type=int, default=None, help="frames per clip of a video family (4k+1; wan: 17)"
+    )
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed run")
     parser.add_argument("--workers", default="auto", help="stage-2 loader workers: auto (try 0, 1, 2) or N")
@@ -526,8 +578,15 @@ def main(argv: list[str] | None = None) -> int:
         "--torch_dtype", choices=("float32", "bfloat16"), default=None, help="--case batches: stage 2's dtype"
     )
     args = parser.parse_args(argv)
-    if args.resolution < 16 or args.resolution % 16:
-        parser.error("--resolution must be a positive multiple of 16")
+    media = MEDIA.get(args.family, Media())
+    if args.resolution < media.multiple or args.resolution % media.multiple:
+        parser.error(f"--resolution must be a positive multiple of {media.multiple} for {args.family}")
+    if media.frames is None and args.num_frames is not None:
+        parser.error(f"--num_frames is for a video family ({', '.join(MEDIA)}), not {args.family}")
+    if media.frames is not None:
+        args.num_frames = media.frames if args.num_frames is None else args.num_frames
+        if args.num_frames < 1 or (args.num_frames - 1) % 4:
+            parser.error("--num_frames must be 4k+1 (1, 5, 9, 17, ...)")
     if args.steps < WARMUP_STEPS + 2:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
     if args.workers != "auto" and not args.workers.isdigit():
@@ -537,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_layers is None:
         args.text_layers = 1
     use_family(args.family)
+    global NUM_FRAMES
+    NUM_FRAMES = args.num_frames
     command_line = "python " + shlex.join(sys.argv)
     started = time.perf_counter()
 
@@ -606,7 +667,7 @@ def batches_case(bench: Bench) -> int:
         )
     print(f"\n{bench.command_line}\n")
     print(
-        f"{args.family} {args.size}, {res}x{res}, DiT LoRA rank 32, stage 2 from one cache, {workers} loader worker(s)"
+        f"{args.family} {args.size}, {size_label(res)}, DiT LoRA rank 32, stage 2 from one cache, {workers} loader worker(s)"
     )
     print("| --batch_size | step time | samples/s | peak RSS | peak GPU memory |\n|---|---|---|---|---|")
     for row in rows:
@@ -689,12 +750,13 @@ def dit_case(bench: Bench) -> int:
     r_step = ratio(t_stage2, t_denoiser)
     r_bytes = ratio(per_sample, live)
     ok = {True: "met", False: "NOT met", None: "n/a"}
+    noun = MEDIA.get(FAMILY, Media()).noun
     rows = [
         ("unsplit step time (`--task sft`)", fmt(t_unsplit, ".3f", " s"), "median, first 2 steps excluded"),
         ("stage-2 step time (`--task sft:train`)", fmt(t_stage2, ".3f", " s"), f"{workers} loader worker(s)"),
         ("denoiser-only step time (the limit)", fmt(t_denoiser, ".3f", " s"), "cached tensors in memory"),
-        ("stage-1 samples/s, batch 1", samples_per_s(stage1[1]), "model loading excluded"),
-        (f"stage-1 samples/s, batch {BATCHED}", samples_per_s(stage1[BATCHED]), "`--data_process_batch_size`"),
+        (f"stage-1 {noun}/s, batch 1", samples_per_s(stage1[1]), "model loading excluded"),
+        (f"stage-1 {noun}/s, batch {BATCHED}", samples_per_s(stage1[BATCHED]), "`--data_process_batch_size`"),
         ("peak RSS, unsplit", fmt(rss_unsplit, ".0f", " MiB"), "own process (loader workers not counted)"),
         ("peak RSS, stage 2", fmt(rss_stage2, ".0f", " MiB"), "own process (loader workers not counted)"),
         ("frozen models (text encoder + VAE files)", f"{frozen / mib:.1f} MiB", f"DiT files: {dit_bytes / mib:.1f} MiB"),
@@ -719,7 +781,7 @@ def dit_case(bench: Bench) -> int:
     threads = stage2.get("threads") or unsplit.get("threads")
     print()
     print(
-        f"## split vs unsplit: {args.size} {FAMILY}, {res}x{res}, {args.samples} samples, {args.steps} steps"
+        f"## split vs unsplit: {args.size} {FAMILY}, {size_label(res)}, {args.samples} {noun}, {args.steps} steps"
     )
     print()
     print(f"command: `{bench.command_line}`")
@@ -860,7 +922,7 @@ def text_layers_case(bench: Bench) -> int:
     trained_layers = f"layer {cut}" if cut == n - 1 else f"layers {cut}-{n - 1}"
     print()
     print(
-        f"## text-encoder layers: {args.size} {FAMILY}, {res}x{res}, {args.samples} samples, "
+        f"## text-encoder layers: {args.size} {FAMILY}, {size_label(res)}, {args.samples} samples, "
         f"{args.steps} steps, text-encoder LoRA on {trained_layers} of {n}"
     )
     print()
