@@ -28,14 +28,15 @@ from diffsplit.contract.family import Family, TaskUnits
 from diffsplit.contract.options import options_from_config
 from diffsplit.contract.sizing import Sizing, sizing_for
 from diffsplit.errors import UserError
-from diffsplit.families import detect_family, family_names, get_family
+from diffsplit.families import detect_family
 from diffsplit.planner.graph import Unit
 from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter, parse_trainable
 from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
+from diffsplit.stages import checks
 from diffsplit.storage import data
 from diffsplit.storage.models import ModelSet, bind_components
-from diffsplit.storage.resolve import parse_model_specs, resolve_flags, used_flags
+from diffsplit.storage.resolve import resolve_flags, used_flags
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
@@ -97,14 +98,14 @@ class Run:
         if device is None:
             device = process_state().device
         dtype = resolve_dtype(config, device)
-        _refuse_pickles(config)
+        checks.refuse_pickles(config)
         entries = resolve_flags(config.model_id_with_origin_paths, config.model_paths)
         family = detect_family(entries, config.family, config.extra_input_names)
         if config.num_frames is None and family.size_policy.default_frames is not None:
             # A video model's default clip length, set once so the data and the options both see it.
             config = dataclasses.replace(config, num_frames=family.size_policy.default_frames)
-        _check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
-        _check_sharding(config)
+        checks.check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
+        checks.check_sharding(config)
         if task.stage != "data_process":
             optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
         if task.name not in family.tasks:
@@ -114,7 +115,7 @@ class Run:
         bound = bind_components(entries, family.components)
         formats = parse_weight_formats(config.fp8_models, config.quant_options, bound)
         check_available(formats, device)
-        check_offload(config, device)
+        checks.check_offload(config, device)
         models = ModelSet(
             bound,
             family.components,
@@ -140,7 +141,7 @@ class Run:
         recorded = RecordedOptions(options)
         task_units = family.tasks[task.name]
         if task.stage != "train":  # stage 2 reads the cache, not the raw data
-            _check_file_keys(config, family, task_units)
+            checks.check_file_keys(config, family, task_units)
         step_units = task_units.units(recorded)
         cuts = layer_cuts(config, family, models, trained)
         frozen = input_modules(config, models, trained, step_units)
@@ -304,7 +305,7 @@ class Run:
         samples, skipped = data.load_samples(
             config.dataset_base_path,
             metadata_path,
-            data_file_keys=_file_keys(config, self.units),
+            data_file_keys=checks.file_keys(config, self.units),
             required=(self.units.media, *self.task.required_columns, *self.column_inputs),
             sized_keys=(self.units.media,),
             max_pixels=config.max_pixels,
@@ -341,74 +342,6 @@ class Run:
         return samples, skipped
 
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
-"""Weight files that unpickle when loaded: diffsplit never loads one (safetensors only)."""
-
-
-def _refuse_pickles(config: TrainConfig) -> None:
-    """A ``<model_id>:<pattern>`` naming a pickled checkpoint is one line before anything is downloaded, with
-    the diffusers repository's folder to use instead when a family knows the file (``Family.original_checkpoint``)."""
-    if not config.model_id_with_origin_paths:
-        return
-    for spec in parse_model_specs(config.model_id_with_origin_paths):
-        if not spec.pattern.lower().endswith(PICKLE_SUFFIXES):
-            continue
-        hints = [
-            hint
-            for name in family_names()
-            if (ask := get_family(name).original_checkpoint) is not None
-            and (hint := ask(spec.model_id, spec.pattern))
-        ]
-        instead = f"give '{hints[0]}' instead" if hints else "give the model's diffusers repository instead"
-        raise UserError(
-            f"{MODEL_FLAG}: '{spec.model_id}:{spec.pattern}' is a pickled checkpoint, which diffsplit never loads "
-            f"(safetensors only); {instead}"
-        )
-
-
-def _file_keys(config: TrainConfig, task_units: TaskUnits) -> tuple[str, ...]:
-    """``--data_file_keys``, or the task's media column when it is not given."""
-    return data.parse_data_file_keys(config.data_file_keys or task_units.media)
-
-
-def _check_file_keys(config: TrainConfig, family: Family, task_units: TaskUnits) -> None:
-    """Every ``--data_file_keys`` column is read: a reference column without ``--extra_inputs`` would be
-    loaded and silently ignored (a text-to-image model trained on an editing dataset)."""
-    given = set(config.extra_input_names)
-    read = {v for v in task_units.dataset_values if v not in family.extra_inputs or v in given}
-    for name in _file_keys(config, task_units):
-        if name not in read:
-            raise UserError(
-                f"--data_file_keys names '{name}', which the {family.name} family does not read in this run "
-                f"(it reads: {', '.join(sorted(read))}); if its cells are reference images, give --extra_inputs "
-                f"{name}"
-            )
-
-
-def _check_extra_inputs(config: TrainConfig, family: Family, reads_raw_data: bool) -> None:
-    """``--extra_inputs`` names only inputs the family reads, every one an image column of
-    ``--data_file_keys`` (where the raw data is read), and a family that needs them gets them."""
-    given = config.extra_input_names
-    for name in given:
-        if name not in family.extra_inputs + family.derived_inputs:
-            reads = ", ".join(family.extra_inputs + family.derived_inputs) or "none"
-            raise UserError(
-                f"--extra_inputs {name}: the {family.name} family reads no such input (it reads: {reads})"
-            )
-        if name in family.derived_inputs:
-            continue  # made by the family's units from the task's own columns
-        if reads_raw_data and name not in data.parse_data_file_keys(config.data_file_keys):
-            raise UserError(
-                f"--extra_inputs {name}: add it to --data_file_keys (its cells are image paths), "
-                f'e.g. --data_file_keys "image,{name}"'
-            )
-    if family.requires_extra_inputs and not given:
-        raise UserError(
-            f"the {family.name} family trains on reference images: give --extra_inputs "
-            f'"{",".join(family.extra_inputs)}" and list the column in --data_file_keys'
-        )
-
-
 DEFAULT_IMAGE_PIXEL_FLOOR = 32 * 1024 * 1024
 """The default image-size limit is 4 x the pixel budget, but never below this (a 32 MP RGB image is 96 MiB
 decoded): ordinary photos stay whole."""
@@ -432,28 +365,6 @@ def _outside(samples: list[data.Sample], base: Path) -> list[tuple[int, Path]]:
         for value in sample.values.values()
         if isinstance(value, Path) and not value.resolve().is_relative_to(root)
     ]
-
-
-def _check_sharding(config: TrainConfig) -> None:
-    """FSDP (``accelerate config``) shards models trained whole; a LoRA's base stays whole on every process."""
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and config.lora_base_models:
-        raise UserError(
-            "FSDP (accelerate config) is for full fine-tuning (--trainable_models); a LoRA (--lora_base_model) "
-            "trains with plain data parallelism: launch it without FSDP"
-        )
-
-
-def check_offload(config: TrainConfig, device: torch.device) -> None:
-    """The offload flags move memory between a GPU and the CPU: one line when the run has no GPU."""
-    for flag, given in (
-        ("--enable_model_cpu_offload", config.enable_model_cpu_offload),
-        ("--use_gradient_checkpointing_offload", config.use_gradient_checkpointing_offload),
-    ):
-        if given and device.type != "cuda":
-            raise UserError(
-                f"{flag} moves weights or activations from GPU to CPU memory, and this run is on {device.type} "
-                "(no CUDA device): everything is in CPU memory already; drop the flag"
-            )
 
 
 def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
