@@ -404,8 +404,21 @@ def tokenize_unit(fn: Any) -> Unit:
     )
 
 
-def latents_unit(options: Any, mode_fn: Any, sample_fn: Any) -> Unit:
-    """How ``latents`` come from the VAE posterior: its mode, or (``--latent_sample sample``) a keyed draw."""
+def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``--latent_sample mode``: ``latents`` = the normalised posterior mean, shaped as it is."""
+    return {"latents": latent_mean}
+
+
+def sample_posterior(
+    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``--latent_sample sample``: ``latents = mean + std * eps`` (keyed ``eps``, :func:`posterior_sample`)."""
+    return {"latents": posterior_sample(ctx, latent_mean, latent_std)}
+
+
+def latents_unit(options: Any, mode_fn: Any = posterior_mode, sample_fn: Any = sample_posterior) -> Unit:
+    """How ``latents`` come from the VAE posterior: its mode, or (``--latent_sample sample``) a keyed draw; a
+    family whose latents are packed passes its own functions."""
     if options.latent_sample == "mode":
         return Unit(name="posterior_mode", inputs=("latent_mean",), outputs=("latents",), fn=mode_fn)
     return Unit(

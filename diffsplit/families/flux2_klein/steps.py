@@ -20,8 +20,6 @@ from diffsplit.families.flux2_klein.units import (
     RESIZE_IMAGE,
     SIZE_POLICY,
     TOKENIZE,
-    posterior_mode,
-    sample_posterior,
     timestep_noise,
     with_references,
 )
@@ -46,7 +44,7 @@ def _target_units(options: Any) -> list[Unit]:
     return [
         RESIZE_IMAGE,
         ENCODE_IMAGE,
-        latents_unit(options, posterior_mode, sample_posterior),
+        latents_unit(options),
         IMAGE_IDS,
         TOKENIZE,
         ENCODE_PROMPT,

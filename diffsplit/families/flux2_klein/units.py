@@ -67,7 +67,6 @@ from diffsplit.contract.sizing import SizePolicy
 from diffsplit.families.common.flow_match import (
     draw_timestep_noise,
     encode_image_unit,
-    posterior_sample,
     resize_images,
     resize_unit,
     scheduler_constants,
@@ -158,18 +157,6 @@ def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tens
     mode = patchify(posterior.mode())
     mean, std = batch_norm_stats(vae, mode)
     return {"latent_mean": (mode - mean) / std, "latent_std": patchify(posterior.std) / std}
-
-
-def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``--latent_sample mode``: ``latents`` = the normalised posterior mode, ``[B, C, h, w]``."""
-    return {"latents": latent_mean}
-
-
-def sample_posterior(
-    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """``--latent_sample sample``: ``latents = mean + std * eps`` (keyed ``eps``), ``[B, C, h, w]``."""
-    return {"latents": posterior_sample(ctx, latent_mean, latent_std)}
 
 
 def image_ids(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,8 +15,6 @@ from diffsplit.families.wan.units import (
     TOKENIZE,
     denoise_unit,
     noisy_latents_unit,
-    posterior_mode,
-    sample_posterior,
 )
 from diffsplit.planner.graph import Unit
 
@@ -26,7 +24,7 @@ def sft_units(options: Any) -> list[Unit]:
     return [
         RESIZE_VIDEO,
         ENCODE_VIDEO,
-        latents_unit(options, posterior_mode, sample_posterior),
+        latents_unit(options),
         TOKENIZE,
         ENCODE_PROMPT,
         *condition_units(options),

@@ -66,14 +66,12 @@ from diffsplit.families.common.flow_match import (
     NOISY_LATENTS,
     draw_timestep_noise,
     image_size,
-    posterior_sample,
     scheduler_config,
     tokenize_unit,
 )
-from diffsplit.families.common.prompts import note_truncated
+from diffsplit.families.common.prompts import cut_prompt_encoder, note_truncated
 from diffsplit.families.wan.text_encoder import without_dropout
 from diffsplit.planner.graph import Unit
-from diffsplit.planner.layers import part_name
 
 SIZE_POLICY = SizePolicy(
     multiple=32, min_side=32, default_max_pixels=480 * 832, frame_stride=4, default_frames=81
@@ -191,18 +189,6 @@ def encode_video(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tens
     return {"latent_mean": normalise(vae, posterior.mode()), "latent_std": posterior.std.float() / std}
 
 
-def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``--latent_sample mode``: ``latents`` = the normalised posterior mean, ``[B, c, f, h, w]``."""
-    return {"latents": latent_mean}
-
-
-def sample_posterior(
-    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """``--latent_sample sample``: ``latents = mean + std * eps`` (keyed ``eps``), ``[B, c, f, h, w]``."""
-    return {"latents": posterior_sample(ctx, latent_mean, latent_std)}
-
-
 def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
     """Prompt(s) -> ``input_ids``, ``attention_mask`` ``[B, T]`` (long; right padding): the pipeline's
     cleaning and tokenizer call (pad to ``max_length`` 512, truncate, special tokens: T5's ``</s>``)."""
@@ -280,25 +266,8 @@ def encode_prompt_suffix(
     return {"prompt_embeds": out[:, : valid_length(mask)]}
 
 
-def split_encode_prompt(cut: int, stop: int) -> tuple[Unit, Unit]:
-    """``encode_prompt`` cut at block ``cut`` of the ``stop`` blocks it reads: the prefix and suffix units."""
-    prefix_model = part_name("text_encoder", 0, cut)
-    suffix_model = part_name("text_encoder", cut, stop)
-    prefix = Unit(
-        name=f"encode_prompt[0:{cut}]",
-        inputs=("input_ids", "attention_mask"),
-        outputs=("text_hidden",),
-        models=(prefix_model,),
-        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
-    )
-    suffix = Unit(
-        name=f"encode_prompt[{cut}:{stop}]",
-        inputs=("text_hidden", "attention_mask"),
-        outputs=("prompt_embeds",),
-        models=(suffix_model,),
-        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
-    )
-    return prefix, suffix
+split_encode_prompt = cut_prompt_encoder(encode_prompt_prefix, encode_prompt_suffix)
+"""``encode_prompt`` cut at layer ``cut`` of the ``stop`` layers it reads: the prefix and suffix units."""
 
 
 def pad_prompt(prompt_embeds: torch.Tensor | Sequence[torch.Tensor], device: Any, dtype: Any) -> torch.Tensor:

@@ -59,17 +59,15 @@ from diffsplit.families.common.flow_match import (
     encode_image_unit,
     image_size,
     latents_unit,
-    posterior_sample,
     resize_images,
     resize_unit,
     scheduler_constants,
     timestep_noise_unit,
     tokenize_unit,
 )
-from diffsplit.families.common.prompts import note_truncated
+from diffsplit.families.common.prompts import cut_prompt_encoder, note_truncated
 from diffsplit.families.z_image.components import TEXT_ENCODER
 from diffsplit.planner.graph import Unit
-from diffsplit.planner.layers import part_name
 
 SIZE_POLICY = SizePolicy(multiple=16, min_side=16, default_max_pixels=1024 * 1024)
 """Sides are multiples of 16 (``ZImagePipeline`` requires it: the VAE downsamples by 8, the transformer
@@ -135,18 +133,6 @@ def encode_image(ctx: UnitContext, pixels: torch.Tensor) -> dict[str, torch.Tens
     return {"latent_mean": (posterior.mode() - shift) * scale, "latent_std": posterior.std * scale}
 
 
-def posterior_mode(ctx: UnitContext, latent_mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``--latent_sample mode``: ``latents`` = the normalised posterior mean, ``[B, c, h, w]``."""
-    return {"latents": latent_mean}
-
-
-def sample_posterior(
-    ctx: UnitContext, latent_mean: torch.Tensor, latent_std: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """``--latent_sample sample``: ``latents = mean + std * eps`` (keyed ``eps``), ``[B, c, h, w]``."""
-    return {"latents": posterior_sample(ctx, latent_mean, latent_std)}
-
-
 def tokenize(ctx: UnitContext, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
     """Prompt(s) -> ``input_ids``, ``attention_mask`` ``[B, T]`` (long; 1 = token, right padding): the
     pipeline's chat template (:func:`chat_text`) and tokenizer call (pad to ``max_length`` 512, truncate)."""
@@ -205,25 +191,8 @@ def encode_prompt_suffix(
     return {"prompt_embeds": valid_tokens(out, mask)}
 
 
-def split_encode_prompt(cut: int, stop: int) -> tuple[Unit, Unit]:
-    """``encode_prompt`` cut at layer ``cut`` of the ``stop`` layers it reads: the prefix and suffix units."""
-    prefix_model = part_name("text_encoder", 0, cut)
-    suffix_model = part_name("text_encoder", cut, stop)
-    prefix = Unit(
-        name=f"encode_prompt[0:{cut}]",
-        inputs=("input_ids", "attention_mask"),
-        outputs=("text_hidden",),
-        models=(prefix_model,),
-        fn=functools.partial(encode_prompt_prefix, model=prefix_model),
-    )
-    suffix = Unit(
-        name=f"encode_prompt[{cut}:{stop}]",
-        inputs=("text_hidden", "attention_mask"),
-        outputs=("prompt_embeds",),
-        models=(suffix_model,),
-        fn=functools.partial(encode_prompt_suffix, model=suffix_model),
-    )
-    return prefix, suffix
+split_encode_prompt = cut_prompt_encoder(encode_prompt_prefix, encode_prompt_suffix)
+"""``encode_prompt`` cut at layer ``cut`` of the ``stop`` layers it reads: the prefix and suffix units."""
 
 
 def timestep_noise(ctx: UnitContext, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -282,7 +251,7 @@ def sft_units(options: Any) -> list[Unit]:
     return [
         RESIZE_IMAGE,
         ENCODE_IMAGE,
-        latents_unit(options, posterior_mode, sample_posterior),
+        latents_unit(options),
         TOKENIZE,
         ENCODE_PROMPT,
         timestep_noise_unit(timestep_noise),

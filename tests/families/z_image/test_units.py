@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw
 
 from diffsplit.contract.context import unit_context
-from diffsplit.families.common.flow_match import noisy_latents
+from diffsplit.families.common.flow_match import noisy_latents, sample_posterior
 from diffsplit.families.common.options import ImageOptions
 from diffsplit.families.z_image import FAMILY, units
 from diffsplit.families.z_image.components import DIT_LORA_PREFIX
@@ -171,7 +171,7 @@ def test_encode_image_is_the_pipelines_latent_space(z_pipe: Any, models: Any) ->
     through_pipeline = vae.decode(latents["latent_mean"] / scale + shift, return_dict=False)[0]
     torch.testing.assert_close(through_pipeline, vae.decode(posterior.mode(), return_dict=False)[0])
     sampled = [
-        units.sample_posterior(_ctx(models, torch.Generator().manual_seed(3)), **latents)["latents"]
+        sample_posterior(_ctx(models, torch.Generator().manual_seed(3)), **latents)["latents"]
         for _ in range(2)
     ]
     assert torch.equal(sampled[0], sampled[1])
