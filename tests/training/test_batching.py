@@ -27,6 +27,7 @@ PROMPTS = (
     "a cat",
     "a very small red bicycle leaning against a tall stone wall beside a quiet canal at dawn, seen from far away",
 )
+FRAMES = 5  # a video model's clips: 4k+1 frames
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,16 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir()
     with open(folder / "metadata.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "prompt", "edit_image"])
+        writer.writerow(["image", "prompt", "edit_image", "video"])
         for i, prompt in enumerate(PROMPTS):
             Image.new("RGB", (48 + 16 * i, 40), (40 * i, 90, 200)).save(folder / f"{i}.png")
             Image.new("RGB", (72, 64), (200, 40 * i, 90)).save(
                 folder / f"ref{i}.png"
             )  # an editing model's reference
-            writer.writerow([f"{i}.png", prompt, f"ref{i}.png"])
+            (folder / f"clip{i}").mkdir()  # a video model's clip: a folder of frames of the image's size
+            for k in range(FRAMES):
+                Image.new("RGB", (48 + 16 * i, 40), (40 * i, 20 * k, 200)).save(folder / f"clip{i}" / f"{k:02d}.png")
+            writer.writerow([f"{i}.png", prompt, f"ref{i}.png", f"clip{i}"])
     return root
 
 
@@ -71,6 +75,8 @@ def test_each_samples_loss_in_a_batch_equals_its_loss_alone(
         max_pixels=4096,
         batch_size=2,
     )
+    if family.tasks["sft"].media == "video":  # a video model: the clips, at the bucket's size
+        config = dataclasses.replace(config, num_frames=FRAMES)
     if family.requires_extra_inputs:  # an editing model: each sample has a reference image, encoded small
         config = dataclasses.replace(
             config, data_file_keys="image,edit_image", extra_inputs="edit_image", edit_image_max_pixels=4096
