@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffsplit.cli.arguments import _OneLineParser, _positive, add_train_arguments, config_from_args
+from diffsplit.cli.config_file import apply_config, with_file_given
 from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families import family_names, get_family
 from diffsplit.tasks import task_for, task_only_flags
@@ -112,9 +113,10 @@ def quiet_optional_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_optional_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return _dispatch(args, argv)
+        return _dispatch(apply_config(parser, args, argv), argv)
     except UserError as error:
         # Under `accelerate launch` every process meets the same up-front error: the main one says it. A
         # DataError can be one process's alone (its shard, its row): that process says it.
@@ -201,7 +203,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from diffsplit.tools.demo import run_demo  # deferred: start-up time
 
         return run_demo(args.workdir, steps=args.steps, family=args.family)
-    config = config_from_args(args, argv)
+    config = with_file_given(config_from_args(args, argv), args)
     # Deferred: start-up time. The stages import every model library; a command that fails on its flags
     # (config_from_args above) says so before loading them.
     from diffsplit.stages import entrypoints

@@ -54,6 +54,13 @@ def _non_negative(kind: type) -> Any:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="flag values from a .toml or .json file, keys the flag names without dashes (learning_rate = "
+        "1e-4, use_gradient_checkpointing = true, a family's own flags too), each checked as the flag is; "
+        "flags on the command line override it; a run's <output_path>/training_args.json repeats that run",
+    )
     g = parser.add_argument_group("task")
     g.add_argument(
         "--task", default=d.task, choices=task_names(), help="sft (unsplit, or automatic with --cache_dir)"

@@ -3,7 +3,7 @@ files, and written only at checkpoints, each file atomically.
 
 What a run writes (main process only)::
 
-    <output>/training_args.json      the run's flags
+    <output>/training_args.json      the run's flags, every one by name (``--config`` takes it back)
     <output>/loss.csv                one row per step (step, epoch, loss, lr)
     <output>/validation_loss.csv     with --validation_every_n_steps: one row per evaluation (step, epoch, loss)
     <output>/skipped_samples.json    with --skip_bad_samples: the rows left out
