@@ -213,6 +213,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_gradient_checkpointing", action="store_true")
     g.add_argument("--find_unused_parameters", action="store_true", help="passed to DDP")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument(
+        "--caption_dropout_rate",
+        type=_number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+        default=d.caption_dropout_rate,
+        help="train a sample on the empty prompt with this probability, drawn per sample and pass (stage 1 "
+        "stores the empty prompt's embedding once beside the cache)",
+    )
     g = parser.add_argument_group("outputs")
     g.add_argument("--output_path", default=d.output_path)
     g.add_argument(

@@ -28,7 +28,7 @@ from diffsplit.contract.components import SCHEDULER
 from diffsplit.contract.context import unit_context
 from diffsplit.errors import UserError
 from diffsplit.planner.split import SplitPlan
-from diffsplit.stages import memory
+from diffsplit.stages import caption_dropout, memory
 from diffsplit.stages.precompute import existing_identity, probe_sizes, write_cache
 from diffsplit.stages.run import MODEL_FLAG, Run, process_state
 from diffsplit.storage import cache, data
@@ -108,7 +108,7 @@ def train_unsplit(run: Run) -> dict[str, Any]:
         values = data.load_values(samples[index])
         return {graph.dataset_key(k): v for k, v in values.items() if k in graph.dataset_values}
 
-    step_plan = _step_plan(run, plan, frozen_units=plan.stage1)
+    step_plan = _step_plan(run, plan, frozen_units=plan.stage1, dropout=caption_dropout.unsplit(run, plan))
     groups, _ = _group_numbers([s.group for s in samples])
     validation = None
     if run.config.validation_every_n_steps:
@@ -202,7 +202,8 @@ def _encode_conditions(
 
 def _store_sample_prompts(run: Run, folder: Path) -> None:
     """Stage 1: run the frozen prompt units on the sample prompts (and negative prompts) the cache's
-    ``samples/`` lacks, and store what rendering needs of them."""
+    ``samples/`` lacks, and store what rendering needs of them (and the caption dropout's empty prompt)."""
+    caption_dropout.store_empty_prompt(run, folder)
     prompts = _sample_prompts(run)
     if not prompts or not process_state().is_main_process:
         return
@@ -392,7 +393,7 @@ def train_from_cache(
         view = reader.view(sample_ids)
     except KeyError as err:  # automatic mode just wrote them all; only a hand-edited cache lacks one
         raise UserError(f"cache at {folder} lacks sample {err.args[0]}; rerun stage 1") from None
-    step_plan = _step_plan(run, plan, frozen_units=[])
+    step_plan = _step_plan(run, plan, frozen_units=[], dropout=caption_dropout.from_cache(run, plan, folder))
     validation = None
     if run.config.validation_every_n_steps:
         rows = folder / VALIDATION_DIR
@@ -469,9 +470,8 @@ def plan_report(run: Run) -> tuple[str, list[memory.StageMemory]]:
     if not run.config.dataset_base_path:
         return run.plan.explain() + "\n\n(give --dataset_base_path to see bytes per sample and memory)", []
     memory.warm_kernels(run.dtype)
-    baseline = (
-        memory.resident_bytes()
-    )  # libraries imported and their kernels initialised, no model loaded yet
+    # libraries imported and their kernels initialised, no model loaded yet
+    baseline = memory.resident_bytes()
     samples = sorted(run.load_dataset(), key=lambda s: s.id)
     run.models.require(run.plan.stage1_models, flag=MODEL_FLAG)
     step = max(1, len(samples) // PLAN_EXAMINED_ROWS)
@@ -511,6 +511,7 @@ def plan_report(run: Run) -> tuple[str, list[memory.StageMemory]]:
             f"\nsample prompts: {texts} text(s), about {each * texts} bytes in the cache's {SAMPLES_DIR}/ folder; "
             f"stage 2 also loads '{run.family.sample.decoder}' to decode them"
         )
+    validation += caption_dropout.plan_line(run, plan)
     stages = memory.estimate(run, plan, largest[1], baseline, per_sample)
     text = (
         plan.explain()
@@ -540,10 +541,9 @@ def _long_barrier(state: Any) -> Any:
     return lambda: dist.barrier(group=group)
 
 
-def _step_plan(run: Run, plan: SplitPlan, frozen_units: list[str]) -> StepPlan:
-    return StepPlan.build(
-        plan.graph, frozen_units, plan.stage2, run.units.loss_reads, run.task.loss, run.family.collate
-    )
+def _step_plan(run: Run, plan: SplitPlan, frozen_units: list[str], dropout: Any = None) -> StepPlan:
+    reads, loss = run.units.loss_reads, run.task.loss
+    return StepPlan.build(plan.graph, frozen_units, plan.stage2, reads, loss, run.family.collate, dropout)
 
 
 def _group_numbers(keys: list[Any]) -> tuple[np.ndarray, list[Any]]:

@@ -71,6 +71,7 @@ class TrainConfig:
     use_gradient_checkpointing: bool = False
     find_unused_parameters: bool = False
     seed: int = 0
+    caption_dropout_rate: float = 0.0
     # outputs
     output_path: str = "./models/train"
     overwrite_output: bool = False

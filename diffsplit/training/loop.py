@@ -40,6 +40,7 @@ from diffsplit.planner.graph import GraphError, Unit, UnitGraph
 from diffsplit.storage.host_memory import release_freed
 from diffsplit.training import lora
 from diffsplit.training.batches import BatchSampler, batches_per_pass, epoch_plan, usable_batches
+from diffsplit.training.caption_dropout import CaptionDropout
 from diffsplit.training.collate import collate
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import make_optimizer
@@ -75,7 +76,8 @@ class StepDataset(torch.utils.data.Dataset):
 class StepPlan:
     """What each step runs: per sample, ``frozen_units`` under no_grad (static work) then ``units`` with
     grad; then the ``collated`` values of the batch (``collate`` rules by value name), ``batched_units`` on
-    the batch, and ``loss(*values of loss_reads)``."""
+    the batch, and ``loss(*values of loss_reads)``. A training step (never a validation row) first replaces a
+    sample's prompt-side values by the empty prompt's when ``caption_dropout`` drops it."""
 
     graph: UnitGraph
     frozen_units: list[str]
@@ -85,6 +87,7 @@ class StepPlan:
     batched_units: list[str] = field(default_factory=list)
     collated: list[str] = field(default_factory=list)
     collate: Mapping[str, Callable[[list[Any]], Any]] = field(default_factory=dict)
+    caption_dropout: CaptionDropout | None = None
 
     @classmethod
     def build(
@@ -95,6 +98,7 @@ class StepPlan:
         loss_reads: tuple[str, ...],
         loss: Callable[..., torch.Tensor],
         collate: Mapping[str, Callable[[list[Any]], Any]],
+        caption_dropout: CaptionDropout | None = None,
     ) -> StepPlan:
         """Split the step's units into per-sample ones and the batched ones (``Unit.batched``) after them.
 
@@ -122,6 +126,7 @@ class StepPlan:
             batched,
             sorted(needed - from_batch),
             dict(collate),
+            caption_dropout,
         )
 
 
@@ -402,6 +407,8 @@ def run_training(
             )
             for item_index, batch in enumerate(loader, start=skip):
                 _stop_if_any_failed(accelerator, next((i["error"] for i in batch if "error" in i), None))
+                if step_plan.caption_dropout is not None:
+                    batch = [step_plan.caption_dropout.apply(item) for item in batch]
                 with accelerator.accumulate(*wrapped.values()), activations_offloaded(config):
                     loss = batch_loss(step_plan, batch, context, accelerator.device)
                     accelerator.backward(loss)
