@@ -131,10 +131,30 @@ _QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torcha
 torch cannot load, and enum registrations (torchao is imported by peft and diffusers whenever installed)."""
 
 
+class _DropMessage(logging.Filter):
+    """Drops a logger's records whose message contains ``text`` (one known notice, nothing else)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+_TORCHVISION_FALLBACK = _DropMessage("requires torchvision (not installed); falling back to")
+"""transformers 5's notice when a module names ``CLIPImageProcessor``/``SiglipImageProcessor`` without
+torchvision installed: diffusers' pipeline and IP-adapter modules import those names (diffsplit loads its image
+processors as the ``...Pil`` classes itself), so a run cannot act on it; it printed inside the progress bars."""
+
+
 def quiet_optional_libraries() -> None:
     """Silence import-time warnings of optional libraries (errors still show)."""
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    fallback_logger = logging.getLogger("transformers.utils.import_utils")
+    if _TORCHVISION_FALLBACK not in fallback_logger.filters:
+        fallback_logger.addFilter(_TORCHVISION_FALLBACK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -369,3 +369,35 @@ def test_make_example_dataset_pretrained_model_name_or_path_is_model(tmp_path: P
     alias_error = capsys.readouterr().err
     assert cli.main([*argv, "--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err == alias_error and "model_index.json" in alias_error
+
+
+# -- quiet by default ------------------------------------------------------------------------------------------
+_LIBRARY_NOISE = (
+    "requires torchvision",
+    "Failed to load",
+    "register_constant",
+    "Unable to import",
+    "cannot be saved",
+    "[transformers]",
+    "[diffusers]",
+    "Warning",
+    "warn(",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-edit"])
+def test_demo_prints_no_library_warning(tmp_path: Path, family: str) -> None:
+    """A normal run in a fresh process: no transformers/diffusers notice, no torchao import noise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSPLIT_")}
+    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path), DIFFSPLIT_HASH_CACHE=str(tmp_path / "hashes.json"))
+    command = "import sys; from diffsplit.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--steps", "2", "--family", family, "--workdir", str(tmp_path / "w")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = (result.stdout + result.stderr).replace("\r", "\n")
+    noise = [line for line in output.splitlines() if any(n in line for n in _LIBRARY_NOISE)]
+    assert not noise, noise
+    assert "demo done" in output
