@@ -487,7 +487,9 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
                 raise UserError(
                     f"--pretrained_model_name_or_path {repository} and --{name} both name the models: give one"
                 )
-        values["model_paths"] = repository_model_paths(repository, values["family"])
+        values["model_paths"] = repository_model_paths(
+            repository, values["family"], TrainConfig(extra_inputs=values["extra_inputs"]).extra_input_names
+        )
         given.add("model_paths")
     config = TrainConfig(
         **values, family_flags=flags, family_flag_defaults=flag_defaults, given=tuple(sorted(given))
@@ -508,9 +510,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     return config
 
 
-def repository_model_paths(text: str, family: str | None = None) -> str:
+def repository_model_paths(text: str, family: str | None = None, extra_inputs: tuple[str, ...] = ()) -> str:
     """``--pretrained_model_name_or_path``: the ``--model_paths`` JSON list of the model files of a local
-    diffusers repository folder that its family (``--family``, else recognised from ``model_index.json``)
+    diffusers repository folder that its family (``--family``, else recognised from ``model_index.json`` and
+    ``extra_inputs``)
     trains with: the files its example's ``<model_id>:<glob>`` entries match, taken from this folder.
 
     Raises:
@@ -527,7 +530,9 @@ def repository_model_paths(text: str, family: str | None = None) -> str:
                 f"there, or give --model_id_with_origin_paths '{text}:<file pattern>,...'"
             )
         folder = under_base
-    spec = get_family(family) if family else family_of_repository(folder, flag=flag)
+    spec = (
+        get_family(family) if family else family_of_repository(folder, flag=flag, extra_inputs=extra_inputs)
+    )
     files = []
     for entry in parse_model_specs(spec.example.model_paths):
         found = sorted(str(p) for p in folder.glob(entry.pattern) if p.is_file())

@@ -401,3 +401,25 @@ def test_demo_prints_no_library_warning(tmp_path: Path, family: str) -> None:
     noise = [line for line in output.splitlines() if any(n in line for n in _LIBRARY_NOISE)]
     assert not noise, noise
     assert "demo done" in output
+
+
+def test_pretrained_model_name_or_path_of_an_editing_repository(tmp_path: Path) -> None:
+    """An editing model's repository fits its text-to-image family's classes too: --extra_inputs chooses, as
+    it does for the model folders; either way every model file comes from the one repository."""
+    from diffsplit.cli.arguments import repository_model_paths
+
+    spec = get_family("qwen-image-edit")
+    repository = tmp_path / "edit"
+    spec.tiny.build(repository, seed=0, size=spec.tiny.sizes[0])
+    for extra in ((), ("edit_image",)):
+        files = [
+            Path(f)
+            for group in json.loads(repository_model_paths(str(repository), None, extra))
+            for f in group
+        ]
+        assert {f.parent.name for f in files} == {"transformer", "text_encoder", "vae"}
+        assert all(f.is_relative_to(repository) for f in files)
+    with pytest.raises(cli.UserError, match="fit several"):
+        from diffsplit.families import family_of_repository
+
+        family_of_repository(repository, extra_inputs=("mask",))
