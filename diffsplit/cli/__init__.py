@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffsplit.cli.arguments import _OneLineParser, _positive, add_train_arguments, config_from_args
+from diffsplit.cli.arguments import (
+    _OneLineParser,
+    _positive,
+    add_train_arguments,
+    config_from_args,
+    explain_defaults,
+)
 from diffsplit.cli.config_file import apply_config, with_file_given
 from diffsplit.errors import DataError, StoppedElsewhere, UserError
 from diffsplit.families import family_names, get_family
@@ -31,19 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="diffsplit", description="Two-stage split training for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
-    train = sub.add_parser("train", help="train (unsplit, a stage of the split, or both automatically)")
+    train = sub.add_parser(
+        "train",
+        usage="%(prog)s [options]",
+        help="train (unsplit, a stage of the split, or both automatically)",
+    )
     add_train_arguments(train)
 
-    plan = sub.add_parser("plan", help="show how a training run would be split, with bytes per sample")
+    plan = sub.add_parser(
+        "plan",
+        usage="%(prog)s [options]",
+        help="show how a training run would be split, with bytes per sample",
+    )
     add_train_arguments(plan)
 
     cache = sub.add_parser("cache", help="look into a stage-1 cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_OneLineParser)
-    cache_sub.add_parser("inspect", help="status, samples, bytes, stored values").add_argument("folder")
+    inspect = cache_sub.add_parser("inspect", help="status, samples, bytes, stored values")
+    inspect.add_argument("folder", help="the cache folder (one fingerprint's, holding manifest.json)")
     verify = cache_sub.add_parser(
         "verify", help="checksums, completeness, orphan files (exit 1 on a problem)"
     )
-    verify.add_argument("folder")
+    verify.add_argument("folder", help="the cache folder (one fingerprint's, holding manifest.json)")
     verify.add_argument(
         "--quick",
         action="store_true",
@@ -58,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     tiny = sub.add_parser("make-tiny", help="write a random-weight model in the real repository layout")
-    tiny.add_argument("family", choices=family_names())
-    tiny.add_argument("--output", required=True)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--size", default=None, help="tiny (default) or proportioned (benchmarks)")
+    tiny.add_argument("family", choices=family_names(), help="the model family to build")
+    tiny.add_argument(
+        "--output", required=True, help="the repository folder to write (default: none, required)"
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seeds the random weights")
+    tiny.add_argument(
+        "--size",
+        default=None,
+        help="tiny or proportioned (benchmarks), as the family offers (default: its first, tiny)",
+    )
     tiny.add_argument(
         "--num_layers",
         type=_positive(int),
@@ -73,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "make-example-dataset",
         help="write a few small images (or, with --video, clips) and their metadata (.csv, or .json for edit)",
     )
-    example.add_argument("--output", required=True)
-    example.add_argument("--num_images", type=int, default=4)
-    example.add_argument("--max_size", type=int, default=128)
-    example.add_argument("--seed", type=int, default=0)
+    example.add_argument(
+        "--output", required=True, help="the dataset folder to write (default: none, required)"
+    )
+    example.add_argument("--num_images", type=int, default=4, help="how many samples (rows) to write")
+    example.add_argument("--max_size", type=int, default=128, help="the longest side of an image, in pixels")
+    example.add_argument("--seed", type=int, default=0, help="the random seed of the samples")
     example.add_argument(
         "--kind",
         choices=("sft", "distill", "edit"),
@@ -92,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--data_file_keys video and --num_frames up to 25",
     )
     example.add_argument("--model", help="--kind distill: the model folder whose pipeline draws the images")
+    example.add_argument(
+        "--pretrained_model_name_or_path",
+        metavar="DIR",
+        help="alias of --model (the diffusers scripts' flag)",
+    )
     example.add_argument("--size", type=int, default=64, help="--kind distill: image side in pixels")
     example.add_argument(
         "--teacher_steps", type=int, default=8, help="--kind distill: teacher denoising steps"
     )
-    return parser
+    return explain_defaults(parser)
 
 
 _QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
@@ -104,10 +132,30 @@ _QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torcha
 torch cannot load, and enum registrations (torchao is imported by peft and diffusers whenever installed)."""
 
 
+class _DropMessage(logging.Filter):
+    """Drops a logger's records whose message contains ``text`` (one known notice, nothing else)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+_TORCHVISION_FALLBACK = _DropMessage("requires torchvision (not installed); falling back to")
+"""transformers 5's notice when a module names ``CLIPImageProcessor``/``SiglipImageProcessor`` without
+torchvision installed: diffusers' pipeline and IP-adapter modules import those names (diffsplit loads its image
+processors as the ``...Pil`` classes itself), so a run cannot act on it; it printed inside the progress bars."""
+
+
 def quiet_optional_libraries() -> None:
     """Silence import-time warnings of optional libraries (errors still show)."""
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    fallback_logger = logging.getLogger("transformers.utils.import_utils")
+    if _TORCHVISION_FALLBACK not in fallback_logger.filters:
+        fallback_logger.addFilter(_TORCHVISION_FALLBACK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +210,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             path = make_video_dataset(args.output, n=args.num_images, max_size=args.max_size, seed=args.seed)
             print(f"wrote {args.num_images} clips and metadata.csv to {path}")
             return 0
+        if args.pretrained_model_name_or_path:
+            if args.model and args.model != args.pretrained_model_name_or_path:
+                raise UserError(
+                    f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} and --model "
+                    f"{args.model} disagree (--pretrained_model_name_or_path is an alias of --model): give one"
+                )
+            args.model = args.pretrained_model_name_or_path
         if args.kind == "distill":
             if not args.model:
                 raise UserError(
@@ -294,7 +349,10 @@ def print_run_notices(run: Run) -> None:
         needed = {
             "data_process": ", ".join(plan.stage1_models),
             "train": ", ".join(plan.stage2_models),
-        }.get(run.task.stage, f"stage 1: {', '.join(plan.stage1_models)}; stage 2: {', '.join(plan.stage2_models)}")
+        }.get(
+            run.task.stage,
+            f"stage 1: {', '.join(plan.stage1_models)}; stage 2: {', '.join(plan.stage2_models)}",
+        )
         notice(f"--offload_models has no effect: a model a stage does not need is never loaded ({needed})")
     if run.task.stage != "data_process" and not config.use_gradient_checkpointing:
         for name in run.low_bit_trained():

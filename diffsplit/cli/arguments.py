@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
-from diffsplit.families import family_flags, family_names
+from diffsplit.families import family_flags, family_names, family_of_repository, get_family
 from diffsplit.planner.layers import parse_trainable
+from diffsplit.storage.resolve import model_base_path, parse_model_specs
 from diffsplit.tasks import task_names
 from diffsplit.training.config import TrainConfig
 
@@ -51,6 +54,99 @@ def _non_negative(kind: type) -> Any:
     return _number(kind, lambda v: v >= 0, "must be 0 or more")
 
 
+MIXED_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""``--mixed_precision`` (accelerate's and the diffusers scripts' values) -> ``--torch_dtype``."""
+
+ALIASES: dict[str, tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    "rank": ("--lora_rank", lambda v: {"lora_rank": v}),
+    "train_batch_size": ("--batch_size", lambda v: {"batch_size": v}),
+    "resolution": ("--height and --width", lambda v: {"height": v, "width": v}),
+    "mixed_precision": ("--torch_dtype", lambda v: {"torch_dtype": MIXED_PRECISION[v]}),
+}
+"""The diffusers example scripts' flags: alias ``dest`` -> (the flag(s) it stands for, ``value -> {config
+field: value}``). ``--pretrained_model_name_or_path`` is resolved on its own (:func:`repository_model_paths`)."""
+
+DEFAULT_MARK = "default:"
+"""What every option's ``--help`` text says its default after (:func:`explain_defaults`)."""
+
+WHY_NO_DEFAULT: dict[str, str] = {
+    # data
+    "dataset_base_path": "required to train",
+    "dataset_metadata_path": "required to train",
+    "extra_inputs": "the model reads the prompt and the media column only",
+    "height": "each image at its own size within --max_pixels",
+    "width": "each image at its own size within --max_pixels",
+    # models
+    "model_id_with_origin_paths": "give it, --model_paths or --pretrained_model_name_or_path",
+    "model_paths": "give it, --model_id_with_origin_paths or --pretrained_model_name_or_path",
+    "pretrained_model_name_or_path": "the models come from --model_id_with_origin_paths or --model_paths",
+    "fp8_models": "frozen weights keep --torch_dtype",
+    "quant_options": "frozen weights are not quantized",
+    "mixed_precision": "--torch_dtype decides",
+    # direct distillation
+    "num_inference_steps": "each row must give its own",
+    "cfg_scale": "each row must give its own",
+    # what trains
+    "lora_base_model": "no LoRA",
+    "lora_checkpoint": "a fresh LoRA",
+    "trainable_models": "nothing trains fully",
+    "rank": "--lora_rank decides",
+    "resolution": "--height and --width decide",
+    # optimisation
+    "max_train_steps": "--num_epochs decides",
+    "train_batch_size": "--batch_size decides",
+    # outputs
+    "remove_prefix_in_ckpt": "saved keys carry no prefix anyway",
+    "offload_models": "unneeded models are never loaded anyway",
+    "save_steps": "weights are saved at each epoch's end only",
+    "save_state_steps": "no resumable state is saved",
+    "sample_prompts": "no samples are rendered",
+    "sample_every_n_steps": "not by steps",
+    "sample_every_n_epochs": "not by epochs",
+    "validation_metadata_path": "no validation",
+    "validation_every_n_steps": "no validation loss",
+    "resume_from_state": "a fresh start",
+    # split training
+    "cache_dir": "unsplit training, nothing cached",
+    # other subcommands
+    "steps": "every epoch runs to its end",
+    "model": "required with --kind distill",
+}
+"""Why an option without a default value has none (its ``--help`` says so); keyed by ``dest``. An option
+whose help text already says its default (``default: ...``) needs no entry."""
+
+
+def explain_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """End every option's help (of ``parser`` and its subcommands) with its default.
+
+    A switch says ``(default: off)``, a valued option ``(default: <value>)``, one without a value ``(default:
+    none, <why>)`` from :data:`WHY_NO_DEFAULT`; help text that already says ``default:`` is kept. An option
+    with neither stays as it is (a test names it).
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                explain_defaults(sub)
+            continue
+        if isinstance(action, argparse._HelpAction) or action.help is argparse.SUPPRESS:
+            continue
+        text = action.help or ""
+        if DEFAULT_MARK in text.lower():
+            continue
+        if not action.option_strings:
+            continue  # a positional: always given
+        if isinstance(action, argparse._StoreTrueAction):
+            extra = "off"
+        elif action.default is not None:
+            extra = "%(default)s"
+        elif action.dest in WHY_NO_DEFAULT:
+            extra = f"none, {WHY_NO_DEFAULT[action.dest]}"
+        else:
+            continue
+        action.help = f"{text} ({DEFAULT_MARK} {extra})" if text else f"({DEFAULT_MARK} {extra})"
+    return parser
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed-compatible training flags (shared by ``train`` and ``plan``)."""
     d = TrainConfig()
@@ -83,7 +179,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated dataset columns passed to the model as extra inputs, e.g. edit_image (the "
         "reference images of an editing model)",
     )
-    g.add_argument("--dataset_repeat", type=_positive(int), default=d.dataset_repeat)
+    g.add_argument(
+        "--dataset_repeat",
+        type=_positive(int),
+        default=d.dataset_repeat,
+        help="each epoch goes through the dataset this many times",
+    )
     g.add_argument(
         "--dataset_num_workers",
         type=_non_negative(int),
@@ -98,6 +199,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(int),
         help="reference images (--extra_inputs edit_image) are encoded at about this many pixels (default: what "
         "the model's pipeline uses, 1024*1024); smaller saves memory and time but departs from inference",
+    )
+    g.add_argument(
+        "--resolution",
+        type=_positive(int),
+        metavar="N",
+        help="alias (the diffusers scripts' flag): --resolution N is --height N --width N",
     )
     g.add_argument("--height", type=_positive(int), help="fixed height (with --width), multiple of 16")
     g.add_argument("--width", type=_positive(int), help="fixed width (with --height), multiple of 16")
@@ -133,7 +240,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the processor/ folder of the first given repository that has one)",
     )
     g.add_argument(
-        "--torch_dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
+        "--pretrained_model_name_or_path",
+        metavar="DIR",
+        help="alias (the diffusers scripts' flag): a local diffusers repository folder, or <model_id> under "
+        "$DIFFSPLIT_MODEL_BASE_PATH, read as the model files its family trains with, as --model_paths would "
+        "list them",
+    )
+    g.add_argument(
+        "--torch_dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="the models' compute dtype (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    g.add_argument(
+        "--mixed_precision",
+        choices=tuple(MIXED_PRECISION),
+        help="alias of --torch_dtype (the diffusers scripts' flag): no is float32, fp16 float16, bf16 bfloat16",
     )
     g.add_argument(
         "--fp8_models",
@@ -156,7 +277,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the checkpointed activations in CPU memory (implies --use_gradient_checkpointing); CUDA only",
     )
-    g.add_argument("--latent_sample", choices=("mode", "sample"), default=d.latent_sample)
+    g.add_argument(
+        "--latent_sample",
+        choices=("mode", "sample"),
+        default=d.latent_sample,
+        help="the VAE latent a sample trains on: its mode (the mean), or a draw from it",
+    )
     g.add_argument(
         "--timestep_weighting",
         choices=("bell", "none"),
@@ -178,8 +304,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.lora_target_modules,
         help='modules, or per model "dit=to_q,...;text_encoder=q_proj,..."; "re:<regex>" for a regex',
     )
-    g.add_argument("--lora_rank", type=_positive(int), default=d.lora_rank)
-    g.add_argument("--lora_alpha", type=_positive(float), help="default: the rank (scale 1)")
+    g.add_argument("--lora_rank", type=_positive(int), default=d.lora_rank, help="the LoRA's rank")
+    g.add_argument("--rank", type=_positive(int), help="alias of --lora_rank (the diffusers scripts' flag)")
+    g.add_argument(
+        "--lora_alpha",
+        type=_positive(float),
+        help="the LoRA scale is alpha / rank (default: the rank, scale 1)",
+    )
     g.add_argument("--lora_checkpoint", help="continue from this LoRA file")
     g.add_argument(
         "--trainable_models",
@@ -188,31 +319,60 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument(
         "--batch_size",
-        "--train_batch_size",
-        dest="batch_size",
         type=_positive(int),
         default=d.batch_size,
         help="samples per step and process (one size group each: a bucket, or one image size); the loss is "
         "the mean of its samples' losses",
     )
-    g.add_argument("--learning_rate", type=_positive(float), default=d.learning_rate)
-    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument(
+        "--train_batch_size", type=_positive(int), help="alias of --batch_size (the diffusers scripts' flag)"
+    )
+    g.add_argument(
+        "--learning_rate",
+        type=_positive(float),
+        default=d.learning_rate,
+        help="the optimizer's learning rate",
+    )
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="the optimizer's weight decay")
     g.add_argument(
         "--customized_optimizer",
-        help="the optimizer's dotted class path (default torch.optim.AdamW), e.g. torch.optim.Adam or "
+        help="the optimizer's dotted class path (default: torch.optim.AdamW), e.g. torch.optim.Adam or "
         "bitsandbytes.optim.AdamW8bit",
     )
-    g.add_argument("--num_epochs", type=_positive(int), default=d.num_epochs)
-    g.add_argument("--max_train_steps", type=_positive(int))
     g.add_argument(
-        "--gradient_accumulation_steps", type=_positive(int), default=d.gradient_accumulation_steps
+        "--num_epochs", type=_positive(int), default=d.num_epochs, help="passes over the (repeated) dataset"
     )
-    g.add_argument("--lr_scheduler", choices=("constant", "linear", "cosine"), default=d.lr_scheduler)
-    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument(
+        "--max_train_steps",
+        type=_positive(int),
+        help="stop after this many optimizer steps, whatever the epochs",
+    )
+    g.add_argument(
+        "--gradient_accumulation_steps",
+        type=_positive(int),
+        default=d.gradient_accumulation_steps,
+        help="batches whose gradients add up to one optimizer step",
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        choices=("constant", "linear", "cosine"),
+        default=d.lr_scheduler,
+        help="the learning rate's course after the warm-up",
+    )
+    g.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=d.lr_warmup_steps,
+        help="steps over which the learning rate rises linearly from 0",
+    )
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
-    g.add_argument("--use_gradient_checkpointing", action="store_true")
+    g.add_argument(
+        "--use_gradient_checkpointing",
+        action="store_true",
+        help="recompute the trained model's activations in the backward pass: less memory, more time",
+    )
     g.add_argument("--find_unused_parameters", action="store_true", help="passed to DDP")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="the random seed of the run")
     g.add_argument(
         "--caption_dropout_rate",
         type=_number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
@@ -221,7 +381,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "stores the empty prompt's embedding once beside the cache)",
     )
     g = parser.add_argument_group("outputs")
-    g.add_argument("--output_path", default=d.output_path)
+    g.add_argument(
+        "--output_path", default=d.output_path, help="folder for the weights, losses and training_args.json"
+    )
     g.add_argument(
         "--overwrite_output",
         action="store_true",
@@ -269,7 +431,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "validation_loss.csv and tensorboard",
     )
     g.add_argument("--resume_from_state", help="resume exactly from a state folder")
-    g.add_argument("--enable_tensorboard_log", action="store_true")
+    g.add_argument(
+        "--enable_tensorboard_log",
+        action="store_true",
+        help="also log to tensorboard (under the output folder)",
+    )
     g = parser.add_argument_group("split training")
     g.add_argument(
         "--cache_dir",
@@ -314,8 +480,34 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in names}
     flags = {k: v for k, v in vars(args).items() if k in own}
     flag_defaults = {name: default for name, (_, default, _) in family_flags().items()}
-    given = tuple(sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} & (names | own)))
-    config = TrainConfig(**values, family_flags=flags, family_flag_defaults=flag_defaults, given=given)
+    typed = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    given = typed & (names | own)
+    for alias, (flag, expand) in ALIASES.items():
+        value = getattr(args, alias, None)
+        if value is None:
+            continue
+        for name, meant in expand(value).items():
+            if name in typed and values[name] != meant:
+                raise UserError(
+                    f"--{alias} {value} and --{name} {values[name]} disagree (--{alias} is an alias of {flag}): "
+                    "give one of them"
+                )
+            values[name] = meant
+            given.add(name)
+    repository = getattr(args, "pretrained_model_name_or_path", None)
+    if repository:
+        for name in ("model_id_with_origin_paths", "model_paths"):
+            if values[name]:
+                raise UserError(
+                    f"--pretrained_model_name_or_path {repository} and --{name} both name the models: give one"
+                )
+        values["model_paths"] = repository_model_paths(
+            repository, values["family"], TrainConfig(extra_inputs=values["extra_inputs"]).extra_input_names
+        )
+        given.add("model_paths")
+    config = TrainConfig(
+        **values, family_flags=flags, family_flag_defaults=flag_defaults, given=tuple(sorted(given))
+    )
     if (config.height is None) != (config.width is None):
         raise UserError("--height and --width must be given together")
     for entry in config.full_trainable_models:
@@ -326,5 +518,42 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     if not config.trained_components and not config.task.endswith(":data_process"):
         raise UserError("nothing to train: give --lora_base_model or --trainable_models")
     if not config.model_id_with_origin_paths and not config.model_paths:
-        raise UserError("no models: give --model_id_with_origin_paths or --model_paths")
+        raise UserError(
+            "no models: give --model_id_with_origin_paths, --model_paths or --pretrained_model_name_or_path"
+        )
     return config
+
+
+def repository_model_paths(text: str, family: str | None = None, extra_inputs: tuple[str, ...] = ()) -> str:
+    """``--pretrained_model_name_or_path``: the ``--model_paths`` JSON list of the model files of a local
+    diffusers repository folder that its family (``--family``, else recognised from ``model_index.json`` and
+    ``extra_inputs``)
+    trains with: the files its example's ``<model_id>:<glob>`` entries match, taken from this folder.
+
+    Raises:
+        UserError: no such folder (nor ``<model_id>`` under ``$DIFFSPLIT_MODEL_BASE_PATH``), no family fits,
+            or a model folder the family needs is missing.
+    """
+    flag = "--pretrained_model_name_or_path"
+    folder = Path(text)
+    if not folder.is_dir():
+        under_base = model_base_path() / text
+        if not under_base.is_dir():
+            raise UserError(
+                f"{flag}: '{text}' is not a local folder (nor is '{under_base}'); download the repository "
+                f"there, or give --model_id_with_origin_paths '{text}:<file pattern>,...'"
+            )
+        folder = under_base
+    spec = (
+        get_family(family) if family else family_of_repository(folder, flag=flag, extra_inputs=extra_inputs)
+    )
+    files = []
+    for entry in parse_model_specs(spec.example.model_paths):
+        found = sorted(str(p) for p in folder.glob(entry.pattern) if p.is_file())
+        if not found:
+            raise UserError(
+                f"{flag}: no files match '{entry.pattern}' in '{folder}' (the {spec.name} family's "
+                f"{entry.folder or 'root'} model)"
+            )
+        files.append(found)
+    return json.dumps(files)

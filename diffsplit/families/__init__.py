@@ -102,8 +102,11 @@ def detect_family(
     )
 
 
-def family_of_repository(folder: str | Path) -> Family:
-    """The family of a diffusers repository folder, from the model classes its ``model_index.json`` names.
+def family_of_repository(
+    folder: str | Path, flag: str = "--model", extra_inputs: Sequence[str] = ()
+) -> Family:
+    """The family of a diffusers repository folder, from the model classes its ``model_index.json`` names
+    (``extra_inputs`` chooses among several, as in :func:`detect_family`).
 
     Raises:
         UserError: no ``model_index.json``, or no (or more than one) registered family fits.
@@ -111,16 +114,18 @@ def family_of_repository(folder: str | Path) -> Family:
     index_path = Path(folder) / "model_index.json"
     if not index_path.is_file():
         raise UserError(
-            f"--model: '{folder}' is not a diffusers repository folder (no model_index.json); "
+            f"{flag}: '{folder}' is not a diffusers repository folder (no model_index.json); "
             "`diffsplit make-tiny <family> --output DIR` writes one"
         )
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UserError(f"--model: cannot read '{index_path}' ({err})") from None
+        raise UserError(f"{flag}: cannot read '{index_path}' ({err})") from None
     named = {str(v[1]) for v in index.values() if isinstance(v, list) and len(v) == 2}
     known = set().union(*(get_family(name).model_classes for name in REGISTRY))
-    return _the_one_fitting([(c,) for c in sorted(named & known)], f"the repository '{folder}'")
+    return _the_one_fitting(
+        [(c,) for c in sorted(named & known)], f"the repository '{folder}'", tuple(extra_inputs)
+    )
 
 
 def _the_one_fitting(

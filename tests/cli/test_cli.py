@@ -216,3 +216,210 @@ def test_family_flags_come_from_the_families(tmp_path: Path, capsys) -> None:
         for owner in owners:
             options = options_from_config(get_family(owner).options, config)
             assert getattr(options, name) == (True if flag.type is None else default)
+
+
+# -- --help: every option says its default ---------------------------------------------------------------
+def _subparsers(parser, path=()):
+    """``(path, parser)`` of the parser and every subcommand's, depth first."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*path, name))
+
+
+def test_every_option_of_every_subcommand_says_its_default(capsys) -> None:
+    import argparse
+
+    from diffsplit.cli.arguments import DEFAULT_MARK
+
+    commands = {path for path, _ in _subparsers(cli.build_parser())}
+    assert {("train",), ("plan",), ("demo",), ("make-tiny",), ("make-example-dataset",)} <= commands
+    for path, parser in _subparsers(cli.build_parser()):
+        options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        for action in options:
+            text = action.help or ""
+            where = f"diffsplit {' '.join(path)} {action.option_strings[0]}"
+            assert DEFAULT_MARK in text.lower(), f"{where}: its help does not say its default: {text!r}"
+            assert text.split(DEFAULT_MARK)[0].strip(" (").strip(), f"{where}: no help before the default"
+        for action in parser._actions:  # positionals say what they are
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"diffsplit {' '.join(path)} {action.dest}: no help"
+        if path:
+            with pytest.raises(SystemExit):
+                cli.main([*path, "--help"])
+            shown = " ".join(capsys.readouterr().out.split())
+            for action in options:
+                if action.default not in (None, False) and "%(default)s" in (action.help or ""):
+                    assert f"{DEFAULT_MARK} {action.default})" in shown, (path, action.dest)
+
+
+def test_family_flags_show_their_defaults(capsys) -> None:
+    from diffsplit.families import family_flags
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, (flag, default, _) in family_flags().items():
+        block = shown.split(f"--{name}", 1)[1].split(" --", 1)[0]
+        if flag.type is None:
+            assert "(default: off)" in block, block
+        elif default is not None:
+            assert f"(default: {default})" in block, block
+        else:
+            assert "default:" in block, block
+
+
+# -- the diffusers example scripts' flags --------------------------------------------------------------------
+def _config(argv_tail: list[str], out: Path):
+    from diffsplit.cli.arguments import config_from_args
+
+    base = train_args(out)
+    i = base.index("--lora_rank")
+    del base[i : i + 2]
+    argv = ["train", *base, *argv_tail]
+    return config_from_args(cli.build_parser().parse_args(argv), argv)
+
+
+@pytest.mark.parametrize(
+    ("alias", "flag"),
+    [
+        (["--rank", "8"], ["--lora_rank", "8"]),
+        (["--train_batch_size", "2"], ["--batch_size", "2"]),
+        (["--resolution", "256"], ["--height", "256", "--width", "256"]),
+        (["--mixed_precision", "bf16"], ["--torch_dtype", "bfloat16"]),
+        (["--mixed_precision", "fp16"], ["--torch_dtype", "float16"]),
+        (["--mixed_precision", "no"], ["--torch_dtype", "float32"]),
+    ],
+)
+def test_an_alias_reaches_the_config_as_its_flag(tmp_path: Path, alias, flag) -> None:
+    assert _config(alias, tmp_path) == _config(flag, tmp_path)
+    # Both given with the same value: no conflict.
+    assert _config(alias + flag, tmp_path) == _config(flag, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--rank", "8", "--lora_rank", "4"], ["--rank 8", "--lora_rank 4"]),
+        (["--train_batch_size", "2", "--batch_size", "3"], ["--train_batch_size 2", "--batch_size 3"]),
+        (["--resolution", "256", "--height", "128", "--width", "256"], ["--resolution 256", "--height 128"]),
+        (["--mixed_precision", "bf16", "--torch_dtype", "float32"], ["--mixed_precision", "--torch_dtype"]),
+        (
+            ["--pretrained_model_name_or_path", "models/Qwen/Qwen-Image"],
+            ["--pretrained_model_name_or_path", "--model_id_with_origin_paths"],
+        ),
+    ],
+)
+def test_an_alias_and_its_flag_disagreeing_is_one_line(tmp_path: Path, capsys, argv, names) -> None:
+    base = train_args(tmp_path / "out")
+    i = base.index("--lora_rank")
+    del base[i : i + 2]
+    assert cli.main(["train", *base, *argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for name in names:
+        assert name in err[0], err[0]
+
+
+def test_pretrained_model_name_or_path_is_the_repository_model_folders(in_workspace: Path, tmp_path) -> None:
+    from diffsplit.storage.resolve import resolve_flags
+
+    def entries(config):
+        found = resolve_flags(config.model_id_with_origin_paths, config.model_paths, download=False)
+        return sorted((e.folder.resolve(), tuple(p.resolve() for p in e.files)) for e in found)
+
+    seed = _config([], tmp_path)
+    argv = train_args(tmp_path)
+    i = argv.index("--model_id_with_origin_paths")
+    del argv[i : i + 2]
+    argv = [a for a in argv if a not in ("--lora_rank", "4")]
+    for repository in (
+        "models/Qwen/Qwen-Image",
+        "Qwen/Qwen-Image",
+        str(in_workspace / "models/Qwen/Qwen-Image"),
+    ):
+        from diffsplit.cli.arguments import config_from_args
+
+        full = ["train", *argv, "--pretrained_model_name_or_path", repository]
+        config = config_from_args(cli.build_parser().parse_args(full), full)
+        assert config.model_id_with_origin_paths is None
+        assert entries(config) == entries(seed)
+        assert "model_paths" in config.given
+
+
+def test_pretrained_model_name_or_path_not_a_repository_is_one_line(tmp_path: Path, capsys) -> None:
+    argv = train_args(tmp_path / "out")
+    i = argv.index("--model_id_with_origin_paths")
+    del argv[i : i + 2]
+    assert cli.main(["train", *argv, "--pretrained_model_name_or_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--pretrained_model_name_or_path" in err[0] and "model_index.json" in err[0]
+
+
+def test_make_example_dataset_pretrained_model_name_or_path_is_model(tmp_path: Path, capsys) -> None:
+    argv = ["make-example-dataset", "--kind", "distill", "--output", str(tmp_path / "d")]
+    assert cli.main([*argv, "--pretrained_model_name_or_path", "a", "--model", "b"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--pretrained_model_name_or_path a and --model b" in err[0], err
+    # Alone it is --model: the same error --model gives for a folder that is no repository.
+    assert cli.main([*argv, "--pretrained_model_name_or_path", str(tmp_path)]) == 2
+    alias_error = capsys.readouterr().err
+    assert cli.main([*argv, "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == alias_error and "model_index.json" in alias_error
+
+
+# -- quiet by default ------------------------------------------------------------------------------------------
+_LIBRARY_NOISE = (
+    "requires torchvision",
+    "Failed to load",
+    "register_constant",
+    "Unable to import",
+    "cannot be saved",
+    "[transformers]",
+    "[diffusers]",
+    "Warning",
+    "warn(",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-edit"])
+def test_demo_prints_no_library_warning(tmp_path: Path, family: str) -> None:
+    """A normal run in a fresh process: no transformers/diffusers notice, no torchao import noise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSPLIT_")}
+    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path), DIFFSPLIT_HASH_CACHE=str(tmp_path / "hashes.json"))
+    command = "import sys; from diffsplit.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--steps", "2", "--family", family, "--workdir", str(tmp_path / "w")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = (result.stdout + result.stderr).replace("\r", "\n")
+    noise = [line for line in output.splitlines() if any(n in line for n in _LIBRARY_NOISE)]
+    assert not noise, noise
+    assert "demo done" in output
+
+
+def test_pretrained_model_name_or_path_of_an_editing_repository(tmp_path: Path) -> None:
+    """An editing model's repository fits its text-to-image family's classes too: --extra_inputs chooses, as
+    it does for the model folders; either way every model file comes from the one repository."""
+    from diffsplit.cli.arguments import repository_model_paths
+
+    spec = get_family("qwen-image-edit")
+    repository = tmp_path / "edit"
+    spec.tiny.build(repository, seed=0, size=spec.tiny.sizes[0])
+    for extra in ((), ("edit_image",)):
+        files = [
+            Path(f)
+            for group in json.loads(repository_model_paths(str(repository), None, extra))
+            for f in group
+        ]
+        assert {f.parent.name for f in files} == {"transformer", "text_encoder", "vae"}
+        assert all(f.is_relative_to(repository) for f in files)
+    with pytest.raises(cli.UserError, match="fit several"):
+        from diffsplit.families import family_of_repository
+
+        family_of_repository(repository, extra_inputs=("mask",))

@@ -50,6 +50,7 @@ Dimensions (``size="tiny"``, the only size):
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,14 @@ def build_tiny_qwen_image_edit(
             processor=None,
             transformer=transformer,
         )
-        pipe.save_pretrained(str(staging))
+        # processor=None: diffusers warns that it "cannot be saved" (it is written below); nothing to act on.
+        pipeline_log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        level = pipeline_log.level
+        pipeline_log.setLevel(logging.ERROR)
+        try:
+            pipe.save_pretrained(str(staging))
+        finally:
+            pipeline_log.setLevel(level)
         reshard(transformer, staging / "transformer", "diffusion_pytorch_model*.safetensors", shards=3)
         save_shared_components(staging, text_encoder)
 
