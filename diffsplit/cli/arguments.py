@@ -18,6 +18,7 @@ from diffsplit.families import family_flags, family_names
 from diffsplit.planner.layers import parse_trainable
 from diffsplit.tasks import task_names
 from diffsplit.training.config import TrainConfig
+from diffsplit.training.trackers import parse_report_to
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -255,7 +256,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "validation_loss.csv and tensorboard",
     )
     g.add_argument("--resume_from_state", help="resume exactly from a state folder")
-    g.add_argument("--enable_tensorboard_log", action="store_true")
+    g.add_argument(
+        "--enable_tensorboard_log",
+        action="store_true",
+        help="the same as --report_to tensorboard (an alias kept for the seed's commands)",
+    )
+    g.add_argument(
+        "--report_to",
+        type=parse_report_to,
+        help="where to report the loss, learning rate, validation loss and sample images besides loss.csv: "
+        "tensorboard, wandb, both comma-separated, or none (the default)",
+    )
     g = parser.add_argument_group("split training")
     g.add_argument(
         "--cache_dir",
