@@ -429,6 +429,9 @@ def run_training(
             ):
                 render(step, epoch)
             written += checkpoint(f"epoch-{epoch}")
+    except BaseException:
+        trackers.abort()  # what was logged reaches the files (no waiting for the other processes)
+        raise
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
     outputs.flush()

@@ -140,6 +140,22 @@ class Trackers:
             run.log({f"sample/{suffix}": wandb.Image(image) for suffix, image in images}, step=step)
 
     def end(self) -> None:
+        """At the run's end, on every process (accelerate waits for them all)."""
         if self._started:
             self.accelerator.end_training()
             self._started = False
+
+    def abort(self) -> None:
+        """When training fails: close this process's trackers (their files flushed, wandb's run finished
+        with a failure), without waiting for the other processes."""
+        if not self._started:
+            return
+        self._started = False
+        for tracker in self.accelerator.trackers:
+            try:
+                if tracker.name == "wandb":
+                    tracker.run.finish(exit_code=1)
+                else:
+                    tracker.finish()
+            except Exception:  # noqa: BLE001 - the training error is the one to report
+                pass

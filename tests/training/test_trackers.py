@@ -8,6 +8,7 @@ import argparse
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def test_tensorboard_and_wandb_get_loss_lr_validation_and_samples(
 
     runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    records = list(_wandb_records(runs[0]))
+    records = _finished_wandb_run(runs[0])
     config = next(r.config for r in records if r.WhichOneof("record_type") == "config")
     flags = {i.key: json.loads(i.value_json) for i in config.update}
     assert flags["validation_every_n_steps"] == 3 and flags["report_to"] == "tensorboard,wandb"
@@ -133,6 +134,17 @@ def test_tensorboard_and_wandb_get_loss_lr_validation_and_samples(
     assert len(list(runs[0].parent.glob("files/media/images/sample/00_*.png"))) == 2
 
 
+def _finished_wandb_run(path: Path, wait_s: float = 30.0) -> list:
+    """The records of a finished wandb run file: wandb's core process writes the last records after
+    ``run.finish()`` returns, so wait (up to ``wait_s``) for the exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(_wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def _wandb_records(path: Path):
     """The records of a wandb run file (``run-<id>.wandb``: a ``:W&B`` header, then leveldb-log chunks in
     32 KiB blocks, each record a ``wandb_internal_pb2.Record``); wandb's own reader is in its Go core."""
@@ -147,6 +159,8 @@ def _wandb_records(path: Path):
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         if kind == 0 and length == 0:
             pos += left
             continue
@@ -177,3 +191,31 @@ def test_enable_tensorboard_log_is_report_to_tensorboard_and_none_reports_nowher
     )
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["epoch-0.safetensors", "loss.csv",
                                                                    "training_args.json"]  # fmt: skip
+
+
+def test_a_failed_run_closes_its_trackers(in_workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    """Training that fails closes the trackers at once: tensorboard's events are in the file, and wandb's run
+    is finished as failed (not left to the process's exit)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from diffsplit.training import loop
+
+    original, calls = loop.batch_loss, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", *train_args(tmp_path / "out", "--report_to", "tensorboard,wandb")])
+    assert [s for s, _ in _scalars(tmp_path / "out" / "diffsplit")["loss"]] == [1, 2]
+    (run,) = (tmp_path / "wandb_dir" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _finished_wandb_run(run)
+    assert [len([r for r in records if r.WhichOneof("record_type") == "history"])] == [2]
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
