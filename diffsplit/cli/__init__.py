@@ -282,7 +282,7 @@ def _cpu() -> object:
 _TRAINING_ONLY = (
     "learning_rate weight_decay num_epochs max_train_steps gradient_accumulation_steps batch_size lr_scheduler "
     "lr_warmup_steps max_grad_norm use_gradient_checkpointing find_unused_parameters lora_rank lora_alpha "
-    "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log "
+    "lora_checkpoint save_steps save_state_steps resume_from_state enable_tensorboard_log report_to "
     "remove_prefix_in_ckpt timestep_weighting customized_optimizer use_gradient_checkpointing_offload"
 ).split()
 _STAGE2_INERT = (
@@ -304,9 +304,6 @@ def notice(message: str) -> None:
 
 def print_notices(config: TrainConfig) -> None:
     """Notices the flags alone decide (before the run resolves)."""
-    # Deferred (start-up time): the training loop's module loads accelerate and diffusers' optimizers.
-    from diffsplit.training.loop import tensorboard_available
-
     task = task_for(config.task)
     for flag, owner in task_only_flags().items():
         if owner != task.name and flag in config.given:
@@ -329,11 +326,6 @@ def print_notices(config: TrainConfig) -> None:
             f"cores: using {usable}"
         )
         config.dataset_num_workers = usable
-    if config.enable_tensorboard_log and task.stage != "data_process" and not tensorboard_available():
-        notice(
-            "--enable_tensorboard_log has no effect: tensorboard is not installed (pip install tensorboard); "
-            "losses still go to loss.csv"
-        )
 
 
 def print_run_notices(run: Run) -> None:

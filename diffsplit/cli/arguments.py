@@ -21,6 +21,7 @@ from diffsplit.planner.layers import parse_trainable
 from diffsplit.storage.resolve import model_base_path, parse_model_specs
 from diffsplit.tasks import task_names
 from diffsplit.training.config import TrainConfig
+from diffsplit.training.trackers import parse_report_to
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -434,7 +435,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--enable_tensorboard_log",
         action="store_true",
-        help="also log to tensorboard (under the output folder)",
+        help="the same as --report_to tensorboard (an alias kept for the seed's commands)",
+    )
+    g.add_argument(
+        "--report_to",
+        type=parse_report_to,
+        help="where to report the loss, learning rate, validation loss and sample images besides loss.csv: "
+        "tensorboard, wandb, both comma-separated, or none",
     )
     g = parser.add_argument_group("split training")
     g.add_argument(

@@ -42,6 +42,7 @@ from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import optimizer_class
+from diffsplit.training.trackers import check_trackers
 
 MODEL_FLAG = "--model_id_with_origin_paths"
 
@@ -108,6 +109,7 @@ class Run:
         checks.check_sharding(config)
         if task.stage != "data_process":
             optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
+            check_trackers(config)
         if task.name not in family.tasks:
             raise UserError(
                 f"--task {config.task}: the {family.name} family supports {', '.join(family.tasks)}"

@@ -91,6 +91,7 @@ class TrainConfig:
     validation_every_n_steps: int | None = None
     resume_from_state: str | None = None
     enable_tensorboard_log: bool = False
+    report_to: str | None = None  # trackers: 'tensorboard', 'wandb', both comma-separated, or 'none'
     # split training
     cache_dir: str | None = None
     overwrite_cache: bool = False

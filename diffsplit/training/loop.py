@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 import json
 import math
@@ -46,6 +45,7 @@ from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import make_optimizer
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
 from diffsplit.training.rng import keyed_generator
+from diffsplit.training.trackers import Trackers, tracker_names
 from diffsplit.training.trainable import save_checkpoint
 
 
@@ -201,24 +201,16 @@ def validation_loss(
     return total / len(validation.sample_ids)
 
 
-def tensorboard_available() -> bool:
-    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
-
-
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The run's accelerator: DDP settings, gradient accumulation, tensorboard when it is on and installed
-    (the CLI says when it is not)."""
+    """The run's accelerator: DDP settings, gradient accumulation, the trackers of ``--report_to``
+    (:mod:`diffsplit.training.trackers`; checked installed before any work)."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[ddp],
-        log_with="tensorboard" if tensorboard_on(config) else None,
+        log_with=tracker_names(config) or None,
         project_dir=config.output_path,
     )
-
-
-def tensorboard_on(config: TrainConfig) -> bool:
-    return config.enable_tensorboard_log and tensorboard_available()
 
 
 def run_training(
@@ -291,8 +283,8 @@ def run_training(
     start_epoch, start_item, step = 0, 0, 0
     if config.resume_from_state:
         start_epoch, start_item, step = _load_state(accelerator, config.resume_from_state)
-    if tensorboard_on(config):
-        accelerator.init_trackers("diffsplit")
+    trackers = Trackers(accelerator, config)
+    trackers.start()
 
     outputs = RunOutputs(
         config, enabled=accelerator.is_main_process, resume_step=step if config.resume_from_state else None
@@ -337,8 +329,7 @@ def run_training(
         validation_cost.append(time.perf_counter() - began)
         extra_memory["validation"] = max(extra_memory["validation"], _peak_rss_mib() - peak)
         outputs.validation_loss(step, epoch, value)
-        if tensorboard_on(config):
-            accelerator.log({"validation_loss": value}, step=step)
+        trackers.scalars({"validation_loss": value}, step)
 
     sampling_cost: list[float] = []
 
@@ -354,9 +345,7 @@ def run_training(
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             outputs.sample(f"step-{step:06d}_epoch-{epoch}_{suffix}", buffer.getvalue())
-        if tensorboard_on(config):
-            tracker = accelerator.get_tracker("tensorboard")
-            tracker.log_images({f"sample_{s}": np.asarray(i)[None] for s, i in images}, step=step)
+        trackers.images(images, step)
 
     written: list[Path] = []
     last_loss = float("nan")
@@ -426,9 +415,9 @@ def run_training(
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
-                outputs.loss(step, epoch, last_loss, scheduler.get_last_lr()[0])
-                if tensorboard_on(config):
-                    accelerator.log({"loss": last_loss}, step=step)
+                lr = scheduler.get_last_lr()[0]
+                outputs.loss(step, epoch, last_loss, lr)
+                trackers.scalars({"loss": last_loss, "lr": lr}, step)
                 if validation is not None and step % validation.every_n_steps == 0:
                     validate(step, epoch)
                 if sampling is not None and sampling.every_n_steps and step % sampling.every_n_steps == 0:
@@ -447,6 +436,9 @@ def run_training(
             ):
                 render(step, epoch)
             written += checkpoint(f"epoch-{epoch}")
+    except BaseException:
+        trackers.abort()  # what was logged reaches the files (no waiting for the other processes)
+        raise
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
     outputs.flush()
@@ -467,8 +459,7 @@ def run_training(
                 file=sys.stderr,
             )
     accelerator.wait_for_everyone()
-    if tensorboard_on(config):
-        accelerator.end_training()
+    trackers.end()
     seconds = time.perf_counter() - started
     return {
         "steps": step,

@@ -46,7 +46,7 @@ _RUN_FILE = re.compile(r"^(?:(?:epoch|step)-\d+(?:\.[A-Za-z_]\w*)?(?:\.safetenso
 
 # Flags that change how a run goes, not what it trains: two runs differing only in these are the same run.
 _HOW_NOT_WHAT = frozenset(
-    """output_path dataset_num_workers enable_tensorboard_log resume_from_state save_steps save_state_steps
+    """output_path dataset_num_workers enable_tensorboard_log report_to resume_from_state save_steps save_state_steps
     overwrite_output overwrite_cache cache_dir data_process_batch_size cache_shard_size validation_metadata_path
     validation_every_n_steps sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first
     sample_steps sample_guidance_scale sample_width sample_height""".split()

@@ -194,14 +194,6 @@ def test_lora_checkpoint_continues_from_a_file(in_workspace: Path, tmp_path: Pat
         torch.testing.assert_close(first[key], again[key], rtol=0, atol=1e-12)
 
 
-def test_tensorboard_flag_without_tensorboard_is_a_notice(in_workspace, tmp_path, capsys, monkeypatch):
-    from diffsplit.training import loop as training
-
-    monkeypatch.setattr(training, "tensorboard_available", lambda: False)
-    train(tmp_path / "tb", "--enable_tensorboard_log", "--max_train_steps", "1")
-    assert "notice: --enable_tensorboard_log has no effect" in capsys.readouterr().err
-
-
 def test_timestep_weighting_flag_reaches_the_noise_unit(in_workspace: Path, tmp_path: Path, monkeypatch):
     """``--timestep_weighting none`` weights every timestep 1; the default (bell) does not."""
     from diffsplit.tasks import sft
