@@ -71,6 +71,8 @@ DEFAULT_MARK = "default:"
 """What every option's ``--help`` text says its default after (:func:`explain_defaults`)."""
 
 WHY_NO_DEFAULT: dict[str, str] = {
+    "config": "every flag from the command line",
+    "report_to": "only loss.csv",
     # data
     "dataset_base_path": "required to train",
     "dataset_metadata_path": "required to train",
