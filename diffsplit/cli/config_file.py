@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffsplit.cli.arguments import ALIASES
 from diffsplit.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -149,6 +150,11 @@ def file_defaults(path: str | Path, parser: argparse.ArgumentParser) -> tuple[di
         values[action.dest] = converted
         if converted != action.default:
             given.add(action.dest)
+        if action.dest in ALIASES:  # an alias sets its flag(s) too: the file may not give both
+            for target in ALIASES[action.dest][1](converted):
+                if target in keys_of:
+                    raise UserError(f"{FLAG} {path}: {key!r} and {keys_of[target]!r} set the same flag")
+                keys_of[target] = key
     return values, given
 
 

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffsplit.errors import UserError
 from diffsplit.training.config import TrainConfig
 
@@ -126,15 +128,13 @@ class Trackers:
         """Sample images (``(suffix, PIL image)``) as ``sample/<suffix>``."""
         if not (self.on and self._started and images):
             return
-        import numpy as np
-
         if "tensorboard" in self.names:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             for suffix, image in images:
                 pixels = np.asarray(image.convert("RGB"))
                 writer.add_image(f"sample/{suffix}", pixels, global_step=step, dataformats="HWC")
         if "wandb" in self.names:
-            import wandb
+            import wandb  # optional: installed with the diffsplit[wandb] extra, checked before the run
 
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             run.log({f"sample/{suffix}": wandb.Image(image) for suffix, image in images}, step=step)
