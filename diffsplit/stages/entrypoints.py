@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import set_seed
 from PIL import Image, ImageOps
 
 from diffsplit.contract.components import SCHEDULER
@@ -94,7 +95,7 @@ def execute(run: Run) -> dict[str, Any]:
 def train_unsplit(run: Run) -> dict[str, Any]:
     """Unsplit: every unit runs every step (the static ones under no_grad), whole models, no cache."""
     accelerator = make_accelerator(run.config)
-    torch.manual_seed(run.config.seed)
+    set_seed(run.config.seed)  # every global RNG: a saved state never depends on the process's past
     plan = run.split_plan(layer_split=False)
     # Sorted by id, as the cache's samples are: the visiting order is a permutation of sorted positions.
     samples = sorted(run.load_dataset(), key=lambda s: s.id)
@@ -369,7 +370,7 @@ def train_from_cache(
     """Stage 2: train from the cache at ``folder`` (only the samples ``sample_ids`` when given); with
     ``--validation_every_n_steps``, evaluate the rows of its ``validation/`` cache (``validation_ids``)."""
     accelerator = make_accelerator(run.config)
-    torch.manual_seed(run.config.seed)
+    set_seed(run.config.seed)
     reader = cache.CacheReader(folder)
     run.models.require(run.trained, flag=MODEL_FLAG)
     plan = _check_cache(run, reader, str(folder))
