@@ -25,7 +25,7 @@ import torch
 from diffsplit.contract.context import UnitContext
 from diffsplit.contract.images import resize_and_crop
 from diffsplit.families.common.flow_match import image_size
-from diffsplit.families.wan.units import SIZE_POLICY, _clips, normalise
+from diffsplit.families.wan.units import SIZE_POLICY, as_clips, normalise
 from diffsplit.planner.graph import Unit
 
 IMAGE_INPUT = "input_image"
@@ -41,7 +41,7 @@ def first_frame(ctx: UnitContext, video: Any) -> dict[str, Any]:
     """Frames -> ``input_image``: the first frame at the training size (a PIL image, or a list for a batch),
     what the CLIP image processor reads."""
     images = []
-    for frames in _clips(video):
+    for frames in as_clips(video):
         w, h = image_size(frames[0], ctx.options, SIZE_POLICY)
         images.append(resize_and_crop(frames[0], w, h))
     batched = isinstance(video[0], (list, tuple))

@@ -47,7 +47,7 @@ from diffsplit.families.wan.units import (
     ENCODE_VIDEO,
     RESIZE_VIDEO,
     TOKENIZE,
-    _clips,
+    as_clips,
     denoise,
     resize_video,
 )
@@ -63,7 +63,7 @@ def resize_teacher_video(ctx: UnitContext, video: Any) -> dict[str, torch.Tensor
     """
     pixels = resize_video(ctx, video)["pixels"]
     height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
-    for frames in _clips(video):
+    for frames in as_clips(video):
         if frames[0].size != (width, height):
             w, h = frames[0].size
             raise UserError(

@@ -145,7 +145,7 @@ def file_tags(options: Any) -> dict[str, str]:
 
 
 # -- unit functions -----------------------------------------------------------------------------------------
-def _clips(video: Any) -> list[list[Any]]:
+def as_clips(video: Any) -> list[list[Any]]:
     """One sample's frames (a list of PIL images) or a batch of them (a list of such lists) as a batch."""
     return [list(v) for v in video] if video and isinstance(video[0], (list, tuple)) else [list(video)]
 
@@ -158,7 +158,7 @@ def resize_video(ctx: UnitContext, video: Any) -> dict[str, torch.Tensor]:
     the time axis. ``F`` is what the dataset gives (``--num_frames``).
     """
     tensors = []
-    for frames in _clips(video):
+    for frames in as_clips(video):
         w, h = image_size(frames[0], ctx.options, SIZE_POLICY)
         tensors.append(torch.stack([image_to_tensor(resize_and_crop(f, w, h)) for f in frames], dim=1))
     if len({tuple(t.shape) for t in tensors}) != 1:
