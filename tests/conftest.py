@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,21 @@ def tensor_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(decoder_layers, "read_tensors", spy)
     return read
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 server (moto's server mode on a loopback port) for the session; the AWS environment
+    variables point at it while it runs (see :mod:`tests.s3_server`)."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the session's S3 server: ``s3://<name>``."""
+    from tests.s3_server import new_bucket
+
+    return new_bucket()
