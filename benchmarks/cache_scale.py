@@ -3,6 +3,14 @@
 Usage::
 
     python benchmarks/cache_scale.py --samples N [--shard_size S] [--reads 10000] [--workdir ./bench-work/cache]
+    python benchmarks/cache_scale.py --samples N --object_storage [--workers 4]
+
+``--object_storage`` compares the local disk with an S3 API: it starts a local S3 server (moto's server
+mode, a test dependency, on a loopback port), writes the same synthetic cache once to the local disk and
+once to a bucket (fresh both times: stage-1 samples/s of each), then measures each in a fresh process as
+below, plus shuffled reads through a DataLoader with ``--workers`` workers (the read-ahead stage 2 has) and
+the bytes the reading processes wrote to the local disk (``/proc/<pid>/io`` ``write_bytes``) and left in
+their temporary folder: what training from a remote cache costs the local disk.
 
 It builds (once per ``--samples``/``--shard_size``, under ``--workdir``; reused when it is already there and
 complete) a synthetic cache of N samples with the package's own writer: one bf16 tensor of 2 KiB per sample
@@ -36,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,8 +64,18 @@ def sample_id(i: int) -> str:
     return hashlib.sha256(f"row {i}".encode()).hexdigest()[:32]
 
 
-def build(folder: Path, samples: int, shard_size: int) -> float:
-    """Write the synthetic cache (or keep a complete one already there); returns seconds spent writing."""
+def _write_bytes() -> int:
+    """Bytes this process caused to be written to storage so far (``/proc/self/io``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def build(folder: Any, samples: int, shard_size: int) -> float:
+    """Write the synthetic cache (or keep a complete one already there); returns seconds spent writing.
+
+    ``folder`` is a local path or a remote location (:func:`diffsplit.storage.location.location`)."""
     from diffsplit.storage.cache import CacheWriter
 
     identity = {
@@ -70,7 +89,7 @@ def build(folder: Path, samples: int, shard_size: int) -> float:
         stored = json.loads(manifest.read_text())
         if stored.get("status") == "complete" and stored.get("identity") == json.loads(json.dumps(identity)):
             return float("nan")
-        shutil.rmtree(folder)
+        shutil.rmtree(folder) if isinstance(folder, Path) else folder.fs.rm(folder.path, recursive=True)
     started = time.perf_counter()
     writer = CacheWriter(folder, identity, shard_samples=shard_size)
     done = writer.done_ids()
@@ -88,11 +107,13 @@ def build(folder: Path, samples: int, shard_size: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(folder: Path, reads: int) -> dict[str, float]:
-    """The figures, measured in this (fresh) process."""
+def measure(folder: Any, reads: int, workers: int = 0) -> dict[str, float]:
+    """The figures, measured in this (fresh) process; with ``workers``, also shuffled reads through a
+    DataLoader of that many workers."""
     from diffsplit.storage import cache
     from diffsplit.training.loop import StepDataset
 
+    written_before = _write_bytes()
     before = _rss_mib()
     started = time.perf_counter()
     reader = cache.CacheReader(folder)
@@ -127,7 +148,18 @@ def measure(folder: Path, reads: int) -> dict[str, float]:
                 dataset.load(position)
             timings[name].append(count / (time.perf_counter() - started))
     rates = {name: statistics.median(values) for name, values in timings.items()}
+    loader_rate = float("nan")
+    if workers:
+        loader = torch.utils.data.DataLoader(
+            _Positions(dataset, orders["shuffled"]), batch_size=None, num_workers=workers, prefetch_factor=4
+        )
+        started = time.perf_counter()
+        for _ in loader:
+            pass
+        loader_rate = count / (time.perf_counter() - started)
     return {
+        "loader_shuffled_per_s": loader_rate,
+        "local_write_bytes": _write_bytes() - written_before,
         "samples": n,
         "shards": reader.manifest["num_shards"],
         "open_s": open_s,
@@ -141,6 +173,78 @@ def measure(folder: Path, reads: int) -> dict[str, float]:
     }
 
 
+class _Positions(torch.utils.data.Dataset):
+    """Samples of a ``StepDataset`` at given positions, for a DataLoader (its workers read ahead)."""
+
+    def __init__(self, dataset: Any, positions: list[int]) -> None:
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset.load(self.positions[index])
+
+
+def _measure_child(where: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
+    """Run :func:`measure` on ``where`` in a fresh process; its JSON figures."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--samples", str(args.samples), "--reads", str(args.reads),
+         "--workers", str(args.workers), "--measure", where],
+        check=True, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def object_storage(args: argparse.Namespace) -> None:
+    """Local disk against a local S3 server: the same cache written to each, then read by a fresh process."""
+    import os
+    import tempfile
+
+    from diffsplit.storage.location import location
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.s3_server import new_bucket, s3_server
+
+    local = Path(args.workdir) / f"compare-n{args.samples}-s{args.shard_size}"
+    if local.exists():
+        shutil.rmtree(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    with s3_server() as endpoint:
+        remote_url = f"{new_bucket('bench')}/cache"
+        for name, where in (("local disk", str(local)), (f"S3 API ({endpoint})", remote_url)):
+            print(f"writing {args.samples} samples to {where} ...", file=sys.stderr)
+            seconds = build(location(where), args.samples, args.shard_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                m = _measure_child(where, args, env={**os.environ, "TMPDIR": tmp})
+                m["tmp_bytes"] = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+            m["write_per_s"] = args.samples / seconds
+            figures[name] = m
+    names = list(figures)
+    count = min(args.reads, args.samples)
+    rows = [
+        ("stage 1: samples written /s (incl. finalize)", "write_per_s", "{:.0f}"),
+        ("open", "open_s", "{:.3f} s"),
+        ("verify --quick", "verify_quick_s", "{:.2f} s"),
+        ("hash every shard once (verify_all)", "hash_s", "{:.1f} s"),
+        (f"in-order reads ({count}), one process", "inorder_per_s", "{:.0f} /s"),
+        (f"shuffled reads ({count}), one process", "shuffled_per_s", "{:.0f} /s"),
+        (
+            f"shuffled reads ({count}), DataLoader {args.workers} workers",
+            "loader_shuffled_per_s",
+            "{:.0f} /s",
+        ),
+        ("bytes the reading process wrote to local disk", "local_write_bytes", "{:.0f}"),
+        ("bytes left in its temporary folder", "tmp_bytes", "{:.0f}"),
+    ]
+    print(f"| measure | {' | '.join(names)} |\n|---|---|---|")
+    for label, key, form in rows:
+        print(f"| {label} | {' | '.join(form.format(figures[n][key]) for n in names)} |")
+    print(" ".join(f"{key}={figures[names[1]][key] / figures[names[0]][key]:.3f}" for key in (
+        "write_per_s", "shuffled_per_s", "loader_shuffled_per_s")) + " (S3 / local)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, required=True)
@@ -149,10 +253,19 @@ def main() -> None:
     )
     parser.add_argument("--reads", type=int, default=10_000)
     parser.add_argument("--workdir", default="bench-work/cache")
+    parser.add_argument(
+        "--object_storage", action="store_true", help="compare the local disk with a local S3 server"
+    )
+    parser.add_argument("--workers", type=int, default=0, help="also read shuffled through N loader workers")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure this folder, print JSON
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure), args.reads)))
+        from diffsplit.storage.location import location
+
+        print(json.dumps(measure(location(args.measure), args.reads, args.workers)))
+        return
+    if args.object_storage:
+        object_storage(args)
         return
 
     folder = Path(args.workdir) / f"n{args.samples}-s{args.shard_size}"
