@@ -1,0 +1,87 @@
+"""End to end against a real S3 API (the session's local server): a run whose ``--output_path`` is
+``s3://bucket/prefix`` leaves there what a local run leaves in its folder, byte for byte; it resumes from a
+state in the bucket; and a run refused up front leaves the bucket's objects exactly as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from diffsplit import cli
+from diffsplit.stages import entrypoints
+from diffsplit.training.remote_outputs import STAGING_ENV
+from tests.conftest import train_args
+from tests.stages.test_reliability import fails_with_one_line, snapshot
+
+
+@pytest.fixture
+def staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Remote outputs staged under this test's folder."""
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    return tmp_path / "staging"
+
+
+def objects(url: str) -> dict[str, str]:
+    """Every object under ``url``: its key below it -> its sha256."""
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    root = url.removeprefix("s3://").rstrip("/")
+    return {key[len(root) + 1 :]: hashlib.sha256(fs.cat_file(key)).hexdigest() for key in fs.find(root)}
+
+
+def test_a_remote_run_writes_what_a_local_run_writes_and_resumes_from_its_state(
+    in_workspace, s3_bucket, staged, tmp_path
+):
+    flags = ("--save_state_steps", "3", "--enable_tensorboard_log")
+    local = tmp_path / "local"
+    assert cli.main(["train", *train_args(local, *flags)]) == 0
+    remote = f"{s3_bucket}/runs/full"
+    assert cli.main(["train", *train_args(remote, *flags)]) == 0
+
+    theirs, ours = snapshot(local), objects(remote)
+    local_files = {str(Path(k).relative_to(local)): v for k, v in theirs.items() if v != "dir"}
+    # The same seed: the LoRA, the losses and the states bit for bit; the flags but for the output.
+    for name in ("epoch-0.safetensors", "loss.csv", "state-3/optimizer.bin", "state-6/diffsplit_state.json"):
+        assert ours[name] == local_files[name], name
+    assert {k for k in ours if k.startswith("state-")} == {k for k in local_files if k.startswith("state-")}
+    args = json.loads(fsspec.filesystem("s3").cat_file(f"{remote}/training_args.json"))
+    assert args == {**json.loads((local / "training_args.json").read_text()), "output_path": remote}
+    assert any(k.startswith("diffsplit/") and "tfevents" in k for k in ours)  # tensorboard's log, at the end
+    assert not any(staged.rglob("*.safetensors"))  # nothing big stays on the local disk
+
+    resumed = f"{s3_bucket}/runs/resumed"
+    argv = train_args(resumed, "--enable_tensorboard_log", "--resume_from_state", f"{remote}/state-3")
+    assert cli.main(["train", *argv]) == 0
+    again = objects(resumed)
+    assert again["epoch-0.safetensors"] == ours["epoch-0.safetensors"]  # resumed exactly
+    loss = fsspec.filesystem("s3").cat_file(f"{resumed}/loss.csv").decode().splitlines()
+    assert [row.split(",")[0] for row in loss[1:]] == ["4", "5", "6", "7", "8"]
+
+
+def _another_runs_files(prefix: str) -> list[str]:
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{prefix}/training_args.json", json.dumps({"learning_rate": 5e-2}).encode())
+    fs.pipe_file(f"{prefix}/epoch-0.safetensors", b"their weights")
+    fs.pipe_file(f"{prefix}/state-4/diffsplit_state.json", b"")
+    return [f"--output_path {prefix} holds another run's files", "--overwrite_output"]
+
+
+@pytest.mark.parametrize("case", ["another run", "damaged state"])
+def test_a_remote_run_refused_up_front_leaves_the_bucket_as_it_was(
+    in_workspace, s3_bucket, staged, capsys, monkeypatch, case
+):
+    prefix = f"{s3_bucket}/runs/theirs"
+    needles = _another_runs_files(prefix)
+    flags: tuple[str, ...] = ()
+    if case == "damaged state":
+        flags = ("--resume_from_state", f"{prefix}/state-4")
+        needles = ["--resume_from_state", "diffsplit_state.json is damaged"]
+    before = objects(s3_bucket)
+    monkeypatch.setattr(entrypoints, "train_unsplit", lambda run: pytest.fail("training started"))
+    fails_with_one_line(capsys, ["train", *train_args(prefix, *flags)], *needles)
+    assert objects(s3_bucket) == before
+    assert not staged.exists()  # refused before anything was staged
