@@ -532,6 +532,7 @@ def _save_state(accelerator: Accelerator, outputs: RunOutputs, epoch: int, next_
     """A resumable state in ``state-<step>/``: written whole into a temporary folder, then renamed."""
     tmp, final = outputs.state_folder(step)
     accelerator.save_state(str(tmp))  # every process writes its part (its random state) into one folder
+    outputs.share_random_state(accelerator, tmp, final)  # a remote output: each process uploads its own
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
         if final.exists():

@@ -36,12 +36,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils.constants import RNG_STATE_NAME
+
 from diffsplit.errors import UserError
 from diffsplit.storage.data import SKIPPED_FILE
 from diffsplit.storage.files import atomic_write
 from diffsplit.storage.location import Location, is_remote, is_url, location
 from diffsplit.training.config import TrainConfig
-from diffsplit.training.remote_outputs import RemoteOutput, download, local_state, output_folder
+from diffsplit.training.remote_outputs import (
+    RemoteOutput,
+    download,
+    local_state,
+    output_folder,
+    remove_staged,
+)
 from diffsplit.training.trackers import PROJECT
 
 ARGS_FILE = "training_args.json"
@@ -290,10 +298,15 @@ class RunOutputs:
 
     def finish(self, failed: bool = False) -> None:
         """After the run's last file, the trackers closed: a remote output gets what else was staged (the
-        trackers' logs), and its staging folder goes. A failed run uploads only the trackers' logs (whatever
-        else is staged may be half of a checkpoint), and only when it had begun writing: one that failed
-        before its first checkpoint leaves the prefix as it was."""
-        if self.remote is None or not self.enabled or (failed and not self._begun):
+        trackers' logs), and its staging folder goes (a remote state's download too). A failed run uploads
+        only the trackers' logs (whatever else is staged may be half of a checkpoint), and only when it had
+        begun writing: one that failed before its first checkpoint leaves the prefix as it was."""
+        if not self.enabled:
+            return
+        resumed = self.config.resume_from_state
+        if not failed and resumed and is_url(resumed):
+            remove_staged(local_state(resumed))  # the download, loaded long ago
+        if self.remote is None or (failed and not self._begun):
             return
         if failed:
             with contextlib.suppress(UserError):  # the training error is the one to report
@@ -301,6 +314,19 @@ class RunOutputs:
             return
         self.remote.sync()
         self.remote.discard()
+
+    def share_random_state(self, accelerator: Any, tmp: Path, final: Path) -> None:
+        """A remote output of several processes, after each wrote its part of a state into ``tmp``: each
+        process but the main one uploads its own random state (on another machine it is in that machine's
+        staging folder, which the main process never sees); every process then waits, so the state file the
+        main process uploads last marks a state whose every part is there."""
+        if self.remote is None or accelerator.num_processes == 1:
+            return
+        if not accelerator.is_main_process:
+            own = tmp / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+            if own.is_file():
+                self.remote.upload(own, to=f"{final.name}/{own.name}")
+        accelerator.wait_for_everyone()
 
     def state_folder(self, step: int) -> tuple[Path, Path]:
         """``(temporary, final)`` folders for a resumable state: written whole (by every process: the name is

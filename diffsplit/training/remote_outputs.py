@@ -26,6 +26,7 @@ uploaded before the run's first checkpoint, so a run that fails early leaves the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -63,6 +64,13 @@ def output_folder(config: TrainConfig) -> Path:
 def local_state(folder: str) -> Path:
     """The local folder the state ``--resume_from_state folder`` is loaded from (its download if remote)."""
     return staging_folder(folder) if is_url(folder) else Path(location(folder))
+
+
+def remove_staged(folder: Path) -> None:
+    """Remove a staging folder, and its URL's folder above it once empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another URL's name under the same digest: kept
+        folder.parent.rmdir()
 
 
 def download(remote: Location, folder: Path, flag: str = "--resume_from_state") -> None:
@@ -129,9 +137,10 @@ class RemoteOutput:
         """The URL of a staged file or folder."""
         return f"{self.url}/{path.relative_to(self.staging).as_posix()}"
 
-    def upload(self, path: Path, keep: bool = True) -> str:
+    def upload(self, path: Path, keep: bool = True, to: str | None = None) -> str:
         """Upload a staged file, or every file of a staged folder (the :attr:`last` names last); returns its
-        URL. ``keep=False`` removes the staged copy once it is uploaded.
+        URL. ``keep=False`` removes the staged copy once it is uploaded; ``to`` names a file's place under
+        the URL when it is not its staged name.
 
         Raises:
             UserError: naming ``--output_path`` and the file, when the store refuses it.
@@ -139,11 +148,11 @@ class RemoteOutput:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         files.sort(key=lambda p: p.name in self.last)  # stable: the rest keep their sorted order
         for file in files:
-            self._put(file)
+            self._put(file, to)
         if not keep:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             self._sent = {p: s for p, s in self._sent.items() if p.exists()}
-        return self.where(path)
+        return f"{self.url}/{to}" if to else self.where(path)
 
     def sync(self, under: Iterable[str] | None = None) -> None:
         """Upload every staged file not uploaded since it last changed (the end of a run: the trackers'
@@ -160,13 +169,13 @@ class RemoteOutput:
 
     def discard(self) -> None:
         """Remove the staging folder (after the run's last upload)."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove_staged(self.staging)
 
     def _key(self, relative: PurePosixPath) -> str:
         return f"{self.remote.path.rstrip('/')}/{relative.as_posix()}"
 
-    def _put(self, file: Path) -> None:
-        relative = PurePosixPath(file.relative_to(self.staging).as_posix())
+    def _put(self, file: Path, to: str | None = None) -> None:
+        relative = PurePosixPath(to or file.relative_to(self.staging).as_posix())
         stat = file.stat()
         try:
             self.remote.fs.put_file(str(file), self._key(relative))

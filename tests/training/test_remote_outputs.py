@@ -100,7 +100,7 @@ def test_checkpoints_are_uploaded_whole_and_leave_the_staging_folder(url: str, m
     (outputs.folder / "diffsplit" / "events.out").write_bytes(b"log")
     outputs.finish()
     assert _objects(memory, url)["diffsplit/events.out"] == b"log"
-    assert not outputs.folder.exists()
+    assert not outputs.folder.parent.exists()  # the URL's staging folder is gone
 
 
 def test_a_state_folder_is_complete_once_its_state_file_is_there(url: str, memory, monkeypatch) -> None:
@@ -190,3 +190,30 @@ def test_an_unusable_remote_output_is_one_line(s3_endpoint: str, s3_bucket: str)
         check_output_folder(_config(missing))
     with pytest.raises(UserError, match=f"--resume_from_state {s3_bucket}/state-4: no such folder"):
         check_output_folder(_config(f"{s3_bucket}/out", resume_from_state=f"{s3_bucket}/state-4"))
+
+
+class _Process:
+    """What :meth:`RunOutputs.share_random_state` asks of an accelerator: one process among two."""
+
+    num_processes = 2
+
+    def __init__(self, index: int) -> None:
+        self.process_index, self.is_main_process = index, index == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_a_process_on_another_machine_uploads_its_own_random_state(url: str, memory, tmp_path, monkeypatch):
+    config = _config(url)
+    # The second machine: its own staging folder, which the main process never sees.
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-1"))
+    other = RunOutputs(config, enabled=False)
+    tmp, final = other.state_folder(4)
+    tmp.mkdir(parents=True)
+    for index in (1, 2):  # this machine's processes, each writing its own
+        (tmp / f"random_states_{index}.pkl").write_bytes(f"rng {index}".encode())
+    other.share_random_state(_Process(1), tmp, final)
+    assert _objects(memory, url) == {"state-4/random_states_1.pkl": b"rng 1"}
+    other.share_random_state(_Process(0), tmp, final)  # the main process uploads the rest itself
+    assert len(_objects(memory, url)) == 1

@@ -15,6 +15,7 @@ from diffsplit import cli
 from diffsplit.stages import entrypoints
 from diffsplit.training.remote_outputs import STAGING_ENV
 from tests.conftest import train_args
+from tests.stages.test_distributed import launch
 from tests.stages.test_reliability import fails_with_one_line, snapshot
 
 
@@ -60,6 +61,7 @@ def test_a_remote_run_writes_what_a_local_run_writes_and_resumes_from_its_state(
     assert again["epoch-0.safetensors"] == ours["epoch-0.safetensors"]  # resumed exactly
     loss = fsspec.filesystem("s3").cat_file(f"{resumed}/loss.csv").decode().splitlines()
     assert [row.split(",")[0] for row in loss[1:]] == ["4", "5", "6", "7", "8"]
+    assert list(staged.iterdir()) == []  # the staging folders and the state's download are gone
 
 
 def _another_runs_files(prefix: str) -> list[str]:
@@ -85,3 +87,20 @@ def test_a_remote_run_refused_up_front_leaves_the_bucket_as_it_was(
     fails_with_one_line(capsys, ["train", *train_args(prefix, *flags)], *needles)
     assert objects(s3_bucket) == before
     assert not staged.exists()  # refused before anything was staged
+
+
+@pytest.mark.slow
+def test_two_processes_upload_every_part_of_a_state_and_resume_from_it(in_workspace, s3_bucket):
+    flags = ("--save_state_steps", "2", "--find_unused_parameters")
+    full = f"{s3_bucket}/two/full"
+    launch(train_args(full, *flags), in_workspace, processes=2)
+    state = {k for k in objects(full) if k.startswith("state-2/")}
+    assert {
+        "state-2/random_states_0.pkl",
+        "state-2/random_states_1.pkl",
+        "state-2/diffsplit_state.json",
+    } <= state
+    resumed = f"{s3_bucket}/two/resumed"
+    argv = train_args(resumed, "--find_unused_parameters", "--resume_from_state", f"{full}/state-2")
+    launch(argv, in_workspace, processes=2)
+    assert objects(resumed)["epoch-0.safetensors"] == objects(full)["epoch-0.safetensors"]
