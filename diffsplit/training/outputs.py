@@ -49,6 +49,7 @@ from diffsplit.training.remote_outputs import (
     local_state,
     output_folder,
     remove_staged,
+    store_errors,
 )
 from diffsplit.training.trackers import PROJECT
 
@@ -81,8 +82,15 @@ def check_output_folder(config: TrainConfig) -> None:
             files (unless ``--overwrite_output``), or the state to resume from is not a usable state folder.
     """
     out = location(config.output_path, "--output_path")
-    if is_remote(out):
+    if not is_remote(out):
+        _check_output(out, config)
+        return
+    with store_errors(f"--output_path {out}: cannot read it"):
         out.fs.invalidate_cache()  # the listing an earlier run (or another process) changed
+        _check_output(out, config)
+
+
+def _check_output(out: Location, config: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_path {out} is a file, not a folder")
     if is_remote(out):
@@ -120,12 +128,9 @@ def _check_remote_writable(folder: Location, flag: str) -> None:
     """Write and remove a small object under the prefix: the only proof the credentials may write there
     (nothing stays: a failed run leaves the prefix as it was)."""
     probe = f"{folder.path.rstrip('/')}/.diffsplit-write-check-{os.getpid()}"
-    try:
+    with store_errors(f"{flag} {folder}: cannot write there"):
         folder.fs.pipe_file(probe, b"")
         folder.fs.rm_file(probe)
-    except Exception as err:  # noqa: BLE001 - whatever the filesystem's client raises (no bucket, credentials)
-        message = " ".join(str(err).split())[:200]
-        raise UserError(f"{flag} {folder}: cannot write there ({type(err).__name__}: {message})") from None
 
 
 def _other_run(folder: Location, config: TrainConfig) -> str:
@@ -162,8 +167,14 @@ def read_state(folder: str | Path) -> dict[str, int]:
     """
     path = location(folder, "--resume_from_state")
     flag = f"--resume_from_state {folder}"
-    if is_remote(path):
+    if not is_remote(path):
+        return _read_state(path, flag)
+    with store_errors(f"{flag}: cannot read it"):
         path.fs.invalidate_cache()
+        return _read_state(path, flag)
+
+
+def _read_state(path: Location, flag: str) -> dict[str, int]:
     if not path.is_dir():
         raise UserError(f"{flag}: no such folder")
     state_file = path / STATE_FILE

@@ -31,7 +31,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from diffsplit.errors import UserError
@@ -66,6 +66,19 @@ def local_state(folder: str) -> Path:
     return staging_folder(folder) if is_url(folder) else Path(location(folder))
 
 
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Whatever the store's client raises (network, credentials, no bucket, quota) as one line: ``what``
+    and the error; a :class:`UserError` passes as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - each filesystem's client has exceptions of its own
+        message = " ".join(str(err).split())[:200]
+        raise UserError(f"{what} ({type(err).__name__}: {message})") from None
+
+
 def remove_staged(folder: Path) -> None:
     """Remove a staging folder, and its URL's folder above it once empty."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -77,14 +90,12 @@ def download(remote: Location, folder: Path, flag: str = "--resume_from_state") 
     """Copy every object under ``remote`` into ``folder`` (emptied first)."""
     shutil.rmtree(folder, ignore_errors=True)
     fs, root = remote.fs, remote.path.rstrip("/")
-    try:
+    with store_errors(f"{flag} {remote}: download failed"):
         fs.invalidate_cache()
         for key in sorted(fs.find(root)):
             target = folder / PurePosixPath(key[len(root) :].lstrip("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(key, str(target))
-    except Exception as err:  # noqa: BLE001 - whatever the filesystem's client raises (network, credentials)
-        raise UserError(f"{flag} {remote}: download failed ({type(err).__name__}: {err})") from None
 
 
 class RemoteOutput:
@@ -113,25 +124,23 @@ class RemoteOutput:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         fs = self.remote.fs
-        try:
+        with store_errors(f"--output_path {self.url}: download failed"):
             fs.invalidate_cache()
             for name in fetch:
                 key = self._key(PurePosixPath(name))
                 if fs.isfile(key):
                     fs.get_file(key, str(self.staging / name))
-        except Exception as err:  # noqa: BLE001 - whatever the filesystem's client raises (network, credentials)
-            raise UserError(
-                f"--output_path {self.url}: download failed ({type(err).__name__}: {err})"
-            ) from None
 
     def remove(self, matches: Callable[[str], bool]) -> None:
         """Remove the entries directly under the URL whose names ``matches`` (``--overwrite_output``)."""
         fs = self.remote.fs
-        fs.invalidate_cache()
-        for entry in fs.ls(self.remote.path, detail=False) if fs.isdir(self.remote.path) else []:
-            name = PurePosixPath(entry.rstrip("/")).name
-            if matches(name):
-                fs.rm(entry, recursive=True)
+        with store_errors(
+            f"--output_path {self.url} --overwrite_output: removing the earlier run's files failed"
+        ):
+            fs.invalidate_cache()
+            for entry in fs.ls(self.remote.path, detail=False) if fs.isdir(self.remote.path) else []:
+                if matches(PurePosixPath(entry.rstrip("/")).name):
+                    fs.rm(entry, recursive=True)
 
     def where(self, path: Path) -> str:
         """The URL of a staged file or folder."""
@@ -139,8 +148,8 @@ class RemoteOutput:
 
     def upload(self, path: Path, keep: bool = True, to: str | None = None) -> str:
         """Upload a staged file, or every file of a staged folder (the :attr:`last` names last); returns its
-        URL. ``keep=False`` removes the staged copy once it is uploaded; ``to`` names a file's place under
-        the URL when it is not its staged name.
+        URL. ``keep=False`` removes the staged copy once it is uploaded; ``to`` names a file's (not a
+        folder's) place under the URL when it is not its staged name.
 
         Raises:
             UserError: naming ``--output_path`` and the file, when the store refuses it.
@@ -177,10 +186,6 @@ class RemoteOutput:
     def _put(self, file: Path, to: str | None = None) -> None:
         relative = PurePosixPath(to or file.relative_to(self.staging).as_posix())
         stat = file.stat()
-        try:
+        with store_errors(f"--output_path {self.url}: uploading {relative} failed"):
             self.remote.fs.put_file(str(file), self._key(relative))
-        except Exception as err:  # noqa: BLE001 - whatever the filesystem's client raises (network, quota)
-            raise UserError(
-                f"--output_path {self.url}: uploading {relative} failed ({type(err).__name__}: {err})"
-            ) from None
         self._sent[file] = (stat.st_size, stat.st_mtime_ns)

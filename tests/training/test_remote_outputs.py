@@ -27,6 +27,7 @@ from diffsplit.training.remote_outputs import (
     local_state,
     output_folder,
     staging_folder,
+    store_errors,
 )
 
 
@@ -183,6 +184,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_uploads_nothing(url: str, 
 
 
 def test_an_unusable_remote_output_is_one_line(s3_endpoint: str, s3_bucket: str) -> None:
+    # Whatever the store's client raises (here what an unreachable endpoint raises) is one line.
+    with pytest.raises(UserError, match=r"^--output_path x: cannot read it \(ConnectionError: refused\)$"):
+        with store_errors("--output_path x: cannot read it"):
+            raise ConnectionError("refused")
     with pytest.raises(UserError, match="--output_path nosuchproto://bucket/x: unknown storage protocol"):
         check_output_folder(_config("nosuchproto://bucket/x"))
     missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out"
