@@ -44,6 +44,7 @@ from diffsplit.storage.files import atomic_write
 from diffsplit.storage.location import Location, is_remote, is_url, location
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.remote_outputs import (
+    STAGING_ENV,
     RemoteOutput,
     download,
     local_state,
@@ -88,6 +89,8 @@ def check_output_folder(config: TrainConfig) -> None:
     with store_errors(f"--output_path {out}: cannot read it"):
         out.fs.invalidate_cache()  # the listing an earlier run (or another process) changed
         _check_output(out, config)
+    # The run writes there first: a staging root it cannot write would fail it at its first step.
+    _check_writable(output_folder(config), f"--output_path {out}: the staging folder (${STAGING_ENV})")
 
 
 def _check_output(out: Location, config: TrainConfig) -> None:

@@ -135,7 +135,9 @@ def test_a_state_folder_is_complete_once_its_state_file_is_there(url: str, memor
     assert [row[0] for row in RunOutputs(resumed, enabled=True, resume_step=4).rows] == [3]
 
 
-def test_up_front_checks_read_the_remote_listing_and_write_nothing(url: str, memory) -> None:
+def test_up_front_checks_read_the_remote_listing_and_write_nothing(
+    url: str, memory, tmp_path, monkeypatch
+) -> None:
     config = _config(url)
     check_output_folder(config)  # an empty prefix
     assert _objects(memory, url) == {}  # the write check removed its object
@@ -153,6 +155,10 @@ def test_up_front_checks_read_the_remote_listing_and_write_nothing(url: str, mem
         check_output_folder(_config(url, resume_from_state=f"{url}/state-9"))
     with pytest.raises(UserError, match="not a diffsplit state folder"):
         read_state(url)
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "a file"))
+    with pytest.raises(UserError, match=rf"--output_path {url}: the staging folder \(\${STAGING_ENV}\)"):
+        check_output_folder(config)
     assert _objects(memory, url) == before
 
 
