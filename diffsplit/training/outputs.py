@@ -323,7 +323,7 @@ class RunOutputs:
         if self.remote is None or (failed and not self._begun):
             return
         if failed:
-            with contextlib.suppress(UserError):  # the training error is the one to report
+            with contextlib.suppress(Exception):  # the training error is the one to report
                 self.remote.sync(under=TRACKER_FOLDERS)
             return
         self.remote.sync()

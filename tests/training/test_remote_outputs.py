@@ -75,7 +75,7 @@ def test_the_staging_folder_is_one_per_url_named_as_its_end(url: str, tmp_path: 
 
 
 def test_checkpoints_are_uploaded_whole_and_leave_the_staging_folder(url: str, memory) -> None:
-    config = _config(url, save_state_steps=2)
+    config = _config(url, save_state_steps=2, validation_every_n_steps=1, skip_bad_samples=True)
     prepare_outputs(_OneProcess(), config)
     outputs = RunOutputs(config, enabled=True)
     outputs.begin()
@@ -89,8 +89,14 @@ def test_checkpoints_are_uploaded_whole_and_leave_the_staging_folder(url: str, m
     assert outputs.publish([lora, adapter]) == [f"{url}/epoch-0.safetensors", f"{url}/epoch-0.text_encoder"]
     assert not lora.exists() and not adapter.exists()  # big files do not stay on the local disk
     outputs.loss(1, 0, 0.5, 1e-3)
+    outputs.validation_loss(1, 0, 0.25)
+    outputs.sample("step-000001_epoch-0_0", b"png")
+    outputs.skip([{"row": 3, "path": "bad.jpg", "reason": "truncated"}])
     outputs.flush()
     objects = _objects(memory, url)
+    assert objects["samples/step-000001_epoch-0_0.png"] == b"png"
+    assert objects["validation_loss.csv"].decode().splitlines()[1] == "1,0,0.25"
+    assert json.loads(objects["skipped_samples.json"])[0]["row"] == 3
     assert objects["epoch-0.safetensors"] == b"weights"
     assert objects["epoch-0.text_encoder/adapter_model.safetensors"] == b"adapter"
     assert json.loads(objects[ARGS_FILE])["output_path"] == url
