@@ -45,20 +45,33 @@ def test_a_remote_run_writes_what_a_local_run_writes_and_resumes_from_its_state(
 
     theirs, ours = snapshot(local), objects(remote)
     local_files = {str(Path(k).relative_to(local)): v for k, v in theirs.items() if v != "dir"}
-    # The same seed: the LoRA, the losses and the states bit for bit; the flags but for the output.
-    for name in ("epoch-0.safetensors", "loss.csv", "state-3/optimizer.bin", "state-6/diffsplit_state.json"):
-        assert ours[name] == local_files[name], name
-    assert {k for k in ours if k.startswith("state-")} == {k for k in local_files if k.startswith("state-")}
+
+    # The same seed: every file bit for bit (the LoRA, the losses, the states), but for the flags' output
+    # path and the trackers' logs (named by time and host).
+    def same(files: dict[str, str]) -> dict[str, str]:
+        return {
+            k: v for k, v in files.items() if k != "training_args.json" and not k.startswith("diffsplit/")
+        }
+
+    assert same(ours) == same(local_files)
+    assert {"epoch-0.safetensors", "state-3/optimizer.bin", "state-6/diffsplit_state.json"} <= ours.keys()
     args = json.loads(fsspec.filesystem("s3").cat_file(f"{remote}/training_args.json"))
     assert args == {**json.loads((local / "training_args.json").read_text()), "output_path": remote}
     assert any(k.startswith("diffsplit/") and "tfevents" in k for k in ours)  # tensorboard's log, at the end
     assert not any(staged.rglob("*.safetensors"))  # nothing big stays on the local disk
 
+    # The same run again is not refused (its flags read from the bucket), and writes the same objects.
+    assert cli.main(["train", *train_args(remote, *flags)]) == 0
+    again = objects(remote)
+    # (but for the trackers' logs, new ones per run, under diffsplit/)
+    assert {k: v for k, v in again.items() if not k.startswith("diffsplit/")} == {
+        k: v for k, v in ours.items() if not k.startswith("diffsplit/")
+    }
+
     resumed = f"{s3_bucket}/runs/resumed"
     argv = train_args(resumed, "--enable_tensorboard_log", "--resume_from_state", f"{remote}/state-3")
     assert cli.main(["train", *argv]) == 0
-    again = objects(resumed)
-    assert again["epoch-0.safetensors"] == ours["epoch-0.safetensors"]  # resumed exactly
+    assert objects(resumed)["epoch-0.safetensors"] == ours["epoch-0.safetensors"]  # resumed exactly
     loss = fsspec.filesystem("s3").cat_file(f"{resumed}/loss.csv").decode().splitlines()
     assert [row.split(",")[0] for row in loss[1:]] == ["4", "5", "6", "7", "8"]
     assert list(staged.iterdir()) == []  # the staging folders and the state's download are gone
