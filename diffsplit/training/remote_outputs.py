@@ -41,9 +41,6 @@ from diffsplit.training.config import TrainConfig
 STAGING_ENV = "DIFFSPLIT_STAGING_DIR"
 """The environment variable naming the folder remote outputs are staged under (default: the temp folder)."""
 
-# Temporary names a run writes in its folder (a state before its rename): never uploaded.
-_PARTIAL = (".state-", ".tmp")
-
 
 def staging_folder(url: str) -> Path:
     """The local folder a run stages the remote location ``url`` in (the same for every process)."""
@@ -165,10 +162,11 @@ class RemoteOutput:
 
     def sync(self, under: Iterable[str] | None = None) -> None:
         """Upload every staged file not uploaded since it last changed (the end of a run: the trackers'
-        logs), temporary names left out; with ``under``, only the files in those top-level folders."""
+        logs); with ``under``, only the files in those top-level folders. Hidden names are left out: every
+        temporary name diffsplit writes starts with a dot (``.state-<n>.tmp/``, ``.<file>.tmp-<pid>``)."""
         for file in sorted(p for p in self.staging.rglob("*") if p.is_file()):
             parts = file.relative_to(self.staging).parts
-            if any(part.startswith(_PARTIAL[0]) or part.endswith(_PARTIAL[1]) for part in parts):
+            if any(part.startswith(".") for part in parts):
                 continue
             if under is not None and parts[0] not in under:
                 continue

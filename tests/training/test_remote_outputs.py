@@ -105,8 +105,12 @@ def test_checkpoints_are_uploaded_whole_and_leave_the_staging_folder(url: str, m
     # The trackers' logs (written locally all run long) go at the end, and the staging folder with them.
     (outputs.folder / "diffsplit").mkdir()
     (outputs.folder / "diffsplit" / "events.out").write_bytes(b"log")
+    (outputs.folder / ".state-6.tmp").mkdir()  # what a failed save left: never uploaded
+    (outputs.folder / ".state-6.tmp" / "optimizer.bin").write_bytes(b"half")
+    (outputs.folder / ".loss.csv.tmp-123").write_bytes(b"half")
     outputs.finish()
     assert _objects(memory, url)["diffsplit/events.out"] == b"log"
+    assert not [key for key in _objects(memory, url) if key.startswith(".")]
     assert not outputs.folder.parent.exists()  # the URL's staging folder is gone
 
 
