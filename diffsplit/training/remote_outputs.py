@@ -6,18 +6,23 @@ The run writes exactly as it writes a local ``--output_path`` (:mod:`diffsplit.t
 temp folder's ``diffsplit-staging/``), then a folder keyed by the URL, named as the URL's last part. The same
 URL gives the same folder in every process of the run, so they agree on it without talking.
 
-When the uploads happen (main process only):
+When the uploads happen (main process only, unless said otherwise):
 
+* at the first checkpoint, ``training_args.json`` first (a prefix with checkpoints but no flags would look
+  like another run's), after ``--overwrite_output`` removed the earlier run's objects;
 * at every checkpoint: the checkpoint's files (``epoch-<i>.safetensors``, ``<stem>.<component>/``), then the
   small files (``training_args.json``, ``loss.csv``, samples, ...); at every resumable state, the whole
   ``state-<n>/`` folder with ``diffsplit_state.json`` last, so a state is usable (:func:`read_state
-  <diffsplit.training.outputs.read_state>`) only once every other file of it is there;
-* at the run's end, whatever else the staging folder holds (the trackers' logs, closed by then).
+  <diffsplit.training.outputs.read_state>`) only once every other file of it is there (with several
+  processes each uploads its own random state first: another machine's is in that machine's staging folder);
+* at the run's end, whatever else the staging folder holds (the trackers' logs, closed by then); a run that
+  fails after its first checkpoint uploads its trackers' logs only.
 
 One PUT is atomic on object storage (a multipart upload appears whole when it completes), so a reader never
-sees half a file; a file is uploaded only after it was written whole. Checkpoints and states leave the
-staging folder once uploaded (they can be tens of gigabytes); the rest goes at the run's end. Nothing is
-uploaded before the run's first checkpoint, so a run that fails early leaves the prefix as it was.
+sees half a file; a file is uploaded only after it was written whole, and hidden names (every temporary
+name diffsplit writes) never. Checkpoints and states leave the staging folder once uploaded (they can be
+tens of gigabytes); the rest goes at the run's end. Nothing is uploaded before the run's first checkpoint,
+so a run that fails early leaves the prefix as it was (the up-front write check's object is removed at once).
 
 ``--resume_from_state <URL>`` is downloaded first (:func:`download`) into its own staging folder
 (:func:`local_state`), on each machine's first process; a resumed run also downloads the output's
