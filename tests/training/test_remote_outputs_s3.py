@@ -1,6 +1,7 @@
 """End to end against a real S3 API (the session's local server): a run whose ``--output_path`` is
 ``s3://bucket/prefix`` leaves there what a local run leaves in its folder, byte for byte; it resumes from a
-state in the bucket; and a run refused up front leaves the bucket's objects exactly as they were."""
+state in the bucket; and a run refused up front, or failing before its first checkpoint, leaves the bucket's
+objects exactly as they were."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from diffsplit.stages import entrypoints
 from diffsplit.training.remote_outputs import STAGING_ENV
 from tests.conftest import train_args
 from tests.stages.test_distributed import launch
-from tests.stages.test_reliability import fails_with_one_line, snapshot
+from tests.stages.test_reliability import fails_with_one_line, jpeg_dataset, snapshot, truncate, with_data
 
 
 @pytest.fixture
@@ -121,3 +122,18 @@ def test_two_processes_upload_every_part_of_a_state_and_resume_from_it(in_worksp
     argv = train_args(resumed, "--find_unused_parameters", "--resume_from_state", f"{full}/state-2")
     launch(argv, in_workspace, processes=2)
     assert objects(resumed)["epoch-0.safetensors"] == objects(full)["epoch-0.safetensors"]
+
+
+def test_a_remote_run_that_fails_before_its_first_checkpoint_leaves_the_bucket_as_it_was(
+    in_workspace, s3_bucket, staged, tmp_path, capsys
+):
+    jpeg = jpeg_dataset(in_workspace, tmp_path / "data")
+    truncate(jpeg)  # its header still parses: the up-front checks pass, decoding fails mid-run
+    prefix = f"{s3_bucket}/runs/theirs"
+    _another_runs_files(prefix)
+    before = objects(s3_bucket)
+    # --overwrite_output too: the earlier run's objects go only when this run has a checkpoint to upload.
+    flags = ("--overwrite_output", "--enable_tensorboard_log")
+    args = with_data(train_args(prefix, *flags), tmp_path / "data")
+    fails_with_one_line(capsys, ["train", *args], "row 3", "image_3.jpg", "cannot be decoded")
+    assert objects(s3_bucket) == before
