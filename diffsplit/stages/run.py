@@ -35,6 +35,7 @@ from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.stages import checks
 from diffsplit.storage import data
+from diffsplit.storage.location import location
 from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
@@ -294,7 +295,7 @@ class Run:
         are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
         samples, self.skipped = self._read_rows(self.config.dataset_metadata_path)
         if self.config.skip_bad_samples:
-            target = Path(self.config.output_path) / data.SKIPPED_FILE
+            target = location(self.config.output_path, "--output_path") / data.SKIPPED_FILE
             print(data.skipped_summary(self.skipped, target), file=sys.stderr)
         return samples
 

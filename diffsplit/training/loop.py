@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,13 +36,15 @@ from diffsplit.contract.context import UnitContext, unit_context
 from diffsplit.errors import DataError, StoppedElsewhere, UserError, load_or_error
 from diffsplit.planner.graph import GraphError, Unit, UnitGraph
 from diffsplit.storage.host_memory import release_freed
+from diffsplit.storage.location import is_url
 from diffsplit.training import lora
 from diffsplit.training.batches import BatchSampler, batches_per_pass, epoch_plan, usable_batches
 from diffsplit.training.caption_dropout import CaptionDropout
 from diffsplit.training.collate import collate
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import make_optimizer
-from diffsplit.training.outputs import STATE_FILE, RunOutputs, read_state
+from diffsplit.training.outputs import STATE_FILE, RunOutputs, prepare_outputs, read_state
+from diffsplit.training.remote_outputs import local_state, output_folder
 from diffsplit.training.rng import keyed_generator
 from diffsplit.training.trackers import Trackers, tracker_names
 from diffsplit.training.trainable import save_checkpoint
@@ -209,7 +210,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[ddp],
         log_with=tracker_names(config) or None,
-        project_dir=config.output_path,
+        # A remote --output_path: its local staging folder (accelerate's trackers write local files).
+        project_dir=str(output_folder(config)) if is_url(config.output_path) else config.output_path,
     )
 
 
@@ -281,6 +283,7 @@ def run_training(
     low_bit_on_cpu = accelerator.device.type == "cpu" and bool(config.fp8_models or config.quant_options)
 
     start_epoch, start_item, step = 0, 0, 0
+    prepare_outputs(accelerator, config)  # remote outputs / state: staged, downloaded
     if config.resume_from_state:
         start_epoch, start_item, step = _load_state(accelerator, config.resume_from_state)
     trackers = Trackers(accelerator, config)
@@ -291,9 +294,9 @@ def run_training(
     )
     outputs.skip(skipped)
 
-    def checkpoint(stem: str) -> list[Path]:
+    def checkpoint(stem: str) -> list[Any]:
         outputs.begin()
-        files = save_checkpoint(config, wrapped, stem, accelerator, specs)
+        files = outputs.publish(save_checkpoint(config, wrapped, stem, accelerator, specs))
         outputs.flush()
         return files
 
@@ -347,7 +350,7 @@ def run_training(
             outputs.sample(f"step-{step:06d}_epoch-{epoch}_{suffix}", buffer.getvalue())
         trackers.images(images, step)
 
-    written: list[Path] = []
+    written: list[Any] = []  # local paths, or a remote output's URLs
     last_loss = float("nan")
     started = time.perf_counter()
     micro = 0
@@ -438,6 +441,7 @@ def run_training(
             written += checkpoint(f"epoch-{epoch}")
     except BaseException:
         trackers.abort()  # what was logged reaches the files (no waiting for the other processes)
+        outputs.finish(failed=True)
         raise
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
@@ -460,6 +464,7 @@ def run_training(
             )
     accelerator.wait_for_everyone()
     trackers.end()
+    outputs.finish()
     seconds = time.perf_counter() - started
     return {
         "steps": step,
@@ -527,11 +532,13 @@ def _save_state(accelerator: Accelerator, outputs: RunOutputs, epoch: int, next_
     """A resumable state in ``state-<step>/``: written whole into a temporary folder, then renamed."""
     tmp, final = outputs.state_folder(step)
     accelerator.save_state(str(tmp))  # every process writes its part (its random state) into one folder
+    outputs.share_random_state(accelerator, tmp, final)  # a remote output: each process uploads its own
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, "next_item": next_item, "step": step}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        outputs.publish([final])
         outputs.flush()
     accelerator.wait_for_everyone()
 
@@ -539,7 +546,7 @@ def _save_state(accelerator: Accelerator, outputs: RunOutputs, epoch: int, next_
 def _load_state(accelerator: Accelerator, folder: str) -> tuple[int, int, int]:
     state = read_state(folder)
     try:
-        accelerator.load_state(str(folder))
+        accelerator.load_state(str(local_state(folder)))  # a remote state: its download
     except Exception as err:  # noqa: BLE001 - a damaged file of the user's folder, whatever the library raises
         message = " ".join(str(err).split())[:200]
         raise UserError(

@@ -16,13 +16,19 @@ earlier run wrote, and one that fails later leaves a folder consistent with its 
 holding another run's files (its ``training_args.json`` differs in a flag that changes the result) is
 refused up front; ``--overwrite_output`` removes that run's files first. Continuing the same run, or
 resuming it with ``--resume_from_state``, is not refused.
+
+An ``--output_path`` on object storage (``s3://bucket/prefix``, any fsspec URL) is checked the same way
+against its listing, written into a local staging folder and uploaded file by file as each is complete
+(:mod:`diffsplit.training.remote_outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -30,16 +36,32 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils.constants import RNG_STATE_NAME
+
 from diffsplit.errors import UserError
 from diffsplit.storage.data import SKIPPED_FILE
 from diffsplit.storage.files import atomic_write
+from diffsplit.storage.location import Location, is_remote, is_url, location
 from diffsplit.training.config import TrainConfig
+from diffsplit.training.remote_outputs import (
+    STAGING_ENV,
+    RemoteOutput,
+    download,
+    local_state,
+    output_folder,
+    remove_staged,
+    store_errors,
+)
+from diffsplit.training.trackers import PROJECT
 
 ARGS_FILE = "training_args.json"
 LOSS_FILE = "loss.csv"
 VALIDATION_FILE = "validation_loss.csv"
 STATE_FILE = "diffsplit_state.json"
 """The file inside a ``state-<n>/`` folder that says where training resumes."""
+
+# The trackers' folders in the output folder: tensorboard's, and wandb's when $WANDB_DIR is not set.
+TRACKER_FOLDERS = (PROJECT, "wandb")
 
 # Names a run writes (what --overwrite_output removes, and what marks a folder as holding a run).
 _RUN_FILE = re.compile(r"^(?:(?:epoch|step)-\d+(?:\.[A-Za-z_]\w*)?(?:\.safetensors)?|state-\d+)$")
@@ -60,10 +82,24 @@ def check_output_folder(config: TrainConfig) -> None:
         UserError: one line, when the path names a file, cannot be created or written, holds another run's
             files (unless ``--overwrite_output``), or the state to resume from is not a usable state folder.
     """
-    out = Path(config.output_path)
+    out = location(config.output_path, "--output_path")
+    if not is_remote(out):
+        _check_output(out, config)
+        return
+    with store_errors(f"--output_path {out}: cannot read it"):
+        out.fs.invalidate_cache()  # the listing an earlier run (or another process) changed
+        _check_output(out, config)
+    # The run writes there first: a staging root it cannot write would fail it at its first step.
+    _check_writable(output_folder(config), f"--output_path {out}: the staging folder (${STAGING_ENV})")
+
+
+def _check_output(out: Location, config: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_path {out} is a file, not a folder")
-    _check_writable(out, "--output_path")
+    if is_remote(out):
+        _check_remote_writable(out, "--output_path")
+    else:
+        _check_writable(out, "--output_path")
     if config.resume_from_state:
         read_state(config.resume_from_state)
     if out.is_dir() and not config.overwrite_output and not config.resume_from_state:
@@ -91,7 +127,16 @@ def _check_writable(folder: Path, flag: str) -> None:
         raise UserError(f"{flag} {folder}: cannot write in '{existing}' ({err.strerror or err})") from None
 
 
-def _other_run(folder: Path, config: TrainConfig) -> str:
+def _check_remote_writable(folder: Location, flag: str) -> None:
+    """Write and remove a small object under the prefix: the only proof the credentials may write there
+    (nothing stays: a failed run leaves the prefix as it was)."""
+    probe = f"{folder.path.rstrip('/')}/.diffsplit-write-check-{os.getpid()}"
+    with store_errors(f"{flag} {folder}: cannot write there"):
+        folder.fs.pipe_file(probe, b"")
+        folder.fs.rm_file(probe)
+
+
+def _other_run(folder: Location, config: TrainConfig) -> str:
     """Why ``folder`` holds another run (empty when it holds none, or this same run)."""
     files = sorted(p.name for p in folder.iterdir() if _RUN_FILE.match(p.name))
     args_path = folder / ARGS_FILE
@@ -123,8 +168,16 @@ def read_state(folder: str | Path) -> dict[str, int]:
         UserError: naming ``--resume_from_state`` and what is wrong (no such folder, not a state folder, a
             damaged state file, missing saved files).
     """
-    path = Path(folder)
+    path = location(folder, "--resume_from_state")
     flag = f"--resume_from_state {folder}"
+    if not is_remote(path):
+        return _read_state(path, flag)
+    with store_errors(f"{flag}: cannot read it"):
+        path.fs.invalidate_cache()
+        return _read_state(path, flag)
+
+
+def _read_state(path: Location, flag: str) -> dict[str, int]:
     if not path.is_dir():
         raise UserError(f"{flag}: no such folder")
     state_file = path / STATE_FILE
@@ -140,6 +193,23 @@ def read_state(folder: str | Path) -> dict[str, int]:
     return values
 
 
+def prepare_outputs(accelerator: Any, config: TrainConfig) -> None:
+    """Before training (every process calls it; nothing to do when everything is local): on each machine's
+    first process, empty a remote output's staging folder and download what a resumed run reads (a remote
+    state; a remote output's loss files, whose rows the run keeps)."""
+    remote_output = is_url(config.output_path)
+    remote_state = bool(config.resume_from_state) and is_url(config.resume_from_state)
+    if not (remote_output or remote_state):
+        return
+    if accelerator.is_local_main_process:
+        if remote_output:
+            fetch = (LOSS_FILE, VALIDATION_FILE) if config.resume_from_state else ()
+            RemoteOutput(config.output_path).prepare(fetch)
+        if remote_state:
+            download(location(config.resume_from_state), local_state(config.resume_from_state))
+    accelerator.wait_for_everyone()
+
+
 class RunOutputs:
     """The files of one run, written at checkpoints (main process only; other processes write nothing).
 
@@ -147,11 +217,17 @@ class RunOutputs:
         config: the run's flags (``training_args.json`` and the folder).
         enabled: whether this process writes (the main process).
         resume_step: when resuming, the state's step: the earlier ``loss.csv`` rows up to it are kept.
+
+    With a remote ``--output_path`` the folder is its staging folder (:func:`prepare_outputs` emptied it) and
+    every file is uploaded once written whole (:meth:`publish`, :meth:`flush`, :meth:`finish`).
     """
 
     def __init__(self, config: TrainConfig, enabled: bool, resume_step: int | None = None) -> None:
         self.config, self.enabled = config, enabled
-        self.folder = Path(config.output_path)
+        self.folder = output_folder(config)
+        self.remote = (
+            RemoteOutput(config.output_path, last=[STATE_FILE]) if is_url(config.output_path) else None
+        )
         self.rows: list[tuple[int, int, str, str]] = []
         self.skipped: list[dict[str, Any]] = []
         self.validation: list[tuple[int, int, str]] = []
@@ -172,14 +248,21 @@ class RunOutputs:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.config.overwrite_output and not self.config.resume_from_state:
             for entry in list(self.folder.iterdir()):
-                if _RUN_FILE.match(entry.name) or entry.name in (
-                    ARGS_FILE,
-                    LOSS_FILE,
-                    VALIDATION_FILE,
-                    SKIPPED_FILE,
-                    "samples",
-                ):
+                if _written_by_a_run(entry.name):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if self.remote is not None:
+                self.remote.remove(_written_by_a_run)
+        if self.remote is not None:
+            # First: a prefix with checkpoints but no training_args.json would look like another run's.
+            atomic_write(self.folder / ARGS_FILE, json.dumps(self.config.to_json(), indent=2) + "\n")
+            self.remote.upload(self.folder / ARGS_FILE)
+
+    def publish(self, paths: Sequence[Path]) -> list[Any]:
+        """Where the checkpoint or state files ``paths`` (written whole) are for the user: themselves when
+        local; uploaded when remote (a folder's state file last), the staged copies removed, their URLs."""
+        if self.remote is None or not self.enabled:
+            return list(paths)
+        return [self.remote.upload(path, keep=False) for path in paths]
 
     def loss(self, step: int, epoch: int, loss: float, lr: float) -> None:
         self.rows.append((step, epoch, f"{loss:.8g}", f"{lr:.8g}"))
@@ -196,37 +279,85 @@ class RunOutputs:
         self.skipped.extend(dict(r) for r in records)
 
     def flush(self) -> None:
-        """Write the run's small files whole (after a checkpoint, and at the end)."""
+        """Write the run's small files whole (after a checkpoint, and at the end); upload them if remote."""
         if not self.enabled:
             return
         self.begin()
-        atomic_write(self.folder / ARGS_FILE, json.dumps(self.config.to_json(), indent=2) + "\n")
+        written = [self.folder / ARGS_FILE, self.folder / LOSS_FILE]
+        atomic_write(written[0], json.dumps(self.config.to_json(), indent=2) + "\n")
         text = io.StringIO(newline="")
         writer = csv.writer(text)
         writer.writerow(["step", "epoch", "loss", "lr"])
         writer.writerows(self.rows)
-        atomic_write(self.folder / LOSS_FILE, text.getvalue())
+        atomic_write(written[1], text.getvalue())
         if self.samples:
             (self.folder / "samples").mkdir(exist_ok=True)
             for name, png in self.samples.items():
-                atomic_write(self.folder / "samples" / f"{name}.png", png)
+                written.append(self.folder / "samples" / f"{name}.png")
+                atomic_write(written[-1], png)
             self.samples.clear()
         if self.config.validation_every_n_steps:
             text = io.StringIO(newline="")
             writer = csv.writer(text)
             writer.writerow(["step", "epoch", "validation_loss"])
             writer.writerows(self.validation)
-            atomic_write(self.folder / VALIDATION_FILE, text.getvalue())
+            written.append(self.folder / VALIDATION_FILE)
+            atomic_write(written[-1], text.getvalue())
         if self.config.skip_bad_samples:
-            atomic_write(
-                self.folder / SKIPPED_FILE, json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n"
-            )
+            written.append(self.folder / SKIPPED_FILE)
+            atomic_write(written[-1], json.dumps(self.skipped, indent=2, ensure_ascii=False) + "\n")
+        if self.remote is not None:
+            for path in written:
+                self.remote.upload(path)
+
+    def finish(self, failed: bool = False) -> None:
+        """After the run's last file, the trackers closed: a remote output gets what else was staged (the
+        trackers' logs), and its staging folder goes (a remote state's download too). A failed run uploads
+        only the trackers' logs (whatever else is staged may be half of a checkpoint), and only when it had
+        begun writing: one that failed before its first checkpoint leaves the prefix as it was."""
+        if not self.enabled:
+            return
+        resumed = self.config.resume_from_state
+        if not failed and resumed and is_url(resumed):
+            remove_staged(local_state(resumed))  # the download, loaded long ago
+        if self.remote is None or (failed and not self._begun):
+            return
+        if failed:
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                self.remote.sync(under=TRACKER_FOLDERS)
+            return
+        self.remote.sync()
+        self.remote.discard()
+
+    def share_random_state(self, accelerator: Any, tmp: Path, final: Path) -> None:
+        """A remote output of several processes, after each wrote its part of a state into ``tmp``: each
+        process but the main one uploads its own random state (on another machine it is in that machine's
+        staging folder, which the main process never sees); every process then waits, so the state file the
+        main process uploads last marks a state whose every part is there."""
+        if self.remote is None or accelerator.num_processes == 1:
+            return
+        if not accelerator.is_main_process:
+            own = tmp / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+            if own.is_file():
+                self.remote.upload(own, to=f"{final.name}/{own.name}")
+        accelerator.wait_for_everyone()
 
     def state_folder(self, step: int) -> tuple[Path, Path]:
         """``(temporary, final)`` folders for a resumable state: written whole (by every process: the name is
         the same in each), then renamed into place."""
         self.begin()
         return self.folder / f".state-{step}.tmp", self.folder / f"state-{step}"
+
+
+def _written_by_a_run(name: str) -> bool:
+    """Whether an entry of the output folder is a run's (what ``--overwrite_output`` removes)."""
+    return bool(_RUN_FILE.match(name)) or name in (
+        ARGS_FILE,
+        LOSS_FILE,
+        VALIDATION_FILE,
+        SKIPPED_FILE,
+        "samples",
+    )
 
 
 def _read_loss(path: Path) -> list[tuple[int, int, str, str]]:

@@ -7,8 +7,9 @@ each at its step; the run's flags are the tracker's configuration (tensorboard's
 
 Where they write: tensorboard under ``<output_path>/diffsplit/``; wandb under ``$WANDB_DIR`` when it is set,
 else ``<output_path>`` (its ``wandb/`` folder), in project ``diffsplit``, the run named after the output
-folder (``WANDB_MODE=offline`` runs it without a network). A tracker whose package is not installed is one
-line before any work (:func:`check_trackers`).
+folder (``WANDB_MODE=offline`` runs it without a network). A remote ``--output_path`` has them write into its
+staging folder, uploaded at the run's end (:mod:`diffsplit.training.remote_outputs`). A tracker whose
+package is not installed is one line before any work (:func:`check_trackers`).
 
 ``--enable_tensorboard_log`` (the seed's flag) is ``--report_to tensorboard``.
 """
@@ -27,6 +28,7 @@ import numpy as np
 
 from diffsplit.errors import UserError
 from diffsplit.training.config import TrainConfig
+from diffsplit.training.remote_outputs import output_folder
 
 PROJECT = "diffsplit"
 """The trackers' project name: tensorboard's subfolder of ``--output_path``, wandb's project."""
@@ -109,7 +111,7 @@ class Trackers:
             return
         init_kwargs: dict[str, dict[str, Any]] = {}
         if "wandb" in self.names:
-            out = Path(self.config.output_path)
+            out = output_folder(self.config)  # a remote output's staging folder, named as the URL's end
             wandb_dir = os.environ.get("WANDB_DIR") or str(out)
             if self.accelerator.is_main_process:
                 Path(wandb_dir).mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from diffsplit.errors import UserError
 from diffsplit.planner.layers import LayerRange, parse_trainable
 from diffsplit.training import lora
 from diffsplit.training.config import TrainConfig
+from diffsplit.training.remote_outputs import output_folder
 
 
 def prepare_trainable(
@@ -146,7 +147,7 @@ def save_checkpoint(
         }
     if not accelerator.is_main_process:
         return []
-    out = Path(config.output_path)
+    out = output_folder(config)  # a remote output's staging folder: uploaded by the caller
     written = []
     for name, model in trained.items():
         model = accelerator.unwrap_model(model)
