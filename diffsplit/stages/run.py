@@ -37,6 +37,7 @@ from diffsplit.stages import checks
 from diffsplit.storage import data
 from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
+from diffsplit.storage.sources import Columns
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
@@ -107,6 +108,7 @@ class Run:
             config = dataclasses.replace(config, num_frames=family.size_policy.default_frames)
         checks.check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
         checks.check_sharding(config)
+        checks.check_dataset_flags(config)
         if task.stage != "data_process":
             optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
             check_trackers(config)
@@ -302,8 +304,13 @@ class Run:
         """The checked rows of ``metadata_path`` (or the image folder) with their size groups, and the rows
         left out."""
         config = self.config
-        if not config.dataset_base_path:
-            raise UserError("--dataset_base_path is required")
+        if not config.dataset_base_path and not config.dataset_hf:
+            raise UserError("--dataset_base_path is required (or --dataset_hf)")
+        # --dataset_hf is the training dataset; validation rows are always a metadata file.
+        hf = config.dataset_hf if metadata_path == config.dataset_metadata_path else None
+        columns = Columns(
+            config.dataset_image_column, config.dataset_prompt_column, config.dataset_id_column, hf
+        )
         samples, skipped = data.load_samples(
             config.dataset_base_path,
             metadata_path,
@@ -319,6 +326,7 @@ class Run:
             decode=config.skip_bad_samples,
             max_image_pixels=image_pixel_limit(config, self.family.size_policy),
             resolution_buckets=config.resolution_buckets,
+            columns=columns,
         )
         for sample in list(samples):
             try:
@@ -334,7 +342,8 @@ class Run:
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
-        outside = _outside(samples, Path(config.dataset_base_path))
+        # Only a local folder's rows are Paths (remote, tar and dataset files are blobs) and can lie outside.
+        outside = _outside(samples, Path(config.dataset_base_path or "."))
         if outside:
             print(
                 f"notice: {len(outside)} file path(s) lie outside --dataset_base_path (e.g. row {outside[0][0]}: "
@@ -432,7 +441,9 @@ def layer_cuts(
                 )
                 continue
             if targets is None:
-                targets = lora.targets_for(config.lora_target_modules, config.lora_base_models, _aliases(models))
+                targets = lora.targets_for(
+                    config.lora_target_modules, config.lora_base_models, _aliases(models)
+                )
             trainable = lora.matching_modules(live, targets[component])
             _refuse_dead_targets(component, targets[component], live, dead, used, n)
         for entry in full:
