@@ -74,7 +74,7 @@ WHY_NO_DEFAULT: dict[str, str] = {
     "config": "every flag from the command line",
     "report_to": "only loss.csv",
     # data
-    "dataset_base_path": "required to train",
+    "dataset_base_path": "required to train, unless --dataset_hf names the dataset",
     "dataset_metadata_path": "required to train",
     "dataset_hf": "the dataset comes from --dataset_base_path",
     "dataset_image_column": "webdataset: the first of jpg, jpeg, png, webp (mp4, ... for video); --dataset_hf: "

@@ -35,7 +35,7 @@ from diffsplit.errors import UserError
 from diffsplit.storage.blobs import Blob, filesystem
 from diffsplit.storage.location import is_url
 from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, one_line
-from diffsplit.storage.sources import Columns, Entry, Rows
+from diffsplit.storage.rows import Columns, Entry, Rows
 
 FLAG = "--dataset_hf"
 PROMPT_COLUMNS = ("text", "prompt", "caption")

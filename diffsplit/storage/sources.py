@@ -17,50 +17,16 @@ read through fsspec; every layout's rows are then checked alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from diffsplit.errors import UserError
 from diffsplit.storage.location import is_remote, location
 from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, FOLDER_IMAGE_KEY, read_folder, read_metadata
 from diffsplit.storage.remote_folder import RemoteFolder
+from diffsplit.storage.rows import Columns, Entry, Rows
 
-
-class Entry(NamedTuple):
-    """One row before it is checked: its number (from 1, for messages), its columns (a file column holding
-    the text the row wrote, or an already resolved :class:`~diffsplit.storage.blobs.Blob`) or the reason it
-    could not be parsed, and the file at fault for a skipped-row record. ``id``: the sample's id when the
-    source gives one (a webdataset key, a dataset's id column), else None (the content id is computed);
-    ``source``: what messages name for this row when it is not the dataset's ``source`` (a tar shard and
-    key)."""
-
-    number: int
-    row: dict[str, Any] | str
-    at: Any
-    id: str | None = None
-    source: str | None = None
-
-
-@dataclass
-class Columns:
-    """Which column of a webdataset or HF dataset feeds which value (``--dataset_image_column``,
-    ``--dataset_prompt_column``, ``--dataset_id_column``); None: the layout's default."""
-
-    image: str | None = None
-    prompt: str | None = None
-    id: str | None = None
-    hf: str | None = None  # --dataset_hf NAME[:split]
-
-
-@dataclass
-class Rows:
-    """A dataset's rows and what resolves their file columns."""
-
-    source: str
-    base: Any  # Path, RemoteFolder, or None when every file arrives as a blob
-    file_keys: tuple[str, ...]
-    entries: list[Entry] = field(default_factory=list)
+__all__ = ["Columns", "Entry", "Rows", "read_rows"]
 
 
 def read_rows(
@@ -86,10 +52,11 @@ def read_rows(
         return read_hf(columns, required, media)
     if base_path is None:
         raise UserError("--dataset_base_path is required (or --dataset_hf)")
-    from diffsplit.storage.webdataset import is_shard_pattern  # noqa: I001 - a cycle: webdataset uses Rows
+    # webdataset and braceexpand are imported only by runs reading shards.
+    from diffsplit.storage.webdataset import is_shard_pattern
 
     if metadata_path is None and is_shard_pattern(str(base_path)):
-        from diffsplit.storage.webdataset import read_webdataset  # a cycle: webdataset builds Rows
+        from diffsplit.storage.webdataset import read_webdataset  # as above
 
         return read_webdataset(str(base_path), columns, required, media)
     where = location(base_path, "--dataset_base_path")

@@ -41,7 +41,7 @@ from diffsplit.errors import UserError
 from diffsplit.storage.blobs import ByteRange, filesystem
 from diffsplit.storage.location import is_url
 from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, one_line
-from diffsplit.storage.sources import Columns, Entry, Rows
+from diffsplit.storage.rows import Columns, Entry, Rows
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
