@@ -17,17 +17,43 @@ import hashlib
 import io
 import os
 import posixpath
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from diffsplit.storage.location import is_url
 
+_memo = threading.local()
+
+
+@contextmanager
+def read_once() -> Iterator[None]:
+    """Within the block, this thread reads each blob once: checking a row reads a file's header and then its
+    bytes for the sample id, one request instead of two. Bytes are dropped when the block ends."""
+    _memo.blobs = {}
+    try:
+        yield
+    finally:
+        _memo.blobs = None
+
 
 class Blob:
     """A file's bytes somewhere other than a local path: :meth:`read` them (one request)."""
 
-    def read(self) -> bytes:  # pragma: no cover - every subclass reads
+    def read(self) -> bytes:
+        """The bytes (inside :func:`read_once`, from this thread's earlier read of the same blob)."""
+        memo = getattr(_memo, "blobs", None)
+        if memo is None:
+            return self.fetch()
+        if self not in memo:
+            memo[self] = self.fetch()
+        return memo[self]
+
+    def fetch(self) -> bytes:  # pragma: no cover - every subclass reads
+        """The bytes, from storage (one request)."""
         raise NotImplementedError
 
     @property
@@ -72,7 +98,7 @@ class RemoteFile(Blob):
     def name(self) -> str:
         return posixpath.basename(self.url.rstrip("/"))
 
-    def read(self) -> bytes:
+    def fetch(self) -> bytes:
         fs, path = filesystem(self.url)
         return fs.cat_file(path)
 
@@ -93,7 +119,7 @@ class ByteRange(Blob):
     def name(self) -> str:
         return posixpath.basename(self.member)
 
-    def read(self) -> bytes:
+    def fetch(self) -> bytes:
         if is_url(self.shard):
             fs, path = filesystem(self.shard)
             return fs.cat_file(path, start=self.offset, end=self.offset + self.size)

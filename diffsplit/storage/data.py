@@ -39,15 +39,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from diffsplit.contract.images import FULL_SIZE_KEY
 from diffsplit.contract.sizing import SizePolicy, check_num_frames, check_resize_args, sizing_for
 from diffsplit.errors import BadSampleError, UserError
-from diffsplit.storage.blobs import Blob, is_file, opened
+from diffsplit.storage.blobs import Blob, is_file, opened, read_once
 from diffsplit.storage.files import atomic_write
 from diffsplit.storage.location import location
 from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, FOLDER_IMAGE_KEY, one_line
 from diffsplit.storage.sample_ids import content_hash, file_digest, is_file_list, sample_id
-from diffsplit.storage.sources import Columns, read_rows
+from diffsplit.storage.sources import Columns, Entry, read_rows
 from diffsplit.storage.video import ClipError, check_clip, error_reason, is_clip, read_frames
 
 SKIPPED_FILE = "skipped_samples.json"
+REMOTE_THREADS = 16
+"""Rows checked at once when their files are remote (each check waits on a request or two)."""
 DEFAULT_POLICY = SizePolicy()
 
 # PIL's own guard against huge images warns (and, twice as large, refuses) with a raw warning; the size
@@ -409,47 +411,50 @@ def load_samples(
     skipped: list[dict[str, Any]] = []
     occurrences: dict[str, int] = {}
     digests: dict[Path | Blob, bytes] = {}  # one read per file even when many rows share it
-    for number, row, at, given, where in rows.entries:
-        try:
-            if isinstance(row, str):
-                raise _BadRow(number, at, row)
-            values, draft, sizes, frames = _check_row(
-                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels, sized_keys,
-                num_frames,
-            )  # fmt: skip
-        except _BadRow as bad:
-            if not skip_bad_samples:
-                raise UserError(one_line(f"{where or source} row {bad.row}: {bad.reason}")) from None
-            skipped.append({"row": bad.row, "path": bad.path, "reason": one_line(bad.reason)})
-            continue
-        if given is not None:  # the source's own id (a webdataset key): no content to hash
-            sample = Sample(given, number, values, where or source, draft, sizes=sizes)
-            sample.frames, sample.num_frames = frames, num_frames
-            samples.append(sample)
-            continue
-        known: dict[str, bytes | tuple[bytes, ...]] = {}
-        for name, value in values.items():
-            entries = file_entries(name, value)
-            for _, path in entries:
-                if path not in digests:
-                    digests[path] = file_digest(path)
-            if is_file(value):
-                known[name] = digests[value]
-            elif entries:
-                known[name] = tuple(digests[path] for _, path in entries)
-        content = content_hash(values, known)
-        occurrence = occurrences.get(content, 0)
-        occurrences[content] = occurrence + 1
-        sample = Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes)
-        sample.frames, sample.num_frames = frames, num_frames
-        samples.append(sample)
+
+    def check(entry: Entry) -> Any:
+        """The entry's checked row and its remote files' digests, or its :class:`_BadRow`."""
+        with read_once():  # a remote file's header and then its digest: one read
+            try:
+                if isinstance(entry.row, str):
+                    raise _BadRow(entry.number, entry.at, entry.row)
+                checked = _check_row(
+                    entry.number, entry.row, base, metadata, file_keys, required, sizing, policy,
+                    max_image_pixels, sized_keys, num_frames,
+                )  # fmt: skip
+            except _BadRow as bad:
+                return bad
+            blobs = {p for n, v in checked[0].items() for _, p in file_entries(n, v) if isinstance(p, Blob)}
+            return checked, {blob: file_digest(blob) for blob in blobs} if entry.id is None else {}
+
+    # Remote files are checked in threads: on object storage each request's latency, not its bytes, bounds a
+    # serial check. Local rows keep the caller's thread (the disk answers as fast as one thread asks).
+    pool = None if isinstance(base, Path) else ThreadPoolExecutor(REMOTE_THREADS)
+    try:
+        results = pool.map(check, rows.entries) if pool else map(check, rows.entries)
+        for (number, _, _, given, where), result in zip(rows.entries, results, strict=True):
+            if isinstance(result, _BadRow):
+                if not skip_bad_samples:
+                    raise UserError(
+                        one_line(f"{where or source} row {result.row}: {result.reason}")
+                    ) from None
+                skipped.append({"row": result.row, "path": result.path, "reason": one_line(result.reason)})
+                continue
+            (values, draft, sizes, frames), fetched = result
+            digests.update(fetched)
+            samples.append(_identified(values, number, where or source, given, occurrences, digests))
+            samples[-1].draft, samples[-1].sizes, samples[-1].frames = draft, sizes, frames
+            samples[-1].num_frames = num_frames
+    finally:
+        if pool is not None:  # a bad row stops the run: the rows still queued are not read
+            pool.shutdown(cancel_futures=True)
 
     if decode:
         failures = _decode_failures(samples)
         for index in sorted(failures):
             sample, (path, reason) = samples[index], failures[index]
             if not skip_bad_samples:
-                raise UserError(one_line(f"{source} row {sample.row}: {reason}"))
+                raise UserError(one_line(f"{sample.source} row {sample.row}: {reason}"))
             skipped.append({"row": sample.row, "path": str(path), "reason": reason})
         samples = [s for i, s in enumerate(samples) if i not in failures]
         skipped.sort(key=lambda record: record["row"])
@@ -460,6 +465,34 @@ def load_samples(
             one_line(f"{source}: all {len(skipped)} rows are bad (row {first['row']}: {first['reason']})")
         )
     return samples, skipped
+
+
+def _identified(
+    values: dict[str, Any],
+    number: int,
+    source: str,
+    given: str | None,
+    occurrences: dict[str, int],
+    digests: dict[Path | Blob, bytes],
+) -> Sample:
+    """A checked row as a sample with its id: the source's own (a webdataset key, a dataset's id column), or
+    its content's (files read once into ``digests``; the k-th identical row gets ``-k``)."""
+    if given is not None:
+        return Sample(given, number, values, source)
+    known: dict[str, bytes | tuple[bytes, ...]] = {}
+    for name, value in values.items():
+        entries = file_entries(name, value)
+        for _, path in entries:
+            if path not in digests:
+                digests[path] = file_digest(path)
+        if is_file(value):
+            known[name] = digests[value]
+        elif entries:
+            known[name] = tuple(digests[path] for _, path in entries)
+    content = content_hash(values, known)
+    occurrence = occurrences.get(content, 0)
+    occurrences[content] = occurrence + 1
+    return Sample(sample_id(content, occurrence), number, values, source)
 
 
 def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:

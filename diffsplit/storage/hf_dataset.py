@@ -109,7 +109,7 @@ class DatasetCell(Blob):
     def name(self) -> str:
         return self.filename or f"{self.column}-{self.index}"
 
-    def read(self) -> bytes:
+    def fetch(self) -> bytes:
         return cell_bytes(_undecoded(self.flag, self.column)[self.index][self.column], str(self))
 
 
