@@ -3,11 +3,13 @@ through fsspec give the same samples, ids and pixels as the same files on disk."
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from diffsplit.errors import UserError
 from diffsplit.storage.data import load_samples, load_values
@@ -71,3 +73,43 @@ def test_a_missing_image_on_s3_is_one_line_naming_the_row(folder: Path, s3_bucke
 def test_a_missing_bucket_folder_is_one_line(s3_bucket: str) -> None:
     with pytest.raises(UserError, match="--dataset_base_path .*nothing is stored under it"):
         load_samples(f"{s3_bucket}/nowhere", f"{s3_bucket}/nowhere/metadata.csv")
+
+
+class CountingMemoryFS(MemoryFileSystem):
+    """fsspec's memory filesystem (same store) under its own protocol, counting the requests a real store
+    would answer: listings, per-file lookups and reads."""
+
+    protocol = "countmem"
+    calls: Counter = Counter()
+
+    @classmethod
+    def _strip_protocol(cls, path):  # noqa: ANN001, ANN206 - fsspec's signature
+        return super()._strip_protocol(str(path).removeprefix("countmem://"))
+
+    def find(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self.calls["find"] += 1
+        before = self.calls["info"]
+        try:
+            return super().find(*args, **kwargs)
+        finally:
+            self.calls["info"] = before  # the listing's own lookups are part of the one listing
+
+    def info(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self.calls["info"] += 1
+        return super().info(*args, **kwargs)
+
+    def cat_file(self, path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        self.calls[f"cat {self._strip_protocol(path).rsplit('/', 1)[-1]}"] += 1
+        return super().cat_file(path, *args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:UPath 'countmem' filesystem not explicitly implemented")
+def test_checking_rows_lists_once_and_reads_each_file_once(folder: Path) -> None:
+    fsspec.register_implementation("countmem", CountingMemoryFS, clobber=True)
+    _upload(folder, "memory://counted")
+    CountingMemoryFS.calls.clear()
+    samples, _ = load_samples("countmem://counted", "memory://counted/metadata.csv")
+    calls = {key: count for key, count in CountingMemoryFS.calls.items() if count}
+    assert calls.pop("find") == 1  # one listing, no lookup per file
+    assert calls == {f"cat image_{i}.png": 1 for i in range(1, 5)}  # header and id from one read
+    assert len(samples) == 4
