@@ -144,7 +144,11 @@ def read_metadata(path: str | Path) -> tuple[list[str] | None, list[Row]]:
             f"--dataset_metadata_path {path}: unknown extension '{path.suffix}' "
             f"(accepted: {', '.join(METADATA_EXTENSIONS)})"
         )
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except Exception as err:  # a remote store's failure (credentials, network) is the user's to fix
+        raise UserError(f"--dataset_metadata_path {path}: cannot be read ({one_line(str(err))})") from None
+    if not found:
         raise UserError(f"--dataset_metadata_path {path}: no such file")
     text = _read_text(path)
     if suffix == ".csv":

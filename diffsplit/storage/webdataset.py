@@ -92,10 +92,13 @@ def index_shard(shard: str, text_extensions: Sequence[str]) -> list[tuple[str, s
                 tar.members = []  # the index is ours; tarfile's own list would hold every header
     except FileNotFoundError:
         raise UserError(f"--dataset_base_path: shard {shard} not found") from None
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, EOFError) as err:
         raise UserError(
             f"--dataset_base_path: shard {shard} is not a readable tar ({one_line(str(err))})"
         ) from None
+    except Exception as err:  # any storage failure (credentials, network, permissions) is the user's to fix
+        reason = one_line(str(err)) or type(err).__name__
+        raise UserError(f"--dataset_base_path: shard {shard} cannot be read ({reason})") from None
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fsspec
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -62,3 +63,14 @@ def test_a_saved_hf_dataset_trains_as_its_csv(in_workspace: Path, tmp_path: Path
     assert cli.main(["train", *train_args(tmp_path / "csv")]) == 0
     assert cli.main(["train", *_with_data(train_args(tmp_path / "hf_run"), "--dataset_hf", hf)]) == 0
     _assert_same_lora(tmp_path / "csv", tmp_path / "hf_run")
+
+
+def test_dataset_flags_are_checked_before_anything_is_written(
+    in_workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["train", *train_args(tmp_path / "out"), "--dataset_hf", "some/dataset"]) == 2
+    assert "--dataset_hf and --dataset_metadata_path name two datasets" in capsys.readouterr().err
+    missing = _with_data(train_args(tmp_path / "out"), "--dataset_hf", str(tmp_path / "no-such-dataset"))
+    assert cli.main(["train", *missing]) == 2
+    assert f"--dataset_hf {tmp_path / 'no-such-dataset'}: cannot be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
