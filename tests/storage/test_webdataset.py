@@ -110,3 +110,23 @@ def test_columns_by_extension_and_json_field(tmp_path: Path) -> None:
 
     (sample,), _ = load_samples(str(shard), columns=Columns(image="png", prompt="json.caption"))
     assert sample.values["image"].member == "a.png" and sample.values["prompt"] == "from json"
+
+
+def test_a_video_family_reads_clips_from_the_shards(tmp_path: Path) -> None:
+    from tests.storage.clips import decode_all, moving_frames, write_video
+
+    clip = write_video(tmp_path / "clip.mp4", moving_frames(6))
+    shard = _tar(tmp_path / "v.tar", {"c1.mp4": clip.read_bytes(), "c1.txt": b"a moving square"})
+    (sample,), _ = load_samples(
+        str(shard),
+        data_file_keys=("video",),
+        required=("video", "prompt"),
+        sized_keys=("video",),
+        num_frames=5,
+    )
+    assert sample.frames == {"video": 6} and sample.sizes == {"video": (64, 48)}
+    frames = load_values(pickle.loads(pickle.dumps(sample)))["video"]
+    expected = decode_all(clip)[:5]
+    assert len(frames) == 5 and all(
+        np.array_equal(np.asarray(f), e) for f, e in zip(frames, expected, strict=True)
+    )
