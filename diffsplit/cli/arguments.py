@@ -78,7 +78,7 @@ WHY_NO_DEFAULT: dict[str, str] = {
     "dataset_metadata_path": "required to train",
     "dataset_hf": "the dataset comes from --dataset_base_path",
     "dataset_image_column": "webdataset: the first of jpg, jpeg, png, webp (mp4, ... for video); --dataset_hf: "
-    "image",
+    "image (video for a video model)",
     "dataset_prompt_column": "webdataset: txt, else the json member's prompt, caption or text; --dataset_hf: "
     "the first of text, prompt, caption",
     "dataset_id_column": "id when the dataset has it, else the content id (as for a CSV)",

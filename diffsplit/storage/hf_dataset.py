@@ -7,9 +7,9 @@ dataset; without it ``train`` is taken, or the only split there is.
 
 Columns (:class:`~diffsplit.storage.sources.Columns`):
 
-* the media (the family's ``image`` or ``video``): ``--dataset_image_column``, default ``image``: an
-  ``Image`` feature (read undecoded: its stored bytes, or the file its path names), bytes, or a
-  ``{"bytes", "path"}`` dict;
+* the media (the family's ``image`` or ``video``): ``--dataset_image_column``, default the media's name
+  (``image``; ``video`` for a video model): an ``Image`` (or ``Video``) feature, read undecoded (its stored
+  bytes, or the file its path names), bytes, or a ``{"bytes", "path"}`` dict;
 * the prompt: ``--dataset_prompt_column``, by default the first of ``text``, ``prompt`` and ``caption`` the
   dataset has (the names datasets on the hub use);
 * the id: ``--dataset_id_column``, by default ``id`` when the dataset has it; without one, each sample's id is
@@ -145,7 +145,7 @@ def read_hf(columns: Columns, required: Sequence[str], media: str) -> Rows:
     flag = str(columns.hf)
     dataset = open_dataset(flag)
     have = list(dataset.column_names)
-    image = columns.image or "image"
+    image = columns.image or media  # "image", or "video" for a video model
     prompt = columns.prompt or next((c for c in PROMPT_COLUMNS if c in have), PROMPT_COLUMNS[0])
     id_column = columns.id or ("id" if "id" in have else None)
     for option, column in (("--dataset_image_column", image), ("--dataset_prompt_column", prompt)):

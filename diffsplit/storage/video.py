@@ -202,6 +202,8 @@ def check_clip(
         raise ClipError(f"{name} '{rel}' not found at {path}")
     try:
         width, height, count = probe_clip(path)
+    except FileNotFoundError:  # a remote clip is found missing when it is read
+        raise ClipError(f"{name} '{rel}' not found at {path}") from None
     except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
         raise ClipError(f"{where} is not a readable video ({error_reason(err)})") from None
     if max_image_pixels and width * height > max_image_pixels:

@@ -113,3 +113,27 @@ def test_checking_rows_lists_once_and_reads_each_file_once(folder: Path) -> None
     assert calls.pop("find") == 1  # one listing, no lookup per file
     assert calls == {f"cat image_{i}.png": 1 for i in range(1, 5)}  # header and id from one read
     assert len(samples) == 4
+
+
+def test_video_clips_on_object_storage(tmp_path: Path) -> None:
+    from tests.storage.clips import decode_all, moving_frames, write_video
+
+    clip = write_video(tmp_path / "clip.mp4", moving_frames(6))
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/videos/clip.mp4", clip.read_bytes())
+    fs.pipe_file("/videos/metadata.csv", b"video,prompt\nclip.mp4,a square\ngone.mp4,missing\n")
+    options = {"data_file_keys": ("video",), "required": ("video", "prompt"), "sized_keys": ("video",)}
+    with pytest.raises(UserError, match=r"row 2: video 'gone.mp4' not found at memory:///videos/gone.mp4"):
+        load_samples("memory://videos", "memory://videos/metadata.csv", num_frames=5, **options)
+    samples, _ = load_samples(
+        "memory://videos", "memory://videos/metadata.csv", num_frames=5, skip_bad_samples=True, **options
+    )
+    local, _ = load_samples(tmp_path, _csv(tmp_path), num_frames=5, **options)
+    assert [s.id for s in samples] == [s.id for s in local] and samples[0].frames == {"video": 6}
+    frames = load_values(samples[0])["video"]
+    assert all(np.array_equal(np.asarray(f), e) for f, e in zip(frames, decode_all(clip)[:5], strict=True))
+
+
+def _csv(folder: Path) -> Path:
+    (folder / "metadata.csv").write_text("video,prompt\nclip.mp4,a square\n")
+    return folder / "metadata.csv"
