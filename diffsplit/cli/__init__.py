@@ -312,7 +312,7 @@ _TRAINING_ONLY = (
 ).split()
 _STAGE2_INERT = (
     "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache "
-    "cache_shard_size"
+    "cache_shard_size dataset_hf dataset_image_column dataset_prompt_column dataset_id_column"
 ).split()
 _CACHE_ONLY = ("overwrite_cache", "data_process_batch_size", "cache_shard_size", "no_layer_split")
 

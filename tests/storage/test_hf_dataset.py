@@ -68,3 +68,9 @@ def test_the_flag_splits_off_a_split_but_never_a_url_scheme() -> None:
     assert parse_flag("user/set:validation") == ("user/set", "validation")
     assert parse_flag("s3://bucket/folder") == ("s3://bucket/folder", None)
     assert parse_flag("./saved") == ("./saved", None)
+
+
+def test_a_dataset_saved_to_s3(folder: Path, tmp_path: Path, s3_bucket: str) -> None:
+    datasets.load_from_disk(str(write_hf(folder, tmp_path / "hf"))).save_to_disk(f"{s3_bucket}/hf")
+    samples, _ = load_samples(None, columns=Columns(hf=f"{s3_bucket}/hf"))
+    assert [s.id for s in samples] == [s.id for s in load_samples(folder, folder / "metadata.csv")[0]]
