@@ -149,7 +149,8 @@ def read_hf(columns: Columns, required: Sequence[str], media: str) -> Rows:
     prompt = columns.prompt or next((c for c in PROMPT_COLUMNS if c in have), PROMPT_COLUMNS[0])
     id_column = columns.id or ("id" if "id" in have else None)
     for option, column in (("--dataset_image_column", image), ("--dataset_prompt_column", prompt)):
-        if column not in have and (column == image or FOLDER_CAPTION_KEY in required):
+        named = column == image or columns.prompt is not None or FOLDER_CAPTION_KEY in required
+        if column not in have and named:
             raise UserError(f"{option} {column}: {flag} has no such column (it has: {', '.join(have)})")
     if id_column is not None and id_column not in have:
         raise UserError(

@@ -188,7 +188,7 @@ def _row(
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"member {found['json'][0].member} is not JSON ({one_line(str(err))})"
     if not isinstance(meta, dict):
-        meta = {}
+        return f"member {found['json'][0].member} holds JSON {type(meta).__name__}, not an object of fields"
     prompt = _prompt(found, meta, prompt_ext, prompt_field)
     if prompt is not None:
         row[FOLDER_CAPTION_KEY] = prompt
