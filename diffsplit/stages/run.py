@@ -441,9 +441,7 @@ def layer_cuts(
                 )
                 continue
             if targets is None:
-                targets = lora.targets_for(
-                    config.lora_target_modules, config.lora_base_models, _aliases(models)
-                )
+                targets = lora.targets_for(config.lora_target_modules, config.lora_base_models, _aliases(models))
             trainable = lora.matching_modules(live, targets[component])
             _refuse_dead_targets(component, targets[component], live, dead, used, n)
         for entry in full:

@@ -1,6 +1,7 @@
 """The dataset: samples from rows, stable sample ids, bad-row handling and each image's size check.
 
-Rows come from :mod:`diffsplit.storage.metadata`, which reads two layouts:
+Rows come from :mod:`diffsplit.storage.sources` (local or at an fsspec URL; also webdataset shards and HF
+datasets, whose files arrive as :class:`~diffsplit.storage.blobs.Blob`); the metadata layouts are:
 
 * ``--dataset_metadata_path`` ending in ``.csv`` (a header row, then one sample per row), ``.json`` (a list
   of objects) or ``.jsonl`` (one object per non-empty line);
