@@ -26,7 +26,12 @@ from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, FOLDER_IMAGE_KEY, rea
 from diffsplit.storage.remote_folder import RemoteFolder
 from diffsplit.storage.rows import Columns, Entry, Rows
 
-__all__ = ["Columns", "Entry", "Rows", "read_rows"]
+__all__ = ["Columns", "Entry", "Rows", "is_shard_pattern", "read_rows"]
+
+
+def is_shard_pattern(text: str) -> bool:
+    """Whether ``--dataset_base_path`` names webdataset tar shards (it ends in ``.tar``, braces or not)."""
+    return text.rstrip("/").lower().endswith(".tar")
 
 
 def read_rows(
@@ -52,11 +57,9 @@ def read_rows(
         return read_hf(columns, required, media)
     if base_path is None:
         raise UserError("--dataset_base_path is required (or --dataset_hf)")
-    # webdataset and braceexpand are imported only by runs reading shards.
-    from diffsplit.storage.webdataset import is_shard_pattern
-
     if metadata_path is None and is_shard_pattern(str(base_path)):
-        from diffsplit.storage.webdataset import read_webdataset  # as above
+        # webdataset and braceexpand are imported only by runs reading shards.
+        from diffsplit.storage.webdataset import read_webdataset
 
         return read_webdataset(str(base_path), columns, required, media)
     where = location(base_path, "--dataset_base_path")

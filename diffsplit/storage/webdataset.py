@@ -52,11 +52,6 @@ HEADER_BLOCK = 1 << 16
 skips it rather than downloading it; a run of small members (a caption, a json) comes in one read."""
 
 
-def is_shard_pattern(text: str) -> bool:
-    """Whether ``--dataset_base_path`` names tar shards (it ends in ``.tar``, braces or not)."""
-    return text.rstrip("/").lower().endswith(".tar")
-
-
 def shard_names(pattern: str) -> list[str]:
     """The shards a pattern names, in its order (``a-{0..2}.tar`` -> ``a-0.tar``, ``a-1.tar``, ``a-2.tar``)."""
     names = list(braceexpand(pattern))
