@@ -16,6 +16,7 @@ read through fsspec; every layout's rows are then checked alike.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ from diffsplit.storage.remote_folder import RemoteFolder
 from diffsplit.storage.rows import Columns, Entry, Rows
 
 __all__ = ["Columns", "Entry", "Rows", "is_shard_pattern", "read_rows"]
+
+
+def _require(package: str, extra: str, flag: str) -> None:
+    """One line naming the flag and the install command when an optional package is missing."""
+    if importlib.util.find_spec(package) is None:
+        raise UserError(
+            f"{flag} needs {package}: pip install {package} (or pip install 'diffsplit[{extra}]')"
+        )
 
 
 def is_shard_pattern(text: str) -> bool:
@@ -52,12 +61,14 @@ def read_rows(
     if columns.hf:
         if metadata_path is not None:
             raise UserError("--dataset_hf and --dataset_metadata_path name two datasets: give one")
+        _require("datasets", "hf", "--dataset_hf")
         from diffsplit.storage.hf_dataset import read_hf  # datasets is heavy: only runs that use it pay
 
         return read_hf(columns, required, media)
     if base_path is None:
         raise UserError("--dataset_base_path is required (or --dataset_hf)")
     if metadata_path is None and is_shard_pattern(str(base_path)):
+        _require("webdataset", "webdataset", "--dataset_base_path (tar shards)")
         # webdataset and braceexpand are imported only by runs reading shards.
         from diffsplit.storage.webdataset import read_webdataset
 
