@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffsplit.cli import dataset_flags
 from diffsplit.errors import UserError
 from diffsplit.families import family_flags, family_names, family_of_repository, get_family
 from diffsplit.planner.layers import parse_trainable
@@ -76,12 +77,7 @@ WHY_NO_DEFAULT: dict[str, str] = {
     # data
     "dataset_base_path": "required to train, unless --dataset_hf names the dataset",
     "dataset_metadata_path": "required to train",
-    "dataset_hf": "the dataset comes from --dataset_base_path",
-    "dataset_image_column": "webdataset: the first of jpg, jpeg, png, webp (mp4, ... for video); --dataset_hf: "
-    "image (video for a video model)",
-    "dataset_prompt_column": "webdataset: txt, else the json member's prompt, caption or text; --dataset_hf: "
-    "the first of text, prompt, caption",
-    "dataset_id_column": "id when the dataset has it, else the content id (as for a CSV)",
+    **dataset_flags.WHY_NO_DEFAULT,
     "extra_inputs": "the model reads the prompt and the media column only",
     "height": "each image at its own size within --max_pixels",
     "width": "each image at its own size within --max_pixels",
@@ -185,21 +181,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset_metadata_path",
         help="metadata .csv, .json or .jsonl (columns image,prompt), a local path or any fsspec URL",
     )
-    g.add_argument(
-        "--dataset_hf",
-        help="a Hugging Face dataset, NAME[:split]: a save_to_disk folder or a hub dataset id "
-        "(instead of --dataset_metadata_path)",
-    )
-    g.add_argument(
-        "--dataset_image_column",
-        help="the media column of a webdataset (an extension: png) or --dataset_hf dataset",
-    )
-    g.add_argument(
-        "--dataset_prompt_column",
-        help="the prompt column of a webdataset (an extension, txt, or a json field, json.caption) or "
-        "--dataset_hf dataset",
-    )
-    g.add_argument("--dataset_id_column", help="the --dataset_hf column holding each sample's stable id")
+    dataset_flags.add_dataset_flags(g)
     g.add_argument(
         "--data_file_keys",
         default=d.data_file_keys,
