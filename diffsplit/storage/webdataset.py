@@ -137,7 +137,8 @@ def read_webdataset(pattern: str, columns: Columns, required: Sequence[str], med
             grouped.setdefault(key, {})[ext] = (member, data)
         for number, (key, found) in enumerate(grouped.items(), start=1):
             row = _row(key, found, columns, required, media, prompt_ext, prompt_field)
-            entries.append(Entry(number, row, shard, key, f"{shard} key '{key}'"))
+            # A skipped record's path is shard:key: row numbers restart in each shard.
+            entries.append(Entry(number, row, f"{shard}:{key}", key, f"{shard} key '{key}'"))
     if not entries:
         raise UserError(f"--dataset_base_path {pattern}: the shards hold no samples")
     return Rows(pattern, None, (media,), entries)

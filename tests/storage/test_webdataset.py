@@ -94,7 +94,7 @@ def test_a_sample_without_an_image_names_the_shard_and_key(tmp_path: Path) -> No
     with pytest.raises(UserError, match=rf"{shard} key 'b' row 2: no image member \(jpg, jpeg, png, webp\)"):
         load_samples(str(shard))
     samples, skipped = load_samples(str(shard), skip_bad_samples=True)
-    assert [s.id for s in samples] == ["a"] and skipped[0]["row"] == 2
+    assert [s.id for s in samples] == ["a"] and skipped[0]["row"] == 2 and skipped[0]["path"] == f"{shard}:b"
 
 
 def test_columns_by_extension_and_json_field(tmp_path: Path) -> None:
