@@ -44,6 +44,7 @@ from diffsplit.storage.blobs import Blob, is_file, opened, read_once
 from diffsplit.storage.files import atomic_write
 from diffsplit.storage.location import location
 from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, FOLDER_IMAGE_KEY, one_line
+from diffsplit.storage.remote_folder import file_kind, resolve
 from diffsplit.storage.sample_ids import content_hash, file_digest, is_file_list, sample_id
 from diffsplit.storage.sources import Columns, Entry, read_rows
 from diffsplit.storage.video import ClipError, check_clip, error_reason, is_clip, read_frames
@@ -201,8 +202,8 @@ def _check_file(
     :func:`~diffsplit.storage.video.check_clip` (readable, at least ``num_frames`` frames) and its frames
     by the same size rules.
     """
-    # A remote row's file is a blob: the rows of a webdataset or an HF dataset arrive resolved.
-    path = rel if isinstance(rel, Blob) else base / rel
+    # A webdataset's or HF dataset's file arrives resolved (a blob); a cell may also hold a URL.
+    path = rel if isinstance(rel, Blob) else resolve(base, rel)
     if is_clip(path):
         try:
             width, height, count = check_clip(name, rel, path, num_frames, max_image_pixels)
@@ -211,7 +212,7 @@ def _check_file(
         if sized:
             _trained_size(number, name, rel, path, (width, height), sizing, policy)
         return path, (width, height), None, count
-    kind = _kind(base, path)
+    kind = file_kind(base, path)
     if kind != "file":
         problem = "is a folder" if kind == "directory" else "not found"
         raise _BadRow(number, path, f"{name} '{rel}' {problem} at {path}")
@@ -242,15 +243,6 @@ def _check_file(
         # The decoder's axes are the file's (before EXIF orientation): ``side`` bounds both.
         draft = (min(width, side), min(height, side))
     return path, (width, height), draft, None
-
-
-def _kind(base: Any, path: Path | Blob) -> str | None:
-    """``"file"``, ``"directory"`` or None (missing): a local path asks the OS, a remote one the folder's
-    one listing (:class:`~diffsplit.storage.remote_folder.RemoteFolder`); a tar member or a dataset's cell
-    exists (its source was read to find it)."""
-    if isinstance(path, Path):
-        return "file" if path.is_file() else "directory" if path.is_dir() else None
-    return base.kind(path) if hasattr(base, "kind") else "file"
 
 
 def _trained_size(

@@ -3,16 +3,19 @@
 Checking every row up front asks, for each file, whether it exists. On object storage one request per file
 (a HEAD) is slow and, at a million rows, costly; a listing returns a thousand keys per request. So the
 folder is listed once (recursively, ``fs.find``) and each row's file is looked up in that listing; only a
-file outside the folder (``../x.png``) costs a request of its own.
+file outside the folder (``../x.png``, or a cell holding a URL: ``s3://other-bucket/x.png``) costs a request
+of its own.
 """
 
 from __future__ import annotations
 
 import posixpath
+from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
-from diffsplit.storage.blobs import RemoteFile, filesystem
+from diffsplit.storage.blobs import Blob, RemoteFile, filesystem
+from diffsplit.storage.location import is_url
 from diffsplit.storage.metadata import one_line
 
 FILE = "file"
@@ -55,7 +58,7 @@ class RemoteFolder:
 
     def kind(self, file: RemoteFile) -> str | None:
         """``"file"``, ``"directory"`` or None (missing) for a file a row names."""
-        _, path = filesystem(file.url)
+        fs, path = filesystem(file.url)
         path = path.rstrip("/")
         if path == self.root or path.startswith(self.root + "/"):
             kinds = self.kinds()
@@ -64,7 +67,7 @@ class RemoteFolder:
             # Some stores list no folder entries: a path with something under it is a folder.
             prefix = path + "/"
             return FOLDER if any(key.startswith(prefix) for key in kinds) else None
-        return _info_kind(self.fs, path)
+        return _info_kind(fs, path)
 
     def files(self) -> list[RemoteFile]:
         """The files directly in the folder (not in subfolders)."""
@@ -73,6 +76,26 @@ class RemoteFolder:
             for path, kind in self.kinds().items()
             if kind == FILE and posixpath.dirname(path) == self.root
         ]
+
+
+def resolve(base: Any, rel: str) -> Any:
+    """The file a row's cell names: a URL as itself (``s3://other-bucket/a.png``), else relative to ``base``
+    (a local :class:`~pathlib.Path` or a :class:`RemoteFolder`)."""
+    return RemoteFile(rel.strip()) if is_url(rel.strip()) else base / rel
+
+
+def file_kind(base: Any, path: Path | Blob) -> str | None:
+    """``"file"``, ``"directory"`` or None (missing): a local path asks the OS; a remote file the folder's one
+    listing (or, outside it, one request); a tar member or a dataset's cell exists (its source was read to
+    find it)."""
+    if isinstance(path, Path):
+        return "file" if path.is_file() else "directory" if path.is_dir() else None
+    if isinstance(base, RemoteFolder):
+        return base.kind(path)  # type: ignore[arg-type]
+    if isinstance(path, RemoteFile):
+        fs, where = filesystem(path.url)
+        return _info_kind(fs, where)
+    return "file"
 
 
 def _info_kind(fs: Any, path: str) -> str | None:

@@ -137,3 +137,20 @@ def test_video_clips_on_object_storage(tmp_path: Path) -> None:
 def _csv(folder: Path) -> Path:
     (folder / "metadata.csv").write_text("video,prompt\nclip.mp4,a square\n")
     return folder / "metadata.csv"
+
+
+def test_a_cell_may_hold_a_url(folder: Path, tmp_path: Path) -> None:
+    url = _upload(folder, "memory://elsewhere")
+    rows = "image,prompt\n" + "".join(f"{url}/image_{i}.png,p{i}\n" for i in (1, 2))
+    (tmp_path / "urls.csv").write_text(rows + f"{url}/gone.png,p3\n")
+    with pytest.raises(UserError, match=f"row 3: image '{url}/gone.png' not found at {url}/gone.png"):
+        load_samples(tmp_path, tmp_path / "urls.csv")
+    (tmp_path / "urls.csv").write_text(rows)
+    samples, _ = load_samples(tmp_path, tmp_path / "urls.csv")
+    local, _ = load_samples(folder, folder / "metadata.csv")
+    for sample in samples:
+        name = str(sample.values["image"]).rsplit("/", 1)[-1]
+        original = next(s for s in local if s.values["image"].name == name)
+        assert np.array_equal(
+            np.asarray(load_values(sample)["image"]), np.asarray(load_values(original)["image"])
+        )
