@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="short mp4 clips of moving shapes and metadata.csv (video,prompt) instead of images, for "
         "--data_file_keys video and --num_frames up to 25",
     )
+    example.add_argument(
+        "--webdataset",
+        help="also write the images and prompts as webdataset tar shards into this folder (shards-000000.tar, "
+        "...; pass the printed pattern as --dataset_base_path) (default: none, the folder layout only)",
+    )
+    example.add_argument(
+        "--samples_per_shard", type=int, default=1000, help="--webdataset: samples in each tar shard"
+    )
+    example.add_argument(
+        "--hf",
+        help="also write them as a Hugging Face dataset (save_to_disk, columns image,text) into this folder, "
+        "for --dataset_hf (default: none, the folder layout only)",
+    )
     example.add_argument("--model", help="--kind distill: the model folder whose pipeline draws the images")
     example.add_argument(
         "--pretrained_model_name_or_path",
@@ -202,6 +215,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             make_video_dataset,
         )
 
+        if (args.webdataset or args.hf) and (args.video or args.kind != "sft"):
+            raise UserError(
+                "--webdataset and --hf write the image dataset (--kind sft, no --video) in other layouts"
+            )
         if args.video:
             if args.kind != "sft":
                 raise UserError(
@@ -237,6 +254,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 args.output, n=args.num_images, max_size=args.max_size, seed=args.seed
             )
         print(f"wrote {args.num_images} images and metadata.csv to {path}")
+        if args.webdataset or args.hf:
+            from diffsplit.tools.example_formats import write_hf, write_webdataset  # deferred: as above
+
+            if args.webdataset:
+                pattern = write_webdataset(path, args.webdataset, args.samples_per_shard)
+                print(f"wrote them as webdataset shards: --dataset_base_path '{pattern}'")
+            if args.hf:
+                print(f"wrote them as a Hugging Face dataset: --dataset_hf {write_hf(path, args.hf)}")
         return 0
     if args.command == "cache":
         from diffsplit.storage import cache  # deferred: start-up time (see make-example-dataset)
@@ -287,7 +312,7 @@ _TRAINING_ONLY = (
 ).split()
 _STAGE2_INERT = (
     "data_file_keys skip_bad_samples dataset_metadata_path data_process_batch_size overwrite_cache "
-    "cache_shard_size"
+    "cache_shard_size dataset_hf dataset_image_column dataset_prompt_column dataset_id_column"
 ).split()
 _CACHE_ONLY = ("overwrite_cache", "data_process_batch_size", "cache_shard_size", "no_layer_split")
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffsplit.cli import dataset_flags
 from diffsplit.errors import UserError
 from diffsplit.families import family_flags, family_names, family_of_repository, get_family
 from diffsplit.planner.layers import parse_trainable
@@ -74,8 +75,9 @@ WHY_NO_DEFAULT: dict[str, str] = {
     "config": "every flag from the command line",
     "report_to": "only loss.csv",
     # data
-    "dataset_base_path": "required to train",
+    "dataset_base_path": "required to train, unless --dataset_hf names the dataset",
     "dataset_metadata_path": "required to train",
+    **dataset_flags.WHY_NO_DEFAULT,
     "extra_inputs": "the model reads the prompt and the media column only",
     "height": "each image at its own size within --max_pixels",
     "width": "each image at its own size within --max_pixels",
@@ -170,8 +172,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="the model family (default: recognised from the model folders' config.json)",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_base_path", help="folder the metadata's file paths are relative to")
-    g.add_argument("--dataset_metadata_path", help="metadata .csv, .json or .jsonl (columns image,prompt)")
+    g.add_argument(
+        "--dataset_base_path",
+        help="folder the metadata's file paths are relative to, a local path or any fsspec URL (s3://...); "
+        "or webdataset tar shards (shards-{000000..000099}.tar)",
+    )
+    g.add_argument(
+        "--dataset_metadata_path",
+        help="metadata .csv, .json or .jsonl (columns image,prompt), a local path or any fsspec URL",
+    )
+    dataset_flags.add_dataset_flags(g)
     g.add_argument(
         "--data_file_keys",
         default=d.data_file_keys,

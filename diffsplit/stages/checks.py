@@ -90,6 +90,16 @@ def check_sharding(config: TrainConfig) -> None:
         )
 
 
+def check_dataset_flags(config: TrainConfig) -> None:
+    """One dataset: ``--dataset_hf`` replaces ``--dataset_metadata_path`` (checked before any folder is made)."""
+    if config.dataset_hf and config.dataset_metadata_path:
+        raise UserError("--dataset_hf and --dataset_metadata_path name two datasets: give one")
+    if config.dataset_id_column and not config.dataset_hf:
+        raise UserError(
+            "--dataset_id_column is for --dataset_hf (a webdataset's id is its key, a metadata row's its content)"
+        )
+
+
 def check_offload(config: TrainConfig, device: torch.device) -> None:
     """The offload flags move memory between a GPU and the CPU: one line when the run has no GPU."""
     for flag, given in (

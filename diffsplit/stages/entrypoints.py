@@ -468,7 +468,7 @@ def plan_report(run: Run) -> tuple[str, list[memory.StageMemory]]:
     bytes) and one sample of each of the :data:`PLAN_PROBED_SHAPES` most common keys is run through stage 1;
     the bytes per sample are their average weighted by how many rows each key has.
     """
-    if not run.config.dataset_base_path:
+    if not run.config.dataset_base_path and not run.config.dataset_hf:
         return run.plan.explain() + "\n\n(give --dataset_base_path to see bytes per sample and memory)", []
     memory.warm_kernels(run.dtype)
     # libraries imported and their kernels initialised, no model loaded yet

@@ -38,6 +38,7 @@ from diffsplit.storage import data
 from diffsplit.storage.location import location
 from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
+from diffsplit.storage.sources import Columns
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
@@ -108,6 +109,7 @@ class Run:
             config = dataclasses.replace(config, num_frames=family.size_policy.default_frames)
         checks.check_extra_inputs(config, family, reads_raw_data=task.stage != "train")
         checks.check_sharding(config)
+        checks.check_dataset_flags(config)
         if task.stage != "data_process":
             optimizer_class(config.customized_optimizer)  # a missing package is one line before any work
             check_trackers(config)
@@ -303,8 +305,13 @@ class Run:
         """The checked rows of ``metadata_path`` (or the image folder) with their size groups, and the rows
         left out."""
         config = self.config
-        if not config.dataset_base_path:
-            raise UserError("--dataset_base_path is required")
+        if not config.dataset_base_path and not config.dataset_hf:
+            raise UserError("--dataset_base_path is required (or --dataset_hf)")
+        # --dataset_hf is the training dataset; validation rows are always a metadata file.
+        hf = config.dataset_hf if metadata_path == config.dataset_metadata_path else None
+        columns = Columns(
+            config.dataset_image_column, config.dataset_prompt_column, config.dataset_id_column, hf
+        )
         samples, skipped = data.load_samples(
             config.dataset_base_path,
             metadata_path,
@@ -320,6 +327,7 @@ class Run:
             decode=config.skip_bad_samples,
             max_image_pixels=image_pixel_limit(config, self.family.size_policy),
             resolution_buckets=config.resolution_buckets,
+            columns=columns,
         )
         for sample in list(samples):
             try:
@@ -335,7 +343,8 @@ class Run:
         if self.task.resolve_row is not None:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
-        outside = _outside(samples, Path(config.dataset_base_path))
+        # Only a local folder's rows are Paths (remote, tar and dataset files are blobs) and can lie outside.
+        outside = _outside(samples, Path(config.dataset_base_path or "."))
         if outside:
             print(
                 f"notice: {len(outside)} file path(s) lie outside --dataset_base_path (e.g. row {outside[0][0]}: "

@@ -1,6 +1,7 @@
 """The dataset: samples from rows, stable sample ids, bad-row handling and each image's size check.
 
-Rows come from :mod:`diffsplit.storage.metadata`, which reads two layouts:
+Rows come from :mod:`diffsplit.storage.sources` (local or at an fsspec URL; also webdataset shards and HF
+datasets, whose files arrive as :class:`~diffsplit.storage.blobs.Blob`); the metadata layouts are:
 
 * ``--dataset_metadata_path`` ending in ``.csv`` (a header row, then one sample per row), ``.json`` (a list
   of objects) or ``.jsonl`` (one object per non-empty line);
@@ -39,18 +40,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from diffsplit.contract.images import FULL_SIZE_KEY
 from diffsplit.contract.sizing import SizePolicy, check_num_frames, check_resize_args, sizing_for
 from diffsplit.errors import BadSampleError, UserError
+from diffsplit.storage.blobs import Blob, is_file, opened, read_once
 from diffsplit.storage.files import atomic_write
-from diffsplit.storage.metadata import (
-    FOLDER_CAPTION_KEY,
-    FOLDER_IMAGE_KEY,
-    one_line,
-    read_folder,
-    read_metadata,
-)
+from diffsplit.storage.location import location
+from diffsplit.storage.metadata import FOLDER_CAPTION_KEY, FOLDER_IMAGE_KEY, one_line
+from diffsplit.storage.remote_folder import file_kind, resolve
 from diffsplit.storage.sample_ids import content_hash, file_digest, is_file_list, sample_id
+from diffsplit.storage.sources import Columns, Entry, read_rows
 from diffsplit.storage.video import ClipError, check_clip, error_reason, is_clip, read_frames
 
 SKIPPED_FILE = "skipped_samples.json"
+REMOTE_THREADS = 16
+"""Rows checked at once when their files are remote (each check waits on a request or two)."""
 DEFAULT_POLICY = SizePolicy()
 
 # PIL's own guard against huge images warns (and, twice as large, refuses) with a raw warning; the size
@@ -127,7 +128,7 @@ def file_entries(name: str, value: Any) -> list[tuple[str, Path]]:
     """``(key, path)`` for each file a column value holds: ``[(name, path)]`` for a single path,
     ``[(f"{name}[{i}]", path_i), ...]`` for a list column (a tuple of paths), ``[]`` for a text value. The
     keys are those of :attr:`Sample.sizes` and :attr:`Sample.draft`."""
-    if isinstance(value, Path):
+    if is_file(value):
         return [(name, value)]
     if is_file_list(value):
         return [(f"{name}[{i}]", path) for i, path in enumerate(value)]
@@ -142,7 +143,7 @@ _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 def _image_header(path: Path) -> tuple[int, int, str]:
     """``(width, height, format)`` from the image's header, without decoding pixels, as the image is seen:
     EXIF orientation applied (a portrait photo stored sideways is portrait), as :func:`load_values` does."""
-    with Image.open(path) as image:
+    with Image.open(opened(path)) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(0x0112, 1)
@@ -201,7 +202,8 @@ def _check_file(
     :func:`~diffsplit.storage.video.check_clip` (readable, at least ``num_frames`` frames) and its frames
     by the same size rules.
     """
-    path = base / rel
+    # A webdataset's or HF dataset's file arrives resolved (a blob); a cell may also hold a URL.
+    path = rel if isinstance(rel, Blob) else resolve(base, rel)
     if is_clip(path):
         try:
             width, height, count = check_clip(name, rel, path, num_frames, max_image_pixels)
@@ -210,8 +212,9 @@ def _check_file(
         if sized:
             _trained_size(number, name, rel, path, (width, height), sizing, policy)
         return path, (width, height), None, count
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "not found"
+    kind = file_kind(base, path)
+    if kind != "file":
+        problem = "is a folder" if kind == "directory" else "not found"
         raise _BadRow(number, path, f"{name} '{rel}' {problem} at {path}")
     try:
         width, height, kind = _image_header(path)
@@ -296,7 +299,7 @@ def _check_row(
             raise _BadRow(number, where, f"no column '{name}' (the row has: {have})")
     values: dict[str, Any] = {}
     for name, text in columns.items():
-        blank = text is None or not text.strip()
+        blank = text is None or (isinstance(text, str) and not text.strip())
         if name in file_keys or name in required:
             if blank:
                 raise _BadRow(number, where, f"empty value in column '{name}'")
@@ -305,6 +308,14 @@ def _check_row(
             # consumer falls back to its default.
             continue
         assert text is not None
+        if isinstance(text, Blob):  # already a file (a tar member, a dataset's bytes)
+            path, size, reduced, count = _check_file(
+                number, name, text, base, name in sized_keys, sizing, policy, max_image_pixels, num_frames
+            )
+            values[name], sizes[name] = path, size
+            draft.update({name: reduced} if reduced is not None else {})
+            frames.update({name: count} if count is not None else {})
+            continue
         if name not in file_keys:
             values[name] = text
             continue
@@ -341,6 +352,7 @@ def load_samples(
     resolution_buckets: str | None = None,
     sized_keys: Sequence[str] = (FOLDER_IMAGE_KEY,),
     num_frames: int | None = None,
+    columns: Columns | None = None,
 ) -> tuple[list[Sample], list[dict[str, Any]]]:
     """Read, validate and id every sample of a dataset, before any training starts.
 
@@ -368,6 +380,9 @@ def load_samples(
         num_frames: ``--num_frames``: a file column's clip (a video file or a frame folder) must have at least
             this many frames (checked against ``policy.frame_stride``); None: no clips expected, a clip is a
             bad row. A clip's frame size is checked as an image's size is.
+        columns: a webdataset's or HF dataset's columns and ``--dataset_hf``
+            (:class:`~diffsplit.storage.sources.Columns`); ``base_path`` and ``metadata_path`` may be URLs
+            (:mod:`diffsplit.storage.sources`).
 
     Returns:
         ``(samples, skipped)``: samples in file order; ``skipped`` holds ``{"row", "path", "reason"}`` for
@@ -381,82 +396,58 @@ def load_samples(
     check_num_frames(num_frames, policy)
     sizing = sizing_for(max_pixels, height, width, resolution_buckets, policy)
     file_keys = parse_data_file_keys(data_file_keys)
-    base = Path(base_path)
-    if not base.is_dir():
-        raise UserError(f"--dataset_base_path {base}: no such folder")
-    metadata = Path(metadata_path) if metadata_path is not None else None
-
-    entries: list[tuple[int, dict[str, str | None] | str, Path]]
-    if metadata is None:
-        source = str(base)
-        entries = read_folder(base)
-        file_keys = (FOLDER_IMAGE_KEY,)
-        missing = [name for name in required if name not in (FOLDER_IMAGE_KEY, FOLDER_CAPTION_KEY)]
-        if missing:
-            raise UserError(
-                f"{base}: an image folder provides only '{FOLDER_IMAGE_KEY}' and '{FOLDER_CAPTION_KEY}', "
-                f"but column(s) {', '.join(missing)} are needed; give a --dataset_metadata_path"
-            )
-    else:
-        source = str(metadata)
-        header, rows = read_metadata(metadata)
-        if not rows:
-            raise UserError(f"{metadata} has no data rows")
-        seen = set(header) if header is not None else {k for _, r in rows if isinstance(r, dict) for k in r}
-        if header is not None:
-            # A column absent from the CSV header is absent from every row: skipping them all would train
-            # on nothing, so this is a file-level error.
-            for name in required:
-                if name not in seen:
-                    raise UserError(f"{metadata}: no column '{name}' (the header has: {', '.join(header)})")
-        for name in file_keys:
-            if seen and name not in seen:
-                raise UserError(
-                    f"--data_file_keys names '{name}', which no row of {metadata} has "
-                    f"(columns: {', '.join(sorted(seen))})"
-                )
-        entries = [(number, row, metadata) for number, row in rows]
+    rows = read_rows(base_path, metadata_path, file_keys, required, sized_keys[0], columns)
+    source, base, file_keys = rows.source, rows.base, rows.file_keys
+    metadata = None if metadata_path is None else location(metadata_path)
 
     samples: list[Sample] = []
     skipped: list[dict[str, Any]] = []
     occurrences: dict[str, int] = {}
-    digests: dict[Path, bytes] = {}  # one read per file even when many rows share it
-    for number, row, at in entries:
-        try:
-            if isinstance(row, str):
-                raise _BadRow(number, at, row)
-            values, draft, sizes, frames = _check_row(
-                number, row, base, metadata, file_keys, required, sizing, policy, max_image_pixels, sized_keys,
-                num_frames,
-            )  # fmt: skip
-        except _BadRow as bad:
-            if not skip_bad_samples:
-                raise UserError(one_line(f"{source} row {bad.row}: {bad.reason}")) from None
-            skipped.append({"row": bad.row, "path": bad.path, "reason": one_line(bad.reason)})
-            continue
-        known: dict[str, bytes | tuple[bytes, ...]] = {}
-        for name, value in values.items():
-            entries = file_entries(name, value)
-            for _, path in entries:
-                if path not in digests:
-                    digests[path] = file_digest(path)
-            if isinstance(value, Path):
-                known[name] = digests[value]
-            elif entries:
-                known[name] = tuple(digests[path] for _, path in entries)
-        content = content_hash(values, known)
-        occurrence = occurrences.get(content, 0)
-        occurrences[content] = occurrence + 1
-        sample = Sample(sample_id(content, occurrence), number, values, source, draft, sizes=sizes)
-        sample.frames, sample.num_frames = frames, num_frames
-        samples.append(sample)
+    digests: dict[Path | Blob, bytes] = {}  # one read per file even when many rows share it
+
+    def check(entry: Entry) -> Any:
+        """The entry's checked row and its remote files' digests, or its :class:`_BadRow`."""
+        with read_once():  # a remote file's header and then its digest: one read
+            try:
+                if isinstance(entry.row, str):
+                    raise _BadRow(entry.number, entry.at, entry.row)
+                checked = _check_row(
+                    entry.number, entry.row, base, metadata, file_keys, required, sizing, policy,
+                    max_image_pixels, sized_keys, num_frames,
+                )  # fmt: skip
+            except _BadRow as bad:
+                return bad
+            blobs = {p for n, v in checked[0].items() for _, p in file_entries(n, v) if isinstance(p, Blob)}
+            return checked, {blob: file_digest(blob) for blob in blobs} if entry.id is None else {}
+
+    # Remote files are checked in threads: on object storage each request's latency, not its bytes, bounds a
+    # serial check. Local rows keep the caller's thread (the disk answers as fast as one thread asks).
+    pool = None if isinstance(base, Path) else ThreadPoolExecutor(REMOTE_THREADS)
+    try:
+        results = pool.map(check, rows.entries) if pool else map(check, rows.entries)
+        for (number, _, _, given, where), result in zip(rows.entries, results, strict=True):
+            if isinstance(result, _BadRow):
+                if not skip_bad_samples:
+                    raise UserError(
+                        one_line(f"{where or source} row {result.row}: {result.reason}")
+                    ) from None
+                skipped.append({"row": result.row, "path": result.path, "reason": one_line(result.reason)})
+                continue
+            (values, draft, sizes, frames), fetched = result
+            digests.update(fetched)
+            samples.append(_identified(values, number, where or source, given, occurrences, digests))
+            samples[-1].draft, samples[-1].sizes, samples[-1].frames = draft, sizes, frames
+            samples[-1].num_frames = num_frames
+    finally:
+        if pool is not None:  # a bad row stops the run: the rows still queued are not read
+            pool.shutdown(cancel_futures=True)
 
     if decode:
         failures = _decode_failures(samples)
         for index in sorted(failures):
             sample, (path, reason) = samples[index], failures[index]
             if not skip_bad_samples:
-                raise UserError(one_line(f"{source} row {sample.row}: {reason}"))
+                raise UserError(one_line(f"{sample.source} row {sample.row}: {reason}"))
             skipped.append({"row": sample.row, "path": str(path), "reason": reason})
         samples = [s for i, s in enumerate(samples) if i not in failures]
         skipped.sort(key=lambda record: record["row"])
@@ -467,6 +458,34 @@ def load_samples(
             one_line(f"{source}: all {len(skipped)} rows are bad (row {first['row']}: {first['reason']})")
         )
     return samples, skipped
+
+
+def _identified(
+    values: dict[str, Any],
+    number: int,
+    source: str,
+    given: str | None,
+    occurrences: dict[str, int],
+    digests: dict[Path | Blob, bytes],
+) -> Sample:
+    """A checked row as a sample with its id: the source's own (a webdataset key, a dataset's id column), or
+    its content's (files read once into ``digests``; the k-th identical row gets ``-k``)."""
+    if given is not None:
+        return Sample(given, number, values, source)
+    known: dict[str, bytes | tuple[bytes, ...]] = {}
+    for name, value in values.items():
+        entries = file_entries(name, value)
+        for _, path in entries:
+            if path not in digests:
+                digests[path] = file_digest(path)
+        if is_file(value):
+            known[name] = digests[value]
+        elif entries:
+            known[name] = tuple(digests[path] for _, path in entries)
+    content = content_hash(values, known)
+    occurrence = occurrences.get(content, 0)
+    occurrences[content] = occurrence + 1
+    return Sample(sample_id(content, occurrence), number, values, source)
 
 
 def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
@@ -482,7 +501,7 @@ def _decode_failures(samples: Sequence[Sample]) -> dict[int, tuple[Path, str]]:
                         assert sample.num_frames is not None  # a clip is a bad row without it
                         read_frames(path, sample.num_frames)
                         continue
-                    with Image.open(path) as image:
+                    with Image.open(opened(path)) as image:
                         if key in sample.draft:
                             image.draft("RGB", sample.draft[key])
                         image.load()
@@ -515,7 +534,7 @@ def load_values(sample: Sample) -> dict[str, Any]:
             out[name] = value
             continue
         images = [_open_image(sample, name, key, path) for key, path in entries]
-        out[name] = images[0] if isinstance(value, Path) else images
+        out[name] = images[0] if is_file(value) else images
     return out
 
 
@@ -526,7 +545,7 @@ def _open_image(sample: Sample, name: str, key: str, path: Path) -> Image.Image 
         if key in sample.frames:
             assert sample.num_frames is not None  # a clip is a bad row without it
             return read_frames(path, sample.num_frames)
-        with Image.open(path) as image:
+        with Image.open(opened(path)) as image:
             if key in sample.draft:
                 image.draft("RGB", sample.draft[key])  # DCT scaling: decoded reduced, never whole
             out = ImageOps.exif_transpose(image).convert("RGB")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
+from diffsplit.storage.location import Location, location
 
 METADATA_EXTENSIONS = (".csv", ".json", ".jsonl")
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -44,7 +45,7 @@ Row = tuple[int, dict[str, str | None] | str]
 """(row number, column -> text) or (row number, reason the row could not be parsed)."""
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Location) -> str:
     try:
         # utf-8-sig: spreadsheet programs often write a byte-order mark that would otherwise stick to the
         # first column's name.
@@ -135,14 +136,19 @@ def read_metadata(path: str | Path) -> tuple[list[str] | None, list[Row]]:
     Raises:
         UserError: unknown extension, unreadable or empty file, malformed JSON document or CSV quoting.
     """
-    path = Path(path)
+    # A URL (s3://, memory://, ...) is read through fsspec; its UPath answers is_file and read_text too.
+    path = location(path, "--dataset_metadata_path")
     suffix = path.suffix.lower()
     if suffix not in METADATA_EXTENSIONS:
         raise UserError(
             f"--dataset_metadata_path {path}: unknown extension '{path.suffix}' "
             f"(accepted: {', '.join(METADATA_EXTENSIONS)})"
         )
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except Exception as err:  # a remote store's failure (credentials, network) is the user's to fix
+        raise UserError(f"--dataset_metadata_path {path}: cannot be read ({one_line(str(err))})") from None
+    if not found:
         raise UserError(f"--dataset_metadata_path {path}: no such file")
     text = _read_text(path)
     if suffix == ".csv":
@@ -150,19 +156,22 @@ def read_metadata(path: str | Path) -> tuple[list[str] | None, list[Row]]:
     return None, _read_json(path, text) if suffix == ".json" else _read_jsonl(path, text)
 
 
-def read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Path]]:
+def read_folder(base: Any) -> list[tuple[int, dict[str, str | None] | str, Any]]:
     """Images with same-name captions in ``base`` (not recursive), sorted by file name.
+
+    ``base`` is a local :class:`~pathlib.Path` or a
+    :class:`~diffsplit.storage.remote_folder.RemoteFolder` (its ``files()``, from its one listing).
 
     Returns ``(row, {"image": name, "prompt": caption} or reason, path at fault)``. A caption without an
     image is a bad row too: it is most likely an image in a format we do not read, and dropping it
     silently would train on less than the user gave.
     """
-    images: dict[str, Path] = {}
-    captions: dict[str, Path] = {}
-    for entry in base.iterdir():
+    images: dict[str, Any] = {}
+    captions: dict[str, Any] = {}
+    # A remote folder lists its files in one request; a local one is read entry by entry.
+    entries = base.files() if hasattr(base, "files") else [e for e in base.iterdir() if e.is_file()]
+    for entry in entries:
         suffix = entry.suffix.lower()
-        if not entry.is_file():
-            continue
         if suffix in IMAGE_EXTENSIONS:
             if entry.stem in images:
                 raise UserError(
@@ -179,7 +188,7 @@ def read_folder(base: Path) -> list[tuple[int, dict[str, str | None] | str, Path
         )
     keyed = {p.name: p for p in images.values()}
     keyed.update({p.name: p for stem, p in captions.items() if stem not in images})
-    out: list[tuple[int, dict[str, str | None] | str, Path]] = []
+    out: list[tuple[int, dict[str, str | None] | str, Any]] = []
     for number, name in enumerate(sorted(keyed), start=1):
         entry = keyed[name]
         if entry.suffix.lower() == ".txt":

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffsplit.storage.blobs import Blob, blob_digest, is_file
 from diffsplit.storage.files import sha256_file
 from diffsplit.storage.video import frame_digests
 
@@ -18,10 +19,14 @@ ID_CHARS = 32
 """Hex characters kept from the sha256 of a sample's content (128 bits: collisions are not a concern)."""
 
 
-def file_digest(path: str | Path) -> bytes:
+def file_digest(path: str | Path | Blob) -> bytes:
     """sha256 of a file's bytes (:func:`~diffsplit.storage.files.sha256_file`, read in blocks), as bytes; of
     a frame folder (a clip), the sha256 of its frames' digests in frame order, each framed with its length
-    (:func:`~diffsplit.storage.video.frame_digests`: the folder's name never enters)."""
+    (:func:`~diffsplit.storage.video.frame_digests`: the folder's name never enters). A remote file or a
+    tar member (a :class:`~diffsplit.storage.blobs.Blob`) gives the sha256 of its bytes, as the same file
+    stored locally does."""
+    if isinstance(path, Blob):
+        return blob_digest(path)
     if Path(path).is_dir():
         hasher = hashlib.sha256(b"diffsplit-frames-v1\x00")
         for digest in frame_digests(Path(path)):
@@ -46,7 +51,7 @@ def content_hash(
     for name in sorted(values):
         value = values[name]
         given = (digests or {}).get(name)
-        if isinstance(value, Path):
+        if is_file(value):
             assert given is None or isinstance(given, bytes)
             kind, payload = b"F", given or file_digest(value)
         elif is_file_list(value):
@@ -63,8 +68,8 @@ def content_hash(
 
 
 def is_file_list(value: Any) -> bool:
-    """True for a list column's value: a non-empty tuple of paths."""
-    return isinstance(value, tuple) and bool(value) and all(isinstance(p, Path) for p in value)
+    """True for a list column's value: a non-empty tuple of paths (or blobs)."""
+    return isinstance(value, tuple) and bool(value) and all(is_file(p) for p in value)
 
 
 def sample_id(content: str, occurrence: int) -> str:

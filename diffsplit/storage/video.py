@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import av
 from PIL import Image
 
+from diffsplit.storage.blobs import Blob, opened
 from diffsplit.storage.files import sha256_file
 from diffsplit.storage.metadata import one_line
 
@@ -40,7 +42,10 @@ def frame_files(folder: Path) -> list[Path]:
 
 def is_clip(path: Path) -> bool:
     """True for a video file name (whether or not it exists: a missing clip is still reported as a clip)
-    and for an existing folder holding at least one image frame."""
+    and for an existing folder holding at least one image frame. A blob (a remote file, a tar member) is a
+    clip by its suffix: frame folders are local only."""
+    if isinstance(path, Blob):
+        return path.suffix.lower() in VIDEO_SUFFIXES
     path = Path(path)
     if path.is_dir():
         return bool(frame_files(path))
@@ -59,10 +64,11 @@ def probe_clip(path: Path) -> tuple[int, int, int]:
         ValueError: no video stream, no frame size, no frames, or (a folder) frames of different sizes;
             FFmpeg's errors (``av.FFmpegError``) for a file it cannot open.
     """
-    path = Path(path)
-    if path.is_dir():
-        return _probe_folder(path)
-    with av.open(str(path)) as container:
+    if not isinstance(path, Blob):
+        path = Path(path)
+        if path.is_dir():
+            return _probe_folder(path)
+    with av.open(_source(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
@@ -109,9 +115,8 @@ def read_frames(path: Path, num_frames: int) -> list[Image.Image]:
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-    path = Path(path)
-    if path.is_dir():
-        frames = [_open_frame(p) for p in frame_files(path)[:num_frames]]
+    if not isinstance(path, Blob) and Path(path).is_dir():
+        frames = [_open_frame(p) for p in frame_files(Path(path))[:num_frames]]
     else:
         frames = _decode_video(path, num_frames)
     if len(frames) < num_frames:
@@ -136,7 +141,7 @@ def _open_frame(path: Path) -> Image.Image:
 def _decode_video(path: Path, num_frames: int) -> list[Image.Image]:
     """Up to ``num_frames`` frames from the start of a video file's first video stream, RGB."""
     frames: list[Image.Image] = []
-    with av.open(str(path)) as container:
+    with av.open(_source(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
@@ -147,6 +152,11 @@ def _decode_video(path: Path, num_frames: int) -> list[Image.Image]:
             if len(frames) == num_frames:
                 break
     return frames
+
+
+def _source(path: Path | Blob) -> str | Any:
+    """What ``av.open`` reads: a local file by name, a blob's bytes in memory."""
+    return opened(path) if isinstance(path, Blob) else str(path)
 
 
 def error_reason(err: Exception) -> str:
@@ -176,7 +186,8 @@ def check_clip(
             missing or unreadable, frames above ``max_image_pixels`` or fewer frames than ``num_frames``.
     """
     where = f"{name} '{rel}' at {path}"
-    if num_frames is None and path.is_dir():
+    local = not isinstance(path, Blob)
+    if num_frames is None and local and path.is_dir():
         # In an image run a folder is more likely a mistyped path than a clip: say both.
         raise ClipError(
             f"{name} '{rel}' is a folder at {path}; a folder of image frames is read as a video clip only "
@@ -187,10 +198,12 @@ def check_clip(
             f"{where} is a video clip, but no --num_frames was given: give --num_frames (the frames taken "
             "from the start of each clip)"
         )
-    if not path.exists():
+    if local and not path.exists():
         raise ClipError(f"{name} '{rel}' not found at {path}")
     try:
         width, height, count = probe_clip(path)
+    except FileNotFoundError:  # a remote clip is found missing when it is read
+        raise ClipError(f"{name} '{rel}' not found at {path}") from None
     except Exception as err:  # any failure to parse a user's file is a bad row, not a bug
         raise ClipError(f"{where} is not a readable video ({error_reason(err)})") from None
     if max_image_pixels and width * height > max_image_pixels:

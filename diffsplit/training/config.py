@@ -22,6 +22,10 @@ class TrainConfig:
     # data
     dataset_base_path: str | None = None
     dataset_metadata_path: str | None = None
+    dataset_hf: str | None = None  # NAME[:split]: a save_to_disk folder or a hub dataset id
+    dataset_image_column: str | None = None  # webdataset / HF media column; None: the layout's default
+    dataset_prompt_column: str | None = None
+    dataset_id_column: str | None = None
     data_file_keys: str | None = None
     extra_inputs: str | None = None
     dataset_repeat: int = 1
