@@ -31,6 +31,7 @@ from diffsplit.storage.cache.layout import (
     shard_problem,
 )  # fmt: skip
 from diffsplit.storage.cache.reader import open_tables
+from diffsplit.storage.files import sha256_file
 from diffsplit.storage.location import Location, is_remote, location
 
 
@@ -148,7 +149,8 @@ def _partial_problems(folder: Location, listing: Listing, quick: bool) -> list[s
             continue
         if quick:
             continue
-        if remote.sha256_of(shards / f"{stem}.safetensors") != index.header["sha256"]:
+        shard = shards / f"{stem}.safetensors"
+        if (remote.sha256_of(shard) if is_remote(shard) else sha256_file(shard)) != index.header["sha256"]:
             problems.append(f"shard {shards / stem}.safetensors is corrupt: checksum mismatch")
         elif (problem := header_problem(shards / f"{stem}.safetensors", index.samples)) is not None:
             problems.append(problem)

@@ -13,6 +13,7 @@ from diffsplit.errors import UserError
 from diffsplit.storage.cache import remote
 from diffsplit.storage.cache.index import MalformedIndex, ShardIndex, parse_index, sample_problem
 from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE, ShardEntry
+from diffsplit.storage.files import atomic_write, sha256_file
 from diffsplit.storage.location import Location, is_remote
 
 MANIFEST = "manifest.json"
@@ -58,7 +59,10 @@ def write(path: Location, data: bytes, tmp: Location) -> None:
     read-only, gone) or store as one line that says the cache resumes once the problem is fixed (the
     temporary file is removed, the target left as it was)."""
     try:
-        remote.put(path, data, tmp)
+        if is_remote(path):
+            remote.put(path, data, tmp)
+        else:
+            atomic_write(path, data, tmp)
     except OSError as err:
         raise UserError(
             f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
@@ -260,7 +264,7 @@ def shard_problem(
         return None, None
     for what, path, _, digest in files:
         try:
-            if remote.sha256_of(path) != digest:
+            if (remote.sha256_of(path) if is_remote(path) else sha256_file(path)) != digest:
                 return f"{what} {path} is corrupt: checksum mismatch", None
         except OSError as err:
             return f"{what} {path} is unreadable ({err.strerror})", None

@@ -37,6 +37,7 @@ import numpy as np
 
 from diffsplit.storage.cache import remote
 from diffsplit.storage.cache.identity import canonical
+from diffsplit.storage.files import sha256_file
 from diffsplit.storage.location import Location, is_remote
 
 SAMPLES_TABLE = "table-samples.bin"
@@ -190,7 +191,7 @@ def open_table(folder: Location, entry: Any, dtype_of: Any, width_key: str) -> n
 def table_checksum_problem(folder: Location, entry: dict[str, Any]) -> str | None:
     """Whether the table file hashes to the manifest's sha256 (read in blocks)."""
     path = folder / entry["file"]
-    if remote.sha256_of(path) != entry.get("sha256"):
+    if (remote.sha256_of(path) if is_remote(path) else sha256_file(path)) != entry.get("sha256"):
         return f"{path} is corrupt: checksum mismatch"
     return None
 
