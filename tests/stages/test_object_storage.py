@@ -1,7 +1,8 @@
 """The stage-1 cache on object storage, end to end against the local S3 server: stage 1 to ``s3://`` and
-stage 2 from it train the LoRA the local two stages train, stage 2 writes nothing of the cache to disk, a
-killed stage 1 resumes, a second stage 1 waits for the lease, two processes write one cache, and a protocol
-that cannot lock is refused before any work."""
+stage 2 from it train the LoRA (and render the sample images) the local two stages do, stage 2 writes nothing
+of the cache to disk, the automatic mode keeps its caches there, a killed stage 1 resumes, a second stage 1
+waits for the lease, two processes write one cache, and a protocol that cannot lock is refused before any
+work."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import torch
 from diffsplit import cli
 from diffsplit.storage import cache
 from diffsplit.storage.cache import CacheReader
+from diffsplit.storage.cache.layout import caches_in
 from diffsplit.storage.location import location
+from tests.conftest import train_args
 from tests.stages.test_distributed import _command, _env, _same_tensors, _writers
-from tests.stages.test_entrypoints import stage1_args, stage2_args
+from tests.stages.test_entrypoints import DIT, _replace, stage1_args, stage2_args
 from tests.stages.test_reliability import TRAIN_PY, _weights, fails_with_one_line
 
 
@@ -37,24 +40,50 @@ def _keys(url: str, under: str = "") -> list[str]:
 
 
 def test_both_stages_on_s3_train_what_the_local_stages_train(in_workspace, tmp_path, s3_bucket, capsys):
+    """With caption dropout and sample prompts, whose stored embeddings live in the cache too."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 48 --s 2\n")
+    extra = ("--caption_dropout_rate", "0.5", "--sample_prompts", str(prompts), "--sample_every_n_steps", "4")
     remote = f"{s3_bucket}/cache"
-    assert cli.main(["train", *stage1_args(tmp_path / "cache")]) == 0
-    assert cli.main(["train", *stage1_args(remote)]) == 0  # type: ignore[arg-type]
-    assert ".lock" not in _keys(remote) and _keys(remote, "shards/")
+    decoding = f"{DIT},Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"  # sample images need the VAE
+    assert cli.main(["train", *stage1_args(tmp_path / "cache", *extra)]) == 0
+    assert cli.main(["train", *stage1_args(remote, *extra)]) == 0  # type: ignore[arg-type]
+    assert ".lock" not in _keys(remote) and _keys(remote, "shards/") and len(_keys(remote, "samples/")) == 3
     _same_tensors(CacheReader(remote), CacheReader(tmp_path / "cache"))
     assert cache.verify(remote) == []
     assert cli.main(["cache", "verify", remote]) == 0
     assert "complete, 4 samples" in capsys.readouterr().out
-    assert cli.main(["train", *stage2_args(tmp_path / "cache", tmp_path / "local")]) == 0
+    assert (
+        cli.main(["train", *stage2_args(tmp_path / "cache", tmp_path / "local", *extra, models=decoding)])
+        == 0
+    )
     before = _files(in_workspace) | _files(tmp_path)
     workers = ("--dataset_num_workers", "2")
-    assert cli.main(["train", *stage2_args(remote, tmp_path / "remote", *workers)]) == 0  # type: ignore[arg-type]
+    assert (
+        cli.main(["train", *stage2_args(remote, tmp_path / "remote", *extra, *workers, models=decoding)]) == 0
+    )  # type: ignore[arg-type]
     # Nothing of the cache came to the local disk: the only new files are the run's outputs.
     new = (_files(in_workspace) | _files(tmp_path)) - before
     assert new and all(p.is_relative_to(tmp_path / "remote") for p in new), sorted(new)
     assert not any(p.name.startswith(("shard-", "table-")) or p.name == "manifest.json" for p in new)
     a, b = _weights(tmp_path / "local"), _weights(tmp_path / "remote")
     assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("step-000004_epoch-0_00.png", "step-000008_epoch-0_00.png"):
+        assert (tmp_path / "local/samples" / name).read_bytes() == (
+            tmp_path / "remote/samples" / name
+        ).read_bytes()
+
+
+def test_automatic_mode_keeps_its_cache_on_s3(in_workspace, tmp_path, s3_bucket):
+    caches = f"{s3_bucket}/caches"
+    args = train_args(tmp_path / "out", "--cache_dir", caches)
+    assert cli.main(["train", *args]) == 0
+    (folder,) = caches_in(location(caches))
+    assert re.fullmatch(r"[0-9a-f]{16}", folder.name) and cache.verify(folder) == []
+    written = _keys(caches)
+    assert cli.main(["train", *_replace(args, "--output_path", str(tmp_path / "again"))]) == 0
+    assert _keys(caches) == written  # the second run found every sample cached and wrote nothing
+    assert torch.equal(*[next(iter(_weights(tmp_path / d).values())) for d in ("out", "again")])
 
 
 def test_cache_lock_auto_on_a_protocol_without_exclusive_create_is_one_line(in_workspace, tmp_path, capsys):

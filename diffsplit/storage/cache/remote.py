@@ -13,9 +13,14 @@ since other processes (other ranks, another stage 1) write the same folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from diffsplit.storage.files import atomic_write, sha256_file
 from diffsplit.storage.location import Location, fs_path, is_remote
@@ -133,6 +138,20 @@ def put(path: Location, data: bytes, tmp: Location) -> None:
         atomic_write(path, data, tmp)
         return
     path.fs.pipe_file(fs_path(path), data)
+
+
+def put_safetensors(path: Location, tensors: Mapping[str, Any], metadata: dict[str, str]) -> None:
+    """Write tensors as a safetensors object in one PUT (remote ``path`` only: local files are written
+    through a temporary file by their callers)."""
+    path.fs.pipe_file(fs_path(path), save_safetensors(dict(tensors), metadata=metadata))
+
+
+def read_safetensors(path: Location) -> tuple[dict[str, Any], dict[str, str]]:
+    """A remote safetensors object's tensors and metadata, from one GET (nothing written to disk)."""
+    data = read_bytes(path)
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    return load_safetensors(data), metadata
 
 
 def remove(path: Location) -> None:
