@@ -71,11 +71,11 @@ def execute(run: Run) -> dict[str, Any]:
     """
     config = run.config
     if run.task.stage == "data_process":
-        check_cache_folder(location(config.output_path), "--output_path", config.cache_lock)
+        check_cache_folder(location(config.output_path, "--output_path"), "--output_path", config.cache_lock)
     else:
         check_output_folder(config)
         if run.task.stage == "" and config.cache_dir:
-            check_cache_folder(location(config.cache_dir), "--cache_dir", config.cache_lock)
+            check_cache_folder(location(config.cache_dir, "--cache_dir"), "--cache_dir", config.cache_lock)
     if run.device.type == "cpu" and (run.models.formats or run.task.stage == "data_process"):
         # On a CPU, fp8 / int8 weights' per-layer compute copies churn the heap every step, and stage 1's
         # encoders leave large freed blocks behind: a bounded heap gives them back (diffsplit.storage.host_memory).

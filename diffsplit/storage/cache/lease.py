@@ -138,8 +138,8 @@ class Lease:
         while not self._stop.wait(LEASE_SECONDS / 3):
             try:
                 self._renew()
-            except OSError:
-                pass  # a failed request: try again at the next beat (the lease has two more to go)
+            except Exception:  # a failed request (network, throttling): try again at the next beat, of
+                pass  # the two left before the lease expires; a lease lost meanwhile is found at its check
             if self._lost is not None:
                 return
 

@@ -75,8 +75,10 @@ def _check_remote_folder(folder: Location, flag: str, lock: str) -> None:
         bucket = where.strip("/").split("/", 1)[0]
         if protocol(folder) != "memory" and not fs.exists(bucket):
             raise UserError(f"{flag} {folder}: the bucket '{bucket}' does not exist (or is not visible)")
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag} {folder}: cannot reach it ({err})") from None
+    except UserError:
+        raise
+    except Exception as err:  # the store's own errors (credentials, network) are not all OSErrors
+        raise UserError(f"{flag} {folder}: cannot reach it ({type(err).__name__}: {err})") from None
 
 
 class _NoLease:

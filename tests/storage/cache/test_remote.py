@@ -287,3 +287,12 @@ def test_the_lease_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
         time.sleep(0.8)
         assert json.loads(objects(store)[".lock"])["expires"] > first
         held.check(fresh=True)
+
+
+def test_a_sample_digest_must_be_a_sha256_when_present() -> None:
+    from diffsplit.storage.cache.index import sample_problem
+
+    entry = {"id": "a", "tensors": {}, "values": {}}
+    assert sample_problem(entry) is None  # indexes written before per-sample digests
+    assert sample_problem({**entry, "sha256": "ab" * 32}) is None
+    assert sample_problem({**entry, "sha256": "xyz"}) == "sample a has the sha256 'xyz'"
