@@ -296,3 +296,12 @@ def test_a_sample_digest_must_be_a_sha256_when_present() -> None:
     assert sample_problem(entry) is None  # indexes written before per-sample digests
     assert sample_problem({**entry, "sha256": "ab" * 32}) is None
     assert sample_problem({**entry, "sha256": "xyz"}) == "sample a has the sha256 'xyz'"
+
+
+def test_a_refused_run_changes_nothing_of_a_remote_cache(store: str) -> None:
+    write(location(store), range(3), shard_samples=2)
+    before = objects(store)
+    with pytest.raises(UserError, match=r"was made with other units_version .*--overwrite_cache"):
+        with writer_lock(location(store)):
+            CacheWriter(location(store), {**IDENTITY, "units_version": 2})
+    assert objects(store) == before  # the lease is gone too
