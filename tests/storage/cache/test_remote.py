@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -79,9 +80,12 @@ class _Loads(torch.utils.data.Dataset):
         return self.view.load(index)
 
 
-def test_reader_pickles_to_forked_loader_workers(store: str) -> None:
+def test_reader_pickles_and_reads_in_forked_loader_workers(store: str) -> None:
     write(location(store), range(5), shard_samples=2)
     view = CacheReader(store).view()
+    sent = pickle.dumps(view)
+    assert len(sent) < 8192  # the location, the manifest and one bit per shard: no tables, no ids
+    assert_sample_equal(pickle.loads(sent).load(0), 0)
     # Forked, as Linux DataLoaders are (a memory:// filesystem lives in the process: a fork sees it).
     loader = torch.utils.data.DataLoader(
         _Loads(view), batch_size=None, num_workers=2, multiprocessing_context="fork"
