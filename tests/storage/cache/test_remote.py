@@ -309,3 +309,23 @@ def test_a_refused_run_changes_nothing_of_a_remote_cache(store: str) -> None:
         with writer_lock(location(store)):
             CacheWriter(location(store), {**IDENTITY, "units_version": 2})
     assert objects(store) == before  # the lease is gone too
+
+
+def test_sizes_come_from_one_listing_not_a_request_per_file(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = s3_bucket + "/c"
+    write(location(url), range(6), shard_samples=1)
+    reader = CacheReader(url)
+    fs = location(url).fs
+    listed: list[str] = []
+    real_ls = fs.ls
+    monkeypatch.setattr(fs, "ls", lambda path, **kw: listed.append(path) or real_ls(path, **kw))
+    monkeypatch.setattr(fs, "info", lambda *a, **kw: pytest.fail("asked for one object's size"))
+    reader.check_sizes()  # 6 shards and 6 indexes
+    assert listed == [location(url + "/shards").path]
+
+
+def test_cache_lock_none_takes_no_lock(tmp_path: Path) -> None:
+    with writer_lock(tmp_path / "c", mode="none"):
+        assert not (tmp_path / "c" / ".lock").exists()
