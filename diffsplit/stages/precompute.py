@@ -162,6 +162,10 @@ def write_cache(
     if world_size > 1:
         barrier()
     writer = writer or open_writer(False)
+    if world_size > 1:
+        # Every rank has listed what is done before any rank writes more: a rank still listing (slow on
+        # object storage) must not see another's first new shard, or the ranks would split different lists.
+        barrier()
     skipped = list(skipped)
     notes: Counter[str] = Counter()
     done = writer.done_ids()

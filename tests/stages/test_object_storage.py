@@ -6,6 +6,7 @@ work."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -161,5 +162,13 @@ def test_two_processes_write_one_cache_on_s3(in_workspace, tmp_path, s3_bucket):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert _writers(tmp_path / "one") == {"r0"}
+    fs, root = location(remote).fs, location(remote).path
+    stored = [
+        sample["id"]
+        for key in _keys(remote, "shards/")
+        if key.endswith(".json")
+        for sample in json.loads(fs.cat_file(f"{root}/{key}"))["samples"]
+    ]
+    assert len(stored) == len(set(stored)) == 4  # the ranks split one list: no sample twice, none left out
     _same_tensors(CacheReader(remote), CacheReader(tmp_path / "one"))
     assert os.environ["AWS_ENDPOINT_URL"]  # the subprocesses reached the server through the environment
