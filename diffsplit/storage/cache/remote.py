@@ -70,6 +70,13 @@ def _refresh(path: Location) -> None:
     path.fs.invalidate_cache(fs_path(path))
 
 
+def exists(path: Location) -> bool:
+    if not is_remote(path):
+        return path.exists()
+    _refresh(path)
+    return path.fs.exists(fs_path(path))
+
+
 def is_file(path: Location) -> bool:
     if not is_remote(path):
         return path.is_file()

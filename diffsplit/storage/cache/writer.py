@@ -178,7 +178,7 @@ class CacheWriter:
         manifest_path = self.folder / MANIFEST
         if overwrite:
             self._remove_owned()
-        elif remote.is_file(manifest_path):
+        elif remote.exists(manifest_path):
             self._check_existing(read_json(manifest_path, "cache manifest", OVERWRITE_HINT))
         elif foreign := foreign_entries(self.folder):
             raise UserError(
