@@ -117,13 +117,28 @@ def read_range(path: Location, start: int, end: int) -> bytes:
 
 
 def read_ranges(path: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-    """Several byte ranges of one remote file, fetched concurrently (s3fs runs ``cat_ranges`` at once)."""
+    """Several byte ranges ``[begin, end)`` of one remote file, fetched concurrently (s3fs runs
+    ``cat_ranges`` at once); ranges that touch are fetched as one (a sample's tensors of one dtype lie side
+    by side in its shard). A range past the end of the file comes back short."""
     if not ranges:
         return []
+    spans: list[list[Any]] = []  # [begin, end, indices of the ranges it holds]
+    for i in sorted(range(len(ranges)), key=lambda i: ranges[i]):
+        begin, end = ranges[i]
+        if spans and spans[-1][1] == begin:
+            spans[-1][1] = end
+            spans[-1][2].append(i)
+        else:
+            spans.append([begin, end, [i]])
     where = fs_path(path)
-    return path.fs.cat_ranges(
-        [where] * len(ranges), [begin for begin, _ in ranges], [end for _, end in ranges], on_error="raise"
+    fetched = path.fs.cat_ranges(
+        [where] * len(spans), [s[0] for s in spans], [s[1] for s in spans], on_error="raise"
     )
+    out = [b""] * len(ranges)
+    for (begin, _, members), data in zip(spans, fetched, strict=True):
+        for i in members:
+            out[i] = data[ranges[i][0] - begin : ranges[i][1] - begin]
+    return out
 
 
 def sha256_of(path: Location) -> str:

@@ -329,3 +329,17 @@ def test_sizes_come_from_one_listing_not_a_request_per_file(
 def test_cache_lock_none_takes_no_lock(tmp_path: Path) -> None:
     with writer_lock(tmp_path / "c", mode="none"):
         assert not (tmp_path / "c" / ".lock").exists()
+
+
+def test_ranges_that_touch_are_fetched_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffsplit.storage.cache.remote import read_ranges
+
+    path = location(f"memory://cache-tests/{uuid.uuid4().hex[:12]}/blob")
+    path.fs.pipe_file(path.path, b"0123456789")
+    spans: list[int] = []
+    real = path.fs.cat_ranges
+    monkeypatch.setattr(
+        path.fs, "cat_ranges", lambda p, s, e, **kw: spans.append(len(p)) or real(p, s, e, **kw)
+    )
+    got = read_ranges(path, [(7, 9), (0, 2), (2, 5), (8, 12)])
+    assert got == [b"78", b"01", b"234", b"89"] and spans == [3]  # (0, 5), (7, 9), (8, 12): short at the end
