@@ -464,6 +464,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite_cache", action="store_true", help="stage 1: replace a cache made for other inputs"
     )
     g.add_argument(
+        "--cache_lock",
+        choices=("auto", "none"),
+        default=d.cache_lock,
+        help="stage 1: one writer at a time per cache (a file lock, or on s3://, gs://, memory:// a lease "
+        "object); none: take no lock, for other protocols, with a single writer",
+    )
+    g.add_argument(
         "--data_process_batch_size",
         type=_positive(int),
         default=d.data_process_batch_size,

@@ -36,7 +36,9 @@ from diffsplit.storage import cache, data
 from diffsplit.storage.cache import check_cache_folder
 from diffsplit.storage.cache.check import group_histogram
 from diffsplit.storage.cache.identity import canonical
+from diffsplit.storage.cache.remote import folder_bytes, is_file
 from diffsplit.storage.host_memory import bound_heap
+from diffsplit.storage.location import location
 from diffsplit.training import sampling as samples_
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.loop import (
@@ -69,11 +71,11 @@ def execute(run: Run) -> dict[str, Any]:
     """
     config = run.config
     if run.task.stage == "data_process":
-        check_cache_folder(Path(config.output_path), "--output_path")
+        check_cache_folder(location(config.output_path, "--output_path"), "--output_path", config.cache_lock)
     else:
         check_output_folder(config)
         if run.task.stage == "" and config.cache_dir:
-            check_cache_folder(Path(config.cache_dir), "--cache_dir")
+            check_cache_folder(location(config.cache_dir, "--cache_dir"), "--cache_dir", config.cache_lock)
     if run.device.type == "cpu" and (run.models.formats or run.task.stage == "data_process"):
         # On a CPU, fp8 / int8 weights' per-layer compute copies churn the heap every step, and stage 1's
         # encoders leave large freed blocks behind: a bounded heap gives them back (diffsplit.storage.host_memory).
@@ -88,7 +90,7 @@ def execute(run: Run) -> dict[str, Any]:
         )
     if not config.dataset_base_path:
         raise UserError(f"--task {config.task} needs --dataset_base_path (the stage-1 cache folder)")
-    return train_from_cache(run, Path(config.dataset_base_path))
+    return train_from_cache(run, location(config.dataset_base_path, "--dataset_base_path"))
 
 
 # -- unsplit ------------------------------------------------------------------------------------------------
@@ -317,6 +319,7 @@ def _stage1(
         barrier=_long_barrier(state),
         skipped=run.skipped,
         skip_bad_samples=config.skip_bad_samples,
+        lock=config.cache_lock,
     )
     return plan, summary
 
@@ -330,8 +333,8 @@ def data_process(run: Run) -> dict[str, Any]:
     ``validation/`` folder)."""
     samples = run.load_dataset()
     rows = run.load_validation()
-    plan, summary = _stage1(run, Path(run.config.output_path), samples)
-    folder = Path(run.config.output_path)
+    folder = location(run.config.output_path, "--output_path")
+    plan, summary = _stage1(run, folder, samples)
     if rows:
         _stage1(run, folder / VALIDATION_DIR, rows, sizes=existing_identity(folder)["value_bytes"])
     _store_sample_prompts(run, folder)
@@ -398,7 +401,7 @@ def train_from_cache(
     validation = None
     if run.config.validation_every_n_steps:
         rows = folder / VALIDATION_DIR
-        if not (rows / cache.MANIFEST).is_file():
+        if not is_file(rows / cache.MANIFEST):
             raise UserError(
                 f"--validation_every_n_steps: the cache at {folder} holds no validation rows; run stage 1 with "
                 "--validation_metadata_path"
@@ -423,7 +426,7 @@ def train_auto(run: Run) -> dict[str, Any]:
     base = run.plan
     run.models.require(base.stage1_models + base.stage2_models, flag=MODEL_FLAG)
     key = cache.fingerprint(run.identity())[:16]
-    folder = Path(run.config.cache_dir) / key
+    folder = location(run.config.cache_dir, "--cache_dir") / key
     started = time.perf_counter()
     _, summary1 = _stage1(run, folder, samples)
     rows = _validation_rows(run) if run.config.validation_every_n_steps else run.load_validation()
@@ -443,7 +446,7 @@ def train_auto(run: Run) -> dict[str, Any]:
         stage1=summary1,
         stage1_seconds=stage1_seconds,
         stage1_peak_rss_mib=stage1_rss,
-        cache_bytes=_folder_bytes(folder),
+        cache_bytes=folder_bytes(folder),
         peak_rss_mib=_peak_rss_mib(),
     )
     return summary
@@ -593,7 +596,3 @@ def _train(
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

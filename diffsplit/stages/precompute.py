@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,8 @@ from diffsplit.contract.context import unit_context
 from diffsplit.errors import BadSampleError, DataError, load_or_error
 from diffsplit.planner.split import SplitPlan
 from diffsplit.storage import cache, data
+from diffsplit.storage.cache.remote import read_bytes
+from diffsplit.storage.location import Location
 
 
 def value_size(value: Any) -> int:
@@ -57,18 +58,17 @@ def probe_sizes(
     return {key: value_size(value) for key, value in env.items()}
 
 
-def existing_identity(folder: Path) -> dict[str, Any]:
+def existing_identity(folder: Location) -> dict[str, Any]:
     """The identity an existing cache recorded ({} if none).
 
     A resumed or extended cache reuses its probe sizes (so its plan stays the same whichever sample is
     probed) and its constants (so no frozen model is loaded when every sample is already cached); the
     writer still compares everything else, the frozen models' hashes included.
     """
-    manifest = folder / cache.MANIFEST
-    if not manifest.is_file():
-        return {}
     try:
-        identity = json.loads(manifest.read_text())["identity"]
+        identity = json.loads(read_bytes(folder / cache.MANIFEST))["identity"]
+    except (FileNotFoundError, IsADirectoryError):
+        return {}
     except (ValueError, KeyError, TypeError):
         return {}
     return identity if isinstance(identity, dict) else {}
@@ -90,23 +90,27 @@ def split_values(
 
 def _one_writer(function: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """Run ``function(folder, ..., rank=...)`` with rank 0 holding the folder's writer lock throughout (a
-    second stage 1 on the folder waits, then finds the samples done)."""
+    second stage 1 on the folder waits, then finds the samples done); ``lock`` is ``--cache_lock``, and
+    the function gets what it must check before it writes as ``lease`` (see :func:`.cache.writer_lock`)."""
 
     @functools.wraps(function)
-    def locked(folder: Path, *args: Any, rank: int = 0, **kwargs: Any) -> dict[str, Any]:
+    def locked(
+        folder: Location, *args: Any, rank: int = 0, lock: str = "auto", **kwargs: Any
+    ) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
+            lease = None
             if rank == 0:
-                stack.enter_context(
-                    cache.writer_lock(folder, lambda m: print(f"notice: {m}", file=sys.stderr))
+                lease = stack.enter_context(
+                    cache.writer_lock(folder, lambda m: print(f"notice: {m}", file=sys.stderr), lock)
                 )
-            return function(folder, *args, rank=rank, **kwargs)
+            return function(folder, *args, rank=rank, lease=lease, **kwargs)
 
     return locked
 
 
 @_one_writer
 def write_cache(
-    folder: Path,
+    folder: Location,
     identity: dict[str, Any],
     plan: SplitPlan,
     samples: Sequence[data.Sample],
@@ -126,6 +130,7 @@ def write_cache(
     show_progress: bool = True,
     skipped: Sequence[Mapping[str, Any]] = (),
     skip_bad_samples: bool = False,
+    lease: Any = None,
 ) -> dict[str, Any]:
     """Encode every sample not yet in the cache at ``folder``; returns counts and seconds.
 
@@ -152,9 +157,15 @@ def write_cache(
 
     # Rank 0 alone replaces a stale cache; the others open it once that is done.
     writer = open_writer(overwrite) if rank == 0 else None
+    if writer is not None and lease is not None:
+        writer.lease = lease  # on object storage the lock can be lost: checked before each shard
     if world_size > 1:
         barrier()
     writer = writer or open_writer(False)
+    if world_size > 1:
+        # Every rank has listed what is done before any rank writes more: a rank still listing (slow on
+        # object storage) must not see another's first new shard, or the ranks would split different lists.
+        barrier()
     skipped = list(skipped)
     notes: Counter[str] = Counter()
     done = writer.done_ids()

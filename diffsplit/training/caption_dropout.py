@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 
 from diffsplit.errors import UserError
 from diffsplit.planner.graph import UnitGraph
+from diffsplit.storage.cache import remote as objects
 from diffsplit.storage.files import atomic_path
+from diffsplit.storage.location import is_remote
 from diffsplit.training.rng import keyed_generator
 from diffsplit.training.sampling import prompt_units
 
@@ -107,19 +109,25 @@ def value_bytes(values: Mapping[str, Any]) -> int:
 
 
 def store(path: Path, values: Mapping[str, Any], fingerprint: str) -> None:
-    """Write the empty prompt's values (tensors as tensors, the rest as JSON in the metadata) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the empty prompt's values (tensors as tensors, the rest as JSON in the metadata) atomically
+    (one PUT in a cache on object storage)."""
+    objects.make_folder(path.parent)
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     other = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
     metadata = {"fingerprint": fingerprint, "values": json.dumps(other, sort_keys=True)}
+    if is_remote(path):
+        objects.put_safetensors(path, tensors, metadata)
+        return
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
 def stored_fingerprint(path: Path) -> str | None:
     """The fingerprint of the cache the file at ``path`` was made for (None: no file)."""
-    if not path.is_file():
+    if not objects.is_file(path):
         return None
+    if is_remote(path):
+        return objects.read_safetensors(path)[1].get("fingerprint")
     with safe_open(str(path), framework="pt") as handle:
         return (handle.metadata() or {}).get("fingerprint")
 
@@ -132,6 +140,9 @@ def load(path: Path, fingerprint: str, hint: str) -> dict[str, Any]:
     """
     if stored_fingerprint(path) != fingerprint:
         raise UserError(f"--caption_dropout_rate: the cache holds no empty prompt's embedding; {hint}")
+    if is_remote(path):
+        tensors, metadata = objects.read_safetensors(path)
+        return {**tensors, **json.loads(metadata.get("values", "{}"))}
     with safe_open(str(path), framework="pt") as handle:
         values: dict[str, Any] = {k: handle.get_tensor(k) for k in handle.keys()}
         values.update(json.loads((handle.metadata() or {}).get("values", "{}")))

@@ -99,6 +99,7 @@ class TrainConfig:
     # split training
     cache_dir: str | None = None
     overwrite_cache: bool = False
+    cache_lock: str = "auto"  # 'auto' (a file lock, or a lease on object storage) or 'none'
     data_process_batch_size: int = 1
     cache_shard_size: int = 64
     no_layer_split: bool = False

@@ -33,7 +33,9 @@ from safetensors.torch import save_file
 
 from diffsplit.errors import UserError
 from diffsplit.planner.graph import UnitGraph
+from diffsplit.storage.cache import remote as objects
 from diffsplit.storage.files import atomic_path
+from diffsplit.storage.location import is_remote
 
 OPTIONS = {
     "--w": "width",
@@ -231,11 +233,15 @@ def _to_cpu(value: Any) -> Any:
 
 
 def store_texts(folder: Path, encoded: Mapping[str, Mapping[str, torch.Tensor]], salt: str = "") -> None:
-    """Write each text's values as ``folder/<text_key>.safetensors`` (the text in its metadata), atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write each text's values as ``folder/<text_key>.safetensors`` (the text in its metadata), atomically
+    (on object storage, where ``folder`` is inside a remote cache, as one PUT each)."""
+    objects.make_folder(folder)
     for text, values in encoded.items():
         target = folder / f"{text_key(text, salt)}.safetensors"
-        if target.is_file():
+        if objects.is_file(target):
+            continue
+        if is_remote(target):
+            objects.put_safetensors(target, {k: v.contiguous() for k, v in values.items()}, {"text": text})
             continue
         with atomic_path(target) as tmp:
             save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"text": text})
@@ -252,9 +258,12 @@ def load_texts(
     out: dict[str, dict[str, torch.Tensor]] = {}
     for text in dict.fromkeys(texts):
         path = folder / f"{text_key(text, salt)}.safetensors"
-        if not path.is_file():
+        if not objects.is_file(path):
             shown = text.split("\x00")[0][:60]
             raise UserError(f"no stored embedding for the sample prompt '{shown}'; {stage1_hint}")
+        if is_remote(path):
+            out[text] = objects.read_safetensors(path)[0]
+            continue
         with safe_open(str(path), framework="pt") as handle:
             out[text] = {k: handle.get_tensor(k) for k in handle.keys()}
     return out

@@ -16,9 +16,18 @@ the index after its shard, so a kill leaves at worst an orphan shard (no index) 
 are ignored by readers and removed when the same writer resumes. The manifest never lists samples and
 writers never rewrite old shards, so a cache of millions of samples keeps a small manifest.
 
+On object storage (an fsspec URL: ``s3://``, ``gs://``, ``memory://``; see
+:mod:`diffsplit.storage.location`) the layout is the same. A single PUT is atomic there, so each file is one
+object written under its final name (shard, then its index; at finalize the tables, then the manifest),
+with no temporary name, rename or fsync; a folder is listed with one request (:mod:`.remote`). The writer
+lock is a lease object made by an exclusive create (:mod:`.lease`). Readers fetch only what they read:
+tables whole, a shard's index on first touch, a sample's tensors by ranged reads checked against the
+per-sample sha256 each index line carries (:mod:`.reader`); nothing is written to the local disk.
+
 Modules: :mod:`.identity` (fingerprint, mismatch messages), :mod:`.writer` (stage 1 writes, resumes,
 finalizes), :mod:`.reader` (random access at any size), :mod:`.check` (``cache verify`` / ``inspect``),
-:mod:`.index` and :mod:`.table` (the two on-disk formats), :mod:`.layout` (names and shared readers).
+:mod:`.index` and :mod:`.table` (the two on-disk formats), :mod:`.layout` (names and shared readers),
+:mod:`.remote` (file operations on a local folder or on object storage), :mod:`.lease` (the lock there).
 
 The cache knows nothing of model families or torch models. Callers describe what made the cache in an
 ``identity`` dict (family, plan, preprocessing arguments, frozen model hashes, ...); its fingerprint decides

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsplit.errors import UserError
-from diffsplit.storage.cache import table
+from diffsplit.storage.cache import remote, table
 from diffsplit.storage.cache.identity import canonical, fingerprint
 from diffsplit.storage.cache.index import FORMAT_VERSION, sample_problem
 from diffsplit.storage.cache.layout import (
@@ -32,9 +32,10 @@ from diffsplit.storage.cache.layout import (
 )  # fmt: skip
 from diffsplit.storage.cache.reader import open_tables
 from diffsplit.storage.files import sha256_file
+from diffsplit.storage.location import Location, is_remote, location
 
 
-def verify(folder: str | Path, *, quick: bool = False, progress: bool = False) -> list[str]:
+def verify(folder: str | Path | Location, *, quick: bool = False, progress: bool = False) -> list[str]:
     """Every problem of the cache at ``folder``, one line each; ``[]`` when it is intact.
 
     Checks format and fingerprint; for a complete cache, the tables' sizes and order (ids sorted and
@@ -46,7 +47,7 @@ def verify(folder: str | Path, *, quick: bool = False, progress: bool = False) -
     kill left, removed when stage 1 resumes, so an intact partial cache has no problems. Files the cache
     does not own are not read.
     """
-    folder = Path(folder)
+    folder = location(folder)
     try:
         manifest = read_manifest(folder)
     except UserError as err:
@@ -74,7 +75,7 @@ def verify(folder: str | Path, *, quick: bool = False, progress: bool = False) -
 
 
 def _complete_problems(
-    folder: Path, manifest: dict[str, Any], listing: Listing, quick: bool, progress: bool
+    folder: Location, manifest: dict[str, Any], listing: Listing, quick: bool, progress: bool
 ) -> list[str]:
     try:
         samples, shards = open_tables(folder, manifest)
@@ -101,7 +102,7 @@ def _complete_problems(
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quick or not progress) as bar:
         for number, entry in enumerate(entries):
             rows = None if rows_of is None else samples[rows_of[number]]
-            problems += _shard_problems(folder, entry, quick, rows)
+            problems += _shard_problems(folder, entry, quick, rows, listing)
             bar.update(entry.bytes + entry.index_bytes)
     return problems
 
@@ -113,10 +114,14 @@ def _rows_by_shard(samples: np.ndarray, num_shards: int) -> list[np.ndarray]:
     return [order[bounds[n] : bounds[n + 1]] for n in range(num_shards)]
 
 
-def _shard_problems(folder: Path, entry: table.ShardEntry, quick: bool, rows: np.ndarray | None) -> list[str]:
-    """One shard against its shards-table row (:func:`.layout.shard_problem`) and, given the table's ``rows``
-    for it, each row against its sample's line in the index."""
-    problem, index = shard_problem(folder, entry, quick)
+def _shard_problems(
+    folder: Location, entry: table.ShardEntry, quick: bool, rows: np.ndarray | None, listing: Listing
+) -> list[str]:
+    """One shard against its shards-table row (:func:`.layout.shard_problem`; on object storage its size
+    from the one listing) and, given the table's ``rows`` for it, each row against its sample's line in the
+    index."""
+    sizes = listing.sizes if is_remote(folder) else None
+    problem, index = shard_problem(folder, entry, quick, sizes)
     if problem is not None:
         return [problem]
     if index is None or rows is None:
@@ -130,7 +135,7 @@ def _shard_problems(folder: Path, entry: table.ShardEntry, quick: bool, rows: np
     return []
 
 
-def _partial_problems(folder: Path, listing: Listing, quick: bool) -> list[str]:
+def _partial_problems(folder: Location, listing: Listing, quick: bool) -> list[str]:
     problems = []
     shards = folder / SHARDS
     for stem in sorted(listing.indexes):
@@ -144,14 +149,15 @@ def _partial_problems(folder: Path, listing: Listing, quick: bool) -> list[str]:
             continue
         if quick:
             continue
-        if sha256_file(shards / f"{stem}.safetensors") != index.header["sha256"]:
+        shard = shards / f"{stem}.safetensors"
+        if (remote.sha256_of(shard) if is_remote(shard) else sha256_file(shard)) != index.header["sha256"]:
             problems.append(f"shard {shards / stem}.safetensors is corrupt: checksum mismatch")
         elif (problem := header_problem(shards / f"{stem}.safetensors", index.samples)) is not None:
             problems.append(problem)
     return problems
 
 
-def _partial_ids(folder: Path, listing: Listing) -> tuple[set[str], dict[str, Any] | None]:
+def _partial_ids(folder: Location, listing: Listing) -> tuple[set[str], dict[str, Any] | None]:
     """The ids of a partial cache's intact indexes, and one sample entry (for :func:`inspect`)."""
     ids: set[str] = set()
     example = None
@@ -166,10 +172,10 @@ def _partial_ids(folder: Path, listing: Listing) -> tuple[set[str], dict[str, An
     return ids, example
 
 
-def status(folder: str | Path) -> str:
+def status(folder: str | Path | Location) -> str:
     """One line on how far the cache at ``folder`` got (for ``cache verify``): complete, or partial with its
     intact samples and the leftovers a resume removes."""
-    folder = Path(folder)
+    folder = location(folder)
     manifest = read_manifest(folder)
     if manifest.get("status") == "complete":
         return f"complete, {manifest.get('num_samples')} samples"
@@ -228,15 +234,14 @@ def group_histogram(groups: np.ndarray, keys: list[Any], limit: int = 12) -> str
     return shown + (f" (+{len(order) - limit} more)" if len(order) > limit else "")
 
 
-def _first_sample(folder: Path, samples: np.ndarray, shards: np.ndarray) -> dict[str, Any] | None:
+def _first_sample(folder: Location, samples: np.ndarray, shards: np.ndarray) -> dict[str, Any] | None:
     """The index entry of the table's first sample (one line read), or None for an empty cache."""
     if not len(samples):
         return None
     row = samples[0]
     name = table.shard_entry(shards, int(row["shard"])).name
-    with open(folder / SHARDS / f"{name}.json", "rb") as handle:
-        handle.seek(int(row["offset"]))
-        line = handle.read(int(row["length"]))
+    offset = int(row["offset"])
+    line = remote.read_range(folder / SHARDS / f"{name}.json", offset, offset + int(row["length"]))
     try:
         sample = json.loads(line)
     except ValueError:
@@ -244,7 +249,7 @@ def _first_sample(folder: Path, samples: np.ndarray, shards: np.ndarray) -> dict
     return sample if sample_problem(sample) is None else None
 
 
-def inspect(folder: str | Path) -> str:
+def inspect(folder: str | Path | Location) -> str:
     """A readable summary of the cache at ``folder`` (complete or not), without reading any tensor.
 
     Status, format, fingerprint, samples and shards, bytes on disk and per sample, the identity's values
@@ -253,8 +258,8 @@ def inspect(folder: str | Path) -> str:
     manifest and tables alone (one sample's line is read); a partial one from its shard indexes. Given a
     folder holding caches (an automatic mode's ``--cache_dir``), a summary of each.
     """
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file() and caches_in(folder):
+    folder = location(folder)
+    if not remote.is_file(folder / MANIFEST) and caches_in(folder):
         return "\n\n".join(inspect(cache) for cache in caches_in(folder))
     manifest = read_manifest(folder)
     listing = Listing(folder)
@@ -264,11 +269,11 @@ def inspect(folder: str | Path) -> str:
             tables = open_tables(folder, manifest)
         except table.TableError:
             tables = None  # summarised from the indexes below; `cache verify` says what is wrong
-    disk = (folder / MANIFEST).stat().st_size
+    disk = remote.size(folder / MANIFEST)
     if tables is not None:
         samples, shards = tables
         count, num_shards = len(samples), len(shards)
-        disk += sum((folder / e["file"]).stat().st_size for e in manifest["tables"].values())
+        disk += sum(remote.size(folder / e["file"]) for e in manifest["tables"].values())
         disk += int(shards["bytes"].sum()) + int(shards["index_bytes"].sum())
         example = _first_sample(folder, samples, shards)
         groups = group_histogram(samples["group"], list(manifest.get("groups") or []))
@@ -277,9 +282,8 @@ def inspect(folder: str | Path) -> str:
         groups = "(when the cache is complete)"
         count, num_shards = len(ids), len(listing.indexes)
         for stem in listing.indexes:
-            disk += (folder / SHARDS / f"{stem}.json").stat().st_size
-            if stem in listing.shards:
-                disk += (folder / SHARDS / f"{stem}.safetensors").stat().st_size
+            names = [f"{stem}.json"] + ([f"{stem}.safetensors"] if stem in listing.shards else [])
+            disk += sum(listing.sizes.get(n) or remote.size(folder / SHARDS / n) for n in names)
     lines = [
         f"cache {folder}",
         f"status:       {manifest.get('status')} (format {manifest.get('format')})",

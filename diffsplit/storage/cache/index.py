@@ -3,8 +3,8 @@
 Layout of ``shards/shard-<writer>-<seq>.json`` (format 2)::
 
     {"bytes":5120,"format":2,"sha256":"...","shard":"shard-r0-000000.safetensors","samples":[
-    {"id":"3f..","row":0,"tensors":{"latents":{"dtype":"bfloat16","offsets":[152,664],"shape":[4,8,8]}},"values":{..}},
-    {"id":"7a..","row":5,"tensors":{..},"values":{..}}
+    {"id":"3f..","row":0,"sha256":"..","tensors":{"latents":{"dtype":"bfloat16","offsets":[152,664],"shape":[4,8,8]}},"values":{..}},
+    {"id":"7a..","row":5,"sha256":"..","tensors":{..},"values":{..}}
     ]}
 
 The whole file parses as JSON (tools and people can read it). Each sample is one line of compact JSON (a JSON
@@ -12,17 +12,24 @@ string never holds a raw newline), so the cache's table (:mod:`diffsplit.storage
 sample's line by byte offset and length, and a reader parses a few hundred bytes per sample instead of a
 whole index. A tensor's ``offsets`` are its byte range in the shard file itself (safetensors header
 included), so a reader fetches it with one positioned read, without parsing the shard's header.
+
+A sample's ``sha256`` (:func:`sample_digest`: its tensors' bytes in the order they lie in the shard) lets a
+reader of a cache on object storage check each sample it fetches by ranged reads without downloading whole
+shards. It was added within format 2: an index without it is still read (such a shard is hashed whole).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 FORMAT_VERSION: int = 2
 """Bump when the layout of the folder, the manifest, the shard index or the tables changes."""
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _SAMPLES_OPEN = b',"samples":['
 _CLOSE = b"]}"
 
@@ -41,6 +48,14 @@ def tensor_offsets(safetensors_bytes: bytes) -> dict[str, tuple[int, int]]:
         for name, info in header.items()
         if name != "__metadata__"
     }
+
+
+def sample_digest(chunks: list[bytes]) -> str:
+    """The sha256 hex digest of one sample's tensor bytes, ``chunks`` in ascending byte offset."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _compact(value: Any) -> bytes:
@@ -117,6 +132,9 @@ def sample_problem(sample: Any) -> str | None:
     tensors, values = sample.get("tensors"), sample.get("values")
     if not isinstance(tensors, dict) or not isinstance(values, dict):
         return f"sample {sample_id} has no 'tensors' or 'values'"
+    digest = sample.get("sha256")  # optional: indexes written before it was added lack it
+    if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        return f"sample {sample_id} has the sha256 {digest!r}"
     for name, info in tensors.items():
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
             return f"sample {sample_id}: tensor '{name}' has no dtype"

@@ -7,18 +7,20 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from diffsplit.errors import UserError
+from diffsplit.storage.cache import remote
 from diffsplit.storage.cache.index import MalformedIndex, ShardIndex, parse_index, sample_problem
 from diffsplit.storage.cache.table import SAMPLES_TABLE, SHARDS_TABLE, ShardEntry
 from diffsplit.storage.files import atomic_write, sha256_file
+from diffsplit.storage.location import Location, is_remote
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 LOCK = ".lock"
-"""The writers' lock file (an OS file lock, released when its process ends, however it ends)."""
+"""The writers' lock file (an OS file lock, released when its process ends, however it ends; on object
+storage a lease object, see :mod:`.lease`)."""
 SKIPPED = "skipped_samples.json"
 VALIDATION = "validation"
 SAMPLES = "samples"
@@ -43,21 +45,24 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
 
 
-def read_json(path: Path, what: str, hint: str) -> Any:
+def read_json(path: Location, what: str, hint: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return json.loads(remote.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} {path} is missing; {hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{what} {path} is unreadable ({err}); {hint}") from None
 
 
-def write(path: Path, data: bytes, tmp: Path) -> None:
-    """:func:`atomic_write`, with a failing disk (full, read-only, gone) as one line that says the cache
-    resumes once the problem is fixed (the temporary file is removed, the target left as it was)."""
+def write(path: Location, data: bytes, tmp: Location) -> None:
+    """:func:`.remote.put` (an atomic write locally, one PUT on object storage), with a failing disk (full,
+    read-only, gone) or store as one line that says the cache resumes once the problem is fixed (the
+    temporary file is removed, the target left as it was)."""
     try:
-        atomic_write(path, data, tmp)
+        if is_remote(path):
+            remote.put(path, data, tmp)
+        else:
+            atomic_write(path, data, tmp)
     except OSError as err:
         raise UserError(
             f"cannot write {path} ({err.strerror or err}); free space (or fix the folder) and rerun stage 1: "
@@ -72,12 +77,16 @@ def dtype_name(dtype: Any) -> str:
 class Listing:
     """The cache-owned names in ``shards/``, by kind. Unknown names are collected but never opened."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Location) -> None:
         self.shards: dict[str, tuple[str, int]] = {}  # stem -> (writer, seq)
         self.indexes: dict[str, tuple[str, int]] = {}
         self.tmp: list[str] = []
         self.unknown: list[str] = []
+        self.sizes: dict[str, int] = {}  # file name -> bytes, on object storage only (one listing gives them)
         shards = folder / SHARDS
+        if is_remote(folder):
+            self._add(remote.entries(shards))
+            return
         if not shards.is_dir():
             return
         for entry in os.scandir(shards):
@@ -91,51 +100,64 @@ class Listing:
             else:
                 self.unknown.append(name)
 
+    def _add(self, listed: Mapping[str, remote.Entry]) -> None:
+        for name, entry in listed.items():
+            if (m := SHARD.fullmatch(name)) and entry.is_file:
+                self.shards[name.removesuffix(".safetensors")] = (m[1], int(m[2]))
+            elif (m := _INDEX.fullmatch(name)) and entry.is_file:
+                self.indexes[name.removesuffix(".json")] = (m[1], int(m[2]))
+            else:
+                self.unknown.append(name)  # no temporary files on object storage
+            if entry.size is not None:
+                self.sizes[name] = entry.size
+
     @property
     def orphans(self) -> list[str]:
         """Shard files without an index: left by a kill between the two renames."""
         return sorted(f"{stem}.safetensors" for stem in self.shards if stem not in self.indexes)
 
 
-def foreign_entries(folder: Path) -> list[str]:
+def foreign_entries(folder: Location) -> list[str]:
     """Entries of ``folder`` the cache format does not own (empty when the folder may be used)."""
     owned = (MANIFEST, LOCK, SKIPPED, SKIPPED_TMP, SAMPLES_TABLE, SHARDS_TABLE)
     foreign = []
-    for entry in os.scandir(folder):
-        if entry.name in (VALIDATION, SAMPLES) and entry.is_dir():
+    for name, entry in remote.entries(folder).items():
+        if name in (VALIDATION, SAMPLES) and entry.is_dir:
             continue
-        if entry.name == SHARDS and entry.is_dir():
-            foreign += [f"{SHARDS}/{name}" for name in Listing(folder).unknown]
-        elif not (
-            entry.name in owned or MANIFEST_TMP.fullmatch(entry.name) or TABLE_TMP.fullmatch(entry.name)
-        ):
-            foreign.append(entry.name)
+        if name == SHARDS and entry.is_dir:
+            foreign += [f"{SHARDS}/{unknown}" for unknown in Listing(folder).unknown]
+        elif not (name in owned or MANIFEST_TMP.fullmatch(name) or TABLE_TMP.fullmatch(name)):
+            foreign.append(name)
     return sorted(foreign)
 
 
-def root_leftovers(folder: Path) -> list[str]:
-    """Temporary manifest and table files a killed (or disk-full) writer left."""
-    if not folder.is_dir():
+def root_leftovers(folder: Location) -> list[str]:
+    """Temporary manifest and table files a killed (or disk-full) writer left (never on object storage)."""
+    if is_remote(folder) or not folder.is_dir():
         return []
     return sorted(
         e.name for e in os.scandir(folder) if MANIFEST_TMP.fullmatch(e.name) or TABLE_TMP.fullmatch(e.name)
     )
 
 
-def caches_in(folder: Path) -> list[Path]:
+def caches_in(folder: Location) -> list[Location]:
     """The caches directly inside ``folder`` (an automatic mode's ``--cache_dir`` holds one per fingerprint)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    if not is_remote(folder):
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    # One listing of the folder, then one of each subfolder (no HEAD per manifest).
+    subfolders = [name for name, entry in remote.entries(folder).items() if entry.is_dir]
+    return [folder / name for name in sorted(subfolders) if MANIFEST in remote.entries(folder / name)]
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Location) -> dict[str, Any]:
     """The manifest of the cache at ``folder``; one line when there is none (naming the caches inside a
     folder that holds several) or it is unreadable."""
-    if not folder.is_dir():
+    if not remote.is_dir(folder):
         raise UserError(f"cache folder {folder} does not exist; run stage 1 (sft:data_process) first")
     path = folder / MANIFEST
-    if not path.is_file():
+    if not remote.is_file(path):
         inside = caches_in(folder)
         if inside:
             shown = ", ".join(str(p) for p in inside[:5]) + (
@@ -154,22 +176,22 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def manifest_status(path: Path) -> Any:
+def manifest_status(path: Location) -> Any:
     """The ``status`` of the manifest at ``path``, or None when it cannot be read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("status")
+        return json.loads(remote.read_bytes(path).decode("utf-8")).get("status")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def read_index(path: Path, hint: str) -> tuple[ShardIndex, bytes]:
+def read_index(path: Location, hint: str) -> tuple[ShardIndex, bytes]:
     """A shard's index and its raw bytes (its checksum is taken from them).
 
     Raises:
         UserError: missing, unreadable or not laid out as this format writes it; ends with ``hint``.
     """
     try:
-        data = path.read_bytes()
+        data = remote.read_bytes(path)
     except FileNotFoundError:
         raise UserError(f"shard index {path} is missing; {hint}") from None
     except OSError as err:
@@ -180,7 +202,7 @@ def read_index(path: Path, hint: str) -> tuple[ShardIndex, bytes]:
         raise UserError(f"shard index {path} is malformed ({err}); {hint}") from None
 
 
-def index_problem(folder: Path, stem: str, index: ShardIndex, listing: Listing) -> str | None:
+def index_problem(folder: Location, stem: str, index: ShardIndex, listing: Listing) -> str | None:
     """Why an index cannot be trusted without reading its shard's bytes, or None."""
     where = f"index {folder / SHARDS / stem}.json"
     if not isinstance(index.header.get("bytes"), int) or not isinstance(index.header.get("sha256"), str):
@@ -191,16 +213,22 @@ def index_problem(folder: Path, stem: str, index: ShardIndex, listing: Listing) 
     shard = folder / SHARDS / f"{stem}.safetensors"
     if stem not in listing.shards:
         return f"shard {shard} is missing (its index exists)"
-    size = shard.stat().st_size
+    size = listing.sizes[f"{stem}.safetensors"] if is_remote(folder) else shard.stat().st_size
     if size != index.header["bytes"]:
         return f"shard {shard} is corrupt: {size} bytes, its index says {index.header['bytes']} (truncated?)"
     return None
 
 
-def size_problem(what: str, path: Path, size: int) -> str | None:
-    """Whether the file at ``path`` is missing or of another size than ``size`` (one line naming it)."""
+def size_problem(what: str, path: Location, size: int, sizes: Mapping[str, int] | None = None) -> str | None:
+    """Whether the file at ``path`` is missing or of another size than ``size`` (one line naming it);
+    ``sizes`` (names to bytes, from one listing of its folder) saves asking for the size itself."""
     try:
-        actual = path.stat().st_size
+        if sizes is not None:
+            if path.name not in sizes:
+                raise FileNotFoundError(path)
+            actual = sizes[path.name]
+        else:
+            actual = remote.size(path)
     except FileNotFoundError:
         return f"{what} {path} is missing"
     except OSError as err:
@@ -213,10 +241,11 @@ def size_problem(what: str, path: Path, size: int) -> str | None:
 
 
 def shard_problem(
-    folder: Path, entry: ShardEntry, quick: bool = False
+    folder: Location, entry: ShardEntry, quick: bool = False, sizes: Mapping[str, int] | None = None
 ) -> tuple[str | None, ShardIndex | None]:
-    """One shard and its index against their shards-table row: both files' sizes; unless ``quick``, their
-    sha256, the index's layout and entries, and the shard's header against the index.
+    """One shard and its index against their shards-table row: both files' sizes (from ``sizes``, a listing
+    of ``shards/``, when given); unless ``quick``, their sha256, the index's layout and entries, and the
+    shard's header against the index.
 
     Returns:
         ``(problem, index)``: the first problem as one line (None when intact) and, when everything was
@@ -229,18 +258,18 @@ def shard_problem(
         ("shard index", index_path, entry.index_bytes, entry.index_sha256),
     )
     for what, path, size, _ in files:
-        if (problem := size_problem(what, path, size)) is not None:
+        if (problem := size_problem(what, path, size, sizes)) is not None:
             return problem, None
     if quick:
         return None, None
     for what, path, _, digest in files:
         try:
-            if sha256_file(path) != digest:
+            if (remote.sha256_of(path) if is_remote(path) else sha256_file(path)) != digest:
                 return f"{what} {path} is corrupt: checksum mismatch", None
         except OSError as err:
             return f"{what} {path} is unreadable ({err.strerror})", None
     try:
-        index = parse_index(index_path.read_bytes())
+        index = parse_index(remote.read_bytes(index_path))
     except (OSError, MalformedIndex) as err:
         return f"shard index {index_path} is malformed ({err})", None
     if bad := [p for s in index.samples if (p := sample_problem(s)) is not None]:
@@ -259,13 +288,13 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _safetensors_header(shard: Path) -> dict[str, tuple[str, list[int], list[int]]]:
-    """Each tensor's (torch dtype name, shape, absolute byte range) from a shard's own header."""
-    with open(shard, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if size > os.fstat(handle.fileno()).st_size:
-            raise ValueError("its header length exceeds the file")
-        header = json.loads(handle.read(size))
+def _safetensors_header(shard: Location) -> dict[str, tuple[str, list[int], list[int]]]:
+    """Each tensor's (torch dtype name, shape, absolute byte range) from a shard's own header (two reads:
+    ranged GETs on object storage)."""
+    size = int.from_bytes(remote.read_range(shard, 0, 8), "little")
+    if size > remote.size(shard):
+        raise ValueError("its header length exceeds the file")
+    header = json.loads(remote.read_range(shard, 8, 8 + size))
     base = 8 + size
     return {
         key: (
@@ -278,7 +307,7 @@ def _safetensors_header(shard: Path) -> dict[str, tuple[str, list[int], list[int
     }
 
 
-def header_problem(shard: Path, samples: Sequence[Mapping[str, Any]]) -> str | None:
+def header_problem(shard: Location, samples: Sequence[Mapping[str, Any]]) -> str | None:
     """Whether a shard's own header holds exactly the tensors its index lists, with their dtypes, shapes and
     byte ranges (a reader fetches tensors by the index's ranges, so they must be the shard's own)."""
     expected = {

@@ -6,11 +6,22 @@ position), one positioned read of the sample's index line and one per tensor, fr
 open per process, so a shuffled read costs what an in-order read costs. Each shard's size and sha256 (and
 its index's) are checked the first time any process of the run touches it: the record of verified shards
 lives in shared memory, so loader workers started for a later epoch never hash a shard again.
+
+A cache on object storage (``s3://``, ``gs://``, any fsspec URL) is read without downloading it, and nothing
+of it is written to the local disk: the two tables are read into memory (one GET each), a shard's index is
+fetched whole the first time a process reads from that shard, checked against the shards table (size and
+sha256) and kept in a small per-process LRU (:data:`_REMOTE_INDEXES`), and a sample's tensors are fetched
+by ranged GETs (``cat_ranges``, concurrent on s3fs) and checked against the sample's own ``sha256`` in the
+index, so no shard is ever hashed whole (one from an index without per-sample digests is streamed through
+sha256 once, kept nowhere). What is held besides is the DataLoader's read-ahead: its workers times
+``prefetch_factor`` samples, in memory. fsspec filesystems pickle, so the reader travels to loader workers
+as it does locally (fsspec resets its event loop and clients in a forked worker).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import os
@@ -23,17 +34,20 @@ import numpy as np
 import torch
 
 from diffsplit.errors import DataError, UserError
-from diffsplit.storage.cache import table
+from diffsplit.storage.cache import remote, table
 from diffsplit.storage.cache.identity import fingerprint
-from diffsplit.storage.cache.index import FORMAT_VERSION, sample_problem
-from diffsplit.storage.cache.layout import RECOMPUTE_HINT, SHARDS, read_manifest, shard_problem
+from diffsplit.storage.cache.index import FORMAT_VERSION, parse_index, sample_digest, sample_problem
+from diffsplit.storage.cache.layout import RECOMPUTE_HINT, SHARDS, Listing, read_manifest, shard_problem
+from diffsplit.storage.location import Location, is_remote, location
 
 _OPEN_SHARDS = 64
 """Shards whose two file descriptors (tensors, index) a reader keeps open per process: opening one costs
 microseconds, so this bounds descriptors, not speed."""
+_REMOTE_INDEXES = 32
+"""Shard indexes a reader of a remote cache keeps in memory per process (a few hundred bytes a sample)."""
 
 
-def open_tables(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def open_tables(folder: Location, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The mapped samples and shards tables of a complete cache (sizes checked, nothing hashed).
 
     Raises:
@@ -58,8 +72,8 @@ class CacheReader:
         :class:`CacheView`, decoded on access).
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path | Location) -> None:
+        self.folder = location(folder)
         manifest = read_manifest(self.folder)
         where = f"cache at {self.folder}"
         if manifest.get("format") != FORMAT_VERSION:
@@ -97,6 +111,9 @@ class CacheReader:
             raise UserError(f"cache at {self.folder}: {err}; {RECOMPUTE_HINT}") from None
         self._ids = self._samples["id"]
         self._files: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._remote = is_remote(self.folder)
+        self._pid = os.getpid()
+        self._indexes: OrderedDict[int, bytes] = OrderedDict()  # remote: shard number -> its index's bytes
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -178,19 +195,28 @@ class CacheReader:
         row = self._samples[index]
         number, offset, length = int(row["shard"]), int(row["offset"]), int(row["length"])
         sample_id = bytes(row["id"]).decode("utf-8")
-        index_fd, shard_fd = self._open(number)
+        if self._remote and self._pid != os.getpid():  # a forked worker: its own filesystem and indexes
+            self.folder, self._pid, self._indexes = remote.reopen(self.folder), os.getpid(), OrderedDict()
         where = self._path(number, ".json")
         try:
-            sample = json.loads(os.pread(index_fd, length, offset))
+            if self._remote:
+                line = self._remote_index(number)[offset : offset + length]
+            else:
+                index_fd, shard_fd = self._open(number)
+                line = os.pread(index_fd, length, offset)
+            sample = json.loads(line)
         except (OSError, ValueError) as err:
             raise DataError(f"shard index {where} is corrupt ({err}); {RECOMPUTE_HINT}") from None
         if sample_problem(sample) is not None or sample.get("id") != sample_id:
             raise DataError(
                 f"shard index {where} does not hold sample {sample_id} where the table says; {RECOMPUTE_HINT}"
             )
-        out: dict[str, Any] = {
-            name: self._read_tensor(shard_fd, info, number) for name, info in sample["tensors"].items()
-        }
+        if self._remote:
+            out: dict[str, Any] = self._remote_tensors(number, sample)
+        else:
+            out = {
+                name: self._read_tensor(shard_fd, info, number) for name, info in sample["tensors"].items()
+            }
         out.update(sample["values"])
         return out
 
@@ -198,7 +224,8 @@ class CacheReader:
         """The tensors and JSON values of the sample with id ``sample_id`` (KeyError when absent)."""
         return self.load(self.position(sample_id))
 
-    def _read_tensor(self, fd: int, info: dict[str, Any], number: int) -> torch.Tensor:
+    def _tensor_size(self, info: dict[str, Any], number: int) -> tuple[torch.dtype, int]:
+        """A tensor's dtype and byte size from its index entry, checked against its byte range."""
         dtype = getattr(torch, info["dtype"], None)
         shape, (begin, end) = info["shape"], info["offsets"]
         if not isinstance(dtype, torch.dtype):
@@ -210,6 +237,11 @@ class CacheReader:
             raise DataError(
                 f"shard index {self._path(number, '.json')} is corrupt: sizes disagree; {RECOMPUTE_HINT}"
             )
+        return dtype, size
+
+    def _read_tensor(self, fd: int, info: dict[str, Any], number: int) -> torch.Tensor:
+        dtype, size = self._tensor_size(info, number)
+        shape, begin = info["shape"], info["offsets"][0]
         if size == 0:
             return torch.empty(shape, dtype=dtype)
         buffer = bytearray(size)
@@ -219,7 +251,64 @@ class CacheReader:
             )
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
-    def _path(self, number: int, suffix: str = ".safetensors") -> Path:
+    def _remote_index(self, number: int) -> bytes:
+        """Shard ``number``'s index, fetched whole on first use and checked against the shards table."""
+        if number in self._indexes:
+            self._indexes.move_to_end(number)
+            return self._indexes[number]
+        entry, where = table.shard_entry(self._shards, number), self._path(number, ".json")
+        try:
+            data = remote.read_bytes(where)
+        except FileNotFoundError:
+            raise DataError(f"shard index {where} is missing; {RECOMPUTE_HINT}") from None
+        except OSError as err:
+            raise DataError(f"shard index {where} is unreadable ({err}); {RECOMPUTE_HINT}") from None
+        if len(data) != entry.index_bytes:
+            raise DataError(
+                f"shard index {where} is corrupt: {len(data)} bytes, expected {entry.index_bytes}; {RECOMPUTE_HINT}"
+            )
+        if hashlib.sha256(data).hexdigest() != entry.index_sha256:
+            raise DataError(f"shard index {where} is corrupt: checksum mismatch; {RECOMPUTE_HINT}")
+        self._indexes[number] = data
+        if len(self._indexes) > _REMOTE_INDEXES:
+            self._indexes.popitem(last=False)
+        return data
+
+    def _remote_tensors(self, number: int, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A sample's tensors by ranged reads of its shard, checked against the sample's sha256 (or, for an
+        index without one, the whole shard's, streamed once per run)."""
+        where = self._path(number)
+        items = sorted(sample["tensors"].items(), key=lambda item: item[1]["offsets"][0])
+        sizes = [self._tensor_size(info, number) for _, info in items]
+        ranges = [
+            (info["offsets"][0], info["offsets"][1])
+            for _, info in items
+            if info["offsets"][1] > info["offsets"][0]
+        ]
+        try:
+            chunks = iter(remote.read_ranges(where, ranges))
+        except FileNotFoundError:
+            raise DataError(f"shard {where} is missing; {RECOMPUTE_HINT}") from None
+        except OSError as err:
+            raise DataError(f"shard {where} is unreadable ({err}); {RECOMPUTE_HINT}") from None
+        read = [next(chunks) if size else b"" for _, size in sizes]
+        if any(len(chunk) != size for chunk, (_, size) in zip(read, sizes, strict=True)):
+            raise DataError(f"shard {where} is corrupt: it ends early (truncated?); {RECOMPUTE_HINT}")
+        if "sha256" in sample:
+            if sample_digest(read) != sample["sha256"]:
+                raise DataError(
+                    f"shard {where} is corrupt: sample {sample['id']} does not match its checksum; {RECOMPUTE_HINT}"
+                )
+        elif not self._is_verified(number):
+            self._verify(number, DataError)
+        return {
+            name: torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(info["shape"])
+            if chunk
+            else torch.empty(info["shape"], dtype=dtype)
+            for (name, info), (dtype, _), chunk in zip(items, sizes, read, strict=True)
+        }
+
+    def _path(self, number: int, suffix: str = ".safetensors") -> Location:
         name = bytes(self._shards[number]["name"]).decode("utf-8")
         return self.folder / SHARDS / f"{name}{suffix}"
 
@@ -263,9 +352,12 @@ class CacheReader:
 
     def check_sizes(self) -> None:
         """Stat every shard and index against the shards table (no hashing: milliseconds per thousand
-        shards), so a lost or cut file stops a run before its first step; UserError naming the first."""
+        shards; on object storage one listing), so a lost or cut file stops a run before its first step;
+        UserError naming the first."""
+        sizes = Listing(self.folder).sizes if self._remote else None
         for number in range(len(self._shards)):
-            problem, _ = shard_problem(self.folder, table.shard_entry(self._shards, number), quick=True)
+            entry = table.shard_entry(self._shards, number)
+            problem, _ = shard_problem(self.folder, entry, quick=True, sizes=sizes)
             if problem is not None:
                 raise UserError(f"{problem}; {RECOMPUTE_HINT}")
 
@@ -273,6 +365,8 @@ class CacheReader:
         """Verify every shard now when shards and indexes total at most ``limit_bytes`` (a few seconds of
         hashing), so a corrupt shard stops the run before its first step; returns whether it did (else each
         shard is verified when the run first reads it)."""
+        if self._remote:
+            return self._verify_indexes(limit_bytes)
         total = int(self._shards["bytes"].sum()) + int(self._shards["index_bytes"].sum())
         if total > limit_bytes:
             return False
@@ -280,6 +374,23 @@ class CacheReader:
             if not self._is_verified(number):
                 self._verify(number, UserError)
         return True
+
+    def _verify_indexes(self, limit_bytes: int) -> bool:
+        """On object storage: fetch and check every index (never the shards) when they total at most
+        ``limit_bytes``; true when every sample then carries its own checksum, so each is verified as read
+        as surely as a hashed shard would be."""
+        if int(self._shards["index_bytes"].sum()) > limit_bytes:
+            return False
+        digests = True
+        for number in range(len(self._shards)):
+            try:
+                samples = parse_index(self._remote_index(number)).samples
+            except DataError as err:
+                raise UserError(str(err)) from None
+            except ValueError:
+                continue  # malformed: the sample's read says so
+            digests = digests and all("sha256" in sample for sample in samples)
+        return digests
 
 
 class CacheView(Sequence):

@@ -31,13 +31,14 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffsplit.storage.cache import remote
 from diffsplit.storage.cache.identity import canonical
 from diffsplit.storage.files import sha256_file
+from diffsplit.storage.location import Location, is_remote
 
 SAMPLES_TABLE = "table-samples.bin"
 SHARDS_TABLE = "table-shards.bin"
@@ -152,8 +153,9 @@ class TableError(ValueError):
     """A table file that does not match its manifest entry (the message names the file)."""
 
 
-def open_table(folder: Path, entry: Any, dtype_of: Any, width_key: str) -> np.ndarray:
-    """Memory-map the table the manifest ``entry`` describes, after checking its size (no hashing).
+def open_table(folder: Location, entry: Any, dtype_of: Any, width_key: str) -> np.ndarray:
+    """Memory-map the table the manifest ``entry`` describes, after checking its size (no hashing); on object
+    storage read it into memory instead (one GET: the tables are small, tens of bytes a sample).
 
     Raises:
         TableError: the entry is malformed, the file is missing, or its size differs from the entry's.
@@ -166,8 +168,13 @@ def open_table(folder: Path, entry: Any, dtype_of: Any, width_key: str) -> np.nd
         raise TableError("the manifest's table entry is malformed")
     dtype = dtype_of(entry[width_key])
     path = folder / entry["file"]
+    data = None
     try:
-        size = path.stat().st_size
+        if is_remote(folder):
+            data = remote.read_bytes(path)
+            size = len(data)
+        else:
+            size = path.stat().st_size
     except FileNotFoundError:
         raise TableError(f"{path} is missing") from None
     if size != entry["bytes"] or size != entry["rows"] * dtype.itemsize:
@@ -176,13 +183,15 @@ def open_table(folder: Path, entry: Any, dtype_of: Any, width_key: str) -> np.nd
         )
     if entry["rows"] == 0:
         return np.zeros(0, dtype=dtype)  # an empty file cannot be mapped
+    if data is not None:
+        return np.frombuffer(data, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(entry["rows"],))
 
 
-def table_checksum_problem(folder: Path, entry: dict[str, Any]) -> str | None:
+def table_checksum_problem(folder: Location, entry: dict[str, Any]) -> str | None:
     """Whether the table file hashes to the manifest's sha256 (read in blocks)."""
     path = folder / entry["file"]
-    if sha256_file(path) != entry.get("sha256"):
+    if (remote.sha256_of(path) if is_remote(path) else sha256_file(path)) != entry.get("sha256"):
         return f"{path} is corrupt: checksum mismatch"
     return None
 

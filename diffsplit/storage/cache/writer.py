@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from diffsplit.errors import UserError
-from diffsplit.storage.cache import table
+from diffsplit.storage.cache import remote, table
 from diffsplit.storage.cache.identity import canonical, check_identity, fingerprint
-from diffsplit.storage.cache.index import FORMAT_VERSION, encode_index, tensor_offsets
+from diffsplit.storage.cache.index import FORMAT_VERSION, encode_index, sample_digest, tensor_offsets
 from diffsplit.storage.cache.layout import (
     LOCK,
     MANIFEST,
@@ -38,14 +38,21 @@ from diffsplit.storage.cache.layout import (
     root_leftovers,
     write,
 )  # fmt: skip
+from diffsplit.storage.cache.lease import Lease, lock_problem
+from diffsplit.storage.location import Location, fs_path, is_remote, location, protocol
 
 
-def check_cache_folder(folder: Path, flag: str) -> None:
-    """What can be checked about a cache folder before any work: not a file, and writable.
+def check_cache_folder(folder: Location, flag: str, lock: str = "auto") -> None:
+    """What can be checked about a cache folder before any work: not a file, and writable; on object
+    storage (nothing is written to find out): not an object, its bucket exists, and ``--cache_lock lock``
+    can lock it there.
 
     Raises:
         UserError: one line naming ``flag``.
     """
+    if is_remote(folder):
+        _check_remote_folder(folder, flag, lock)
+        return
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder")
     existing = folder
@@ -57,14 +64,55 @@ def check_cache_folder(folder: Path, flag: str) -> None:
         raise UserError(f"{flag} {folder}: cannot write in '{existing}' (permission denied)")
 
 
+def _check_remote_folder(folder: Location, flag: str, lock: str) -> None:
+    if (problem := lock_problem(folder, lock, flag)) is not None:
+        raise UserError(problem)
+    fs, where = folder.fs, fs_path(folder)
+    try:
+        if remote.is_file(folder):
+            raise UserError(f"{flag} {folder} is an object (a file), not a folder")
+        # Bucket stores: the first part of the path is the bucket, which a run cannot create.
+        bucket = where.strip("/").split("/", 1)[0]
+        if protocol(folder) != "memory" and not fs.exists(bucket):
+            raise UserError(f"{flag} {folder}: the bucket '{bucket}' does not exist (or is not visible)")
+    except UserError:
+        raise
+    except Exception as err:  # the store's own errors (credentials, network) are not all OSErrors
+        raise UserError(f"{flag} {folder}: cannot reach it ({type(err).__name__}: {err})") from None
+
+
+class _NoLease:
+    """What :func:`writer_lock` yields where the lock cannot be lost (an OS lock, or none)."""
+
+    def check(self, fresh: bool = False) -> None:
+        pass
+
+
 @contextmanager
-def writer_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+def writer_lock(
+    folder: Location, waiting: Callable[[str], None] | None = None, mode: str = "auto"
+) -> Iterator[Lease | _NoLease]:
     """Hold the cache folder's writer lock: one stage 1 at a time writes a folder.
 
     A second one waits (``waiting(message)`` is told once) until the first ends, then resumes the finished
-    cache, which encodes nothing it already holds. The lock is the OS's (``flock``): a killed holder releases
-    it, so it never needs cleaning up.
+    cache, which encodes nothing it already holds. Locally the lock is the OS's (``flock``): a killed holder
+    releases it, so it never needs cleaning up. On object storage it is a lease (:mod:`.lease`) whose holder
+    calls the yielded object's ``check()`` before it writes (a lost lease is one line); ``mode="none"``
+    (``--cache_lock none``) takes no lock at all.
     """
+    if mode == "none":
+        yield _NoLease()
+        return
+    if is_remote(folder):
+        if (problem := lock_problem(folder, mode, "the cache at")) is not None:
+            raise UserError(problem)
+        lease = Lease(folder, LOCK)
+        lease.acquire(waiting)
+        try:
+            yield lease
+        finally:
+            lease.release()
+        return
     # POSIX only: fcntl does not exist on Windows; imported here so the rest of diffsplit still imports there
     import fcntl
 
@@ -77,7 +125,7 @@ def writer_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> I
             if waiting is not None:
                 waiting(f"another stage 1 is writing the cache at {folder}; waiting for it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield _NoLease()
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -102,7 +150,7 @@ class CacheWriter:
 
     def __init__(
         self,
-        folder: str | Path,
+        folder: str | Path | Location,
         identity: dict[str, Any],
         *,
         writer_id: str = "r0",
@@ -113,7 +161,7 @@ class CacheWriter:
             raise ValueError(f"writer_id must be letters, digits or '_', got {writer_id!r}")
         if shard_samples < 1:
             raise ValueError(f"shard_samples must be at least 1, got {shard_samples}")
-        self.folder = Path(folder)
+        self.folder = location(folder)
         # Store the identity as JSON will give it back, so later comparisons see lists, never tuples.
         self.identity: dict[str, Any] = json.loads(canonical(identity))
         self._key_order = list(identity)
@@ -123,24 +171,26 @@ class CacheWriter:
         # (id, row, tensors, values, group) of the samples of the next shard
         self._buffer: list[tuple[str, int, dict[str, torch.Tensor], dict[str, Any], Any]] = []
         self._done: set[str] = set()
+        self.lease: Lease | _NoLease = _NoLease()
+        """The writer lock this writer holds (set by the caller): checked before each shard and finalize."""
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        remote.make_folder(self.folder)
         manifest_path = self.folder / MANIFEST
         if overwrite:
             self._remove_owned()
-        elif manifest_path.exists():
+        elif remote.exists(manifest_path):
             self._check_existing(read_json(manifest_path, "cache manifest", OVERWRITE_HINT))
         elif foreign := foreign_entries(self.folder):
             raise UserError(
                 f"{self.folder} is not empty and holds no diffsplit cache (found {', '.join(foreign[:3])}); "
                 "choose an empty or new folder"
             )
-        (self.folder / SHARDS).mkdir(exist_ok=True)
+        remote.make_folder(self.folder / SHARDS)
         self._seq = self._resume()
         # A cache this writer continues keeps its manifest until new data is written (a run that fails
         # before then changes nothing); a new one is marked partial now, with its identity.
         self._complete = (
-            manifest_path.is_file() and not overwrite and manifest_status(manifest_path) == "complete"
+            remote.is_file(manifest_path) and not overwrite and manifest_status(manifest_path) == "complete"
         )
         if not self._complete:
             self._write_manifest({**self._manifest_base(), "status": "partial"})
@@ -172,17 +222,17 @@ class CacheWriter:
         listing = Listing(self.folder)
         shards = self.folder / SHARDS
         for stem in listing.shards:
-            (shards / f"{stem}.safetensors").unlink(missing_ok=True)
+            remote.remove(shards / f"{stem}.safetensors")
         for stem in listing.indexes:
-            (shards / f"{stem}.json").unlink(missing_ok=True)
+            remote.remove(shards / f"{stem}.json")
         for name in listing.tmp:
-            (shards / name).unlink(missing_ok=True)
-        if shards.is_dir() and not listing.unknown:
-            shards.rmdir()
+            remote.remove(shards / name)
+        if remote.is_dir(shards) and not listing.unknown:
+            remote.remove_empty_folder(shards)
         owned = {MANIFEST, table.SAMPLES_TABLE, table.SHARDS_TABLE, *root_leftovers(self.folder)}
-        for entry in os.scandir(self.folder):
-            if entry.name in owned:
-                os.unlink(entry.path)
+        for name in remote.entries(self.folder):
+            if name in owned:
+                remote.remove(self.folder / name)
 
     def _resume(self) -> int:
         """Collect finished sample ids, clean this writer's leftovers, return the next sequence number."""
@@ -195,10 +245,10 @@ class CacheWriter:
         # Leftovers of other writers may still be in flight (they write concurrently): leave them.
         for name in listing.orphans:
             if SHARD.fullmatch(name)[1] == self.writer_id:  # type: ignore[index]
-                (shards / name).unlink(missing_ok=True)
+                remote.remove(shards / name)
         for name in listing.tmp:
             if SHARD_TMP.fullmatch(name)[1] == self.writer_id:  # type: ignore[index]
-                (shards / name).unlink(missing_ok=True)
+                remote.remove(shards / name)
         for stem, (writer, _) in sorted(listing.indexes.items()):
             path = shards / f"{stem}.json"
             try:
@@ -209,8 +259,8 @@ class CacheWriter:
             if problem is not None:
                 # A lost or cut shard: its samples are not done. Drop it when it is ours so it is redone.
                 if writer == self.writer_id:
-                    path.unlink(missing_ok=True)
-                    (shards / f"{stem}.safetensors").unlink(missing_ok=True)
+                    remote.remove(path)
+                    remote.remove(shards / f"{stem}.safetensors")
                 continue
             self._done.update(sample["id"] for sample in index.samples)
         return next_seq
@@ -262,6 +312,7 @@ class CacheWriter:
         """Write the buffered samples as one shard and its index (shard first, both atomically)."""
         if not self._buffer:
             return
+        self.lease.check()
         stem = f"shard-{self.writer_id}-{self._seq:06d}"
         shards = self.folder / SHARDS
         flat = {
@@ -280,6 +331,10 @@ class CacheWriter:
                 "row": row,
                 "group": group,
                 "values": values,
+                # What a reader fetching the sample by ranged reads checks it against (no whole-shard hash).
+                "sha256": sample_digest(
+                    [data[b:e] for b, e in sorted(ranges[f"{sample_id}/{name}"] for name in tensors)]
+                ),
                 "tensors": {
                     name: {
                         "dtype": dtype_name(t.dtype),
@@ -317,12 +372,13 @@ class CacheWriter:
         tables first, so a complete manifest always describes tables that exist.
         """
         self.flush()
+        self.lease.check(fresh=True)
         listing = Listing(self.folder)
         shards = self.folder / SHARDS
         for name in listing.orphans + listing.tmp:
-            (shards / name).unlink(missing_ok=True)
+            remote.remove(shards / name)
         for name in root_leftovers(self.folder):
-            (self.folder / name).unlink(missing_ok=True)
+            remote.remove(self.folder / name)
         parts = table.TableParts.empty()
         for stem in sorted(listing.indexes):
             where = f"cannot finalize the cache at {self.folder}"
@@ -351,6 +407,7 @@ class CacheWriter:
             write(self.folder / file, data, self.folder / f".{file}.tmp")
             tables[key] = table.describe(data, file, len(rows), width_key, rows.dtype[0].itemsize)
         self._complete = True
+        self.lease.check(fresh=True)  # the tables took a while: still ours before the manifest says complete
         manifest = {
             **self._manifest_base(),
             "status": "complete",
@@ -367,7 +424,7 @@ class CacheWriter:
         tmp = self.folder / f"{MANIFEST}.tmp-{self.writer_id}-{os.getpid()}"
         write(self.folder / MANIFEST, json_bytes(manifest), tmp)
 
-    def record_skipped(self, records: Sequence[Mapping[str, Any]]) -> Path:
+    def record_skipped(self, records: Sequence[Mapping[str, Any]]) -> Location:
         """Write ``skipped_samples.json`` (the rows left out of this stage 1) beside the manifest."""
         path = self.folder / SKIPPED
         write(
