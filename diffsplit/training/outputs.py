@@ -94,7 +94,9 @@ def check_output_folder(config: TrainConfig) -> None:
 
 
 def _check_output(out: Location, config: TrainConfig) -> None:
-    if out.exists() and not out.is_dir():
+    # On object storage a prefix "exists" only while it holds objects, and every process of a launch puts
+    # and deletes its write probe there at once: ask for an object at that very key instead.
+    if out.is_file() if is_remote(out) else out.exists() and not out.is_dir():
         raise UserError(f"--output_path {out} is a file, not a folder")
     if is_remote(out):
         _check_remote_writable(out, "--output_path")
@@ -138,7 +140,10 @@ def _check_remote_writable(folder: Location, flag: str) -> None:
 
 def _other_run(folder: Location, config: TrainConfig) -> str:
     """Why ``folder`` holds another run (empty when it holds none, or this same run)."""
-    files = sorted(p.name for p in folder.iterdir() if _RUN_FILE.match(p.name))
+    try:
+        files = sorted(p.name for p in folder.iterdir() if _RUN_FILE.match(p.name))
+    except FileNotFoundError:  # a prefix that held only another process's write probe, now gone
+        files = []
     args_path = folder / ARGS_FILE
     if not args_path.is_file():
         return f"{', '.join(files[:3])} with no {ARGS_FILE}" if files else ""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 from diffsplit import cli
 from diffsplit.storage import cache
@@ -172,3 +173,39 @@ def test_two_processes_write_one_cache_on_s3(in_workspace, tmp_path, s3_bucket):
     assert len(stored) == len(set(stored)) == 4  # the ranks split one list: no sample twice, none left out
     _same_tensors(CacheReader(remote), CacheReader(tmp_path / "one"))
     assert os.environ["AWS_ENDPOINT_URL"]  # the subprocesses reached the server through the environment
+
+
+@pytest.mark.slow
+def test_the_whole_path_webdataset_on_s3_two_process_stage1_stage2_from_s3(in_workspace, tmp_path, s3_bucket):
+    """The README's path beyond one machine, on CPU processes: webdataset shards on S3, stage 1 by two
+    processes into one cache on S3, stage 2 from that cache, outputs to S3; the LoRA equals unsplit training
+    on the same shards on the local disk, bitwise."""
+    import fsspec
+
+    from diffsplit.tools.example_formats import write_webdataset
+    from tests.stages.test_remote_inputs import DATA, _with_data
+
+    local = write_webdataset(in_workspace / DATA, tmp_path / "wds", samples_per_shard=2)
+    fs = fsspec.filesystem("s3")
+    for shard in sorted((tmp_path / "wds").iterdir()):
+        fs.pipe_file(f"{s3_bucket[5:]}/wds/{shard.name}", shard.read_bytes())
+    shards = f"{s3_bucket}/wds/shards-{{000000..000001}}.tar"
+    remote_cache, remote_out = f"{s3_bucket}/cache", f"{s3_bucket}/runs/lora"
+    stage1 = _with_data(stage1_args(remote_cache), "--dataset_base_path", shards)  # type: ignore[arg-type]
+    result = subprocess.run(
+        _command(stage1, 2),
+        cwd=in_workspace,
+        env=_env(in_workspace),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {re.fullmatch(r"shards/shard-(r\d)-\d+\.json", k)[1] for k in _keys(remote_cache, "shards/")
+            if k.endswith(".json")} == {"r0", "r1"}  # fmt: skip
+    assert cli.main(["train", *stage2_args(remote_cache, remote_out)]) == 0  # type: ignore[arg-type]
+    unsplit = _with_data(train_args(tmp_path / "unsplit"), "--dataset_base_path", local)
+    assert cli.main(["train", *unsplit]) == 0
+    a = _weights(tmp_path / "unsplit")
+    b = load_safetensors(fs.cat_file(f"{remote_out[5:]}/epoch-0.safetensors"))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
