@@ -34,6 +34,7 @@ from diffsplit.planner.layers import LayerCut, LayerRange, find_cut, no_adapter,
 from diffsplit.planner.modules import frozen_input_modules
 from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.stages import checks
+from diffsplit.stages.shared_rows import checked_once
 from diffsplit.storage import data
 from diffsplit.storage.location import location
 from diffsplit.storage.models import ModelSet, bind_components
@@ -293,9 +294,12 @@ class Run:
 
     def load_dataset(self) -> list[data.Sample]:
         """Every sample of ``--dataset_base_path`` / ``--dataset_metadata_path``, checked up front (with
-        ``--skip_bad_samples`` every image is decoded once, so no bad row is met later); the rows left out
+        ``--skip_bad_samples`` every image is decoded once, so no bad row is met later) by the main process
+        alone when there are several (:func:`~diffsplit.stages.shared_rows.checked_once`); the rows left out
         are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
-        samples, self.skipped = self._read_rows(self.config.dataset_metadata_path)
+        samples, self.skipped = checked_once(
+            lambda: self._read_rows(self.config.dataset_metadata_path), process_state()
+        )
         if self.config.skip_bad_samples:
             target = location(self.config.output_path, "--output_path") / data.SKIPPED_FILE
             print(data.skipped_summary(self.skipped, target), file=sys.stderr)
@@ -442,7 +446,9 @@ def layer_cuts(
                 )
                 continue
             if targets is None:
-                targets = lora.targets_for(config.lora_target_modules, config.lora_base_models, _aliases(models))
+                targets = lora.targets_for(
+                    config.lora_target_modules, config.lora_base_models, _aliases(models)
+                )
             trainable = lora.matching_modules(live, targets[component])
             _refuse_dead_targets(component, targets[component], live, dead, used, n)
         for entry in full:

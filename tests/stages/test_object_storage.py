@@ -25,7 +25,7 @@ from diffsplit.storage.cache import CacheReader
 from diffsplit.storage.cache.layout import caches_in
 from diffsplit.storage.location import location
 from tests.conftest import train_args
-from tests.stages.test_distributed import _command, _env, _same_tensors, _writers
+from tests.stages.test_distributed import _env, _same_tensors, _writers, launch
 from tests.stages.test_entrypoints import DIT, _replace, stage1_args, stage2_args
 from tests.stages.test_reliability import TRAIN_PY, _weights, fails_with_one_line
 
@@ -39,6 +39,11 @@ def _keys(url: str, under: str = "") -> list[str]:
     fs, root = folder.fs, folder.path.rstrip("/")
     fs.invalidate_cache()
     return sorted(name[len(root) + 1 :] for name in fs.find(root) if name[len(root) + 1 :].startswith(under))
+
+
+def _remote_writers(url: str) -> set[str]:
+    """The writer ids (``r0``, ``r1``, ...) of the shard indexes in the cache at ``url``."""
+    return {m[1] for k in _keys(url, "shards/") if (m := re.fullmatch(r"shards/shard-(r\d+)-\d+\.json", k))}
 
 
 def test_both_stages_on_s3_train_what_the_local_stages_train(in_workspace, tmp_path, s3_bucket, capsys):
@@ -141,27 +146,10 @@ def test_a_killed_stage1_on_s3_resumes_and_a_second_one_waits(in_workspace, tmp_
 @pytest.mark.slow
 def test_two_processes_write_one_cache_on_s3(in_workspace, tmp_path, s3_bucket):
     remote = f"{s3_bucket}/two"
-    command = _command(stage1_args(remote, "--cache_shard_size", "1"), 2)  # type: ignore[arg-type]
-    result = subprocess.run(
-        command, cwd=in_workspace, env=_env(in_workspace), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    writers = {
-        re.fullmatch(r"shards/shard-(r\d)-\d+\.json", k)[1]
-        for k in _keys(remote, "shards/")
-        if k.endswith(".json")
-    }
-    assert writers == {"r0", "r1"}
+    launch(stage1_args(remote, "--cache_shard_size", "1"), in_workspace, processes=2)  # type: ignore[arg-type]
+    assert _remote_writers(remote) == {"r0", "r1"}
     assert _keys(remote, "manifest") == ["manifest.json"] and ".lock" not in _keys(remote)
-    one = subprocess.run(
-        _command(stage1_args(tmp_path / "one"), 1),
-        cwd=in_workspace,
-        env=_env(in_workspace),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    launch(stage1_args(tmp_path / "one"), in_workspace, processes=1)
     assert _writers(tmp_path / "one") == {"r0"}
     fs, root = location(remote).fs, location(remote).path
     stored = [
@@ -192,17 +180,8 @@ def test_the_whole_path_webdataset_on_s3_two_process_stage1_stage2_from_s3(in_wo
     shards = f"{s3_bucket}/wds/shards-{{000000..000001}}.tar"
     remote_cache, remote_out = f"{s3_bucket}/cache", f"{s3_bucket}/runs/lora"
     stage1 = _with_data(stage1_args(remote_cache), "--dataset_base_path", shards)  # type: ignore[arg-type]
-    result = subprocess.run(
-        _command(stage1, 2),
-        cwd=in_workspace,
-        env=_env(in_workspace),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert {re.fullmatch(r"shards/shard-(r\d)-\d+\.json", k)[1] for k in _keys(remote_cache, "shards/")
-            if k.endswith(".json")} == {"r0", "r1"}  # fmt: skip
+    launch(stage1, in_workspace, processes=2)
+    assert _remote_writers(remote_cache) == {"r0", "r1"}
     assert cli.main(["train", *stage2_args(remote_cache, remote_out)]) == 0  # type: ignore[arg-type]
     unsplit = _with_data(train_args(tmp_path / "unsplit"), "--dataset_base_path", local)
     assert cli.main(["train", *unsplit]) == 0

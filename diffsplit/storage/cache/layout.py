@@ -184,18 +184,24 @@ def manifest_status(path: Location) -> Any:
         return None
 
 
+def index_bytes(path: Location, hint: str, error: type[UserError] = UserError) -> bytes:
+    """A shard index's raw bytes; ``error`` (one line ending with ``hint``) when it is missing or unreadable
+    (a :class:`~diffsplit.errors.DataError` while training, found by one process)."""
+    try:
+        return remote.read_bytes(path)
+    except FileNotFoundError:
+        raise error(f"shard index {path} is missing; {hint}") from None
+    except OSError as err:
+        raise error(f"shard index {path} is unreadable ({err}); {hint}") from None
+
+
 def read_index(path: Location, hint: str) -> tuple[ShardIndex, bytes]:
     """A shard's index and its raw bytes (its checksum is taken from them).
 
     Raises:
         UserError: missing, unreadable or not laid out as this format writes it; ends with ``hint``.
     """
-    try:
-        data = remote.read_bytes(path)
-    except FileNotFoundError:
-        raise UserError(f"shard index {path} is missing; {hint}") from None
-    except OSError as err:
-        raise UserError(f"shard index {path} is unreadable ({err}); {hint}") from None
+    data = index_bytes(path, hint)
     try:
         return parse_index(data), data
     except MalformedIndex as err:

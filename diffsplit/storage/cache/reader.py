@@ -37,7 +37,14 @@ from diffsplit.errors import DataError, UserError
 from diffsplit.storage.cache import remote, table
 from diffsplit.storage.cache.identity import fingerprint
 from diffsplit.storage.cache.index import FORMAT_VERSION, parse_index, sample_digest, sample_problem
-from diffsplit.storage.cache.layout import RECOMPUTE_HINT, SHARDS, Listing, read_manifest, shard_problem
+from diffsplit.storage.cache.layout import (
+    RECOMPUTE_HINT,
+    SHARDS,
+    Listing,
+    index_bytes,
+    read_manifest,
+    shard_problem,
+)
 from diffsplit.storage.location import Location, is_remote, location
 
 _OPEN_SHARDS = 64
@@ -257,12 +264,7 @@ class CacheReader:
             self._indexes.move_to_end(number)
             return self._indexes[number]
         entry, where = table.shard_entry(self._shards, number), self._path(number, ".json")
-        try:
-            data = remote.read_bytes(where)
-        except FileNotFoundError:
-            raise DataError(f"shard index {where} is missing; {RECOMPUTE_HINT}") from None
-        except OSError as err:
-            raise DataError(f"shard index {where} is unreadable ({err}); {RECOMPUTE_HINT}") from None
+        data = index_bytes(where, RECOMPUTE_HINT, DataError)
         if len(data) != entry.index_bytes:
             raise DataError(
                 f"shard index {where} is corrupt: {len(data)} bytes, expected {entry.index_bytes}; {RECOMPUTE_HINT}"
