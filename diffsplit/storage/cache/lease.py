@@ -9,6 +9,12 @@ past the expiry and taken over) stops with one line at its next shard or at fina
 the new holder. A waiter polls and takes over a stale lease: at once when its holder ran on this host and
 its process is gone, otherwise once the lease expired. A clean end deletes the object.
 
+On S3 every later write of the lease is a compare-and-swap (``If-Match`` on the ETag the writer last saw):
+a renewal goes through only while the object is still the holder's own last write, and a waiter replaces a
+stale lease only while it is still the version judged stale, so of two waiters one wins and a holder that
+stalled past its lease cannot overwrite its successor. Elsewhere (GCS, memory) renewal reads, compares the
+token, then writes, and a takeover deletes the stale version it read: a window of one request remains.
+
 Only protocols known to honour an exclusive create can lock (:data:`EXCLUSIVE_PROTOCOLS`); on others the
 run needs ``--cache_lock none`` and a single writer.
 """
@@ -33,6 +39,13 @@ POLL_SECONDS = 1.0
 """How often a waiter looks at the lease (one GET each)."""
 EXCLUSIVE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "memory"})
 """Protocols whose filesystem's ``pipe_file(mode="create")`` is an atomic create-if-absent."""
+SWAP_PROTOCOLS = frozenset({"s3", "s3a"})
+"""Protocols whose ``pipe_file(..., IfMatch=etag)`` writes only over that very version (S3 conditional PUT)."""
+
+
+def _etag(response: Any) -> str | None:
+    """The ETag of the object a ``pipe_file`` wrote (s3fs returns the PUT's response; others return None)."""
+    return response.get("ETag") if isinstance(response, dict) else None
 
 
 def lock_problem(folder: Location, mode: str, flag: str) -> str | None:
@@ -68,6 +81,8 @@ class Lease:
         self.path = folder / name
         self.fs, self.key = folder.fs, fs_path(self.path)
         self.token = secrets.token_hex(16)
+        self._swap = protocol(folder) in SWAP_PROTOCOLS
+        self._etag: str | None = None  # the version this holder last wrote (compare-and-swap protocols)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -89,10 +104,30 @@ class Lease:
             return {}
         return body if isinstance(body, dict) else {}
 
+    def _versioned(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease's body and the ETag of that version or an older one (read first: a put over it then
+        fails when the body read is newer); ``(None, None)`` when there is none."""
+        try:
+            self.fs.invalidate_cache(self.key)
+            etag = self.fs.info(self.key).get("ETag")
+        except FileNotFoundError:
+            return None, None
+        return self._read(), etag
+
     def _create(self) -> bool:
         try:
-            self.fs.pipe_file(self.key, self._body(), mode="create")
+            self._etag = _etag(self.fs.pipe_file(self.key, self._body(), mode="create"))
         except FileExistsError:
+            return False
+        return True
+
+    def _replace(self, etag: str | None) -> bool:
+        """Put this holder's lease over the version ``etag`` names, only if the object still is that version."""
+        if etag is None:
+            return False
+        try:
+            self._etag = _etag(self.fs.pipe_file(self.key, self._body(), IfMatch=etag))
+        except (OSError, FileNotFoundError):  # 412: replaced meanwhile (or the request failed): look again
             return False
         return True
 
@@ -110,12 +145,16 @@ class Lease:
         told = False
         seen: dict[str, float] = {}  # token of a lease seen -> when first seen
         while not self._create():
-            body = self._read()
+            body, etag = self._versioned() if self._swap else (self._read(), None)
             if body is None:
                 continue  # released between our create and our read: try again at once
             token = str(body.get("token"))
             first_seen = seen.setdefault(token, time.time())
             if self._stale(body, first_seen):
+                if self._swap:
+                    if self._replace(etag):  # over the very version judged stale, or not at all
+                        break
+                    continue
                 # Delete only the lease judged stale: another waiter may have taken it over meanwhile.
                 if self._read() == body:
                     try:
@@ -144,13 +183,19 @@ class Lease:
                 return
 
     def _renew(self) -> None:
-        body = self._read()
+        if self._swap and self._replace(self._etag):
+            return
+        # Not swapped (another protocol), or the swap failed: the lease is another's now, or the request failed.
+        body, etag = self._versioned() if self._swap else (self._read(), None)
         if body is None or body.get("token") != self.token:
             holder = "nobody" if body is None else f"{body.get('host')}, pid {body.get('pid')}"
             self._lost = (
                 f"this stage 1 lost the writer lock of the cache at {self.path.parent} (it was not renewed "
                 f"within {LEASE_SECONDS:.0f}s; now held by {holder}); rerun stage 1: it resumes"
             )
+            return
+        if self._swap:
+            self._etag = etag  # still ours (the request failed): swap over this version at the next beat
             return
         self.fs.pipe_file(self.key, self._body())
 

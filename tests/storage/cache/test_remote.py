@@ -343,3 +343,29 @@ def test_ranges_that_touch_are_fetched_as_one(monkeypatch: pytest.MonkeyPatch) -
     )
     got = read_ranges(path, [(7, 9), (0, 2), (2, 5), (8, 12)])
     assert got == [b"78", b"01", b"234", b"89"] and spans == [3]  # (0, 5), (7, 9), (8, 12): short at the end
+
+
+def test_on_s3_of_two_waiters_for_a_stale_lease_one_takes_it(s3_bucket: str) -> None:
+    """Both judged the same version stale; the takeover is a PUT over that version only (If-Match)."""
+    folder = location(f"{s3_bucket}/caches")
+    _put_lease(str(folder), host="elsewhere", pid=1, expires=time.time() - 1)
+    first, second = lease.Lease(folder, ".lock"), lease.Lease(folder, ".lock")
+    (_, etag_a), (_, etag_b) = first._versioned(), second._versioned()
+    assert etag_a == etag_b is not None
+    assert first._replace(etag_a) and not second._replace(etag_b)
+    assert json.loads(objects(str(folder))[".lock"])["token"] == first.token
+
+
+def test_on_s3_a_holder_that_stalled_cannot_renew_over_its_successor(s3_bucket: str) -> None:
+    folder = location(f"{s3_bucket}/caches")
+    stalled, successor = lease.Lease(folder, ".lock"), lease.Lease(folder, ".lock")
+    assert stalled._create()
+    _, etag = successor._versioned()
+    assert successor._replace(etag)  # the stalled holder's lease expired and was taken over
+    stalled._renew()  # its heartbeat wakes up
+    assert json.loads(objects(str(folder))[".lock"])["token"] == successor.token
+    with pytest.raises(UserError, match="lost the writer lock"):
+        stalled.check()
+    successor._renew()  # the successor's own renewals still go through
+    assert json.loads(objects(str(folder))[".lock"])["token"] == successor.token
+    successor.check(fresh=True)
