@@ -434,7 +434,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--validation_metadata_path",
-        help="validation rows (same formats as the training metadata, files relative to --dataset_base_path); "
+        help="validation rows (same formats as the training metadata, files relative to --dataset_base_path; "
+        "beside tar shards or --dataset_hf, relative to this file's folder; or a webdataset pattern); "
         "stage 1 caches them beside the training cache",
     )
     g.add_argument(

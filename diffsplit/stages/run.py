@@ -39,7 +39,7 @@ from diffsplit.storage import data
 from diffsplit.storage.location import location
 from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
-from diffsplit.storage.sources import Columns
+from diffsplit.storage.sources import Columns, is_shard_pattern
 from diffsplit.storage.weight_formats import check_available, parse_weight_formats
 from diffsplit.tasks import Task, task_for
 from diffsplit.training import lora
@@ -287,7 +287,7 @@ class Run:
         the training rows are, sorted by id; [] when none is given."""
         if not self.config.validation_metadata_path:
             return []
-        samples, skipped = self._read_rows(self.config.validation_metadata_path)
+        samples, skipped = self._read_rows(*self._validation_source())
         if skipped:
             print(f"notice: {len(skipped)} bad validation row(s) left out", file=sys.stderr)
         return sorted(samples, key=lambda s: s.id)
@@ -298,26 +298,43 @@ class Run:
         alone when there are several (:func:`~diffsplit.stages.shared_rows.checked_once`); the rows left out
         are kept in :attr:`skipped` for the run's ``skipped_samples.json``."""
         samples, self.skipped = checked_once(
-            lambda: self._read_rows(self.config.dataset_metadata_path), process_state()
+            lambda: self._read_rows(
+                self.config.dataset_metadata_path, self.config.dataset_base_path, self.config.dataset_hf
+            ),
+            process_state(),
         )
         if self.config.skip_bad_samples:
             target = location(self.config.output_path, "--output_path") / data.SKIPPED_FILE
             print(data.skipped_summary(self.skipped, target), file=sys.stderr)
         return samples
 
-    def _read_rows(self, metadata_path: str | None) -> tuple[list[data.Sample], list[dict[str, Any]]]:
-        """The checked rows of ``metadata_path`` (or the image folder) with their size groups, and the rows
-        left out."""
+    def _validation_source(self) -> tuple[str | None, str | None, None]:
+        """``(metadata path, base path, hf)`` of the validation rows: ``--validation_metadata_path`` with its
+        files relative to ``--dataset_base_path``; a webdataset pattern read as shards; beside training tar
+        shards or ``--dataset_hf`` (no folder to be relative to), files relative to the metadata file's own
+        folder."""
+        path = self.config.validation_metadata_path
+        if is_shard_pattern(path):
+            return None, path, None
+        base = self.config.dataset_base_path
+        if self.config.dataset_hf or (base and is_shard_pattern(base)):
+            return path, str(location(path, "--validation_metadata_path").parent), None
+        return path, base, None
+
+    def _read_rows(
+        self, metadata_path: str | None, base_path: str | None, hf: str | None
+    ) -> tuple[list[data.Sample], list[dict[str, Any]]]:
+        """The checked rows of ``metadata_path`` (files relative to ``base_path``), else of ``base_path`` (an
+        image folder or tar shards), else of the ``hf`` dataset, with their size groups; and the rows left
+        out."""
         config = self.config
-        if not config.dataset_base_path and not config.dataset_hf:
+        if not base_path and not hf:
             raise UserError("--dataset_base_path is required (or --dataset_hf)")
-        # --dataset_hf is the training dataset; validation rows are always a metadata file.
-        hf = config.dataset_hf if metadata_path == config.dataset_metadata_path else None
         columns = Columns(
             config.dataset_image_column, config.dataset_prompt_column, config.dataset_id_column, hf
         )
         samples, skipped = data.load_samples(
-            config.dataset_base_path,
+            base_path,
             metadata_path,
             data_file_keys=checks.file_keys(config, self.units),
             required=(self.units.media, *self.task.required_columns, *self.column_inputs),
@@ -348,7 +365,7 @@ class Run:
             for sample in samples:
                 sample.values.update(self.task.resolve_row(sample, config))
         # Only a local folder's rows are Paths (remote, tar and dataset files are blobs) and can lie outside.
-        outside = _outside(samples, Path(config.dataset_base_path or "."))
+        outside = _outside(samples, Path(base_path or "."))
         if outside:
             print(
                 f"notice: {len(outside)} file path(s) lie outside --dataset_base_path (e.g. row {outside[0][0]}: "

@@ -85,3 +85,24 @@ def test_dataset_flags_are_checked_before_anything_is_written(
     assert cli.main(["train", *missing]) == 2
     assert f"--dataset_hf {tmp_path / 'no-such-dataset'}: cannot be loaded" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_rows_beside_an_hf_dataset_or_tar_shards(in_workspace: Path, tmp_path: Path) -> None:
+    """Beside ``--dataset_hf`` the validation file's paths are relative to its own folder (the same files as
+    the CSV run's, so the same validation losses); beside tar shards the validation rows may be shards too."""
+    validation = ("--validation_metadata_path", str(DATA / "metadata.csv"), "--validation_every_n_steps", "2")
+    hf = str(write_hf(in_workspace / DATA, tmp_path / "hf"))
+    assert cli.main(["train", *train_args(tmp_path / "csv", *validation)]) == 0
+    assert (
+        cli.main(["train", *_with_data(train_args(tmp_path / "hf_run", *validation), "--dataset_hf", hf)])
+        == 0
+    )
+    losses = (tmp_path / "csv" / "validation_loss.csv").read_text()
+    assert (
+        len(losses.splitlines()) > 1 and (tmp_path / "hf_run" / "validation_loss.csv").read_text() == losses
+    )
+    shards = write_webdataset(in_workspace / DATA, tmp_path / "wds", samples_per_shard=3)
+    on_shards = ("--validation_metadata_path", shards, "--validation_every_n_steps", "2")
+    args = _with_data(train_args(tmp_path / "wds_run", *on_shards), "--dataset_base_path", shards)
+    assert cli.main(["train", *args]) == 0
+    assert len((tmp_path / "wds_run" / "validation_loss.csv").read_text().splitlines()) > 1
