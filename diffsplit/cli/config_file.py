@@ -31,6 +31,8 @@ from typing import Any
 
 from diffsplit.cli.arguments import ALIASES
 from diffsplit.errors import UserError
+from diffsplit.storage.location import is_remote, location
+from diffsplit.storage.metadata import one_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,12 +54,17 @@ def read_file(path: str | Path) -> dict[str, Any]:
     suffix = Path(path).suffix.lower()
     if suffix not in (".toml", ".json"):
         raise UserError(f"{where}: expected a .toml or .json file, got {suffix or 'no suffix'!r}")
+    source = location(path, FLAG)  # a local file, or at a URL (a run's training_args.json in a bucket)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = source.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"{where}: cannot read it ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{where}: not UTF-8 text ({err})") from None
+    except Exception as err:  # a store's client error (credentials, endpoint): one line too
+        if not is_remote(source):
+            raise
+        raise UserError(f"{where}: cannot read it ({one_line(str(err))})") from None
     try:
         data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, ValueError) as err:

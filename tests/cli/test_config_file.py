@@ -184,3 +184,18 @@ def test_a_run_repeats_from_its_training_args_json(in_workspace: Path, tmp_path:
     # Repeating says no more than the first run did (keys at their defaults are not "given").
     notices = [line for line in again_err.splitlines() if line.startswith("notice:")]
     assert notices == [line for line in first_err.splitlines() if line.startswith("notice:")]
+
+
+def test_a_config_at_a_url_is_read_there(tmp_path: Path, capsys):
+    """A finished run's training_args.json in a bucket repeats it (memory:// stands for the bucket here)."""
+    import uuid
+
+    import fsspec
+
+    local = _write(tmp_path, "run.json", json.dumps(_config("train", "--config", str(
+        _write(tmp_path, "run.toml", REQUIRED + "learning_rate = 3e-4\n"))).to_json()))  # fmt: skip
+    url = f"memory://configs-{uuid.uuid4().hex[:8]}/run/training_args.json"
+    fsspec.filesystem("memory").pipe_file(url[len("memory://") :], local.read_bytes())
+    assert _config("train", "--config", url).to_json() == _config("train", "--config", str(local)).to_json()
+    line = _one_error(capsys, ["plan", "--config", url.replace("training_args", "none")])
+    assert "none.json" in line and "cannot read" in line
