@@ -166,8 +166,9 @@ def test_two_processes_write_one_cache_on_s3(in_workspace, tmp_path, s3_bucket):
 @pytest.mark.slow
 def test_the_whole_path_webdataset_on_s3_two_process_stage1_stage2_from_s3(in_workspace, tmp_path, s3_bucket):
     """The README's path beyond one machine, on CPU processes: webdataset shards on S3, stage 1 by two
-    processes into one cache on S3, stage 2 from that cache, outputs to S3; the LoRA equals unsplit training
-    on the same shards on the local disk, bitwise."""
+    processes into one cache on S3, stage 2 by two processes (each reading the cache from S3), outputs to S3;
+    the LoRA equals unsplit training on the same shards on the local disk by one process with twice the
+    accumulation (the same global batches; equal up to float summation order, as test_distributed checks)."""
     import fsspec
 
     from diffsplit.tools.example_formats import write_webdataset
@@ -182,9 +183,12 @@ def test_the_whole_path_webdataset_on_s3_two_process_stage1_stage2_from_s3(in_wo
     stage1 = _with_data(stage1_args(remote_cache), "--dataset_base_path", shards)  # type: ignore[arg-type]
     launch(stage1, in_workspace, processes=2)
     assert _remote_writers(remote_cache) == {"r0", "r1"}
-    assert cli.main(["train", *stage2_args(remote_cache, remote_out)]) == 0  # type: ignore[arg-type]
-    unsplit = _with_data(train_args(tmp_path / "unsplit"), "--dataset_base_path", local)
+    launch(stage2_args(remote_cache, remote_out, "--find_unused_parameters"), in_workspace, processes=2)  # type: ignore[arg-type]
+    unsplit = _with_data(train_args(tmp_path / "unsplit", "--gradient_accumulation_steps", "2"),
+                         "--dataset_base_path", local)  # fmt: skip
     assert cli.main(["train", *unsplit]) == 0
     a = _weights(tmp_path / "unsplit")
     b = load_safetensors(fs.cat_file(f"{remote_out[5:]}/epoch-0.safetensors"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * max(a[key].abs().max().item(), 1e-12), key
