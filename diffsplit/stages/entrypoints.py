@@ -584,6 +584,7 @@ def _train(
         groups=groups,
         validation=validation,
         sampling=sampling,
+        read_ahead=getattr(ids, "remote", run.remote_data),  # a cache view knows where it reads
     )
     if accelerator.is_main_process:
         print(

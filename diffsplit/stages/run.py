@@ -36,7 +36,7 @@ from diffsplit.planner.split import SplitPlan, plan_split
 from diffsplit.stages import checks
 from diffsplit.stages.shared_rows import checked_once
 from diffsplit.storage import data
-from diffsplit.storage.location import location
+from diffsplit.storage.location import is_url, location
 from diffsplit.storage.models import ModelSet, bind_components
 from diffsplit.storage.resolve import resolve_flags, used_flags
 from diffsplit.storage.sources import Columns, is_shard_pattern
@@ -281,6 +281,12 @@ class Run:
             else:
                 group.append(list(sizing.size(*sample.sizes[name]) or (0, 0)))
         return group
+
+    @property
+    def remote_data(self) -> bool:
+        """Whether the training rows' files are read over the network (at a URL, or a bucket's tar shards)."""
+        paths = (self.config.dataset_base_path, self.config.dataset_metadata_path)
+        return any(is_url(path) for path in paths if path)
 
     def load_validation(self) -> list[data.Sample]:
         """The rows of ``--validation_metadata_path`` (files relative to ``--dataset_base_path``), checked as

@@ -44,6 +44,7 @@ from diffsplit.training.collate import collate
 from diffsplit.training.config import TrainConfig
 from diffsplit.training.optimizers import make_optimizer
 from diffsplit.training.outputs import STATE_FILE, RunOutputs, prepare_outputs, read_state
+from diffsplit.training.read_ahead import ReadAhead
 from diffsplit.training.remote_outputs import local_state, output_folder
 from diffsplit.training.rng import keyed_generator
 from diffsplit.training.trackers import Trackers, tracker_names
@@ -230,8 +231,12 @@ def run_training(
     groups: np.ndarray | None = None,
     validation: Validation | None = None,
     sampling: Sampling | None = None,
+    read_ahead: bool = False,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, last loss, seconds, files written).
+
+    ``read_ahead`` (samples on remote storage): without loader workers, each epoch's next samples are read
+    by threads ahead of the step that needs them (:mod:`diffsplit.training.read_ahead`).
 
     ``sample_ids`` are sorted; ``groups`` gives each sample's size group (an integer; samples of one group
     may share a batch; None: one group). ``specs`` are the family's component declarations (how each trained
@@ -364,6 +369,7 @@ def run_training(
     done = step >= total_updates
     if sampling is not None and sampling.at_first and step == 0:
         render(0, 0)
+    ahead = ReadAhead(load) if read_ahead and config.dataset_num_workers == 0 else None
     try:
         epochs = range(start_epoch, config.num_epochs)
         for epoch in epochs:
@@ -390,9 +396,12 @@ def run_training(
             skip = start_item if epoch == start_epoch else 0
             # Built as accelerate prepares a loader (it tells gradient accumulation where the epoch ends), but
             # on this rank's own batches: the plan is already sharded, without repeating samples.
+            sampler = BatchSampler(plan, len(sample_ids), skip)
+            if ahead is not None:
+                ahead.expect([index % len(sample_ids) for batch in sampler for index in batch])
             loader = DataLoaderShard(
-                StepDataset(sample_ids, load),
-                batch_sampler=BatchSampler(plan, len(sample_ids), skip),
+                StepDataset(sample_ids, ahead or load),
+                batch_sampler=sampler,
                 collate_fn=list,  # the items as they are: collated after the per-sample units
                 num_workers=config.dataset_num_workers,
                 persistent_workers=False,
@@ -445,6 +454,8 @@ def run_training(
         raise
     finally:
         progress.close()  # before any error message: it must not land on the progress bar's line
+        if ahead is not None:
+            ahead.close()
     outputs.flush()
     if accelerator.is_main_process:
         for message, count in sorted(notes.items()):

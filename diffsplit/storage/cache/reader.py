@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,7 @@ class CacheReader:
         self._remote = is_remote(self.folder)
         self._pid = os.getpid()
         self._indexes: OrderedDict[int, bytes] = OrderedDict()  # remote: shard number -> its index's bytes
+        self._index_lock = threading.Lock()  # reads may come from several threads (a read-ahead's)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -260,9 +262,10 @@ class CacheReader:
 
     def _remote_index(self, number: int) -> bytes:
         """Shard ``number``'s index, fetched whole on first use and checked against the shards table."""
-        if number in self._indexes:
-            self._indexes.move_to_end(number)
-            return self._indexes[number]
+        with self._index_lock:
+            if number in self._indexes:
+                self._indexes.move_to_end(number)
+                return self._indexes[number]
         entry, where = table.shard_entry(self._shards, number), self._path(number, ".json")
         data = index_bytes(where, RECOMPUTE_HINT, DataError)
         if len(data) != entry.index_bytes:
@@ -271,9 +274,10 @@ class CacheReader:
             )
         if hashlib.sha256(data).hexdigest() != entry.index_sha256:
             raise DataError(f"shard index {where} is corrupt: checksum mismatch; {RECOMPUTE_HINT}")
-        self._indexes[number] = data
-        if len(self._indexes) > _REMOTE_INDEXES:
-            self._indexes.popitem(last=False)
+        with self._index_lock:
+            self._indexes[number] = data
+            if len(self._indexes) > _REMOTE_INDEXES:
+                self._indexes.popitem(last=False)
         return data
 
     def _remote_tensors(self, number: int, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -407,6 +411,11 @@ class CacheView(Sequence):
 
     def __len__(self) -> int:
         return len(self.reader) if self.positions is None else len(self.positions)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the samples are read over the network (a cache on object storage)."""
+        return self.reader._remote
 
     def _position(self, index: int) -> int:
         if not -len(self) <= index < len(self):
