@@ -8,7 +8,8 @@ Usage::
 ``--object_storage`` compares the local disk with an S3 API: it starts a local S3 server (moto's server
 mode, a test dependency, on a loopback port), writes the same synthetic cache once to the local disk and
 once to a bucket (fresh both times: stage-1 samples/s of each), then measures each in a fresh process as
-below, plus shuffled reads through a DataLoader with ``--workers`` workers (the read-ahead stage 2 has) and
+below, plus shuffled reads through a DataLoader with ``--workers`` workers and through the training
+process's read-ahead threads (:mod:`diffsplit.training.read_ahead`: what stage 2 does without workers), and
 the bytes the reading processes wrote to the local disk (``/proc/<pid>/io`` ``write_bytes``) and left in
 their temporary folder: what training from a remote cache costs the local disk.
 
@@ -157,8 +158,19 @@ def measure(folder: Any, reads: int, workers: int = 0) -> dict[str, float]:
         for _ in loader:
             pass
         loader_rate = count / (time.perf_counter() - started)
+    # What stage 2 does without loader workers when its samples are remote: threads read the known order ahead.
+    from diffsplit.training.read_ahead import ReadAhead
+
+    ahead = ReadAhead(dataset.load)
+    ahead.expect(orders["shuffled"])
+    started = time.perf_counter()
+    for position in orders["shuffled"]:
+        ahead(position)
+    ahead_rate = count / (time.perf_counter() - started)
+    ahead.close()
     return {
         "loader_shuffled_per_s": loader_rate,
+        "read_ahead_shuffled_per_s": ahead_rate,
         "local_write_bytes": _write_bytes() - written_before,
         "samples": n,
         "shards": reader.manifest["num_shards"],
@@ -235,6 +247,7 @@ def object_storage(args: argparse.Namespace) -> None:
             "loader_shuffled_per_s",
             "{:.0f} /s",
         ),
+        (f"shuffled reads ({count}), one process, read-ahead", "read_ahead_shuffled_per_s", "{:.0f} /s"),
         ("bytes the reading process wrote to local disk", "local_write_bytes", "{:.0f}"),
         ("bytes left in its temporary folder", "tmp_bytes", "{:.0f}"),
     ]
@@ -242,7 +255,7 @@ def object_storage(args: argparse.Namespace) -> None:
     for label, key, form in rows:
         print(f"| {label} | {' | '.join(form.format(figures[n][key]) for n in names)} |")
     print(" ".join(f"{key}={figures[names[1]][key] / figures[names[0]][key]:.3f}" for key in (
-        "write_per_s", "shuffled_per_s", "loader_shuffled_per_s")) + " (S3 / local)")  # fmt: skip
+        "write_per_s", "shuffled_per_s", "loader_shuffled_per_s", "read_ahead_shuffled_per_s")) + " (S3 / local)")  # fmt: skip
 
 
 def main() -> None:
