@@ -13,9 +13,11 @@ fetched whole the first time a process reads from that shard, checked against th
 sha256) and kept in a small per-process LRU (:data:`_REMOTE_INDEXES`), and a sample's tensors are fetched
 by ranged GETs (``cat_ranges``, concurrent on s3fs) and checked against the sample's own ``sha256`` in the
 index, so no shard is ever hashed whole (one from an index without per-sample digests is streamed through
-sha256 once, kept nowhere). What is held besides is the DataLoader's read-ahead: its workers times
-``prefetch_factor`` samples, in memory. fsspec filesystems pickle, so the reader travels to loader workers
-as it does locally (fsspec resets its event loop and clients in a forked worker).
+sha256 once, kept nowhere). What is held besides is the read-ahead, in memory: the DataLoader's workers
+times ``prefetch_factor`` samples, or without workers the samples the training process's threads read
+ahead (:mod:`diffsplit.training.read_ahead`: reads may come from several threads). fsspec filesystems
+pickle, so the reader travels to loader workers as it does locally (fsspec resets its event loop and
+clients in a forked worker).
 """
 
 from __future__ import annotations
